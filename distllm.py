@@ -1,0 +1,1902 @@
+"""distllm: fault-tolerant distributed LLM inference on free, unstable compute.
+
+A *host* (one notebook) holds the tokenizer, the embeddings, the final norm, the
+LM head and sampling; *workers* (other notebooks, any machine that can dial the
+host) each hold a contiguous range of the model's decoder layers, quantized to
+4 bits with bitsandbytes. Every token travels host -> stage 0 -> host -> stage 1
+-> ... over ZeroMQ, so only the host needs a reachable address.
+
+Quick start, two cells::
+
+    # host notebook
+    import distllm
+    cluster = distllm.host("Qwen/Qwen2.5-7B-Instruct", quant="nf4", workers=2)
+    cluster                          # shows the join cell for the workers
+
+    # each worker notebook
+    import distllm
+    distllm.join("dllm1.…")          # serves until stopped
+
+    # back on the host
+    print(cluster.generate("Why is the sky blue?", max_new_tokens=200))
+
+One machine, no notebooks::
+
+    with distllm.local("tiny", workers=3) as cluster:
+        print(cluster.generate("hello", max_new_tokens=20))
+
+CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | bench``.
+
+Sections, in order (each uses only what stands above it):
+constants · errors · configuration and domain types · utilities · wire protocol ·
+transport and join strings · model files and families · the built-in tiny model ·
+shard math · worker · coordinator and sessions · cluster handles · shortcuts ·
+CLI.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # entry points
+    "host",
+    "join",
+    "local",
+    "main",
+    # handles
+    "Cluster",
+    "Worker",
+    # configuration
+    "Config",
+    "SUPPORTED_MODEL_TYPES",
+    # errors
+    "DistllmError",
+    "ProtocolError",
+    "JoinStringError",
+    "UnsupportedModelError",
+    "PromptTooLongError",
+    "ClusterNotReadyError",
+    "WorkerLostError",
+    "RequestError",
+]
+
+import base64 as _base64
+import binascii as _binascii
+import collections as _collections
+import concurrent.futures as _futures
+import dataclasses as _dataclasses
+import hashlib as _hashlib
+import inspect as _inspect
+import itertools as _itertools
+import json as _json
+import logging as _logging
+import math as _math
+import multiprocessing as _mp
+import os as _os
+import queue as _queue
+import signal as _signal
+import socket as _socket
+import sys as _sys
+import tempfile as _tempfile
+import threading as _threading
+import time as _time
+import uuid as _uuid
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import zmq
+
+_log = _logging.getLogger("distllm")
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+PROTOCOL_VERSION = 1
+JOIN_PREFIX = "dllm1."
+MAX_HEADER_BYTES = 64 * 1024
+
+# Tensor dtypes allowed on the wire; anything else is refused before it is read.
+_WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+_DTYPE_NAMES = {v: k for k, v in _WIRE_DTYPES.items()}
+
+# Message types and the direction they travel in.
+_HOST_TO_WORKER = {"welcome", "assign", "forward", "end", "ping", "shutdown", "error"}
+_WORKER_TO_HOST = {"join", "ready", "result", "pong", "ping", "leave", "error", "failed"}
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class DistllmError(Exception):
+    """Base class of every error distllm raises on purpose."""
+
+
+class ProtocolError(DistllmError):
+    """A message broke the wire protocol; it is dropped and the node keeps serving."""
+
+
+class JoinStringError(DistllmError):
+    """A join string is malformed, damaged, or for another protocol version."""
+
+
+class UnsupportedModelError(DistllmError):
+    """The model's architecture is not one distllm can split into stages."""
+
+
+class PromptTooLongError(DistllmError):
+    """The prompt does not fit the model's context window."""
+
+
+class ClusterNotReadyError(DistllmError):
+    """No complete pipeline of workers was available within the wait limit."""
+
+
+class WorkerLostError(DistllmError):
+    """A worker holding a stage of this request vanished or failed its step."""
+
+
+class RequestError(DistllmError):
+    """A request's arguments are invalid."""
+
+
+###############################################################################
+# Configuration and domain types ##############################################
+###############################################################################
+
+_QUANTS = ("nf4", "int8", "none")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+SessionID = str
+WorkerID = bytes  # the ZeroMQ routing id of a worker's DEALER socket
+
+
+@_dataclasses.dataclass
+class Config:
+    """Every knob of a cluster; `host()`, `local()` and `join()` take these as keywords."""
+
+    quant: str = "nf4"  # decoder-layer weights on workers: "nf4", "int8" or "none"
+    dtype: str = "auto"  # compute dtype: "auto" (the checkpoint's) or float32/float16/bfloat16
+    revision: str | None = None  # Hub revision (branch, tag or commit) of the model
+    token: str | None = None  # Hugging Face token for private or gated repos
+    workers: int = 1  # the host places layers once this many workers have joined
+    max_stages: int | None = None  # most pipeline stages (None: every worker that joined)
+    prefill_chunk: int = 256  # prompt tokens sent per prefill step
+    heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
+    liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
+    wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
+    max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
+    max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
+    secure: bool = True  # CURVE encryption and client authentication on the wire
+    bind: str = "0.0.0.0"  # interface the host listens on
+    port: int = 0  # TCP port of the host (0: any free port)
+    advertise: str | None = None  # host name or IP put in the join string (None: guessed)
+    worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
+    memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
+
+    def __post_init__(self) -> None:
+        if self.quant not in _QUANTS:
+            raise ValueError(f"quant={self.quant!r}: choose one of {', '.join(_QUANTS)}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: a cluster needs at least one worker")
+        if self.max_stages is not None and self.max_stages < 1:
+            raise ValueError(f"max_stages={self.max_stages}: must be at least 1")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
+        if not 0 < self.heartbeat_s < self.liveness_s:
+            raise ValueError(
+                f"heartbeat_s={self.heartbeat_s} must be positive and below liveness_s={self.liveness_s}"
+            )
+
+    @classmethod
+    def build(cls, config: "Config | None" = None, **overrides: Any) -> "Config":
+        """Return `config` (or the defaults) with `overrides` applied, naming any unknown keyword."""
+        known = {f.name for f in _dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; Config has {', '.join(sorted(known))}")
+        base = _dataclasses.asdict(config) if config is not None else {}
+        return cls(**{**base, **overrides})
+
+
+@_dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise RequestError(f"max_new_tokens={self.max_new_tokens}: must be 0 or more")
+        if self.temperature < 0 or not _math.isfinite(self.temperature):
+            raise RequestError(f"temperature={self.temperature}: must be a finite number >= 0")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise RequestError(f"top_k={self.top_k}: must be 0 (off) or more")
+
+
+@_dataclasses.dataclass(frozen=True)
+class Stage:
+    """Layers [start, end) of the model, held by one worker."""
+
+    start: int
+    end: int
+    worker: WorkerID
+
+    @property
+    def layers(self) -> int:
+        return self.end - self.start
+
+
+###############################################################################
+# Utilities ###################################################################
+###############################################################################
+
+
+def _require(module: str, hint: str) -> Any:
+    """Import an optional dependency or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{module} is needed for this: {hint}") from exc
+
+
+def _rss_bytes() -> int:
+    """Return this process's resident memory in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _available_memory(device: torch.device) -> int:
+    """Return the bytes this process could still allocate on `device`."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(_os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        _os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cache_dir() -> str:
+    root = _os.environ.get("DISTLLM_CACHE") or _os.path.join(
+        _os.environ.get("XDG_CACHE_HOME") or _os.path.expanduser("~/.cache"), "distllm"
+    )
+    _os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _step_seed(seed: int, position: int) -> int:
+    """Derive the sampling seed of one position, so a replayed step draws the same token."""
+    digest = _hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+###############################################################################
+# Wire protocol ###############################################################
+###############################################################################
+# A message is a multipart ZeroMQ message: frame 0 is a UTF-8 JSON header, frames
+# 1..n are raw tensor bytes described by header["tensors"]. Nothing received is
+# ever unpickled or evaluated; every field is checked before use.
+
+
+class Message:
+    """A decoded, validated message: its header and its (lazily built) tensors."""
+
+    __slots__ = ("header", "frames", "_specs")
+
+    def __init__(self, header: dict, frames: Sequence[Any], specs: list[tuple[torch.dtype, tuple[int, ...]]]):
+        self.header = header
+        self.frames = list(frames)  # raw tensor frames, forwardable without a copy
+        self._specs = specs
+
+    @property
+    def type(self) -> str:
+        return self.header["type"]
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        """Return header field `key`, checked to be of `kind`; raise ProtocolError otherwise."""
+        if key not in self.header:
+            if default is ...:
+                raise ProtocolError(f"{self.type} message lacks field {key!r}")
+            return default
+        value = self.header[key]
+        if isinstance(value, bool) and kind in (int, float):
+            raise ProtocolError(f"field {key!r} of {self.type} must be {kind.__name__}, got bool")
+        if not isinstance(value, kind):
+            raise ProtocolError(f"field {key!r} of {self.type} has type {type(value).__name__}")
+        return value
+
+    def tensor(self, index: int = 0) -> torch.Tensor:
+        """Return tensor `index` as a fresh CPU tensor (one copy out of the frame)."""
+        if index >= len(self._specs):
+            raise ProtocolError(f"{self.type} message carries {len(self._specs)} tensors, wanted #{index}")
+        dtype, shape = self._specs[index]
+        data = bytearray(_frame_bytes(self.frames[index]))
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def _frame_bytes(frame: Any) -> memoryview | bytes:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def _tensor_frame(t: torch.Tensor) -> memoryview:
+    """Return the raw bytes of `t` (made contiguous and moved to the CPU) without pickling."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def encode(msg_type: str, header: dict | None = None, tensors: Sequence[torch.Tensor | tuple] = ()) -> list:
+    """Encode a message as ZeroMQ frames.
+
+    `tensors` holds tensors, or `(dtype_name, shape, raw_frame)` triples that
+    forward an already-encoded tensor without copying it.
+    """
+    specs, frames = [], []
+    for t in tensors:
+        if isinstance(t, tuple):
+            name, shape, raw = t
+        else:
+            if t.dtype not in _DTYPE_NAMES:
+                raise ProtocolError(f"dtype {t.dtype} cannot travel; allowed: {', '.join(_WIRE_DTYPES)}")
+            name, shape, raw = _DTYPE_NAMES[t.dtype], list(t.shape), _tensor_frame(t)
+        specs.append({"dtype": name, "shape": list(shape)})
+        frames.append(raw)
+    full = {"v": PROTOCOL_VERSION, "type": msg_type, **(header or {}), "tensors": specs}
+    head = _json.dumps(full, separators=(",", ":")).encode()
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    return [head, *frames]
+
+
+def decode(frames: Sequence[Any], *, allowed: set[str], max_elements: int = 1 << 28) -> Message:
+    """Validate and decode frames received from the network; raise ProtocolError on anything off."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = bytes(_frame_bytes(frames[0]))
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = _json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, this node speaks {PROTOCOL_VERSION}")
+    msg_type = header.get("type")
+    if msg_type not in allowed:
+        raise ProtocolError(f"unexpected message type {msg_type!r}")
+    specs_raw = header.get("tensors", [])
+    if not isinstance(specs_raw, list) or len(specs_raw) != len(frames) - 1:
+        raise ProtocolError(f"{msg_type}: header lists {specs_raw!r} tensors but {len(frames) - 1} frames came")
+    specs = []
+    for spec, frame in zip(specs_raw, frames[1:]):
+        if not isinstance(spec, dict) or spec.get("dtype") not in _WIRE_DTYPES:
+            raise ProtocolError(f"{msg_type}: tensor spec {spec!r} has no allowed dtype")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape
+        ):
+            raise ProtocolError(f"{msg_type}: bad tensor shape {shape!r}")
+        dtype = _WIRE_DTYPES[spec["dtype"]]
+        elements = _math.prod(shape)
+        if elements > max_elements:
+            raise ProtocolError(f"{msg_type}: tensor of {elements} elements exceeds the cap {max_elements}")
+        expected = elements * dtype.itemsize
+        got = len(_frame_bytes(frame))
+        if got != expected:
+            raise ProtocolError(f"{msg_type}: {spec['dtype']}{shape} needs {expected} bytes, frame has {got}")
+        specs.append((dtype, tuple(shape)))
+    return Message(header, frames[1:], specs)
+
+
+def _check_hidden(t: torch.Tensor, hidden_size: int, what: str) -> None:
+    """Refuse a hidden-state tensor of the wrong shape, dtype or with NaN/Inf in it."""
+    if t.dim() != 3 or t.shape[0] != 1 or t.shape[2] != hidden_size:
+        raise ProtocolError(f"{what}: hidden states of shape {tuple(t.shape)}, want (1, n, {hidden_size})")
+    if not t.is_floating_point():
+        raise ProtocolError(f"{what}: hidden states of dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ProtocolError(f"{what}: hidden states hold NaN or Inf")
+
+
+###############################################################################
+# Transport and join strings ##################################################
+###############################################################################
+
+
+@_dataclasses.dataclass(frozen=True)
+class JoinInfo:
+    """What a worker needs to reach and authenticate to a host."""
+
+    endpoint: str  # tcp://host:port
+    server_key: str | None  # Z85 CURVE public key of the host (None: plain TCP)
+    client_public: str | None
+    client_secret: str | None
+
+    def encode(self) -> str:
+        body = _json.dumps(
+            {"v": PROTOCOL_VERSION, "e": self.endpoint, "s": self.server_key,
+             "cp": self.client_public, "cs": self.client_secret},
+            separators=(",", ":"),
+        ).encode()
+        crc = _binascii.crc32(body).to_bytes(4, "big")
+        return JOIN_PREFIX + _base64.urlsafe_b64encode(body + crc).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, text: str) -> "JoinInfo":
+        text = (text or "").strip().strip("'\"")
+        if not text.startswith(JOIN_PREFIX):
+            raise JoinStringError(
+                f"a join string starts with {JOIN_PREFIX!r}; got {text[:12]!r}… — copy it from the host's panel"
+            )
+        payload = text[len(JOIN_PREFIX):]
+        try:
+            raw = _base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        except (ValueError, _binascii.Error):
+            raise JoinStringError("join string is damaged (not base64): copy it again from the host") from None
+        body, crc = raw[:-4], raw[-4:]
+        if len(raw) < 5 or _binascii.crc32(body).to_bytes(4, "big") != crc:
+            raise JoinStringError("join string is damaged (checksum mismatch): copy it again from the host")
+        try:
+            data = _json.loads(body)
+        except ValueError:
+            raise JoinStringError("join string is damaged (bad JSON)") from None
+        if not isinstance(data, dict) or data.get("v") != PROTOCOL_VERSION:
+            raise JoinStringError(
+                f"join string is for protocol {data.get('v') if isinstance(data, dict) else '?'}, "
+                f"this distllm {__version__} speaks {PROTOCOL_VERSION}: install the host's version"
+            )
+        endpoint = data.get("e")
+        if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+            raise JoinStringError(f"join string names no tcp:// endpoint ({endpoint!r})")
+        keys = [data.get(k) for k in ("s", "cp", "cs")]
+        if any(k is not None and (not isinstance(k, str) or len(k) != 40) for k in keys) or (
+            None in keys and any(k is not None for k in keys)
+        ):
+            raise JoinStringError("join string carries malformed keys")
+        return cls(endpoint, *keys)
+
+
+def _set_limits(sock: zmq.Socket, config: Config) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+
+
+def _advertised_host(config: Config) -> str:
+    if config.advertise:
+        return config.advertise
+    if config.bind not in ("0.0.0.0", "*", "::"):
+        return config.bind
+    try:
+        return _socket.gethostbyname(_socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+###############################################################################
+# Model files and families ####################################################
+###############################################################################
+
+
+@_dataclasses.dataclass(frozen=True)
+class _Family:
+    """How one transformers model family names its parts."""
+
+    prefix: str  # class-name prefix in transformers: f"{prefix}DecoderLayer", f"{prefix}RotaryEmbedding"
+
+
+_FAMILIES = {
+    "llama": _Family("Llama"),
+    "mistral": _Family("Mistral"),
+    "qwen2": _Family("Qwen2"),
+    "qwen3": _Family("Qwen3"),
+    "phi3": _Family("Phi3"),
+    "gemma": _Family("Gemma"),
+}
+
+
+class _ModelFiles:
+    """Files of a checkpoint, from a local directory or a Hugging Face Hub repo."""
+
+    def __init__(self, ref: str, *, revision: str | None = None, token: str | None = None):
+        self.ref = ref
+        self.revision = revision
+        self.token = token
+        self.local = _os.path.isdir(ref)
+
+    def path(self, filename: str) -> str:
+        """Return a local path of `filename`, downloading just that file from the Hub if needed."""
+        if self.local:
+            p = _os.path.join(self.ref, filename)
+            if not _os.path.exists(p):
+                raise FileNotFoundError(f"{filename} not found in {self.ref}")
+            return p
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return hf_hub_download(self.ref, filename, revision=self.revision, token=self.token)
+        except EntryNotFoundError:
+            raise FileNotFoundError(f"{filename} not found in Hub repo {self.ref}") from None
+
+    def exists(self, filename: str) -> bool:
+        try:
+            self.path(filename)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def weight_map(self) -> dict[str, str]:
+        """Return tensor name -> file name, from the shard index or the single weights file."""
+        try:
+            with open(self.path("model.safetensors.index.json")) as f:
+                index = _json.load(f)
+            return dict(index["weight_map"])
+        except FileNotFoundError:
+            pass
+        from safetensors import safe_open
+
+        with safe_open(self.path("model.safetensors"), "pt") as f:
+            return {k: "model.safetensors" for k in f.keys()}
+
+    def load(self, names: Sequence[str], weight_map: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Load just the tensors `names`, opening only the shard files that hold them."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = _collections.defaultdict(list)
+        for name in names:
+            by_file[weight_map[name]].append(name)
+        out = {}
+        for filename, keys in sorted(by_file.items()):
+            with safe_open(self.path(filename), "pt", device="cpu") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+
+def _load_config(files: _ModelFiles) -> Any:
+    """Load a model's config and check that distllm can split it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            files.ref, revision=files.revision, token=files.token
+        )
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot read the config of {files.ref!r}: {exc}") from exc
+    if config.model_type not in _FAMILIES:
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} of {files.ref!r} is not supported; distllm splits "
+            f"decoder-only models with the Llama layout: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _family_classes(config: Any) -> tuple[type, type]:
+    """Return the decoder-layer and rotary-embedding classes of `config`'s family."""
+    import importlib
+
+    family = _FAMILIES[config.model_type]
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    return getattr(module, f"{family.prefix}DecoderLayer"), getattr(module, f"{family.prefix}RotaryEmbedding")
+
+
+def _compute_dtype(config: Any, choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return getattr(torch, choice)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16  # e.g. a T4
+    return dtype
+
+
+def _layer_params(config: Any) -> int:
+    """Return the number of weights in one decoder layer (attention + MLP)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    return attention + 3 * hidden * config.intermediate_size
+
+
+def _layer_bytes(config: Any, quant: str, dtype: torch.dtype) -> int:
+    """Return the bytes one decoder layer takes on a worker once loaded."""
+    bytes_per_weight = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}.get(quant, dtype.itemsize)
+    return int(_layer_params(config) * bytes_per_weight)
+
+
+def _window_of_layer(config: Any, i: int) -> int | None:
+    """Return the sliding-window size of layer `i`, or None for full attention."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        return window if layer_types[i] == "sliding_attention" else None
+    return window  # Mistral and Phi-3 configs: one window for every layer, or None
+
+
+###############################################################################
+# The built-in tiny model #####################################################
+###############################################################################
+# A small random Llama with a character-level tokenizer, written with
+# save_pretrained so that it goes through exactly the loading path of a Hub model.
+
+_TINY_NAME = "tiny"
+_TINY_VERSION = "v1"
+
+
+def _tiny_tokenizer() -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _write_tiny_model(path: str) -> None:
+    """Write the built-in tiny model to `path` (deterministic: same bytes on every machine)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _tiny_model_dir() -> str:
+    """Return the directory of the built-in tiny model, writing it once."""
+    final = _os.path.join(_cache_dir(), f"tiny-{_TINY_VERSION}")
+    if not _os.path.exists(_os.path.join(final, "config.json")):
+        tmp = _tempfile.mkdtemp(prefix="tiny-", dir=_cache_dir())
+        _write_tiny_model(tmp)
+        try:
+            _os.replace(tmp, final)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _resolve_model(ref: str) -> str:
+    return _tiny_model_dir() if ref == _TINY_NAME else ref
+
+
+def _fingerprint(files: _ModelFiles) -> str:
+    """Return a short digest of a local checkpoint's index and config (empty for Hub repos)."""
+    if not files.local:
+        return ""
+    h = _hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = _os.path.join(files.ref, name)
+        if _os.path.exists(p):
+            with open(p, "rb") as f:
+                h.update(f.read())
+    p = _os.path.join(files.ref, "model.safetensors")
+    if _os.path.exists(p):
+        h.update(str(_os.path.getsize(p)).encode())
+    return h.hexdigest()[:16]
+
+
+###############################################################################
+# Shard math ##################################################################
+###############################################################################
+# Tensor code only: no sockets. A worker's StageShard runs layers [start, end) for
+# many sessions; the host's HostHead embeds tokens and turns hidden states into
+# tokens. Both are also used in-process by the tests' references.
+
+
+def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.dtype,
+                     device: torch.device) -> torch.nn.Module:
+    """Replace every nn.Linear inside `module` by a bitsandbytes nf4/int8 layer on `device`.
+
+    The same function quantizes a worker's stage and the tests' whole-model reference,
+    so both round the weights identically.
+    """
+    if quant == "none":
+        return module.to(device)
+    bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            weight = child.weight.data.to(compute_dtype)
+            if quant == "nf4":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=q).to(device)
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False, device="meta")
+                q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype).to(device), requires_grad=False)
+            setattr(module, name, q)
+        else:
+            quantize_linears(child, quant, compute_dtype, device)
+    return module.to(device)
+
+
+def _cache_keyword(layer_cls: type) -> str:
+    """Return the name a decoder layer takes its KV cache by.
+
+    transformers 5.24 calls it `cache=`; 5.17 (on the GPU machines) still `past_key_values=`.
+    """
+    params = _inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Return the boolean mask (1, 1, n, start + n) for n queries at positions start.. (True = attend).
+
+    None where sdpa's own causal handling is exact: one query, or a prefill from 0,
+    and no window that the keys reach past.
+    """
+    kv = start + n
+    if (window is None or kv <= window) and (n == 1 or start == 0):
+        return None
+    q_pos = torch.arange(start, kv, device=device)[:, None]
+    k_pos = torch.arange(kv, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask[None, None]
+
+
+class _KVSlot:
+    """The KV cache of one session on one stage."""
+
+    __slots__ = ("cache", "length")
+
+    def __init__(self) -> None:
+        from transformers import DynamicCache
+
+        # No config: every layer keeps all its keys; sliding windows are applied by our masks,
+        # so the cache never depends on which global layer indices this stage holds.
+        self.cache = DynamicCache()
+        self.length = 0
+
+
+class StepOrderError(DistllmError):
+    """A step arrived for a position this stage's cache does not end at."""
+
+
+class StageShard:
+    """Decoder layers [start, end) of a model, with a KV cache per session."""
+
+    def __init__(self, files: _ModelFiles, config: Any, start: int, end: int, *, quant: str,
+                 dtype: torch.dtype, device: torch.device, max_sessions: int = 256):
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
+        self.config, self.start, self.end = config, start, end
+        self.dtype, self.device, self.quant = dtype, device, quant
+        self.max_sessions = max_sessions
+        layer_cls, rotary_cls = _family_classes(config)
+        self._cache_kw = _cache_keyword(layer_cls)
+        self.windows = [_window_of_layer(config, i) for i in range(start, end)]
+
+        with torch.device("meta"):
+            layers = torch.nn.ModuleList(layer_cls(config, i) for i in range(start, end))
+        prefixes = {f"model.layers.{i}.": str(i - start) + "." for i in range(start, end)}
+        weight_map = files.weight_map()
+        names = [k for k in weight_map if any(k.startswith(p) for p in prefixes)]
+        state = {}
+        for name, tensor in files.load(names, weight_map, dtype).items():
+            for p, local in prefixes.items():
+                if name.startswith(p):
+                    state[local + name[len(p):]] = tensor
+                    break
+        missing = set(layers.state_dict()) - set(state)
+        if missing:
+            raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]}… for layers [{start}, {end})")
+        layers.load_state_dict(state, strict=True, assign=True)
+        del state
+        # Renumber: a stage's cache holds its own layers at 0..n-1.
+        for j, layer in enumerate(layers):
+            for sub in layer.modules():
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = j
+        self.layers = quantize_linears(layers, quant, dtype, device).eval()
+        self.rotary = rotary_cls(config=config).to(device)
+        leftover = [n for n, t in _itertools.chain(self.layers.named_parameters(), self.layers.named_buffers())
+                    if t.device.type == "meta"]
+        if leftover:
+            raise UnsupportedModelError(f"tensors {leftover[:4]} were not in the checkpoint")
+        self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
+
+    @torch.inference_mode()
+    def forward(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run hidden states (1, n, H) at positions start..start+n-1 through this stage."""
+        slot = self.slots.get(sid)
+        if start == 0 or slot is None:
+            if start != 0:
+                raise StepOrderError(f"session {sid}: no cache here, step starts at position {start}")
+            slot = _KVSlot()
+            self.slots[sid] = slot
+            while len(self.slots) > self.max_sessions:
+                evicted, _ = self.slots.popitem(last=False)
+                _log.warning("KV cache of session %s evicted (over %d sessions)", evicted, self.max_sessions)
+        elif slot.length != start:
+            raise StepOrderError(f"session {sid}: cache ends at {slot.length}, step starts at {start}")
+        self.slots.move_to_end(sid)
+        n = hidden.shape[1]
+        h = hidden.to(self.device, self.dtype)
+        pids = torch.arange(start, start + n, device=self.device)[None]
+        cos, sin = self.rotary(h, pids)
+        masks = {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)}
+        for layer, window in zip(self.layers, self.windows):
+            out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=(cos, sin),
+                        use_cache=True, **{self._cache_kw: slot.cache})
+            h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
+        slot.length = start + n
+        return h
+
+    def drop(self, sid: SessionID) -> None:
+        self.slots.pop(sid, None)
+
+
+class HostHead:
+    """The host's share of a model: tokenizer, embeddings, final norm and LM head."""
+
+    def __init__(self, files: _ModelFiles, config: Any, *, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config, self.dtype, self.device = config, dtype, device
+        self.tokenizer = AutoTokenizer.from_pretrained(files.ref, revision=files.revision, token=files.token)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        base = skeleton.model
+        self.embed, self.norm = base.embed_tokens, base.norm
+        self.lm_head = skeleton.lm_head
+        head = torch.nn.ModuleDict({"embed": self.embed, "norm": self.norm, "lm_head": self.lm_head})
+        weight_map = files.weight_map()
+        wanted = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+                  "lm_head.weight": "lm_head.weight"}
+        present = [k for k in wanted if k in weight_map]
+        state = {wanted[k]: v for k, v in files.load(present, weight_map, dtype).items()}
+        if "lm_head.weight" not in state:
+            if not getattr(config, "tie_word_embeddings", False) or "embed.weight" not in state:
+                raise UnsupportedModelError("checkpoint has no lm_head.weight and the embeddings are not tied")
+            state["lm_head.weight"] = state["embed.weight"]
+        head.load_state_dict(state, strict=True, assign=True)
+        if hasattr(self.embed, "scalar_embed_scale"):  # Gemma: a non-persistent sqrt(hidden) buffer
+            self.embed.embed_scale = torch.tensor(self.embed.scalar_embed_scale)
+        head.to(device).eval()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(int(e) for e in eos if e is not None)
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        """Return hidden states (1, n, H) for token ids."""
+        t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.embed(t).to(self.dtype)
+
+    @torch.inference_mode()
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """Return float32 logits (V,) for the last position's hidden state (H,)."""
+        h = self.norm(hidden_last.to(self.device, self.dtype)[None, None])
+        logits = self.lm_head(h)[0, 0].float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.cpu()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """Pick the token at `position` from float logits (V,); seeded by (seed, position)."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keeps at least the first token
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    gen = torch.Generator().manual_seed(_step_seed(params.seed, position))
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class _TextStream:
+    """Turn token ids into text pieces as they come, without splitting characters."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]):
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._text(self.ids[self.prefix:self.read])
+        after = self._text(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._text(self.ids[self.prefix:self.read])
+        after = self._text(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+###############################################################################
+# Worker ######################################################################
+###############################################################################
+# Two threads: the I/O thread owns the DEALER socket (joins, heartbeats, routing);
+# the compute thread owns the shard and runs steps. They talk through a queue
+# (I/O -> compute) and an inproc PAIR socket (compute -> I/O), so a long step never
+# delays a heartbeat.
+
+
+class Worker:
+    """One worker's membership in a cluster: it dials the host, loads its layers and serves steps."""
+
+    def __init__(self, join_string: str, *, name: str | None = None, device: str | None = None,
+                 config: Config | None = None, parent_pid: int | None = None):
+        self.join_info = JoinInfo.parse(join_string)
+        self.name = name or f"{_socket.gethostname()}-{_os.getpid()}"
+        self.device = torch.device(device) if device else _default_device()
+        self.config = config or Config()
+        self.state = "connecting"  # connecting -> joined -> loading -> ready; stopped at the end
+        self.layers: tuple[int, int] | None = None
+        self.steps_served = 0
+        self.error: str | None = None
+        self._parent_pid = parent_pid
+        self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
+        self._jobs: _queue.Queue = _queue.Queue()
+        self._stopping = _threading.Event()
+        self._stopped = _threading.Event()
+        self._ctx = zmq.Context()
+        self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
+        self._shard: StageShard | None = None
+        self._threads: list[_threading.Thread] = []
+
+    def __repr__(self) -> str:
+        layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
+        return f"<distllm.Worker {self.name} {self.state}, {layers}, {self.steps_served} steps>"
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> "Worker":
+        """Start serving in background threads and return at once."""
+        pair = self._ctx.socket(zmq.PAIR)
+        pair.bind(self._inproc)  # bound before the compute thread connects
+        self._threads = [
+            _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
+            _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def serve(self) -> None:
+        """Serve until the host shuts the worker down, or Ctrl-C (which leaves gracefully)."""
+        self.start()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.leave()
+
+    def leave(self, timeout: float = 5.0) -> None:
+        """Tell the host this worker is leaving, then stop."""
+        self._stopping.set()
+        self._stopped.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker stopped; return whether it did."""
+        return self._stopped.wait(timeout)
+
+    # -- I/O thread -----------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        _set_limits(sock, self.config)
+        sock.setsockopt(zmq.ROUTING_ID, self._ident)
+        info = self.join_info
+        if info.server_key:
+            sock.curve_serverkey = info.server_key.encode()
+            sock.curve_publickey = info.client_public.encode()
+            sock.curve_secretkey = info.client_secret.encode()
+        sock.connect(info.endpoint)
+        return sock
+
+    def _join_message(self) -> list:
+        import transformers
+
+        return encode("join", {
+            "name": self.name, "pid": _os.getpid(), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "memory": _available_memory(self.device), "distllm": __version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+        })
+
+    def _io_loop(self, pair: zmq.Socket) -> None:
+        sock = self._connect()
+        sock.send_multipart(self._join_message())
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(pair, zmq.POLLIN)
+        last_heard = _time.monotonic()
+        warned_silent = False
+        try:
+            while not self._stopping.is_set():
+                events = dict(poller.poll(int(self.config.heartbeat_s * 500)))
+                if pair in events:
+                    while pair.poll(0):
+                        sock.send_multipart(pair.recv_multipart(copy=False), copy=False)
+                if sock in events:
+                    while sock.poll(0):
+                        frames = sock.recv_multipart(copy=False)
+                        last_heard = _time.monotonic()
+                        warned_silent = False
+                        self._on_host_message(sock, frames)
+                silent = _time.monotonic() - last_heard
+                if silent > self.config.liveness_s and not warned_silent:
+                    _log.warning("worker %s: no word from the host for %.1f s", self.name, silent)
+                    warned_silent = True
+                if self._parent_pid is not None and not _pid_alive(self._parent_pid):
+                    _log.warning("worker %s: parent process is gone, stopping", self.name)
+                    break
+            if self.state != "stopped":
+                sock.send_multipart(encode("leave", {"reason": "worker stopping"}))
+        except Exception:  # the I/O thread must not die silently: log, mark, stop
+            _log.exception("worker %s: I/O loop failed", self.name)
+            self.error = "I/O loop failed"
+        finally:
+            self._stopping.set()
+            self._jobs.put(None)
+            for t in self._threads:
+                if t is not _threading.current_thread():
+                    t.join(5.0)
+            sock.close(linger=1000)  # lets a final leave message out
+            pair.close(0)
+            self._ctx.term()
+            self.state = "stopped"
+            self._stopped.set()
+
+    def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            msg = decode(frames, allowed=_HOST_TO_WORKER, max_elements=self.config.max_message_bytes // 2)
+        except ProtocolError as exc:
+            _log.warning("worker %s: dropped a message from the host: %s", self.name, exc)
+            return
+        kind = msg.type
+        if kind == "ping":
+            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0)}))
+        elif kind == "welcome":
+            self.state = "joined" if self.state == "connecting" else self.state
+            _log.info("worker %s joined the cluster", self.name)
+        elif kind in ("assign", "forward", "end"):
+            self._jobs.put(msg)
+        elif kind == "shutdown":
+            _log.info("worker %s: host asked it to stop", self.name)
+            self.state = "stopped"
+            self._stopping.set()
+        elif kind == "error":
+            _log.warning("worker %s: host reports: %s", self.name, msg.header.get("message"))
+
+    # -- compute thread -------------------------------------------------------
+
+    def _compute_loop(self) -> None:
+        out = self._ctx.socket(zmq.PAIR)
+        out.connect(self._inproc)
+        try:
+            while not self._stopping.is_set():
+                msg = self._jobs.get()
+                if msg is None:
+                    break
+                try:
+                    reply = self._run_job(msg)
+                except ProtocolError as exc:
+                    _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
+                    reply = encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})
+                if reply is not None:
+                    out.send_multipart(reply, copy=False)
+        finally:
+            out.close(0)
+
+    def _run_job(self, msg: Message) -> list | None:
+        if msg.type == "assign":
+            return self._load(msg)
+        if msg.type == "end":
+            if self._shard is not None:
+                self._shard.drop(msg.get("sid", str))
+            return None
+        return self._forward(msg)
+
+    def _load(self, msg: Message) -> list:
+        start, end = msg.get("start", int), msg.get("end", int)
+        epoch = msg.get("epoch", int)
+        quant, dtype_name = msg.get("quant", str), msg.get("dtype", str)
+        model = msg.get("model", str)
+        if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
+            raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
+        shard = self._shard
+        same = (shard is not None and (shard.start, shard.end, shard.quant) == (start, end, quant)
+                and getattr(shard, "model_ref", None) == model)
+        rss_before = _rss_bytes()
+        t0 = _time.perf_counter()
+        if not same:
+            self.state = "loading"
+            self._shard = shard = None
+            try:
+                files = _ModelFiles(_resolve_model(model), revision=msg.get("revision", (str, type(None)), None),
+                                    token=self.config.token)
+                fingerprint = msg.get("fingerprint", str, "")
+                if fingerprint and _fingerprint(files) != fingerprint:
+                    raise UnsupportedModelError(
+                        f"model {model!r} on this machine differs from the host's (fingerprint mismatch)")
+                config = _load_config(files)
+                dtype = _compute_dtype(config, dtype_name, self.device)
+                shard = StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
+                                   max_sessions=self.config.max_sessions_per_worker)
+                shard.model_ref = model
+            except Exception as exc:  # report any load failure to the host, which re-plans
+                _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                return encode("failed", {"epoch": epoch, "message": self.error})
+        else:
+            shard.slots.clear()  # a new epoch: the host replays whatever it still needs
+        self._shard, self.layers, self.state = shard, (start, end), "ready"
+        self._epoch = epoch
+        return encode("ready", {
+            "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
+            "rss_before": rss_before, "rss_after": _rss_bytes(), "dtype": _DTYPE_NAMES[shard.dtype],
+        })
+
+    def _forward(self, msg: Message) -> list:
+        fields = _step_fields(msg)
+        shard = self._shard
+        if shard is None or msg.get("epoch", int) != getattr(self, "_epoch", None):
+            return encode("error", {"code": "stale", "message": "no layers for this epoch", **fields})
+        start = msg.get("start", int)
+        if start < 0:
+            raise ProtocolError(f"negative start position {start}")
+        hidden = msg.tensor(0)
+        _check_hidden(hidden, shard.config.hidden_size, "forward")
+        t0 = _time.perf_counter()
+        try:
+            out = shard.forward(fields["sid"], hidden, start)
+        except StepOrderError as exc:
+            return encode("error", {"code": "order", "message": str(exc), **fields})
+        self.steps_served += 1
+        return encode("result", {**fields, "start": start, "compute_ms": (_time.perf_counter() - t0) * 1e3},
+                      [out])
+
+
+def _step_fields(msg: Message) -> dict:
+    """Return the fields that identify a step, copied from a forward message for its reply."""
+    return {
+        "sid": msg.get("sid", str, ""), "step": msg.get("step", int, -1),
+        "stage": msg.get("stage", int, -1), "epoch": msg.get("epoch", int, -1),
+    }
+
+
+###############################################################################
+# Coordinator and sessions ####################################################
+###############################################################################
+# One I/O thread owns the ROUTER socket and every piece of mutable cluster state:
+# membership, the layer plan and the sessions. API calls from other threads reach
+# it through a command queue plus an inproc wake-up socket, and read results from
+# per-session event queues.
+
+
+@_dataclasses.dataclass
+class _WorkerState:
+    """What the host knows about one worker."""
+
+    wid: WorkerID
+    name: str
+    device: str
+    device_name: str
+    memory: int  # bytes the worker could allocate when it joined
+    pid: int
+    joined_at: float
+    last_seen: float
+    state: str = "joined"  # joined -> loading -> ready; dead, left or failed at the end
+    layers: tuple[int, int] | None = None
+    epoch: int = -1
+    rtt_ms: float | None = None
+    rss_before: int | None = None
+    rss_after: int | None = None
+    load_s: float | None = None
+    steps: int = 0
+    error: str | None = None
+
+    def public(self) -> dict:
+        d = _dataclasses.asdict(self)
+        d.pop("wid")
+        return d
+
+
+@_dataclasses.dataclass
+class _Session:
+    """One request: its tokens, sampling parameters, and where its next step stands."""
+
+    sid: SessionID
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    events: _queue.Queue
+    created: float
+    pos: int = 0  # tokens whose keys and values every stage holds
+    step: int = 0  # number of steps sent so far (a reply must echo the latest)
+    inflight: tuple[int, int, int] | None = None  # (stage, start, n) of the step in the pipe
+    first_token_at: float | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def plan_layers(n_layers: int, capacities: Sequence[tuple[WorkerID, int]],
+                max_stages: int | None = None) -> list[Stage] | None:
+    """Split layers 0..n_layers-1 into contiguous stages, one per worker.
+
+    `capacities` lists (worker, most layers it can hold) in preference order. Layers
+    are spread evenly; a worker with too little room gets what it can hold and the
+    rest moves to the others. Returns None when the workers cannot hold the model.
+    """
+    chosen = list(capacities[: max_stages or len(capacities)])
+    chosen = [(w, c) for w, c in chosen if c > 0][:n_layers]
+    if sum(c for _, c in chosen) < n_layers or not chosen:
+        return None
+    shares = [0] * len(chosen)
+    left = n_layers
+    while left:  # water-filling: each round gives every worker with room an equal part
+        open_ = [i for i, (_, c) in enumerate(chosen) if shares[i] < c]
+        part = max(1, left // len(open_))
+        for i in open_:
+            give = min(part, chosen[i][1] - shares[i], left)
+            shares[i] += give
+            left -= give
+            if not left:
+                break
+    stages, start = [], 0
+    for (wid, _), share in zip(chosen, shares):
+        if share:
+            stages.append(Stage(start, start + share, wid))
+            start += share
+    return stages
+
+
+class Cluster:
+    """The host side of a distllm cluster: membership, layer placement, sessions and the API."""
+
+    def __init__(self, model: str, config: Config | None = None):
+        self.config = config or Config()
+        self.model = model
+        self.files = _ModelFiles(_resolve_model(model), revision=self.config.revision, token=self.config.token)
+        self.model_config = _load_config(self.files)
+        self.n_layers = int(self.model_config.num_hidden_layers)
+        self.device = _default_device()
+        self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
+        self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
+        self.tokenizer = self.head.tokenizer
+        self._fingerprint = _fingerprint(self.files)
+        self._layer_bytes = _layer_bytes(self.model_config, self.config.quant, self.dtype)
+
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        _set_limits(self._router, self.config)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._auth = None
+        join_keys: tuple[str | None, str | None, str | None] = (None, None, None)
+        if self.config.secure:
+            join_keys = self._setup_curve()
+        else:
+            _log.warning("secure=False: traffic is plain TCP and anyone who reaches the port can join")
+        address = f"tcp://{self.config.bind}"
+        if self.config.port:
+            self._router.bind(f"{address}:{self.config.port}")
+            port = self.config.port
+        else:
+            port = self._router.bind_to_random_port(address)
+        self.port = port
+        self.join_string = JoinInfo(f"tcp://{_advertised_host(self.config)}:{port}", *join_keys).encode()
+
+        self._commands: _queue.Queue = _queue.Queue()
+        self._wake_addr = f"inproc://distllm-wake-{_uuid.uuid4().hex}"
+        self._wake_in = self._ctx.socket(zmq.PULL)
+        self._wake_in.bind(self._wake_addr)
+        self._wake_out = self._ctx.socket(zmq.PUSH)
+        self._wake_out.connect(self._wake_addr)
+        self._wake_lock = _threading.Lock()
+
+        # State below is owned by the I/O thread; other threads read the snapshots.
+        self._workers: dict[WorkerID, _WorkerState] = {}
+        self._plan: list[Stage] | None = None
+        self._epoch = 0
+        self._sessions: dict[SessionID, _Session] = {}
+        self._waiting: _collections.deque[_Session] = _collections.deque()
+        self._status = "waiting for workers"
+        self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
+        self._ready = _threading.Event()
+        self._closed = _threading.Event()
+        self._local_procs: list[Any] = []
+        self._stats = {"tokens": 0, "steps": 0}
+        self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
+        self._thread.start()
+
+    # -- setup ----------------------------------------------------------------
+
+    def _setup_curve(self) -> tuple[str, str, str]:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        server_public, server_secret = zmq.curve_keypair()
+        client_public, client_secret = zmq.curve_keypair()
+        self._allowed_keys = {client_public}
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        self._router.curve_server = True
+        self._router.curve_publickey = server_public
+        self._router.curve_secretkey = server_secret
+        return server_public.decode(), client_public.decode(), client_secret.decode()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP credentials check: admit only the client key of this cluster's join string."""
+        admitted = key in self._allowed_keys  # pyzmq passes the key Z85-encoded
+        if not admitted:
+            _log.warning("refused a worker with an unknown key (wrong or old join string)")
+        return admitted
+
+    # -- public API -----------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 timeout: float | None = None) -> str | list[int]:
+        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt."""
+        pieces = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, timeout=timeout)
+        if isinstance(prompt, str):
+            return "".join(pieces)
+        return list(pieces)
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               timeout: float | None = None) -> Iterator:
+        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt."""
+        session = self._new_session(prompt, SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=_secure_seed() if seed is None else int(seed)))
+        text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
+        return self._events(session, text, timeout)
+
+    def workers(self) -> list[dict]:
+        """Return a snapshot of every worker the host knows (name, state, layers, memory, ...)."""
+        return [dict(w) for w in self._snapshot[0]]
+
+    def layer_map(self) -> list[tuple[int, int, str]]:
+        """Return the current plan as (first layer, last layer, worker name) triples."""
+        return list(self._snapshot[1])
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def wait_ready(self, timeout: float | None = None) -> "Cluster":
+        """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
+        wait = self.config.wait_timeout_s if timeout is None else timeout
+        if not self._ready.wait(wait):
+            raise ClusterNotReadyError(f"no complete pipeline after {wait:.0f} s: {self._status}")
+        return self
+
+    def close(self) -> None:
+        """Stop the cluster: tell workers to stop, end sessions, close sockets."""
+        if self._closed.is_set():
+            return
+        self._command("stop", None)
+        self._thread.join(10.0)
+        for p in self._local_procs:
+            p.join(5.0)
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        workers, plan = self._snapshot
+        return (f"<distllm.Cluster {self.model!r} {self.n_layers} layers, {len(workers)} workers, "
+                f"{len(plan)} stages: {self._status}>")
+
+    # -- API-side helpers -----------------------------------------------------
+
+    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams) -> _Session:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} outside the vocabulary of {vocab}")
+        if not ids:
+            raise RequestError("empty prompt: give at least one token")
+        if len(ids) >= self.head.context:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
+                f"(leave room for at least one new token)")
+        if self._closed.is_set():
+            raise DistllmError("cluster is closed")
+        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), _time.monotonic())
+        self._command("submit", session)
+        return session
+
+    def _events(self, session: _Session, text: _TextStream | None, timeout: float | None) -> Iterator:
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, value = session.events.get(timeout=timeout)
+                except _queue.Empty:
+                    raise TimeoutError(f"no token for {timeout} s; cluster: {self._status}") from None
+                if kind == "token":
+                    if text is None:
+                        yield value
+                    else:
+                        piece = text.push(value)
+                        if piece:
+                            yield piece
+                elif kind == "done":
+                    finished = True
+                    if text is not None:
+                        tail = text.flush()
+                        if tail:
+                            yield tail
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            if not finished:
+                self._command("cancel", session.sid)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        self._commands.put((kind, arg))
+        with self._wake_lock:
+            if not self._closed.is_set():
+                self._wake_out.send(b"", zmq.NOBLOCK)
+
+    # -- the I/O thread -------------------------------------------------------
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        next_beat = _time.monotonic()
+        try:
+            while True:
+                events = dict(poller.poll(max(0, int((next_beat - _time.monotonic()) * 1000)) + 1))
+                if self._router in events:
+                    for _ in range(1000):  # bounded, so commands and timers get their turn
+                        try:
+                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_worker_message(frames[0].bytes, frames[1:])
+                if self._wake_in in events:
+                    while self._wake_in.poll(0):
+                        self._wake_in.recv()
+                    if not self._run_commands():
+                        break
+                now = _time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat(now)
+                    next_beat = now + self.config.heartbeat_s
+                self._schedule()
+        except Exception:  # never die silently: fail every request with the reason
+            _log.exception("coordinator loop failed")
+            for s in list(self._sessions.values()):
+                self._finish(s, error=DistllmError("coordinator loop failed; see the log"))
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for wid in list(self._workers):
+            self._send(wid, "shutdown", {})
+        for s in list(self._sessions.values()):
+            self._finish(s, error=DistllmError("cluster closed"))
+        with self._wake_lock:
+            self._closed.set()
+            self._wake_out.close(0)
+        self._wake_in.close(0)
+        self._router.close(linger=500)  # lets the shutdown messages out
+
+    def _run_commands(self) -> bool:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except _queue.Empty:
+                return True
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                self._sessions[arg.sid] = arg
+                if arg.params.max_new_tokens == 0:
+                    self._finish(arg)
+                else:
+                    self._waiting.append(arg)
+            elif kind == "cancel":
+                s = self._sessions.get(arg)
+                if s is not None:
+                    self._finish(s)
+
+    def _send(self, wid: WorkerID, msg_type: str, header: dict, tensors: Sequence = ()) -> bool:
+        try:
+            self._router.send_multipart([wid, *encode(msg_type, header, tensors)], copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: the peer is gone
+            _log.info("could not send %s to %r: %s", msg_type, wid, exc)
+            return False
+
+    def _on_worker_message(self, wid: WorkerID, frames: list) -> None:
+        try:
+            msg = decode(frames, allowed=_WORKER_TO_HOST, max_elements=self.config.max_message_bytes // 2)
+            worker = self._workers.get(wid)
+            if worker is not None:
+                worker.last_seen = _time.monotonic()
+            if msg.type == "join":
+                self._on_join(wid, msg)
+            elif worker is None or worker.state in ("dead", "left", "failed"):
+                _log.info("ignored %s from a worker that is no longer a member", msg.type)
+                if worker is None:
+                    self._send(wid, "error", {"message": "not a member: send join first"})
+            else:
+                getattr(self, f"_on_{msg.type}")(worker, msg)
+        except ProtocolError as exc:
+            _log.warning("dropped a message from %r: %s", wid, exc)
+
+    def _on_join(self, wid: WorkerID, msg: Message) -> None:
+        now = _time.monotonic()
+        old = self._workers.get(wid)
+        if old is not None and old.state not in ("dead", "left", "failed"):
+            self._lose_worker(old, "it joined again (it restarted and lost its state)")
+        w = _WorkerState(
+            wid=wid, name=msg.get("name", str)[:64], device=msg.get("device", str)[:32],
+            device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
+            pid=msg.get("pid", int, 0), joined_at=now, last_seen=now)
+        self._workers[wid] = w
+        self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s})
+        _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
+        self._replan_if_needed()
+
+    def _on_ready(self, worker: _WorkerState, msg: Message) -> None:
+        if msg.get("epoch", int) != self._epoch or worker.state != "loading":
+            return  # an answer to an older plan
+        worker.state = "ready"
+        worker.rss_before, worker.rss_after = msg.get("rss_before", int), msg.get("rss_after", int)
+        worker.load_s = msg.get("load_s", (int, float))
+        _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
+        self._update_readiness()
+
+    def _on_failed(self, worker: _WorkerState, msg: Message) -> None:
+        worker.error = msg.get("message", str, "")[:2000]
+        _log.error("worker %s could not load its layers: %s", worker.name, worker.error)
+        self._lose_worker(worker, f"loading failed: {worker.error}", state="failed")
+
+    def _on_leave(self, worker: _WorkerState, msg: Message) -> None:
+        self._lose_worker(worker, "it left", state="left")
+
+    def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
+        sent = msg.get("t", (int, float), None)
+        if sent is not None:
+            worker.rtt_ms = (_time.monotonic() - sent) * 1e3
+
+    def _on_ping(self, worker: _WorkerState, msg: Message) -> None:
+        self._send(worker.wid, "pong", {"t": msg.get("t", (int, float), 0)})
+
+    def _on_error(self, worker: _WorkerState, msg: Message) -> None:
+        text = msg.get("message", str, "")[:2000]
+        session = self._sessions.get(msg.get("sid", str, ""))
+        if session is not None and session.inflight is not None and msg.get("step", int, -1) == session.step:
+            self._finish(session, error=WorkerLostError(f"worker {worker.name} failed a step: {text}"))
+        else:
+            _log.warning("worker %s reports: %s", worker.name, text)
+
+    def _on_result(self, worker: _WorkerState, msg: Message) -> None:
+        session = self._sessions.get(msg.get("sid", str))
+        if (session is None or session.inflight is None or msg.get("epoch", int) != self._epoch
+                or msg.get("step", int) != session.step or self._plan is None):
+            return  # a late answer: the session ended, moved on, or the plan changed
+        stage, start, n = session.inflight
+        if msg.get("stage", int) != stage or self._plan[stage].worker != worker.wid:
+            return
+        dtype, shape = msg._specs[0] if msg._specs else (None, ())
+        if shape != (1, n, self.model_config.hidden_size) or not dtype.is_floating_point:
+            raise ProtocolError(f"result of shape {shape}, want (1, {n}, {self.model_config.hidden_size})")
+        worker.steps += 1
+        self._stats["steps"] += 1
+        if stage + 1 < len(self._plan):
+            spec = msg.header["tensors"][0]
+            self._send_step(session, stage + 1, start, (spec["dtype"], spec["shape"], msg.frames[0]))
+            return
+        hidden = msg.tensor(0)
+        _check_hidden(hidden, self.model_config.hidden_size, f"result from {worker.name}")
+        session.pos = start + n
+        session.inflight = None
+        if session.pos < len(session.tokens):  # more of the prompt to prefill
+            self._waiting.appendleft(session)
+            return
+        token = sample(self.head.logits(hidden[0, -1]), session.params, session.pos)
+        session.tokens.append(token)
+        self._stats["tokens"] += 1
+        if session.first_token_at is None:
+            session.first_token_at = _time.monotonic()
+        session.events.put(("token", token))
+        if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
+                or len(session.tokens) >= self.head.context):
+            self._finish(session)
+        else:
+            self._waiting.append(session)
+
+    # -- steps ----------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Start the next step of every waiting session, or time out those waiting too long."""
+        if self._plan is not None and self._ready.is_set():
+            while self._waiting:
+                s = self._waiting.popleft()
+                if s.sid in self._sessions and s.inflight is None:
+                    end = min(len(s.tokens), s.pos + self.config.prefill_chunk)
+                    self._send_step(s, 0, s.pos, self.head.embed_tokens(s.tokens[s.pos:end]))
+            return
+        now = _time.monotonic()
+        while self._waiting and now - self._waiting[0].created > self.config.wait_timeout_s:
+            s = self._waiting.popleft()
+            self._finish(s, error=ClusterNotReadyError(
+                f"waited {self.config.wait_timeout_s:.0f} s for a complete pipeline: {self._status}"))
+
+    def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor | tuple) -> None:
+        n = hidden.shape[1] if isinstance(hidden, torch.Tensor) else hidden[1][1]
+        if stage == 0:
+            session.step += 1
+        session.inflight = (stage, start, n)
+        target = self._plan[stage].worker
+        header = {"epoch": self._epoch, "sid": session.sid, "step": session.step, "stage": stage, "start": start}
+        if not self._send(target, "forward", header, [hidden]):
+            self._lose_worker(self._workers[target], "it is unreachable")
+
+    def _finish(self, session: _Session, error: BaseException | None = None) -> None:
+        if self._sessions.pop(session.sid, None) is None:
+            return
+        session.inflight = None
+        if self._plan is not None and session.pos:
+            for stage in self._plan:
+                self._send(stage.worker, "end", {"sid": session.sid})
+        session.events.put(("error", error) if error is not None else ("done", None))
+
+    # -- membership and placement ---------------------------------------------
+
+    def _heartbeat(self, now: float) -> None:
+        for w in list(self._workers.values()):
+            if w.state in ("dead", "left", "failed"):
+                continue
+            if now - w.last_seen > self.config.liveness_s:
+                self._lose_worker(w, f"silent for {now - w.last_seen:.1f} s", state="dead")
+            else:
+                self._send(w.wid, "ping", {"t": now})
+        self._publish()
+
+    def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
+        worker.state = state
+        _log.warning("worker %s lost: %s", worker.name, why)
+        if self._plan is not None and any(s.worker == worker.wid for s in self._plan):
+            # This version has no replay: sessions with state on that worker fail; others wait.
+            for s in list(self._sessions.values()):
+                if s.pos or s.inflight is not None:
+                    self._finish(s, error=WorkerLostError(f"worker {worker.name} holding layers "
+                                                          f"{worker.layers[0]}..{worker.layers[1] - 1} lost: {why}"))
+            self._plan = None
+            self._ready.clear()
+        self._replan_if_needed()
+
+    def _replan_if_needed(self) -> None:
+        if self._plan is not None:
+            self._publish()
+            return
+        live = [w for w in self._workers.values() if w.state not in ("dead", "left", "failed")]
+        if len(live) < (self.config.workers if self._epoch == 0 else 1):  # `workers` gates the first plan
+            self._status = f"waiting for workers: {len(live)} of {self.config.workers} joined"
+            self._publish()
+            return
+        capacities = [(w.wid, int(w.memory * self.config.memory_fraction) // max(1, self._layer_bytes))
+                      for w in live]
+        plan = plan_layers(self.n_layers, capacities, self.config.max_stages)
+        if plan is None:
+            room = sum(c for _, c in capacities)
+            self._status = (f"waiting for memory: {len(live)} workers hold {room} of {self.n_layers} layers "
+                            f"({self._layer_bytes / 1e6:.0f} MB each)")
+            self._publish()
+            return
+        self._epoch += 1
+        self._plan = plan
+        self._ready.clear()
+        for stage in plan:
+            w = self._workers[stage.worker]
+            w.state, w.layers, w.epoch = "loading", (stage.start, stage.end), self._epoch
+            self._send(w.wid, "assign", {
+                "epoch": self._epoch, "model": self.model, "revision": self.config.revision,
+                "start": stage.start, "end": stage.end, "quant": self.config.quant,
+                "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint})
+        self._status = f"loading layers on {len(plan)} workers"
+        self._publish()
+
+    def _update_readiness(self) -> None:
+        if self._plan is not None and all(self._workers[s.worker].state == "ready" for s in self._plan):
+            self._status = f"ready: {len(self._plan)} stages"
+            self._ready.set()
+        self._publish()
+
+    def _publish(self) -> None:
+        """Refresh the snapshots that other threads read (atomic swap, no lock needed)."""
+        workers = [w.public() for w in self._workers.values()]
+        plan = [(s.start, s.end - 1, self._workers[s.worker].name) for s in (self._plan or [])]
+        self._snapshot = (workers, plan)
+
+
+def _secure_seed() -> int:
+    return int.from_bytes(_os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+###############################################################################
+# Shortcuts ###################################################################
+###############################################################################
+
+
+def host(model: str, *, config: Config | None = None, **options: Any) -> Cluster:
+    """Start a cluster host for `model` (a Hub repo id, a local directory, or "tiny") and return at once.
+
+    Workers join with `distllm.join(cluster.join_string)`; options are `Config` fields.
+    """
+    return Cluster(model, Config.build(config, **options))
+
+
+def join(join_string: str, *, name: str | None = None, device: str | None = None, background: bool = False,
+         config: Config | None = None, **options: Any) -> Worker:
+    """Join a cluster as a worker; serve until stopped, or return the running Worker if `background`."""
+    worker = Worker(join_string, name=name, device=device, config=Config.build(config, **options))
+    if background:
+        return worker.start()
+    worker.serve()
+    return worker
+
+
+def _mp_context() -> Any:
+    """Return the process context for local workers: a fork server that has torch imported.
+
+    Workers forked from it start in a fraction of a second instead of re-importing
+    torch and transformers; on CUDA builds nothing touches the GPU before the fork.
+    """
+    if "forkserver" not in _mp.get_all_start_methods():
+        return _mp.get_context("spawn")
+    ctx = _mp.get_context("forkserver")
+    preload = ["distllm", "transformers", "transformers.models.auto.modeling_auto", "safetensors",
+               "transformers.models.llama.modeling_llama"]
+    if torch.version.cuda is None:  # bitsandbytes may probe the GPU on import: only preload it on CPU builds
+        preload.append("bitsandbytes")
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: int, threads: int) -> None:
+    """Entry point of a worker process started by `local()`."""
+    _logging.basicConfig(level=_os.environ.get("DISTLLM_LOG", "WARNING"),
+                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    torch.set_num_threads(threads)
+    Worker(join_string, name=name, config=Config(**options), parent_pid=parent_pid).serve()
+
+
+def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None, **options: Any) -> Cluster:
+    """Start a host in this process and `workers` worker processes on this machine.
+
+    Takes the same options as `host()`; returns once every layer is loaded. Use as a
+    context manager, or call `close()`, to stop the workers.
+    """
+    cfg = Config.build(config, **{"bind": "127.0.0.1", "workers": workers, **options})
+    cluster = Cluster(model, cfg)
+    try:
+        ctx = _mp_context()
+        threads = cfg.worker_threads or max(1, (_os.cpu_count() or 1) // workers)
+        for i in range(workers):
+            p = ctx.Process(target=_local_worker_main, name=f"distllm-local-{i}", daemon=True,
+                            args=(cluster.join_string, f"local-{i}", _dataclasses.asdict(cfg), _os.getpid(), threads))
+            p.start()
+            cluster._local_procs.append(p)
+        deadline = _time.monotonic() + cfg.wait_timeout_s
+        while not cluster._ready.wait(0.1):
+            dead = [p for p in cluster._local_procs if p.exitcode is not None]
+            if dead:
+                raise ClusterNotReadyError(f"local worker {dead[0].name} exited with code {dead[0].exitcode} "
+                                           f"before the cluster was ready: {cluster.status}")
+            if _time.monotonic() > deadline:
+                raise ClusterNotReadyError(f"no complete pipeline after {cfg.wait_timeout_s:.0f} s: "
+                                           f"{cluster.status}")
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
