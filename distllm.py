@@ -44,12 +44,29 @@ __all__ = [
     "join",
     "local",
     "main",
+    "bench_overhead",
     # handles
     "Cluster",
     "Worker",
-    # configuration
+    # configuration and domain types
     "Config",
+    "SamplingParams",
+    "Stage",
     "SUPPORTED_MODEL_TYPES",
+    # wire protocol
+    "PROTOCOL_VERSION",
+    "JOIN_PREFIX",
+    "MAX_HEADER_BYTES",
+    "Message",
+    "JoinInfo",
+    "encode",
+    "decode",
+    # model math (used by workers, the host and the tests' references)
+    "StageShard",
+    "HostHead",
+    "quantize_linears",
+    "sample",
+    "plan_layers",
     # errors
     "DistllmError",
     "ProtocolError",
@@ -59,6 +76,7 @@ __all__ = [
     "ClusterNotReadyError",
     "WorkerLostError",
     "RequestError",
+    "StepOrderError",
 ]
 
 import base64 as _base64
@@ -169,6 +187,7 @@ class Config:
     dtype: str = "auto"  # compute dtype: "auto" (the checkpoint's) or float32/float16/bfloat16
     revision: str | None = None  # Hub revision (branch, tag or commit) of the model
     token: str | None = None  # Hugging Face token for private or gated repos
+    hub_endpoint: str | None = None  # Hub URL, e.g. a mirror (None: $HF_ENDPOINT or huggingface.co)
     workers: int = 1  # the host places layers once this many workers have joined
     max_stages: int | None = None  # most pipeline stages (None: every worker that joined)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
@@ -545,13 +564,26 @@ _FAMILIES = {
 
 
 class _ModelFiles:
-    """Files of a checkpoint, from a local directory or a Hugging Face Hub repo."""
+    """Files of a checkpoint, from a local directory or a Hugging Face Hub repo.
 
-    def __init__(self, ref: str, *, revision: str | None = None, token: str | None = None):
+    For a Hub repo only the files asked for are downloaded: the small metadata files,
+    then just the weight shards that hold the tensors a node needs.
+    """
+
+    # Metadata a node may need; each is fetched if the repo has it.
+    META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                  "added_tokens.json", "chat_template.jinja", "model.safetensors.index.json")
+
+    def __init__(self, ref: str, *, revision: str | None = None, token: str | None = None,
+                 endpoint: str | None = None, cache_dir: str | None = None):
         self.ref = ref
         self.revision = revision
         self.token = token
+        self.endpoint = endpoint
+        self.cache_dir = cache_dir
         self.local = _os.path.isdir(ref)
+        self._meta_dir: str | None = ref if self.local else None
 
     def path(self, filename: str) -> str:
         """Return a local path of `filename`, downloading just that file from the Hub if needed."""
@@ -561,14 +593,32 @@ class _ModelFiles:
                 raise FileNotFoundError(f"{filename} not found in {self.ref}")
             return p
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
         try:
-            return hf_hub_download(self.ref, filename, revision=self.revision, token=self.token)
+            path = hf_hub_download(self.ref, filename, revision=self.revision, token=self.token,
+                                   endpoint=self.endpoint, cache_dir=self.cache_dir)
         except EntryNotFoundError:
             raise FileNotFoundError(f"{filename} not found in Hub repo {self.ref}") from None
+        except RepositoryNotFoundError:
+            raise UnsupportedModelError(
+                f"{self.ref!r} is neither a local directory nor a Hub repo this token can read") from None
+        if self.revision is None:  # pin the commit, so every node loads the same files
+            parts = path.replace("\\", "/").split("/")
+            if "snapshots" in parts:
+                self.revision = parts[parts.index("snapshots") + 1]
+        return path
 
-    def exists(self, filename: str) -> bool:
+    def meta_dir(self) -> str:
+        """Return a local directory holding the config and tokenizer files."""
+        if self._meta_dir is None:
+            found = [self.path(n) for n in self.META_FILES if self._try(n)]
+            if not found:
+                raise UnsupportedModelError(f"Hub repo {self.ref!r} has no config.json")
+            self._meta_dir = _os.path.dirname(found[0])
+        return self._meta_dir
+
+    def _try(self, filename: str) -> bool:
         try:
             self.path(filename)
             return True
@@ -577,12 +627,10 @@ class _ModelFiles:
 
     def weight_map(self) -> dict[str, str]:
         """Return tensor name -> file name, from the shard index or the single weights file."""
-        try:
-            with open(self.path("model.safetensors.index.json")) as f:
-                index = _json.load(f)
-            return dict(index["weight_map"])
-        except FileNotFoundError:
-            pass
+        index = _os.path.join(self.meta_dir(), "model.safetensors.index.json")
+        if _os.path.exists(index):
+            with open(index) as f:
+                return dict(_json.load(f)["weight_map"])
         from safetensors import safe_open
 
         with safe_open(self.path("model.safetensors"), "pt") as f:
@@ -595,6 +643,7 @@ class _ModelFiles:
         by_file: dict[str, list[str]] = _collections.defaultdict(list)
         for name in names:
             by_file[weight_map[name]].append(name)
+        self.opened = sorted(by_file)
         out = {}
         for filename, keys in sorted(by_file.items()):
             with safe_open(self.path(filename), "pt", device="cpu") as f:
@@ -609,9 +658,7 @@ def _load_config(files: _ModelFiles) -> Any:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
-            files.ref, revision=files.revision, token=files.token
-        )
+        config = AutoConfig.from_pretrained(files.meta_dir())
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot read the config of {files.ref!r}: {exc}") from exc
     if config.model_type not in _FAMILIES:
@@ -842,7 +889,9 @@ class StageShard:
         weight_map = files.weight_map()
         names = [k for k in weight_map if any(k.startswith(p) for p in prefixes)]
         state = {}
-        for name, tensor in files.load(names, weight_map, dtype).items():
+        loaded = files.load(names, weight_map, dtype)
+        self.files_opened = files.opened  # shard files read: only those holding this range
+        for name, tensor in loaded.items():
             for p, local in prefixes.items():
                 if name.startswith(p):
                     state[local + name[len(p):]] = tensor
@@ -903,7 +952,7 @@ class HostHead:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.dtype, self.device = config, dtype, device
-        self.tokenizer = AutoTokenizer.from_pretrained(files.ref, revision=files.revision, token=files.token)
+        self.tokenizer = AutoTokenizer.from_pretrained(files.meta_dir())
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         base = skeleton.model
@@ -1196,7 +1245,7 @@ class Worker:
             self._shard = shard = None
             try:
                 files = _ModelFiles(_resolve_model(model), revision=msg.get("revision", (str, type(None)), None),
-                                    token=self.config.token)
+                                    token=self.config.token, endpoint=msg.get("endpoint", (str, type(None)), None))
                 fingerprint = msg.get("fingerprint", str, "")
                 if fingerprint and _fingerprint(files) != fingerprint:
                     raise UnsupportedModelError(
@@ -1217,6 +1266,7 @@ class Worker:
         return encode("ready", {
             "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
             "rss_before": rss_before, "rss_after": _rss_bytes(), "dtype": _DTYPE_NAMES[shard.dtype],
+            "files": list(shard.files_opened),
         })
 
     def _forward(self, msg: Message) -> list:
@@ -1276,6 +1326,7 @@ class _WorkerState:
     rss_after: int | None = None
     load_s: float | None = None
     steps: int = 0
+    files: list[str] = _dataclasses.field(default_factory=list)  # weight files it read
     error: str | None = None
 
     def public(self) -> dict:
@@ -1341,7 +1392,8 @@ class Cluster:
     def __init__(self, model: str, config: Config | None = None):
         self.config = config or Config()
         self.model = model
-        self.files = _ModelFiles(_resolve_model(model), revision=self.config.revision, token=self.config.token)
+        self.files = _ModelFiles(_resolve_model(model), revision=self.config.revision, token=self.config.token,
+                                 endpoint=self.config.hub_endpoint)
         self.model_config = _load_config(self.files)
         self.n_layers = int(self.model_config.num_hidden_layers)
         self.device = _default_device()
@@ -1651,6 +1703,7 @@ class Cluster:
         worker.state = "ready"
         worker.rss_before, worker.rss_after = msg.get("rss_before", int), msg.get("rss_after", int)
         worker.load_s = msg.get("load_s", (int, float))
+        worker.files = [f for f in msg.get("files", list, []) if isinstance(f, str)][:1000]
         _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
         self._update_readiness()
 
@@ -1800,7 +1853,8 @@ class Cluster:
             w = self._workers[stage.worker]
             w.state, w.layers, w.epoch = "loading", (stage.start, stage.end), self._epoch
             self._send(w.wid, "assign", {
-                "epoch": self._epoch, "model": self.model, "revision": self.config.revision,
+                "epoch": self._epoch, "model": self.model, "revision": self.files.revision,
+                "endpoint": self.config.hub_endpoint,
                 "start": stage.start, "end": stage.end, "quant": self.config.quant,
                 "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint})
         self._status = f"loading layers on {len(plan)} workers"
@@ -1900,3 +1954,175 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
         cluster.close()
         raise
     return cluster
+
+
+###############################################################################
+# Benchmarks ##################################################################
+###############################################################################
+
+
+def _in_process_decode(model: str, quant: str, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+    """Greedy-decode with every layer in this process (no network); return tokens and s/token."""
+    files = _ModelFiles(_resolve_model(model))
+    config = _load_config(files)
+    device = _default_device()
+    dtype = _compute_dtype(config, "auto", device)
+    head = HostHead(files, config, dtype=dtype, device=device)
+    shard = StageShard(files, config, 0, config.num_hidden_layers, quant=quant, dtype=dtype, device=device)
+    params = SamplingParams(max_new_tokens=tokens)
+    ids = list(prompt)
+    hidden = shard.forward("bench", head.embed_tokens(ids), 0)
+    ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
+    t0 = _time.perf_counter()
+    for _ in range(tokens - 1):
+        hidden = shard.forward("bench", head.embed_tokens(ids[-1:]), len(ids) - 1)
+        ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
+    return ids[len(prompt):], (_time.perf_counter() - t0) / max(1, tokens - 1)
+
+
+def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4), quant: str = "none",
+                   tokens: int = 64, secure: bool = True, out: Any = None) -> list[dict]:
+    """Measure decode ms/token with N local workers against the same layers in one process."""
+    out = out or _sys.stdout
+    prompt = list(range(3, 19))
+    ref_tokens, ref_s = _in_process_decode(model, quant, prompt, tokens)
+    rows = [{"setup": "one process", "stages": 0, "ms_per_token": ref_s * 1e3, "ratio": 1.0,
+             "hop_ms": 0.0, "identical": True}]
+    for n in workers:
+        with local(model, workers=n, quant=quant, secure=secure) as cluster:
+            stages = len(cluster.layer_map())
+            cluster.generate(prompt, max_new_tokens=4)  # warm-up
+            t0 = _time.perf_counter()
+            first = None
+            got = []
+            for tok in cluster.stream(prompt, max_new_tokens=tokens):
+                got.append(tok)
+                if first is None:
+                    first = _time.perf_counter()
+            per_token = (_time.perf_counter() - first) / max(1, len(got) - 1)
+        rows.append({"setup": f"{n} local workers", "stages": stages, "ms_per_token": per_token * 1e3,
+                     "ratio": per_token / ref_s, "hop_ms": (per_token - ref_s) * 1e3 / stages,
+                     "identical": got == ref_tokens[:len(got)]})
+    print(f"model={model} quant={quant} secure={secure} tokens={tokens} device={_default_device()}", file=out)
+    print(f"{'setup':<18} {'stages':>6} {'ms/token':>9} {'x 1-proc':>9} {'ms/hop':>7} {'same tokens':>11}",
+          file=out)
+    for r in rows:
+        print(f"{r['setup']:<18} {r['stages']:>6} {r['ms_per_token']:>9.2f} {r['ratio']:>9.2f} "
+              f"{r['hop_ms']:>7.2f} {str(r['identical']):>11}", file=out)
+    return rows
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+def _demo(args: Any) -> int:
+    t0 = _time.perf_counter()
+    with local(args.model, workers=args.workers, quant=args.quant) as cluster:
+        print(f"cluster ready in {_time.perf_counter() - t0:.1f} s: {cluster.n_layers} layers of "
+              f"{args.model!r} ({args.quant}) on {len(cluster.layer_map())} workers")
+        for first, last, name in cluster.layer_map():
+            print(f"  layers {first:>3}..{last:<3} {name}")
+        print(f"prompt: {args.prompt!r}\ncompletion: ", end="", flush=True)
+        t1 = _time.perf_counter()
+        n = 0
+        for piece in cluster.stream(args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
+                                    seed=args.seed):
+            print(piece, end="", flush=True)
+            n += 1
+        elapsed = _time.perf_counter() - t1
+        print(f"\n{n} pieces in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s)")
+    return 0
+
+
+def _host(args: Any) -> int:
+    cluster = host(args.model, workers=args.workers, quant=args.quant, port=args.port,
+                   advertise=args.advertise, bind=args.bind)
+    print(f"distllm host for {args.model!r}: start each worker with\n\n  python -m distllm join "
+          f"{cluster.join_string}\n", flush=True)
+    try:
+        cluster.wait_ready()
+        print(f"ready: {cluster.layer_map()}\nType a prompt and press Enter (Ctrl-D to stop).", flush=True)
+        for line in _sys.stdin:
+            for piece in cluster.stream(line.rstrip("\n"), max_new_tokens=args.tokens):
+                print(piece, end="", flush=True)
+            print(flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.close()
+    return 0
+
+
+def _join(args: Any) -> int:
+    _signal.signal(_signal.SIGTERM, lambda *_: _sys.exit(0))
+    worker = join(args.join_string, name=args.name, device=args.device, background=True)
+    try:
+        worker.wait()
+    except (KeyboardInterrupt, SystemExit):
+        worker.leave()
+    return 1 if worker.error else 0
+
+
+def _bench(args: Any) -> int:
+    bench_overhead(args.model, workers=args.workers, quant=args.quant, tokens=args.tokens)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the distllm command line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="distllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log", default=_os.environ.get("DISTLLM_LOG", "WARNING"), help="log level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the built-in tiny model on local workers")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--quant", default="nf4", choices=_QUANTS)
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("host", help="host a model and read prompts from stdin")
+    p.add_argument("model")
+    p.add_argument("--workers", type=int, default=1, help="workers to wait for before placing layers")
+    p.add_argument("--quant", default="nf4", choices=_QUANTS)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--advertise", default=None, help="address workers dial (default: this host's IP)")
+    p.add_argument("--tokens", type=int, default=256)
+    p.set_defaults(func=_host)
+
+    p = sub.add_parser("join", help="join a cluster as a worker")
+    p.add_argument("join_string")
+    p.add_argument("--name", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_join)
+
+    p = sub.add_parser("bench", help="decode ms/token: N local workers against one process")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--quant", default="none", choices=_QUANTS)
+    p.add_argument("--tokens", type=int, default=64)
+    p.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    _logging.basicConfig(level=args.log.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except DistllmError as exc:
+        print(f"distllm: {type(exc).__name__}: {exc}", file=_sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Run the module under its own name, so that the classes and worker entry points that
+    # multiprocessing and pickling-free dispatch refer to are `distllm.*`, not `__main__.*`.
+    import distllm as _distllm
+
+    _sys.exit(_distllm.main())

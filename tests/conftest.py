@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models of every supported family, references, a fake Hub.
+
+Models are built from a config, saved with `save_pretrained` and loaded back through
+the same code path a Hub repo takes; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# huggingface_hub would retry the real Hub for ~23 s without a network; tests that
+# need a Hub point at the local fake one explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DISTLLM_CACHE", tempfile.mkdtemp(prefix="distllm-cache-"))
+
+import pytest
+import torch
+
+import distllm
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+
+
+def family_config(family: str, *, hidden: int = 64, layers: int = 4, intermediate: int = 128, **over):
+    """Return a small random-model config of `family` (weights std 0.2, vocab of the tiny tokenizer)."""
+    import transformers as tf
+
+    vocab = len(distllm._tiny_tokenizer())
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    extra = {
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, {"sliding_window": 8}),
+        # Qwen2 with sliding layers from layer 2 on: a stage mixes full and windowed masks.
+        "qwen2": (tf.Qwen2Config, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
+        "qwen3": (tf.Qwen3Config, {"head_dim": 16}),
+        "phi3": (tf.Phi3Config, {"sliding_window": 16}),
+        "gemma": (tf.GemmaConfig, {"head_dim": 16, "tie_word_embeddings": True}),
+    }[family]
+    cls, specific = extra
+    return cls(**{**common, **specific, **over})
+
+
+def write_model(path: str, family: str, *, seed: int = 0, max_shard_size: str | None = None, **over) -> str:
+    """Write a random model of `family` and the tiny tokenizer to `path`; return `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, **over))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    distllm._tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """Return a function family -> directory of that family's tiny model (built once per session)."""
+    made: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in made:
+            made[family] = write_model(str(tmp_path_factory.mktemp(family)), family)
+        return made[family]
+
+    return get
+
+
+def reference_model(path: str, quant: str = "none"):
+    """Load the whole model in this process; quantize its decoder layers the way workers do."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if quant != "none":
+        for layer in model.model.layers:
+            distllm.quantize_linears(layer, quant, torch.float32, torch.device("cpu"))
+    return model
+
+
+def reference_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of transformers' own generate()."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def prompt_of(length: int, seed: int = 0) -> list[int]:
+    """A deterministic prompt of `length` printable-character token ids."""
+    g = torch.Generator().manual_seed(seed + length)
+    return torch.randint(3, 98, (length,), generator=g).tolist()

@@ -1,0 +1,121 @@
+"""A model split across real worker processes gives exactly transformers' tokens.
+
+Every family, with 1 to 4 workers, float32 and nf4: prompts of 1..64 tokens are
+submitted at once (several sessions in flight, prompts longer than a prefill chunk)
+and each completion is compared token for token with `generate(do_sample=False)` on
+the whole model in this process, quantized by the same code path where it applies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import distllm
+from conftest import FAMILIES, prompt_of, reference_generate, reference_model
+
+PROMPT_LENGTHS = (1, 7, 30, 64)
+NEW_TOKENS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _expected(path: str, quant: str) -> dict[int, list[int]]:
+    ref = reference_model(path, quant)
+    return {n: reference_generate(ref, prompt_of(n), NEW_TOKENS) for n in PROMPT_LENGTHS}
+
+
+def _generate_concurrently(cluster, prompts: dict[int, list[int]], **params) -> dict[int, list[int]]:
+    streams = {n: cluster.stream(p, max_new_tokens=NEW_TOKENS, **params) for n, p in prompts.items()}
+    return {n: list(s) for n, s in streams.items()}
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokens_identical_to_transformers(family, quant, model_dir):
+    path = model_dir(family)
+    want = _expected(path, quant)
+    assert any(len(v) == NEW_TOKENS for v in want.values()), "reference ended early everywhere: weak test"
+    prompts = {n: prompt_of(n) for n in PROMPT_LENGTHS}
+    for workers in (1, 2, 3, 4):
+        with distllm.local(path, workers=workers, quant=quant, prefill_chunk=16) as cluster:
+            assert len(cluster.layer_map()) == workers
+            got = _generate_concurrently(cluster, prompts)
+        for n in PROMPT_LENGTHS:
+            assert got[n] == want[n], f"{family}/{quant}, {workers} workers, prompt of {n} tokens"
+
+
+def _reference_sampled(model, prompt: list[int], params: distllm.SamplingParams) -> list[int]:
+    """Sample with distllm's sampler on logits of the whole model, recomputed from scratch each step."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(params.max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            ids.append(distllm.sample(logits, params, len(ids)))
+            if ids[-1] == 2:
+                break
+    return ids[len(prompt):]
+
+
+def test_seeded_sampling_is_reproducible_and_matches_reference(model_dir):
+    path = model_dir("qwen2")
+    prompt = prompt_of(12)
+    options = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=40)
+    with distllm.local(path, workers=3, quant="none", prefill_chunk=5) as cluster:
+        first = cluster.generate(prompt, seed=7, **options)
+        again = cluster.generate(prompt, seed=7, **options)
+        other = cluster.generate(prompt, seed=8, **options)
+    assert first == again
+    assert first != other
+    params = distllm.SamplingParams(seed=7, **options)
+    assert first == _reference_sampled(reference_model(path), prompt, params)
+
+
+def test_text_in_text_out_and_stream_pieces(model_dir):
+    path = model_dir("llama")
+    with distllm.local(path, workers=2, quant="none") as cluster:
+        text = cluster.generate("Hello, world", max_new_tokens=20)
+        pieces = list(cluster.stream("Hello, world", max_new_tokens=20))
+        ids = cluster.generate(cluster.tokenizer("Hello, world")["input_ids"], max_new_tokens=20)
+    assert isinstance(text, str) and text
+    assert "".join(pieces) == text
+    assert len(pieces) > 1, "stream must yield pieces as they are decoded"
+    assert text == cluster.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_bad_requests_are_refused_and_cluster_keeps_serving(model_dir):
+    path = model_dir("llama")  # context of 256 positions
+    with distllm.local(path, workers=2, quant="none") as cluster:
+        with pytest.raises(distllm.PromptTooLongError, match="256"):
+            cluster.generate(prompt_of(300), max_new_tokens=4)
+        with pytest.raises(distllm.RequestError, match="vocabulary"):
+            cluster.generate([5, 100_000], max_new_tokens=4)
+        with pytest.raises(distllm.RequestError, match="max_new_tokens"):
+            cluster.generate([5, 6], max_new_tokens=-1)
+        with pytest.raises(distllm.RequestError, match="empty"):
+            cluster.generate([], max_new_tokens=4)
+        assert cluster.generate([5, 6], max_new_tokens=0) == []
+        # A prompt that nearly fills the context stops at the context's end.
+        out = cluster.generate(prompt_of(250), max_new_tokens=50)
+        assert len(out) <= 6
+        assert len(cluster.generate(prompt_of(5), max_new_tokens=8)) > 0
+
+
+def test_unsupported_model_names_the_supported_families(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(distllm.UnsupportedModelError) as err:
+        distllm.host(str(tmp_path), workers=1)
+    message = str(err.value)
+    assert "gpt2" in message
+    for family in FAMILIES:
+        assert family in message
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="qaunt"):
+        distllm.Config.build(qaunt="nf4")
+    with pytest.raises(ValueError, match="quant"):
+        distllm.Config(quant="fp3")
