@@ -315,6 +315,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed after loading back to the OS (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -338,7 +348,7 @@ def _step_seed(seed: int, position: int) -> int:
 ###############################################################################
 # A message is a multipart ZeroMQ message: frame 0 is a UTF-8 JSON header, frames
 # 1..n are raw tensor bytes described by header["tensors"]. Nothing received is
-# ever unpickled or evaluated; every field is checked before use.
+# ever turned into Python objects or run as code; every field is checked before use.
 
 
 class Message:
@@ -384,7 +394,7 @@ def _frame_bytes(frame: Any) -> memoryview | bytes:
 
 
 def _tensor_frame(t: torch.Tensor) -> memoryview:
-    """Return the raw bytes of `t` (made contiguous and moved to the CPU) without pickling."""
+    """Return the raw bytes of `t` (made contiguous and moved to the CPU)."""
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
@@ -648,8 +658,8 @@ class _ModelFiles:
         for filename, keys in sorted(by_file.items()):
             with safe_open(self.path(filename), "pt", device="cpu") as f:
                 for k in keys:
-                    t = f.get_tensor(k)
-                    out[k] = t.to(dtype) if t.is_floating_point() else t
+                    t = f.get_tensor(k)  # may be backed by the file's pages: copy into our memory
+                    out[k] = t.to(dtype if t.is_floating_point() else t.dtype, copy=True)
         return out
 
 
@@ -883,36 +893,39 @@ class StageShard:
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
 
-        with torch.device("meta"):
-            layers = torch.nn.ModuleList(layer_cls(config, i) for i in range(start, end))
-        prefixes = {f"model.layers.{i}.": str(i - start) + "." for i in range(start, end)}
         weight_map = files.weight_map()
-        names = [k for k in weight_map if any(k.startswith(p) for p in prefixes)]
-        state = {}
-        loaded = files.load(names, weight_map, dtype)
-        self.files_opened = files.opened  # shard files read: only those holding this range
-        for name, tensor in loaded.items():
-            for p, local in prefixes.items():
-                if name.startswith(p):
-                    state[local + name[len(p):]] = tensor
-                    break
-        missing = set(layers.state_dict()) - set(state)
-        if missing:
-            raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]}… for layers [{start}, {end})")
-        layers.load_state_dict(state, strict=True, assign=True)
-        del state
-        # Renumber: a stage's cache holds its own layers at 0..n-1.
-        for j, layer in enumerate(layers):
-            for sub in layer.modules():
-                if hasattr(sub, "layer_idx"):
-                    sub.layer_idx = j
-        self.layers = quantize_linears(layers, quant, dtype, device).eval()
+        layers, opened = [], set()
+        for i in range(start, end):  # one layer at a time: peak memory is one float layer
+            layers.append(self._load_layer(files, weight_map, layer_cls, i))
+            opened.update(files.opened)
+        self.files_opened = sorted(opened)  # shard files read: only those holding this range
+        self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
-        leftover = [n for n, t in _itertools.chain(self.layers.named_parameters(), self.layers.named_buffers())
+        _release_freed_memory()
+        self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
+
+    def _load_layer(self, files: _ModelFiles, weight_map: dict[str, str], layer_cls: type,
+                    i: int) -> torch.nn.Module:
+        """Build global layer `i` on the meta device, load its weights, quantize, renumber it."""
+        with torch.device("meta"):
+            layer = layer_cls(self.config, i)
+        prefix = f"model.layers.{i}."
+        names = [k for k in weight_map if k.startswith(prefix)]
+        state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype).items()}
+        missing = set(layer.state_dict()) - set(state)
+        if missing:
+            raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]} of layer {i}")
+        layer.load_state_dict(state, strict=True, assign=True)
+        del state
+        for sub in layer.modules():  # a stage's cache holds its own layers at 0..n-1
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = i - self.start
+        layer = quantize_linears(layer, self.quant, self.dtype, self.device)
+        leftover = [n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
                     if t.device.type == "meta"]
         if leftover:
-            raise UnsupportedModelError(f"tensors {leftover[:4]} were not in the checkpoint")
-        self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
+            raise UnsupportedModelError(f"tensors {leftover[:4]} of layer {i} were not in the checkpoint")
+        return layer
 
     @torch.inference_mode()
     def forward(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
@@ -1682,6 +1695,8 @@ class Cluster:
                 getattr(self, f"_on_{msg.type}")(worker, msg)
         except ProtocolError as exc:
             _log.warning("dropped a message from %r: %s", wid, exc)
+        except Exception:  # a message must never take the host down; this is a bug, said loudly
+            _log.exception("failed to handle a message from %r; it was dropped", wid)
 
     def _on_join(self, wid: WorkerID, msg: Message) -> None:
         now = _time.monotonic()
@@ -2122,7 +2137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the module under its own name, so that the classes and worker entry points that
-    # multiprocessing and pickling-free dispatch refer to are `distllm.*`, not `__main__.*`.
+    # multiprocessing refers to are `distllm.*`, not `__main__.*`.
     import distllm as _distllm
 
     _sys.exit(_distllm.main())

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import tempfile
 
-# huggingface_hub would retry the real Hub for ~23 s without a network; tests that
-# need a Hub point at the local fake one explicitly.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test may reach the real Hub: a stray request goes to a closed local port and
+# fails at once. Tests that need a Hub pass the fake one's endpoint explicitly.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="distllm-hf-cache-")  # fresh: downloads are observable
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DISTLLM_CACHE", tempfile.mkdtemp(prefix="distllm-cache-"))
 
