@@ -1514,7 +1514,12 @@ class Cluster:
 
     @property
     def status(self) -> str:
+        """One line saying what the cluster is doing or waiting for."""
         return self._status
+
+    def stats(self) -> dict:
+        """Return counters since start: tokens generated and stage steps served."""
+        return dict(self._stats)
 
     def wait_ready(self, timeout: float | None = None) -> "Cluster":
         """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
@@ -2041,13 +2046,14 @@ def _demo(args: Any) -> int:
             print(f"  layers {first:>3}..{last:<3} {name}")
         print(f"prompt: {args.prompt!r}\ncompletion: ", end="", flush=True)
         t1 = _time.perf_counter()
-        n = 0
+        before = cluster.stats()["tokens"]
         for piece in cluster.stream(args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
                                     seed=args.seed):
             print(piece, end="", flush=True)
-            n += 1
         elapsed = _time.perf_counter() - t1
-        print(f"\n{n} pieces in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s)")
+        n = cluster.stats()["tokens"] - before
+        print(f"\n{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, "
+              f"{len(cluster.layer_map())} stages over loopback TCP, CURVE on)")
     return 0
 
 
