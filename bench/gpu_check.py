@@ -1,0 +1,71 @@
+"""Correctness and overhead of distllm on a CUDA machine, in one run.
+
+For every supported family, float32 and nf4, with 1 and 3 local workers sharing the
+GPU: tokens must equal transformers' generate() on the whole model on the same GPU
+(quantized by the same code path). Then `bench_overhead` on the tiny model and on a
+wider model. Prints a table; run as `python bench/gpu_check.py` from the repo root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import distllm  # noqa: E402
+from conftest import FAMILIES, prompt_of, write_model  # noqa: E402
+
+
+def reference(path: str, quant: str, prompt: list[int], tokens: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if quant != "none":
+        for layer in model.model.layers:
+            distllm.quantize_linears(layer, quant, torch.float32, torch.device("cpu"))
+    model.to("cuda")
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=tokens,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
+    return out[0, len(prompt):].tolist()
+
+
+def main() -> int:
+    print(f"torch {torch.__version__} transformers {transformers.__version__} "
+          f"device {torch.cuda.get_device_name(0)}", flush=True)
+    root = tempfile.mkdtemp()
+    failures = 0
+    rows = []
+    for family in FAMILIES:
+        path = write_model(os.path.join(root, family), family)
+        for quant in ("none", "nf4"):
+            prompts = [prompt_of(n) for n in (1, 30, 64)]
+            want = [reference(path, quant, p, 24) for p in prompts]
+            for workers in (1, 3):
+                t0 = time.perf_counter()
+                with distllm.local(path, workers=workers, quant=quant, prefill_chunk=16) as cluster:
+                    streams = [cluster.stream(p, max_new_tokens=24) for p in prompts]
+                    got = [list(s) for s in streams]
+                ok = got == want
+                failures += not ok
+                rows.append((family, quant, workers, ok, time.perf_counter() - t0))
+                print(f"{family:<8} {quant:<5} workers={workers} identical={ok} ({rows[-1][4]:.1f} s)", flush=True)
+    print(f"\ncorrectness: {len(rows) - failures}/{len(rows)} identical\n", flush=True)
+
+    distllm.bench_overhead("tiny", workers=(1, 2, 3), quant="none", tokens=64)
+    distllm.bench_overhead("tiny", workers=(1, 3), quant="nf4", tokens=64)
+    wide = write_model(os.path.join(root, "wide"), "llama", hidden=2048, intermediate=5632, layers=8,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024)
+    distllm.bench_overhead(wide, workers=(1, 2, 4), quant="nf4", tokens=64)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
