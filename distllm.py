@@ -1339,11 +1339,21 @@ class _WorkerState:
     rss_after: int | None = None
     load_s: float | None = None
     steps: int = 0
+    compute_ms: float | None = None  # median time of its last steps' compute, as it reports
+    overhead_ms: float | None = None  # median step round trip minus compute: network + protocol
     files: list[str] = _dataclasses.field(default_factory=list)  # weight files it read
     error: str | None = None
 
+    _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
+
+    def record_step(self, round_trip_ms: float, compute_ms: float) -> None:
+        self._timings.append((round_trip_ms - compute_ms, compute_ms))
+        if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
+            self.overhead_ms = _median(t[0] for t in self._timings)
+            self.compute_ms = _median(t[1] for t in self._timings)
+
     def public(self) -> dict:
-        d = _dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
         d.pop("wid")
         return d
 
@@ -1361,6 +1371,7 @@ class _Session:
     pos: int = 0  # tokens whose keys and values every stage holds
     step: int = 0  # number of steps sent so far (a reply must echo the latest)
     inflight: tuple[int, int, int] | None = None  # (stage, start, n) of the step in the pipe
+    sent_at: float = 0.0  # when the step in the pipe left the host (perf_counter seconds)
     first_token_at: float | None = None
 
     @property
@@ -1763,6 +1774,7 @@ class Cluster:
         if shape != (1, n, self.model_config.hidden_size) or not dtype.is_floating_point:
             raise ProtocolError(f"result of shape {shape}, want (1, {n}, {self.model_config.hidden_size})")
         worker.steps += 1
+        worker.record_step((_time.perf_counter() - session.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
         self._stats["steps"] += 1
         if stage + 1 < len(self._plan):
             spec = msg.header["tensors"][0]
@@ -1809,6 +1821,7 @@ class Cluster:
         if stage == 0:
             session.step += 1
         session.inflight = (stage, start, n)
+        session.sent_at = _time.perf_counter()
         target = self._plan[stage].worker
         header = {"epoch": self._epoch, "sid": session.sid, "step": session.step, "stage": stage, "start": start}
         if not self._send(target, "forward", header, [hidden]):
@@ -1891,6 +1904,11 @@ class Cluster:
         workers = [w.public() for w in self._workers.values()]
         plan = [(s.start, s.end - 1, self._workers[s.worker].name) for s in (self._plan or [])]
         self._snapshot = (workers, plan)
+
+
+def _median(values: Any) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 def _secure_seed() -> int:
@@ -2002,7 +2020,11 @@ def _in_process_decode(model: str, quant: str, prompt: list[int], tokens: int) -
 
 def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4), quant: str = "none",
                    tokens: int = 64, secure: bool = True, out: Any = None) -> list[dict]:
-    """Measure decode ms/token with N local workers against the same layers in one process."""
+    """Measure decode ms/token with N local workers against the same layers in one process.
+
+    "hop ms" is the median of (step round trip at the host - compute time the worker
+    reports): what the network, the protocol and both event loops add per stage.
+    """
     out = out or _sys.stdout
     prompt = list(range(3, 19))
     ref_tokens, ref_s = _in_process_decode(model, quant, prompt, tokens)
@@ -2020,11 +2042,13 @@ def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4)
                 if first is None:
                     first = _time.perf_counter()
             per_token = (_time.perf_counter() - first) / max(1, len(got) - 1)
+            _time.sleep(cluster.config.heartbeat_s)  # let the medians refresh
+            hops = [w["overhead_ms"] for w in cluster.workers() if w["overhead_ms"] is not None]
         rows.append({"setup": f"{n} local workers", "stages": stages, "ms_per_token": per_token * 1e3,
-                     "ratio": per_token / ref_s, "hop_ms": (per_token - ref_s) * 1e3 / stages,
+                     "ratio": per_token / ref_s, "hop_ms": _median(hops),
                      "identical": got == ref_tokens[:len(got)]})
     print(f"model={model} quant={quant} secure={secure} tokens={tokens} device={_default_device()}", file=out)
-    print(f"{'setup':<18} {'stages':>6} {'ms/token':>9} {'x 1-proc':>9} {'ms/hop':>7} {'same tokens':>11}",
+    print(f"{'setup':<18} {'stages':>6} {'ms/token':>9} {'x 1-proc':>9} {'hop ms':>7} {'same tokens':>11}",
           file=out)
     for r in rows:
         print(f"{r['setup']:<18} {r['stages']:>6} {r['ms_per_token']:>9.2f} {r['ratio']:>9.2f} "
