@@ -190,6 +190,10 @@ class Config:
     hub_endpoint: str | None = None  # Hub URL, e.g. a mirror (None: $HF_ENDPOINT or huggingface.co)
     workers: int = 1  # the host places layers once this many workers have joined
     max_stages: int | None = None  # most pipeline stages (None: every worker that joined)
+    replicas: int = 1  # workers holding each layer range; a step goes to all, the first answer wins
+    step_timeout_s: float = 30.0  # seconds a step may take before its worker counts as stuck (a floor)
+    history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
+    replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
     heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
     liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
@@ -210,6 +214,8 @@ class Config:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(_DTYPES)}")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: a cluster needs at least one worker")
+        if self.replicas < 1:
+            raise ValueError(f"replicas={self.replicas}: must be at least 1")
         if self.max_stages is not None and self.max_stages < 1:
             raise ValueError(f"max_stages={self.max_stages}: must be at least 1")
         if self.prefill_chunk < 1:
@@ -251,13 +257,13 @@ class SamplingParams:
             raise RequestError(f"top_k={self.top_k}: must be 0 (off) or more")
 
 
-@_dataclasses.dataclass(frozen=True)
+@_dataclasses.dataclass
 class Stage:
-    """Layers [start, end) of the model, held by one worker."""
+    """Layers [start, end) of the model and the workers holding them (replicas, in preference order)."""
 
     start: int
     end: int
-    worker: WorkerID
+    workers: list[WorkerID]
 
     @property
     def layers(self) -> int:
@@ -874,6 +880,18 @@ class _KVSlot:
         self.cache = DynamicCache()
         self.length = 0
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions.
+
+        Done on the layers' tensors: `Cache.crop`'s argument changed meaning across
+        transformers 5.x (a kept length before, tokens to remove in 5.24).
+        """
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys[:, :, :length]
+                layer.values = layer.values[:, :, :length]
+        self.length = length
+
 
 class StepOrderError(DistllmError):
     """A step arrived for a position this stage's cache does not end at."""
@@ -939,8 +957,10 @@ class StageShard:
             while len(self.slots) > self.max_sessions:
                 evicted, _ = self.slots.popitem(last=False)
                 _log.warning("KV cache of session %s evicted (over %d sessions)", evicted, self.max_sessions)
-        elif slot.length != start:
+        elif slot.length < start:
             raise StepOrderError(f"session {sid}: cache ends at {slot.length}, step starts at {start}")
+        elif slot.length > start:  # a step sent again after a failure downstream: redo it
+            slot.crop(start)
         self.slots.move_to_end(sid)
         n = hidden.shape[1]
         h = hidden.to(self.device, self.dtype)
@@ -1079,6 +1099,7 @@ class Worker:
         self.error: str | None = None
         self._parent_pid = parent_pid
         self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
+        self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
         self._jobs: _queue.Queue = _queue.Queue()
         self._stopping = _threading.Event()
         self._stopped = _threading.Event()
@@ -1129,6 +1150,8 @@ class Worker:
         sock = self._ctx.socket(zmq.DEALER)
         _set_limits(sock, self.config)
         sock.setsockopt(zmq.ROUTING_ID, self._ident)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms; doubles per failed try (ZeroMQ's back-off) ...
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # ... up to 5 s
         info = self.join_info
         if info.server_key:
             sock.curve_serverkey = info.server_key.encode()
@@ -1143,7 +1166,7 @@ class Worker:
         return encode("join", {
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "memory": _available_memory(self.device), "distllm": __version__,
+            "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
             "torch": torch.__version__, "transformers": transformers.__version__,
         })
 
@@ -1153,7 +1176,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
-        last_heard = _time.monotonic()
+        last_heard = last_join = _time.monotonic()
         warned_silent = False
         try:
             while not self._stopping.is_set():
@@ -1168,9 +1191,12 @@ class Worker:
                         warned_silent = False
                         self._on_host_message(sock, frames)
                 silent = _time.monotonic() - last_heard
-                if silent > self.config.liveness_s and not warned_silent:
-                    _log.warning("worker %s: no word from the host for %.1f s", self.name, silent)
-                    warned_silent = True
+                if silent > self.config.liveness_s and _time.monotonic() - last_join > self.config.liveness_s:
+                    if not warned_silent:
+                        _log.warning("worker %s: no word from the host for %.1f s; knocking again", self.name, silent)
+                        warned_silent = True
+                    sock.send_multipart(self._join_message())  # same incarnation: the host keeps our state
+                    last_join = _time.monotonic()
                 if self._parent_pid is not None and not _pid_alive(self._parent_pid):
                     _log.warning("worker %s: parent process is gone, stopping", self.name)
                     break
@@ -1209,6 +1235,13 @@ class Worker:
             _log.info("worker %s: host asked it to stop", self.name)
             self.state = "stopped"
             self._stopping.set()
+        elif kind == "error" and msg.get("code", str, "") == "rejoin":
+            # The host declared us dead (we were stopped or cut off): our caches are void.
+            _log.warning("worker %s: the host no longer counts us as a member; joining afresh", self.name)
+            self._incarnation = _uuid.uuid4().hex
+            self._jobs.put(msg)  # the compute thread drops every cache, in order with queued steps
+            self.state = "connecting"
+            sock.send_multipart(self._join_message())
         elif kind == "error":
             _log.warning("worker %s: host reports: %s", self.name, msg.header.get("message"))
 
@@ -1227,6 +1260,10 @@ class Worker:
                 except ProtocolError as exc:
                     _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
                     reply = encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})
+                except Exception as exc:  # a failed step must not stop the worker: report it, keep serving
+                    _log.exception("worker %s: %s step failed", self.name, msg.type)
+                    reply = encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
+                                             **_step_fields(msg)})
                 if reply is not None:
                     out.send_multipart(reply, copy=False)
         finally:
@@ -1235,6 +1272,11 @@ class Worker:
     def _run_job(self, msg: Message) -> list | None:
         if msg.type == "assign":
             return self._load(msg)
+        if msg.type == "error":  # "rejoin": forget every session and the assignment's epoch
+            if self._shard is not None:
+                self._shard.slots.clear()
+            self._epoch = None
+            return None
         if msg.type == "end":
             if self._shard is not None:
                 self._shard.drop(msg.get("sid", str))
@@ -1272,8 +1314,7 @@ class Worker:
                 _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 return encode("failed", {"epoch": epoch, "message": self.error})
-        else:
-            shard.slots.clear()  # a new epoch: the host replays whatever it still needs
+        # Same range as before: the loaded layers and the sessions' caches stay valid.
         self._shard, self.layers, self.state = shard, (start, end), "ready"
         self._epoch = epoch
         return encode("ready", {
@@ -1305,8 +1346,8 @@ class Worker:
 def _step_fields(msg: Message) -> dict:
     """Return the fields that identify a step, copied from a forward message for its reply."""
     return {
-        "sid": msg.get("sid", str, ""), "step": msg.get("step", int, -1),
-        "stage": msg.get("stage", int, -1), "epoch": msg.get("epoch", int, -1),
+        "sid": msg.get("sid", str, ""), "step": msg.get("step", int, -1), "stage": msg.get("stage", int, -1),
+        "start": msg.get("start", int, -1), "epoch": msg.get("epoch", int, -1),
     }
 
 
@@ -1331,7 +1372,8 @@ class _WorkerState:
     pid: int
     joined_at: float
     last_seen: float
-    state: str = "joined"  # joined -> loading -> ready; dead, left or failed at the end
+    incarnation: str = ""  # changes when the worker process restarts (its caches are then gone)
+    state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
     layers: tuple[int, int] | None = None
     epoch: int = -1
     rtt_ms: float | None = None
@@ -1346,6 +1388,10 @@ class _WorkerState:
 
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
 
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("dead", "left", "failed")
+
     def record_step(self, round_trip_ms: float, compute_ms: float) -> None:
         self._timings.append((round_trip_ms - compute_ms, compute_ms))
         if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
@@ -1359,8 +1405,36 @@ class _WorkerState:
 
 
 @_dataclasses.dataclass
+class _Step:
+    """One step in the pipe: positions start..start+n-1 of a session through one stage."""
+
+    number: int  # the session's step counter when it entered stage 0
+    stage: int
+    start: int
+    n: int
+    replay: bool  # a cache rebuild: its output is not passed on
+    hidden: torch.Tensor  # the input, kept to re-send should every target fail
+    targets: set[WorkerID] = _dataclasses.field(default_factory=set)  # replicas that still owe an answer
+    sent_at: float = 0.0
+    answered: bool = False
+    first: torch.Tensor | None = None  # the answer used, kept to compare replicas' answers with
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.number, self.stage, self.start)
+
+
+def _step_key(msg: Message) -> tuple[int, int, int]:
+    return (msg.get("step", int, -1), msg.get("stage", int, -1), msg.get("start", int, -1))
+
+
+@_dataclasses.dataclass(eq=False)
 class _Session:
-    """One request: its tokens, sampling parameters, and where its next step stands."""
+    """One request: its tokens, sampling parameters, and where its next step stands.
+
+    Recovery state lives here, per session, not per server: which workers hold this
+    session's cache on each stage, and the inputs already sent into each stage.
+    """
 
     sid: SessionID
     tokens: list[int]
@@ -1369,43 +1443,56 @@ class _Session:
     events: _queue.Queue
     created: float
     pos: int = 0  # tokens whose keys and values every stage holds
-    step: int = 0  # number of steps sent so far (a reply must echo the latest)
-    inflight: tuple[int, int, int] | None = None  # (stage, start, n) of the step in the pipe
-    sent_at: float = 0.0  # when the step in the pipe left the host (perf_counter seconds)
-    first_token_at: float | None = None
+    step: int = 0  # steps started so far (answers must echo it)
+    inflight: _Step | None = None  # the step in the pipe that nobody has answered yet
+    steps: dict = _dataclasses.field(default_factory=dict)  # key -> _Step still owed an answer by someone
+    holders: dict[int, set[WorkerID]] = _dataclasses.field(default_factory=dict)  # stage -> workers with its cache
+    history: dict[int, list[torch.Tensor]] | None = _dataclasses.field(default_factory=dict)  # stage -> inputs
+    history_bytes: int = 0
+    pending: tuple | None = None  # (stage, start, hidden) of the step waiting for a replay to finish
+    replay_inputs: torch.Tensor | None = None
+    replay_targets: set[WorkerID] = _dataclasses.field(default_factory=set)
+    replays: int = 0  # cache rebuilds this session needed
+    waiting_since: float = 0.0
 
     @property
     def new_tokens(self) -> int:
         return len(self.tokens) - self.prompt_len
 
 
-def plan_layers(n_layers: int, capacities: Sequence[tuple[WorkerID, int]],
-                max_stages: int | None = None) -> list[Stage] | None:
-    """Split layers 0..n_layers-1 into contiguous stages, one per worker.
+def plan_layers(n_layers: int, capacities: Sequence[tuple[WorkerID, int]], *,
+                max_stages: int | None = None, replicas: int = 1) -> list[Stage] | None:
+    """Split layers 0..n_layers-1 into contiguous stages of `replicas` workers each.
 
     `capacities` lists (worker, most layers it can hold) in preference order. Layers
-    are spread evenly; a worker with too little room gets what it can hold and the
-    rest moves to the others. Returns None when the workers cannot hold the model.
+    are spread evenly; a stage with too little room gets what it can hold and the
+    rest moves to the others. Workers left over are standbys. Returns None when the
+    workers cannot hold the model.
     """
-    chosen = list(capacities[: max_stages or len(capacities)])
-    chosen = [(w, c) for w, c in chosen if c > 0][:n_layers]
-    if sum(c for _, c in chosen) < n_layers or not chosen:
+    chosen = [(w, c) for w, c in capacities if c > 0]
+    if not chosen:
         return None
-    shares = [0] * len(chosen)
+    r = min(replicas, len(chosen))
+    n_stages = min(len(chosen) // r, max_stages or n_layers, n_layers)
+    groups = [chosen[i * r:(i + 1) * r] for i in range(n_stages)]
+    room = [min(c for _, c in g) for g in groups]
+    if sum(room) < n_layers:
+        return None
+    shares = [0] * n_stages
     left = n_layers
-    while left:  # water-filling: each round gives every worker with room an equal part
-        open_ = [i for i, (_, c) in enumerate(chosen) if shares[i] < c]
+    while left:  # water-filling: each round gives every stage with room an equal part
+        open_ = [i for i in range(n_stages) if shares[i] < room[i]]
         part = max(1, left // len(open_))
         for i in open_:
-            give = min(part, chosen[i][1] - shares[i], left)
+            give = min(part, room[i] - shares[i], left)
             shares[i] += give
             left -= give
             if not left:
                 break
     stages, start = [], 0
-    for (wid, _), share in zip(chosen, shares):
+    for group, share in zip(groups, shares):
         if share:
-            stages.append(Stage(start, start + share, wid))
+            stages.append(Stage(start, start + share, [w for w, _ in group]))
             start += share
     return stages
 
@@ -1458,15 +1545,16 @@ class Cluster:
         # State below is owned by the I/O thread; other threads read the snapshots.
         self._workers: dict[WorkerID, _WorkerState] = {}
         self._plan: list[Stage] | None = None
-        self._epoch = 0
+        self._epoch = 0  # counts assignments; a worker's answers must carry the epoch of its own
         self._sessions: dict[SessionID, _Session] = {}
-        self._waiting: _collections.deque[_Session] = _collections.deque()
+        self._runnable: _collections.deque[_Session] = _collections.deque()
+        self._history_bytes = 0  # stage inputs kept for replay, all sessions
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
         self._ready = _threading.Event()
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
-        self._stats = {"tokens": 0, "steps": 0}
+        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "restarts": 0}
         self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
         self._thread.start()
 
@@ -1529,8 +1617,20 @@ class Cluster:
         return self._status
 
     def stats(self) -> dict:
-        """Return counters since start: tokens generated and stage steps served."""
+        """Return counters since start: tokens, stage steps, workers lost, stage replays, full restarts."""
         return dict(self._stats)
+
+    def spawn_local(self, n: int = 1) -> list:
+        """Start `n` more worker processes on this machine that join this cluster; return them.
+
+        They are `multiprocessing` processes (`.pid`, `.kill()`), named local-0, local-1, ...
+        """
+        return _spawn_local_workers(self, n)
+
+    @property
+    def local_processes(self) -> list:
+        """The worker processes this cluster started on this machine, dead or alive."""
+        return list(self._local_procs)
 
     def wait_ready(self, timeout: float | None = None) -> "Cluster":
         """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
@@ -1681,7 +1781,7 @@ class Cluster:
                 if arg.params.max_new_tokens == 0:
                     self._finish(arg)
                 else:
-                    self._waiting.append(arg)
+                    self._park(arg, self._status)
             elif kind == "cancel":
                 s = self._sessions.get(arg)
                 if s is not None:
@@ -1703,10 +1803,10 @@ class Cluster:
                 worker.last_seen = _time.monotonic()
             if msg.type == "join":
                 self._on_join(wid, msg)
-            elif worker is None or worker.state in ("dead", "left", "failed"):
-                _log.info("ignored %s from a worker that is no longer a member", msg.type)
-                if worker is None:
-                    self._send(wid, "error", {"message": "not a member: send join first"})
+            elif worker is None or not worker.alive:
+                # Unknown, or declared dead and back: its state is void; it must join afresh.
+                if msg.type != "leave":
+                    self._send(wid, "error", {"code": "rejoin", "message": "not a member: join again"})
             else:
                 getattr(self, f"_on_{msg.type}")(worker, msg)
         except ProtocolError as exc:
@@ -1716,21 +1816,26 @@ class Cluster:
 
     def _on_join(self, wid: WorkerID, msg: Message) -> None:
         now = _time.monotonic()
+        incarnation = msg.get("incarnation", str, "")[:64]
         old = self._workers.get(wid)
-        if old is not None and old.state not in ("dead", "left", "failed"):
-            self._lose_worker(old, "it joined again (it restarted and lost its state)")
+        if old is not None and old.alive:
+            if old.incarnation == incarnation:  # it lost touch for a while but kept its state
+                self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s,
+                                            "liveness_s": self.config.liveness_s})
+                return
+            self._lose_worker(old, "it joined again with a new incarnation (restarted, state lost)")
         w = _WorkerState(
             wid=wid, name=msg.get("name", str)[:64], device=msg.get("device", str)[:32],
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
-            pid=msg.get("pid", int, 0), joined_at=now, last_seen=now)
+            pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation)
         self._workers[wid] = w
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s})
         _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
-        self._replan_if_needed()
+        self._place()
 
     def _on_ready(self, worker: _WorkerState, msg: Message) -> None:
-        if msg.get("epoch", int) != self._epoch or worker.state != "loading":
-            return  # an answer to an older plan
+        if msg.get("epoch", int) != worker.epoch or worker.state != "loading":
+            return  # an answer to an older assignment
         worker.state = "ready"
         worker.rss_before, worker.rss_after = msg.get("rss_before", int), msg.get("rss_after", int)
         worker.load_s = msg.get("load_s", (int, float))
@@ -1757,152 +1862,374 @@ class Cluster:
     def _on_error(self, worker: _WorkerState, msg: Message) -> None:
         text = msg.get("message", str, "")[:2000]
         session = self._sessions.get(msg.get("sid", str, ""))
-        if session is not None and session.inflight is not None and msg.get("step", int, -1) == session.step:
-            self._finish(session, error=WorkerLostError(f"worker {worker.name} failed a step: {text}"))
+        step = session.steps.get(_step_key(msg)) if session is not None else None
+        if step is not None and worker.wid in step.targets:
+            # The worker cannot run this step (lost or evicted cache): it no longer holds the session.
+            _log.info("worker %s refused a step of %s: %s", worker.name, session.sid, text)
+            session.holders.get(step.stage, set()).discard(worker.wid)
+            self._drop_target(session, step, worker.wid)
         else:
             _log.warning("worker %s reports: %s", worker.name, text)
 
+    def _drop_target(self, session: _Session, step: _Step, wid: WorkerID) -> None:
+        """Forget that `wid` owes an answer to `step`; re-send the step if nobody else does."""
+        step.targets.discard(wid)
+        if not step.targets:
+            session.steps.pop(step.key, None)
+            if not step.answered and session.inflight is step:
+                self._retry(session)
+
+    # -- steps ----------------------------------------------------------------
+
     def _on_result(self, worker: _WorkerState, msg: Message) -> None:
         session = self._sessions.get(msg.get("sid", str))
-        if (session is None or session.inflight is None or msg.get("epoch", int) != self._epoch
-                or msg.get("step", int) != session.step or self._plan is None):
-            return  # a late answer: the session ended, moved on, or the plan changed
-        stage, start, n = session.inflight
-        if msg.get("stage", int) != stage or self._plan[stage].worker != worker.wid:
-            return
+        step = session.steps.get(_step_key(msg)) if session is not None else None
+        if step is None or msg.get("epoch", int) != worker.epoch or worker.wid not in step.targets:
+            return  # a late answer: the session ended or moved on, or the worker was replaced
+        n = step.n
         dtype, shape = msg._specs[0] if msg._specs else (None, ())
         if shape != (1, n, self.model_config.hidden_size) or not dtype.is_floating_point:
             raise ProtocolError(f"result of shape {shape}, want (1, {n}, {self.model_config.hidden_size})")
         worker.steps += 1
-        worker.record_step((_time.perf_counter() - session.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
+        worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
+        if step.answered:  # a replica's late answer: check it agrees with the one we used
+            self._check_agreement(step, worker, msg)
+            self._drop_target(session, step, worker.wid)
+            return
+        step.answered = True
+        step.targets.discard(worker.wid)
         self._stats["steps"] += 1
-        if stage + 1 < len(self._plan):
-            spec = msg.header["tensors"][0]
-            self._send_step(session, stage + 1, start, (spec["dtype"], spec["shape"], msg.frames[0]))
+        if step.targets:  # other replicas still working on it: keep the answer to compare
+            step.first = msg.tensor(0)
+        else:
+            session.steps.pop(step.key, None)
+        session.inflight = None
+        if step.replay:
+            self._continue_replay(session, step)
+            return
+        session.holders[step.stage] = {worker.wid} | step.targets
+        last = step.stage + 1 == len(self._plan)
+        if not last:
+            hidden = step.first if step.first is not None else msg.tensor(0)
+            self._remember(session, step.stage + 1, step.start, hidden)
+            self._send_step(session, step.stage + 1, step.start, hidden)
             return
         hidden = msg.tensor(0)
         _check_hidden(hidden, self.model_config.hidden_size, f"result from {worker.name}")
-        session.pos = start + n
-        session.inflight = None
-        if session.pos < len(session.tokens):  # more of the prompt to prefill
-            self._waiting.appendleft(session)
+        session.pos = step.start + n
+        if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
+            self._runnable.appendleft(session)
             return
         token = sample(self.head.logits(hidden[0, -1]), session.params, session.pos)
         session.tokens.append(token)
         self._stats["tokens"] += 1
-        if session.first_token_at is None:
-            session.first_token_at = _time.monotonic()
         session.events.put(("token", token))
         if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
                 or len(session.tokens) >= self.head.context):
             self._finish(session)
         else:
-            self._waiting.append(session)
+            self._runnable.append(session)
 
-    # -- steps ----------------------------------------------------------------
+    def _check_agreement(self, step: _Step, worker: _WorkerState, msg: Message) -> None:
+        other, first = msg.tensor(0).float(), step.first.float()
+        error = float((other - first).norm() / first.norm().clamp_min(1e-12))
+        if error > self.config.replica_tolerance:
+            self._lose_worker(worker, f"its output diverged from its replica's ({error:.2e} relative)",
+                              state="failed")
 
     def _schedule(self) -> None:
-        """Start the next step of every waiting session, or time out those waiting too long."""
-        if self._plan is not None and self._ready.is_set():
-            while self._waiting:
-                s = self._waiting.popleft()
+        """Start the next step of every runnable session, or time out those waiting too long."""
+        if self._ready.is_set():
+            for _ in range(len(self._runnable)):
+                s = self._runnable.popleft()
                 if s.sid in self._sessions and s.inflight is None:
-                    end = min(len(s.tokens), s.pos + self.config.prefill_chunk)
-                    self._send_step(s, 0, s.pos, self.head.embed_tokens(s.tokens[s.pos:end]))
+                    self._next_step(s)
             return
         now = _time.monotonic()
-        while self._waiting and now - self._waiting[0].created > self.config.wait_timeout_s:
-            s = self._waiting.popleft()
-            self._finish(s, error=ClusterNotReadyError(
-                f"waited {self.config.wait_timeout_s:.0f} s for a complete pipeline: {self._status}"))
+        for s in list(self._runnable):
+            if now - s.waiting_since > self.config.wait_timeout_s:
+                self._runnable.remove(s)
+                self._finish(s, error=ClusterNotReadyError(
+                    f"waited {self.config.wait_timeout_s:.0f} s for workers to hold every layer: {self._status}"))
 
-    def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor | tuple) -> None:
-        n = hidden.shape[1] if isinstance(hidden, torch.Tensor) else hidden[1][1]
+    def _next_step(self, session: _Session) -> None:
+        if session.pos == 0:
+            session.holders.clear()  # a prefill from position 0 rebuilds every cache it passes
+        end = min(len(session.tokens), session.pos + self.config.prefill_chunk)
+        self._send_step(session, 0, session.pos, self.head.embed_tokens(session.tokens[session.pos:end]))
+
+    def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
+        """Send a step to every replica of `stage` that holds the session (replaying one in first)."""
         if stage == 0:
             session.step += 1
-        session.inflight = (stage, start, n)
-        session.sent_at = _time.perf_counter()
-        target = self._plan[stage].worker
-        header = {"epoch": self._epoch, "sid": session.sid, "step": session.step, "stage": stage, "start": start}
-        if not self._send(target, "forward", header, [hidden]):
-            self._lose_worker(self._workers[target], "it is unreachable")
+        ready = [w for w in self._plan[stage].workers if self._workers[w].state == "ready"]
+        if not ready:
+            self._park(session, f"no ready worker holds layers {self._plan[stage].start}.."
+                                f"{self._plan[stage].end - 1}")
+            return
+        if start == 0:
+            targets = set(ready)
+        else:
+            targets = session.holders.get(stage, set()) & set(ready)
+            if not targets:  # this stage lost the session's cache: rebuild it on a live replica first
+                self._start_replay(session, stage, start, hidden, set(ready))
+                return
+        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], False, hidden), targets)
+
+    def _dispatch(self, session: _Session, step: _Step, targets: set[WorkerID]) -> None:
+        session.inflight = step
+        session.steps[step.key] = step
+        frame = _tensor_frame(step.hidden)
+        raw = (_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), frame)
+        for wid in targets:
+            header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
+                      "stage": step.stage, "start": step.start}
+            if self._send(wid, "forward", header, [raw]):
+                step.targets.add(wid)
+        step.sent_at = _time.perf_counter()
+        if not step.targets:
+            session.steps.pop(step.key, None)
+            for wid in targets:
+                self._lose_worker(self._workers[wid], "it is unreachable")
+            if session.inflight is step and session.sid in self._sessions:  # not re-planned meanwhile
+                self._retry(session)
+
+    def _remember(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
+        """Keep the input of `stage` for positions start.., for replay should the stage fail."""
+        if session.history is None:
+            return
+        chunks = session.history.setdefault(stage, [])
+        covered = sum(c.shape[1] for c in chunks)
+        if covered != start:  # a re-sent step: its input is already kept
+            return
+        chunks.append(hidden)
+        size = hidden.numel() * hidden.element_size()
+        session.history_bytes += size
+        self._history_bytes += size
+        while self._history_bytes > self.config.history_mb * 2**20:
+            victim = min((s for s in self._sessions.values() if s.history), key=lambda s: s.created, default=None)
+            if victim is None:
+                break
+            _log.info("dropped the replay history of session %s (over history_mb=%d)", victim.sid,
+                      self.config.history_mb)
+            self._forget(victim, keep=False)
+
+    def _forget(self, session: _Session, keep: bool = True) -> None:
+        self._history_bytes -= session.history_bytes
+        session.history_bytes = 0
+        session.history = {} if keep else None
+
+    def _start_replay(self, session: _Session, stage: int, start: int, hidden: torch.Tensor,
+                      targets: set[WorkerID]) -> None:
+        """Rebuild a stage's KV cache for positions 0..start-1 from stored inputs, then go on.
+
+        Stage 0's inputs are the token embeddings; later stages' were kept when sent. If
+        they are gone (evicted), the whole session is prefilled again from position 0.
+        """
+        if stage == 0:
+            inputs = self.head.embed_tokens(session.tokens[:start])
+        elif session.history is not None and sum(c.shape[1] for c in session.history.get(stage, [])) >= start:
+            inputs = torch.cat(session.history[stage], dim=1)[:, :start]
+        else:
+            self._restart(session, "its replay history was dropped")
+            return
+        session.replays += 1
+        self._stats["replays"] += 1
+        _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
+                  self._plan[stage].start, self._plan[stage].end - 1)
+        session.pending = (stage, start, hidden)
+        session.replay_inputs, session.replay_targets = inputs, targets
+        self._replay_chunk(session, stage, 0, targets)
+
+    def _replay_chunk(self, session: _Session, stage: int, at: int, targets: set[WorkerID]) -> None:
+        end = min(at + self.config.prefill_chunk, session.replay_inputs.shape[1])
+        chunk = session.replay_inputs[:, at:end]
+        self._dispatch(session, _Step(session.step, stage, at, chunk.shape[1], True, chunk), targets)
+
+    def _continue_replay(self, session: _Session, step: _Step) -> None:
+        done = step.start + step.n
+        rebuilt = {w for w in session.replay_targets if self._workers[w].alive}
+        if done < session.replay_inputs.shape[1]:
+            self._replay_chunk(session, step.stage, done, rebuilt)
+            return
+        session.holders[step.stage] = rebuilt
+        stage, start, hidden = session.pending
+        session.pending = session.replay_inputs = None
+        session.inflight = None
+        self._send_step(session, stage, start, hidden)
+
+    def _retry(self, session: _Session) -> None:
+        """Re-send the session's step in the pipe after its targets failed."""
+        step = session.inflight
+        session.inflight = None
+        if self._plan is None:
+            self._park(session, "re-planning")
+        elif step.replay:  # start the rebuild over on whoever holds the stage now
+            stage, start, hidden = session.pending
+            session.pending = session.replay_inputs = None
+            self._send_step(session, stage, start, hidden)
+        else:
+            if step.stage == 0:
+                session.step -= 1  # _send_step counts it again
+            self._send_step(session, step.stage, step.start, step.hidden)
+
+    def _restart(self, session: _Session, why: str) -> None:
+        """Prefill the session again from position 0: every stage rebuilds its cache."""
+        _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
+        session.inflight = None
+        session.pending = session.replay_inputs = None
+        session.pos = 0
+        session.holders.clear()
+        session.replays += 1
+        self._stats["restarts"] += 1
+        self._forget(session)
+        self._park(session, why)
+
+    def _park(self, session: _Session, why: str) -> None:
+        """Put a session back in line to run when a complete pipeline is ready."""
+        session.inflight = None
+        session.waiting_since = _time.monotonic()
+        if session not in self._runnable:
+            self._runnable.append(session)
+        if not self._ready.is_set():
+            self._status = f"waiting: {why}"
 
     def _finish(self, session: _Session, error: BaseException | None = None) -> None:
         if self._sessions.pop(session.sid, None) is None:
             return
         session.inflight = None
-        if self._plan is not None and session.pos:
-            for stage in self._plan:
-                self._send(stage.worker, "end", {"sid": session.sid})
+        self._forget(session, keep=False)
+        for wid in set().union(*session.holders.values()) if session.holders else ():
+            if wid in self._workers and self._workers[wid].alive:
+                self._send(wid, "end", {"sid": session.sid})
         session.events.put(("error", error) if error is not None else ("done", None))
 
     # -- membership and placement ---------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
         for w in list(self._workers.values()):
-            if w.state in ("dead", "left", "failed"):
+            if not w.alive:
                 continue
             if now - w.last_seen > self.config.liveness_s:
                 self._lose_worker(w, f"silent for {now - w.last_seen:.1f} s", state="dead")
             else:
                 self._send(w.wid, "ping", {"t": now})
+        clock = _time.perf_counter()
+        for s in list(self._sessions.values()):
+            for step in list(s.steps.values()):
+                for wid in list(step.targets):
+                    w = self._workers[wid]
+                    # The floor, or far more than this worker's usual compute for a step this size.
+                    deadline = max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0) * step.n)
+                    if clock - step.sent_at > deadline and w.alive:
+                        self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         self._publish()
 
     def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
+        """Drop a worker; sessions move on to its replicas, a standby, or a new plan."""
+        if not worker.alive:
+            return
         worker.state = state
         _log.warning("worker %s lost: %s", worker.name, why)
-        if self._plan is not None and any(s.worker == worker.wid for s in self._plan):
-            # This version has no replay: sessions with state on that worker fail; others wait.
-            for s in list(self._sessions.values()):
-                if s.pos or s.inflight is not None:
-                    self._finish(s, error=WorkerLostError(f"worker {worker.name} holding layers "
-                                                          f"{worker.layers[0]}..{worker.layers[1] - 1} lost: {why}"))
-            self._plan = None
-            self._ready.clear()
-        self._replan_if_needed()
+        self._stats["failures"] += 1
+        for stage in self._plan or ():
+            if worker.wid in stage.workers:
+                stage.workers.remove(worker.wid)
+        for s in self._sessions.values():
+            for holders in s.holders.values():
+                holders.discard(worker.wid)
+        self._place()
+        for s in list(self._sessions.values()):
+            for step in list(s.steps.values()):
+                if worker.wid in step.targets:
+                    self._drop_target(s, step, worker.wid)
 
-    def _replan_if_needed(self) -> None:
+    def _live(self) -> list[_WorkerState]:
+        return [w for w in self._workers.values() if w.alive]
+
+    def _assign(self, worker: _WorkerState, start: int, end: int) -> None:
+        self._epoch += 1
+        worker.state, worker.layers, worker.epoch = "loading", (start, end), self._epoch
+        self._send(worker.wid, "assign", {
+            "epoch": self._epoch, "model": self.model, "revision": self.files.revision,
+            "endpoint": self.config.hub_endpoint, "start": start, "end": end, "quant": self.config.quant,
+            "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint})
+
+    def _capacity(self, w: _WorkerState) -> int:
+        return int(w.memory * self.config.memory_fraction) // max(1, self._layer_bytes)
+
+    def _place(self) -> None:
+        """Keep every layer range served: refill stages from standbys, re-plan only when a range is orphaned."""
+        live = self._live()
         if self._plan is not None:
-            self._publish()
-            return
-        live = [w for w in self._workers.values() if w.state not in ("dead", "left", "failed")]
+            standbys = [w for w in live if w.layers is None]
+            for stage in self._plan:
+                want = self.config.replicas - len(stage.workers)
+                for w in [w for w in standbys if self._capacity(w) >= stage.end - stage.start][:max(0, want)]:
+                    standbys.remove(w)
+                    stage.workers.append(w.wid)
+                    self._assign(w, stage.start, stage.end)
+            for w in standbys:
+                w.state = "standby"
+            if all(stage.workers for stage in self._plan):
+                self._update_readiness()
+                return
+            orphaned = [s for s in self._plan if not s.workers]
+            _log.warning("layers %s have no worker left: re-planning over %d workers",
+                         ", ".join(f"{s.start}..{s.end - 1}" for s in orphaned), len(live))
         if len(live) < (self.config.workers if self._epoch == 0 else 1):  # `workers` gates the first plan
             self._status = f"waiting for workers: {len(live)} of {self.config.workers} joined"
-            self._publish()
+            self._drop_plan()
             return
-        capacities = [(w.wid, int(w.memory * self.config.memory_fraction) // max(1, self._layer_bytes))
-                      for w in live]
-        plan = plan_layers(self.n_layers, capacities, self.config.max_stages)
+        plan = plan_layers(self.n_layers, [(w.wid, self._capacity(w)) for w in live],
+                           max_stages=self.config.max_stages, replicas=self.config.replicas)
         if plan is None:
-            room = sum(c for _, c in capacities)
+            room = sum(self._capacity(w) for w in live)
+            self._drop_plan()
             self._status = (f"waiting for memory: {len(live)} workers hold {room} of {self.n_layers} layers "
                             f"({self._layer_bytes / 1e6:.0f} MB each)")
-            self._publish()
             return
-        self._epoch += 1
+        old = {(s.start, s.end) for s in self._plan or ()}
         self._plan = plan
         self._ready.clear()
+        in_plan = {wid for s in plan for wid in s.workers}
+        for w in live:
+            if w.wid not in in_plan:
+                w.layers, w.state = None, "standby"
         for stage in plan:
-            w = self._workers[stage.worker]
-            w.state, w.layers, w.epoch = "loading", (stage.start, stage.end), self._epoch
-            self._send(w.wid, "assign", {
-                "epoch": self._epoch, "model": self.model, "revision": self.files.revision,
-                "endpoint": self.config.hub_endpoint,
-                "start": stage.start, "end": stage.end, "quant": self.config.quant,
-                "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint})
-        self._status = f"loading layers on {len(plan)} workers"
+            for wid in stage.workers:
+                self._assign(self._workers[wid], stage.start, stage.end)
+        if {(s.start, s.end) for s in plan} != old:
+            for s in list(self._sessions.values()):  # stage boundaries moved: kept inputs no longer fit
+                if s.pos or s.inflight is not None:
+                    self._restart(s, "the layers were re-planned")
+        self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
+        self._publish()
+
+    def _drop_plan(self) -> None:
+        if self._plan is not None:
+            for s in list(self._sessions.values()):
+                if s.pos or s.inflight is not None:
+                    self._restart(s, "too few workers for a complete pipeline")
+        self._plan = None
+        self._ready.clear()
         self._publish()
 
     def _update_readiness(self) -> None:
-        if self._plan is not None and all(self._workers[s.worker].state == "ready" for s in self._plan):
+        complete = self._plan is not None and all(
+            any(self._workers[w].state == "ready" for w in s.workers) for s in self._plan)
+        if complete and not self._ready.is_set():
             self._status = f"ready: {len(self._plan)} stages"
             self._ready.set()
+        elif not complete:
+            self._ready.clear()
         self._publish()
 
     def _publish(self) -> None:
         """Refresh the snapshots that other threads read (atomic swap, no lock needed)."""
         workers = [w.public() for w in self._workers.values()]
-        plan = [(s.start, s.end - 1, self._workers[s.worker].name) for s in (self._plan or [])]
+        plan = [(s.start, s.end - 1, ", ".join(self._workers[w].name for w in s.workers))
+                for s in (self._plan or [])]
         self._snapshot = (workers, plan)
 
 
@@ -1960,7 +2287,9 @@ def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: i
     _logging.basicConfig(level=_os.environ.get("DISTLLM_LOG", "WARNING"),
                          format=f"%(asctime)s {name} %(levelname)s %(message)s")
     torch.set_num_threads(threads)
-    Worker(join_string, name=name, config=Config(**options), parent_pid=parent_pid).serve()
+    worker = Worker(join_string, name=name, config=Config(**options), parent_pid=parent_pid)
+    _signal.signal(_signal.SIGTERM, lambda *_: worker._stopping.set())  # leave gracefully
+    worker.serve()
 
 
 def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None, **options: Any) -> Cluster:
@@ -1972,13 +2301,7 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
     cfg = Config.build(config, **{"bind": "127.0.0.1", "workers": workers, **options})
     cluster = Cluster(model, cfg)
     try:
-        ctx = _mp_context()
-        threads = cfg.worker_threads or max(1, (_os.cpu_count() or 1) // workers)
-        for i in range(workers):
-            p = ctx.Process(target=_local_worker_main, name=f"distllm-local-{i}", daemon=True,
-                            args=(cluster.join_string, f"local-{i}", _dataclasses.asdict(cfg), _os.getpid(), threads))
-            p.start()
-            cluster._local_procs.append(p)
+        cluster.spawn_local(workers)
         deadline = _time.monotonic() + cfg.wait_timeout_s
         while not cluster._ready.wait(0.1):
             dead = [p for p in cluster._local_procs if p.exitcode is not None]
@@ -1992,6 +2315,21 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
         cluster.close()
         raise
     return cluster
+
+
+def _spawn_local_workers(cluster: Cluster, n: int) -> list:
+    ctx = _mp_context()
+    cfg = cluster.config
+    threads = cfg.worker_threads or max(1, (_os.cpu_count() or 1) // max(1, cfg.workers))
+    procs = []
+    for _ in range(n):
+        i = len(cluster._local_procs)
+        p = ctx.Process(target=_local_worker_main, name=f"local-{i}", daemon=True,
+                        args=(cluster.join_string, f"local-{i}", _dataclasses.asdict(cfg), _os.getpid(), threads))
+        p.start()
+        cluster._local_procs.append(p)
+        procs.append(p)
+    return procs
 
 
 ###############################################################################

@@ -1,0 +1,175 @@
+"""Workers are SIGKILLed, stopped and added mid-generation; every request completes
+token-identical to a fault-free run. Real processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+import distllm
+from conftest import prompt_of, write_model
+
+FAST = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", prefill_chunk=8)
+
+
+@pytest.fixture(scope="module")
+def model8(tmp_path_factory):
+    return write_model(str(tmp_path_factory.mktemp("llama8")), "llama", layers=8)
+
+
+def _holder_of(cluster, layer: int):
+    """The live local process holding `layer` (first replica)."""
+    for first, last, names in cluster.layer_map():
+        if first <= layer <= last:
+            name = names.split(", ")[0]
+            return next(p for p in cluster.local_processes if p.name == name)
+    raise AssertionError(f"nobody holds layer {layer}")
+
+
+def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _stream_and_kill(cluster, prompt, at: int, kill, **params) -> list[int]:
+    out = []
+    for i, tok in enumerate(cluster.stream(prompt, **params)):
+        out.append(tok)
+        if i == at:
+            kill()
+    return out
+
+
+def test_killed_stage_moves_to_a_standby_by_replay(model8):
+    prompt = prompt_of(30)
+    with distllm.local(model8, workers=4, max_stages=3, **FAST) as cluster:
+        assert [w["state"] for w in cluster.workers()].count("standby") == 1
+        want = cluster.generate(prompt, max_new_tokens=40)
+        victim = _holder_of(cluster, 4)
+        got = _stream_and_kill(cluster, prompt, 10, lambda: os.kill(victim.pid, signal.SIGKILL), max_new_tokens=40)
+        stats = cluster.stats()
+        plan = cluster.layer_map()
+    assert got == want
+    assert stats["replays"] >= 1 and stats["restarts"] == 0, stats  # only the lost stage was rebuilt
+    assert len(plan) == 3 and victim.name not in " ".join(n for *_, n in plan)
+
+
+def test_killed_stage_without_standby_replans_and_replays(model8):
+    prompt = prompt_of(30)
+    with distllm.local(model8, workers=3, **FAST) as cluster:
+        want = cluster.generate(prompt, max_new_tokens=40, temperature=0.8, seed=3)
+        victim = _holder_of(cluster, 0)
+        got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(victim.pid, signal.SIGKILL),
+                               max_new_tokens=40, temperature=0.8, seed=3)
+        plan = cluster.layer_map()
+    assert got == want
+    assert len(plan) == 2
+
+
+def test_hot_replica_failover_needs_no_replay(model8):
+    prompt = prompt_of(20)
+    with distllm.local(model8, workers=4, replicas=2, **FAST) as cluster:
+        assert all(len(names.split(", ")) == 2 for *_, names in cluster.layer_map())
+        want = cluster.generate(prompt, max_new_tokens=40)
+        victim = _holder_of(cluster, 0)
+        got = _stream_and_kill(cluster, prompt, 8, lambda: os.kill(victim.pid, signal.SIGKILL), max_new_tokens=40)
+        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        after = cluster.generate(prompt, max_new_tokens=40)
+        stats = cluster.stats()
+    assert got == want and after == want
+    assert stats["replays"] == 0 and stats["restarts"] == 0, stats
+
+
+def test_stuck_worker_is_caught_by_the_step_deadline_and_rejoins_harmlessly(model8):
+    prompt = prompt_of(16)
+    # Liveness far away: only the per-step deadline can catch a stopped worker here.
+    options = {**FAST, "liveness_s": 60.0, "step_timeout_s": 1.5}
+    with distllm.local(model8, workers=3, **options) as cluster:
+        want = cluster.generate(prompt, max_new_tokens=30)
+        victim = _holder_of(cluster, 7)
+        t0 = time.monotonic()
+        got = _stream_and_kill(cluster, prompt, 6, lambda: os.kill(victim.pid, signal.SIGSTOP), max_new_tokens=30)
+        stalled = time.monotonic() - t0
+        assert got == want
+        assert stalled < 20, f"a stopped worker stalled generation for {stalled:.1f} s"
+        [state] = [w["state"] for w in cluster.workers() if w["name"] == victim.name]
+        assert state == "dead"
+        os.kill(victim.pid, signal.SIGCONT)  # it wakes up with stale caches and queued steps
+        _wait(lambda: sum(w["name"] == victim.name and w["state"] in ("standby", "joined")
+                          for w in cluster.workers()) == 1, what="the stopped worker to rejoin")
+        for _ in range(2):
+            assert cluster.generate(prompt, max_new_tokens=30) == want
+
+
+def test_graceful_leave_hands_over(model8):
+    prompt = prompt_of(16)
+    with distllm.local(model8, workers=3, max_stages=2, **FAST) as cluster:
+        want = cluster.generate(prompt, max_new_tokens=30)
+        leaver = _holder_of(cluster, 0)
+        got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(leaver.pid, signal.SIGTERM), max_new_tokens=30)
+        leaver.join(10)
+        states = {w["name"]: w["state"] for w in cluster.workers()}
+    assert got == want
+    assert leaver.exitcode is not None and states[leaver.name] == "left"
+
+
+def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
+    """16 concurrent requests (greedy and seeded sampling) on 5 workers while workers are
+    killed at random moments (one mid-prefill, two at once) and new ones join."""
+    rng = random.Random(1234)
+    requests = []
+    for i in range(16):
+        params = dict(max_new_tokens=rng.randint(20, 40))
+        if i % 2:
+            params.update(temperature=0.9, top_p=0.95, seed=100 + i)
+        requests.append((prompt_of(rng.randint(1, 64), seed=i), params))
+
+    with distllm.local(model8, workers=2, **FAST) as reference:
+        want = [list(reference.stream(p, **kw)) for p, kw in requests]
+
+    with distllm.local(model8, workers=5, **FAST) as cluster:
+        results: list = [None] * len(requests)
+
+        def run(i):
+            p, kw = requests[i]
+            try:
+                results[i] = cluster.generate(p, **kw)
+            except Exception as exc:  # recorded and asserted on below
+                results[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+
+        def live():
+            return [p for p in cluster.local_processes if p.is_alive()]
+
+        def tokens_at_least(n):
+            _wait(lambda: cluster.stats()["tokens"] >= n, what=f"{n} tokens")
+
+        _wait(lambda: cluster.stats()["steps"] >= 3, what="the first prefill steps")
+        os.kill(rng.choice(live()).pid, signal.SIGKILL)  # during prefill
+        cluster.spawn_local(1)
+        tokens_at_least(120)
+        for p in rng.sample(live(), 2):  # two at once
+            os.kill(p.pid, signal.SIGKILL)
+        cluster.spawn_local(2)
+        tokens_at_least(300)
+        os.kill(rng.choice(live()).pid, signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        stats = cluster.stats()
+
+    failed = [(i, r) for i, r in enumerate(results) if not isinstance(r, list)]
+    assert not failed, failed
+    for i, (got, exp) in enumerate(zip(results, want)):
+        assert got == exp, f"request {i} {requests[i][1]}"
+    assert stats["failures"] >= 4, stats
