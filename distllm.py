@@ -194,6 +194,8 @@ class Config:
     step_timeout_s: float = 30.0  # seconds a step may take before its worker counts as stuck (a floor)
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
+    leave_timeout_s: float = 60.0  # seconds a leaving worker serves on while its layers are handed over
+    leave_at: float | None = None  # Unix time a worker must be gone by (a Colab/Kaggle session's end)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
     heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
     liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
@@ -1102,6 +1104,7 @@ class Worker:
         self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
         self._jobs: _queue.Queue = _queue.Queue()
         self._stopping = _threading.Event()
+        self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
         self._stopped = _threading.Event()
         self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
@@ -1135,10 +1138,14 @@ class Worker:
         except KeyboardInterrupt:
             self.leave()
 
-    def leave(self, timeout: float = 5.0) -> None:
-        """Tell the host this worker is leaving, then stop."""
-        self._stopping.set()
-        self._stopped.wait(timeout)
+    def leave(self, timeout: float | None = None) -> None:
+        """Leave gracefully: keep serving until the host has handed this worker's layers over.
+
+        The host answers with a shutdown once a replacement is warm (or at once when it
+        has none); after `Config.leave_timeout_s` the worker goes regardless.
+        """
+        self._leaving.set()
+        self._stopped.wait(self.config.leave_timeout_s + 5 if timeout is None else timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker stopped; return whether it did."""
@@ -1178,8 +1185,20 @@ class Worker:
         poller.register(pair, zmq.POLLIN)
         last_heard = last_join = _time.monotonic()
         warned_silent = False
+        leave_sent: float | None = None
         try:
             while not self._stopping.is_set():
+                now = _time.time()
+                if self.config.leave_at is not None and now > self.config.leave_at - self.config.leave_timeout_s:
+                    self._leaving.set()  # the notebook's session ends soon: hand over in time
+                if self._leaving.is_set() and leave_sent is None:
+                    _log.info("worker %s: leaving; serving until the host has moved our layers", self.name)
+                    sock.send_multipart(encode("leave", {"drain": True}))
+                    leave_sent = _time.monotonic()
+                if leave_sent is not None and _time.monotonic() - leave_sent > self.config.leave_timeout_s:
+                    _log.warning("worker %s: no hand-over after %.0f s; leaving anyway", self.name,
+                                 self.config.leave_timeout_s)
+                    break
                 events = dict(poller.poll(int(self.config.heartbeat_s * 500)))
                 if pair in events:
                     while pair.poll(0):
@@ -1392,6 +1411,11 @@ class _WorkerState:
     def alive(self) -> bool:
         return self.state not in ("dead", "left", "failed")
 
+    @property
+    def serving(self) -> bool:
+        """Whether steps may be sent to it (a leaving worker serves until its successor is warm)."""
+        return self.state in ("ready", "leaving")
+
     def record_step(self, round_trip_ms: float, compute_ms: float) -> None:
         self._timings.append((round_trip_ms - compute_ms, compute_ms))
         if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
@@ -1549,12 +1573,13 @@ class Cluster:
         self._sessions: dict[SessionID, _Session] = {}
         self._runnable: _collections.deque[_Session] = _collections.deque()
         self._history_bytes = 0  # stage inputs kept for replay, all sessions
+        self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
         self._ready = _threading.Event()
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
-        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "restarts": 0}
+        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0}
         self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
         self._thread.start()
 
@@ -1617,7 +1642,12 @@ class Cluster:
         return self._status
 
     def stats(self) -> dict:
-        """Return counters since start: tokens, stage steps, workers lost, stage replays, full restarts."""
+        """Return counters since start.
+
+        tokens and steps served; failures (workers lost); replays (a stage's cache rebuilt
+        while its session waited); warmups (a cache rebuilt on a worker joining a stage,
+        ahead of need); restarts (sessions prefilled again from position 0).
+        """
         return dict(self._stats)
 
     def spawn_local(self, n: int = 1) -> list:
@@ -1841,7 +1871,24 @@ class Cluster:
         worker.load_s = msg.get("load_s", (int, float))
         worker.files = [f for f in msg.get("files", list, []) if isinstance(f, str)][:1000]
         _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
+        if self._sessions and self._plan is not None:
+            warmed = self._warm(worker)
+            if worker.wid in self._handovers:
+                leaver, _ = self._handovers[worker.wid]
+                self._handovers[worker.wid] = (leaver, warmed)
+                self._check_handover(worker)
+        elif worker.wid in self._handovers:
+            self._check_handover(worker)
         self._update_readiness()
+
+    def _check_handover(self, worker: _WorkerState) -> None:
+        """Let the leaving worker go once its successor has caught up with every session."""
+        leaver, behind = self._handovers[worker.wid]
+        behind &= set(self._sessions)
+        if not behind and worker.state == "ready":
+            del self._handovers[worker.wid]
+            if self._workers[leaver].alive:
+                self._release(self._workers[leaver])
 
     def _on_failed(self, worker: _WorkerState, msg: Message) -> None:
         worker.error = msg.get("message", str, "")[:2000]
@@ -1849,7 +1896,53 @@ class Cluster:
         self._lose_worker(worker, f"loading failed: {worker.error}", state="failed")
 
     def _on_leave(self, worker: _WorkerState, msg: Message) -> None:
+        """Hand a leaving worker's layers to a standby before letting it go (make before break)."""
+        stage = next((s for s in self._plan or () if worker.wid in s.workers), None)
+        others = [w for w in (stage.workers if stage else ()) if w != worker.wid and self._workers[w].serving]
+        standby = next((w for w in self._live() if w.state == "standby"
+                        and stage is not None and self._capacity(w) >= stage.layers), None)
+        if not msg.get("drain", bool, False) or stage is None or others or standby is None:
+            self._release(worker)
+            return
+        _log.info("worker %s is leaving: handing layers %d..%d to %s", worker.name, stage.start,
+                  stage.end - 1, standby.name)
+        worker.state = "leaving"  # still serving until the standby is warm
+        stage.workers.append(standby.wid)
+        self._assign(standby, stage.start, stage.end)
+        self._handovers[standby.wid] = (worker.wid, set())
+
+    def _release(self, worker: _WorkerState) -> None:
+        self._send(worker.wid, "shutdown", {})
         self._lose_worker(worker, "it left", state="left")
+
+    def _warm(self, worker: _WorkerState) -> set[SessionID]:
+        """Replay every live session's kept inputs into a worker that joined a stage mid-run.
+
+        The worker runs its messages in order, so it can be a target of the sessions' next
+        steps at once: it answers them after the replay, while its replicas answer first.
+        """
+        k = next(i for i, s in enumerate(self._plan) if worker.wid in s.workers)
+        warmed = set()
+        for session in self._sessions.values():
+            if session.pending is not None or (k and session.history is None):
+                continue
+            if k == 0:
+                step = session.inflight
+                covered = step.start + step.n if step is not None and not step.replay else session.pos
+                inputs = self.head.embed_tokens(session.tokens[:covered]) if covered else None
+            else:
+                chunks = session.history.get(k, [])
+                inputs = torch.cat(chunks, dim=1) if chunks else None
+            if inputs is None:
+                continue
+            for at in range(0, inputs.shape[1], self.config.prefill_chunk):
+                chunk = inputs[:, at:at + self.config.prefill_chunk]
+                self._send(worker.wid, "forward", {"epoch": worker.epoch, "sid": session.sid, "step": -1,
+                                                   "stage": k, "start": at}, [chunk])
+            session.holders.setdefault(k, set()).add(worker.wid)
+            warmed.add(session.sid)
+            self._stats["warmups"] += 1
+        return warmed
 
     def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
         sent = msg.get("t", (int, float), None)
@@ -1892,6 +1985,9 @@ class Cluster:
             raise ProtocolError(f"result of shape {shape}, want (1, {n}, {self.model_config.hidden_size})")
         worker.steps += 1
         worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
+        if worker.wid in self._handovers:
+            self._handovers[worker.wid][1].discard(session.sid)
+            self._check_handover(worker)
         if step.answered:  # a replica's late answer: check it agrees with the one we used
             self._check_agreement(step, worker, msg)
             self._drop_target(session, step, worker.wid)
@@ -1962,7 +2058,7 @@ class Cluster:
         """Send a step to every replica of `stage` that holds the session (replaying one in first)."""
         if stage == 0:
             session.step += 1
-        ready = [w for w in self._plan[stage].workers if self._workers[w].state == "ready"]
+        ready = [w for w in self._plan[stage].workers if self._workers[w].serving]
         if not ready:
             self._park(session, f"no ready worker holds layers {self._plan[stage].start}.."
                                 f"{self._plan[stage].end - 1}")
@@ -2103,6 +2199,8 @@ class Cluster:
             if wid in self._workers and self._workers[wid].alive:
                 self._send(wid, "end", {"sid": session.sid})
         session.events.put(("error", error) if error is not None else ("done", None))
+        for successor in list(self._handovers):
+            self._check_handover(self._workers[successor])
 
     # -- membership and placement ---------------------------------------------
 
@@ -2216,8 +2314,8 @@ class Cluster:
         self._publish()
 
     def _update_readiness(self) -> None:
-        complete = self._plan is not None and all(
-            any(self._workers[w].state == "ready" for w in s.workers) for s in self._plan)
+        complete = self._plan is not None and all(any(self._workers[w].serving for w in s.workers)
+                                                  for s in self._plan)
         if complete and not self._ready.is_set():
             self._status = f"ready: {len(self._plan)} stages"
             self._ready.set()
@@ -2288,7 +2386,7 @@ def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: i
                          format=f"%(asctime)s {name} %(levelname)s %(message)s")
     torch.set_num_threads(threads)
     worker = Worker(join_string, name=name, config=Config(**options), parent_pid=parent_pid)
-    _signal.signal(_signal.SIGTERM, lambda *_: worker._stopping.set())  # leave gracefully
+    _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # leave gracefully
     worker.serve()
 
 
@@ -2439,11 +2537,11 @@ def _host(args: Any) -> int:
 
 
 def _join(args: Any) -> int:
-    _signal.signal(_signal.SIGTERM, lambda *_: _sys.exit(0))
     worker = join(args.join_string, name=args.name, device=args.device, background=True)
+    _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # hand over, then exit
     try:
         worker.wait()
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         worker.leave()
     return 1 if worker.error else 0
 
