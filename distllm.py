@@ -45,6 +45,7 @@ __all__ = [
     "local",
     "main",
     "bench_overhead",
+    "bench_failover",
     # handles
     "Cluster",
     "Worker",
@@ -199,6 +200,7 @@ class Config:
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
     heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
     liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
+    reconnect_grace_s: float = 0.5  # seconds a worker whose TCP connection closed has to reconnect (a floor)
     wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
     max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
@@ -1178,11 +1180,15 @@ class Worker:
         })
 
     def _io_loop(self, pair: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
         sock = self._connect()
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.send_multipart(self._join_message())
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         last_heard = last_join = _time.monotonic()
         warned_silent = False
         leave_sent: float | None = None
@@ -1203,6 +1209,10 @@ class Worker:
                 if pair in events:
                     while pair.poll(0):
                         sock.send_multipart(pair.recv_multipart(copy=False), copy=False)
+                if monitor in events:  # (re)connected: say so at once, the host may count the seconds
+                    while monitor.poll(0):
+                        recv_monitor_message(monitor)
+                    sock.send_multipart(encode("ping", {"t": 0}))
                 if sock in events:
                     while sock.poll(0):
                         frames = sock.recv_multipart(copy=False)
@@ -1230,6 +1240,8 @@ class Worker:
             for t in self._threads:
                 if t is not _threading.current_thread():
                     t.join(5.0)
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(linger=1000)  # lets a final leave message out
             pair.close(0)
             self._ctx.term()
@@ -1392,6 +1404,8 @@ class _WorkerState:
     joined_at: float
     last_seen: float
     incarnation: str = ""  # changes when the worker process restarts (its caches are then gone)
+    lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
+    lost_why: str | None = None
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
     layers: tuple[int, int] | None = None
     epoch: int = -1
@@ -1574,6 +1588,8 @@ class Cluster:
         self._runnable: _collections.deque[_Session] = _collections.deque()
         self._history_bytes = 0  # stage inputs kept for replay, all sessions
         self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
+        self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
+        self._disconnected: dict[WorkerID, float] = {}  # worker -> when its connection closed
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
         self._ready = _threading.Event()
@@ -1649,6 +1665,11 @@ class Cluster:
         ahead of need); restarts (sessions prefilled again from position 0).
         """
         return dict(self._stats)
+
+    def _history_bytes_per_token(self) -> float:
+        """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
+        stages = len(self._plan or ()) or 1
+        return self.model_config.hidden_size * self.dtype.itemsize * (stages - 1)
 
     def spawn_local(self, n: int = 1) -> list:
         """Start `n` more worker processes on this machine that join this cluster; return them.
@@ -1759,6 +1780,10 @@ class Cluster:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
+        # TCP disconnects (a killed process's socket closes) are seen at once through a monitor;
+        # each message's source fd tells which worker a closed connection belonged to.
+        monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         next_beat = _time.monotonic()
         try:
             while True:
@@ -1769,7 +1794,13 @@ class Cluster:
                             frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_worker_message(frames[0].bytes, frames[1:])
+                        wid = frames[0].bytes
+                        self._fds[frames[-1].get(zmq.SRCFD)] = wid
+                        self._on_worker_message(wid, frames[1:])
+                if monitor in events:
+                    self._on_disconnects(monitor)
+                if self._disconnected:
+                    self._check_disconnected()
                 if self._wake_in in events:
                     while self._wake_in.poll(0):
                         self._wake_in.recv()
@@ -1785,7 +1816,36 @@ class Cluster:
             for s in list(self._sessions.values()):
                 self._finish(s, error=DistllmError("coordinator loop failed; see the log"))
         finally:
+            self._router.disable_monitor()
+            monitor.close(0)
             self._shutdown()
+
+    def _on_disconnects(self, monitor: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            wid = self._fds.pop(int(event["value"]), None)
+            w = self._workers.get(wid) if wid is not None else None
+            if w is not None and w.alive:
+                _log.info("connection of worker %s closed; it has %.1f s to come back", w.name,
+                          self.config.reconnect_grace_s)
+                self._disconnected[wid] = _time.monotonic()
+
+    def _check_disconnected(self) -> None:
+        """Declare dead a worker whose connection closed and that did not reconnect within the grace."""
+        now = _time.monotonic()
+        for wid, since in list(self._disconnected.items()):
+            w = self._workers[wid]
+            if not w.alive or w.last_seen > since:  # gone already, or back (a reconnect after a blip)
+                del self._disconnected[wid]
+            elif now - since > self._grace(w):
+                del self._disconnected[wid]
+                self._lose_worker(w, f"its connection closed and it did not reconnect within {self._grace(w):.1f} s")
+
+    def _grace(self, w: _WorkerState) -> float:
+        """Seconds to wait for a reconnect: the configured floor, or enough for TCP and CURVE handshakes."""
+        return max(self.config.reconnect_grace_s, 0.1 + 4e-3 * (w.rtt_ms or 0.0))
 
     def _shutdown(self) -> None:
         for wid in list(self._workers):
@@ -2077,18 +2137,21 @@ class Cluster:
         session.steps[step.key] = step
         frame = _tensor_frame(step.hidden)
         raw = (_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), frame)
+        unreachable = []
         for wid in targets:
             header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
                       "stage": step.stage, "start": step.start}
             if self._send(wid, "forward", header, [raw]):
                 step.targets.add(wid)
+            else:
+                unreachable.append(wid)
         step.sent_at = _time.perf_counter()
         if not step.targets:
             session.steps.pop(step.key, None)
-            for wid in targets:
-                self._lose_worker(self._workers[wid], "it is unreachable")
-            if session.inflight is step and session.sid in self._sessions:  # not re-planned meanwhile
-                self._retry(session)
+        for wid in unreachable:  # ZeroMQ knows its connection is gone: no need to wait for silence
+            self._lose_worker(self._workers[wid], "its connection closed")
+        if not step.targets and session.inflight is step and session.sid in self._sessions:
+            self._retry(session)  # unless a re-plan already restarted the session
 
     def _remember(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
         """Keep the input of `stage` for positions start.., for replay should the stage fail."""
@@ -2227,7 +2290,7 @@ class Cluster:
         """Drop a worker; sessions move on to its replicas, a standby, or a new plan."""
         if not worker.alive:
             return
-        worker.state = state
+        worker.state, worker.lost_at, worker.lost_why = state, _time.monotonic(), why
         _log.warning("worker %s lost: %s", worker.name, why)
         self._stats["failures"] += 1
         for stage in self._plan or ():
@@ -2492,6 +2555,59 @@ def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4)
     return rows
 
 
+def bench_failover(model: str = "tiny", *, workers: int = 3, quant: str = "none", tokens: int = 96,
+                   kill_at: int = 32, liveness_s: float = 1.0, heartbeat_s: float = 0.2, out: Any = None) -> list[dict]:
+    """SIGKILL a worker mid-generation and measure detection time and the stall it causes.
+
+    Runs three cases: no spare worker (re-plan, prefill again), a standby (replay of the
+    kept inputs into it), and replicas=2 (hot failover). The stall is the longest gap
+    between two tokens minus the median gap. Also reports the host memory spent on kept
+    stage inputs per 1k tokens of context.
+    """
+    out = out or _sys.stdout
+    prompt = list(range(3, 35))
+    cases = [("no spare: re-plan", dict(workers=workers)),
+             ("standby: replay", dict(workers=workers + 1, max_stages=workers)),
+             ("replicas=2: hot", dict(workers=2 * workers - (workers > 2) * 2, replicas=2))]
+    rows = []
+    for label, extra in cases:
+        n = extra.pop("workers")
+        with local(model, workers=n, quant=quant, liveness_s=liveness_s, heartbeat_s=heartbeat_s,
+                   **extra) as cluster:
+            want = cluster.generate(prompt, max_new_tokens=tokens)
+            victim_name = cluster.layer_map()[len(cluster.layer_map()) // 2][2].split(", ")[0]
+            victim = next(p for p in cluster.local_processes if p.name == victim_name)
+            stamps, got = [], []
+            killed_at = 0.0
+            for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=tokens)):
+                stamps.append(_time.perf_counter())
+                got.append(tok)
+                if i == kill_at:
+                    _os.kill(victim.pid, _signal.SIGKILL)
+                    killed_at = _time.monotonic()
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            deadline = _time.monotonic() + 5 * liveness_s
+            while _time.monotonic() < deadline and not any(
+                    w["name"] == victim_name and w["lost_at"] for w in cluster.workers()):
+                _time.sleep(0.02)
+            detected = next((w for w in cluster.workers() if w["name"] == victim_name), {})
+            stats = cluster.stats()
+            stages = len(cluster.layer_map())
+            kept = cluster._history_bytes_per_token()
+        rows.append({"case": label, "stages": stages, "detect_s": (detected.get("lost_at") or killed_at) - killed_at,
+                     "stall_s": (max(gaps) - _median(gaps)) if gaps else 0.0, "identical": got == want,
+                     "replays": stats["replays"] + stats["warmups"], "restarts": stats["restarts"],
+                     "how": detected.get("lost_why"), "kept_kb_per_1k": kept * 1000 / 1024})
+    print(f"model={model} quant={quant} liveness_s={liveness_s} heartbeat_s={heartbeat_s} "
+          f"device={_default_device()}", file=out)
+    print(f"{'case':<20} {'stages':>6} {'detect s':>8} {'stall s':>8} {'replays':>8} {'restarts':>8} "
+          f"{'same tokens':>11} {'kept KB/1k tok':>14}  detected by", file=out)
+    for r in rows:
+        print(f"{r['case']:<20} {r['stages']:>6} {r['detect_s']:>8.2f} {r['stall_s']:>8.2f} {r['replays']:>8} "
+              f"{r['restarts']:>8} {str(r['identical']):>11} {r['kept_kb_per_1k']:>14.0f}  {r['how']}", file=out)
+    return rows
+
+
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
@@ -2499,21 +2615,39 @@ def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4)
 
 def _demo(args: Any) -> int:
     t0 = _time.perf_counter()
-    with local(args.model, workers=args.workers, quant=args.quant) as cluster:
+    options = dict(liveness_s=1.0, heartbeat_s=0.2) if args.chaos else {}
+    with local(args.model, workers=args.workers, quant=args.quant, **options) as cluster:
         print(f"cluster ready in {_time.perf_counter() - t0:.1f} s: {cluster.n_layers} layers of "
               f"{args.model!r} ({args.quant}) on {len(cluster.layer_map())} workers")
         for first, last, name in cluster.layer_map():
             print(f"  layers {first:>3}..{last:<3} {name}")
+        if args.chaos:
+            reference = cluster.generate(args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
+                                         seed=args.seed)
         print(f"prompt: {args.prompt!r}\ncompletion: ", end="", flush=True)
         t1 = _time.perf_counter()
         before = cluster.stats()["tokens"]
-        for piece in cluster.stream(args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
-                                    seed=args.seed):
+        text = []
+        for i, piece in enumerate(cluster.stream(args.prompt, max_new_tokens=args.tokens,
+                                                 temperature=args.temperature, seed=args.seed)):
             print(piece, end="", flush=True)
+            text.append(piece)
+            if args.chaos and i == args.tokens // 3:
+                first, last, name = cluster.layer_map()[len(cluster.layer_map()) // 2]
+                victim = next(p for p in cluster.local_processes if p.name == name.split(", ")[0])
+                _os.kill(victim.pid, _signal.SIGKILL)
+                print(f" [SIGKILL {victim.name}, layers {first}..{last}] ", end="", flush=True)
         elapsed = _time.perf_counter() - t1
         n = cluster.stats()["tokens"] - before
         print(f"\n{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, "
               f"{len(cluster.layer_map())} stages over loopback TCP, CURVE on)")
+        if args.chaos:
+            stats = cluster.stats()
+            same = "".join(text) == reference
+            print(f"after the kill: layers {cluster.layer_map()}; workers lost {stats['failures']}, "
+                  f"sessions prefilled again {stats['restarts']}, stage replays {stats['replays'] + stats['warmups']}")
+            print(f"completion identical to the fault-free run: {same}")
+            return 0 if same else 1
     return 0
 
 
@@ -2547,7 +2681,10 @@ def _join(args: Any) -> int:
 
 
 def _bench(args: Any) -> int:
-    bench_overhead(args.model, workers=args.workers, quant=args.quant, tokens=args.tokens)
+    if args.failover:
+        bench_failover(args.model, quant=args.quant)
+    else:
+        bench_overhead(args.model, workers=args.workers, quant=args.quant, tokens=args.tokens)
     return 0
 
 
@@ -2567,6 +2704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chaos", action="store_true", help="SIGKILL a worker mid-generation and carry on")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("host", help="host a model and read prompts from stdin")
@@ -2590,6 +2728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--quant", default="none", choices=_QUANTS)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--failover", action="store_true", help="measure the stall when a worker is SIGKILLed")
     p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
