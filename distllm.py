@@ -2251,7 +2251,7 @@ class Cluster:
         if session not in self._runnable:
             self._runnable.append(session)
         if not self._ready.is_set():
-            self._status = f"waiting: {why}"
+            self._status = why if why.startswith("waiting") else f"waiting: {why}"
 
     def _finish(self, session: _Session, error: BaseException | None = None) -> None:
         if self._sessions.pop(session.sid, None) is None:

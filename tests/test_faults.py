@@ -177,3 +177,22 @@ def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
     for i, (got, exp) in enumerate(zip(results, want)):
         assert got == exp, f"request {i} {requests[i][1]}"
     assert stats["failures"] >= 4, stats
+
+
+def test_requests_wait_for_a_worker_then_finish_or_time_out_with_the_reason(model8):
+    prompt = prompt_of(10)
+    with distllm.local(model8, workers=1, **FAST) as cluster:
+        want = cluster.generate(prompt, max_new_tokens=20)
+        only = cluster.local_processes[0]
+        os.kill(only.pid, signal.SIGKILL)
+        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        stream = cluster.stream(prompt, max_new_tokens=20)  # submitted now; nobody holds any layer
+        _wait(lambda: "waiting for workers" in cluster.status, what="a visible reason")
+        cluster.spawn_local(1)
+        assert list(stream) == want
+
+    with distllm.local(model8, workers=1, wait_timeout_s=1.0, **FAST) as cluster:
+        os.kill(cluster.local_processes[0].pid, signal.SIGKILL)
+        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        with pytest.raises(distllm.ClusterNotReadyError, match="waiting for workers: 0 of 1"):
+            cluster.generate(prompt, max_new_tokens=5)
