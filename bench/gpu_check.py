@@ -64,6 +64,7 @@ def main() -> int:
     wide = write_model(os.path.join(root, "wide"), "llama", hidden=2048, intermediate=5632, layers=8,
                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024)
     distllm.bench_overhead(wide, workers=(1, 2, 4), quant="nf4", tokens=64)
+    distllm.bench_failover(wide, workers=3, quant="nf4", tokens=96)
     return 1 if failures else 0
 
 
