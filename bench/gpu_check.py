@@ -37,6 +37,17 @@ def reference(path: str, quant: str, prompt: list[int], tokens: int) -> list[int
     return out[0, len(prompt):].tolist()
 
 
+def speed_only() -> int:
+    """The benchmarks alone (no correctness sweep), for a second run on a warm machine."""
+    root = tempfile.mkdtemp()
+    wide = write_model(os.path.join(root, "wide"), "llama", hidden=2048, intermediate=5632, layers=8,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024)
+    distllm.bench_overhead("tiny", workers=(1, 2, 3), quant="none", tokens=64)
+    distllm.bench_overhead(wide, workers=(1, 2, 4), quant="nf4", tokens=64)
+    distllm.bench_failover(wide, workers=3, quant="nf4", tokens=96)
+    return 0
+
+
 def main() -> int:
     print(f"torch {torch.__version__} transformers {transformers.__version__} "
           f"device {torch.cuda.get_device_name(0)}", flush=True)
@@ -69,4 +80,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(speed_only() if "--speed" in sys.argv else main())
