@@ -1260,6 +1260,8 @@ class Worker:
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
             _log.info("worker %s joined the cluster", self.name)
+            if msg.get("quant", str, "none") != "none":
+                self._jobs.put(msg)  # import bitsandbytes now, so a standby takes over without that wait
         elif kind in ("assign", "forward", "end"):
             self._jobs.put(msg)
         elif kind == "shutdown":
@@ -1303,6 +1305,9 @@ class Worker:
     def _run_job(self, msg: Message) -> list | None:
         if msg.type == "assign":
             return self._load(msg)
+        if msg.type == "welcome":
+            _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+            return None
         if msg.type == "error":  # "rejoin": forget every session and the assignment's epoch
             if self._shard is not None:
                 self._shard.slots.clear()
@@ -1919,7 +1924,8 @@ class Cluster:
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation)
         self._workers[wid] = w
-        self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s})
+        self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
+                                    "quant": self.config.quant})
         _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
         self._place()
 
