@@ -75,15 +75,14 @@ __all__ = [
     "UnsupportedModelError",
     "PromptTooLongError",
     "ClusterNotReadyError",
-    "WorkerLostError",
     "RequestError",
+    "StepFailedError",
     "StepOrderError",
 ]
 
 import base64 as _base64
 import binascii as _binascii
 import collections as _collections
-import concurrent.futures as _futures
 import dataclasses as _dataclasses
 import hashlib as _hashlib
 import inspect as _inspect
@@ -101,7 +100,7 @@ import tempfile as _tempfile
 import threading as _threading
 import time as _time
 import uuid as _uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import zmq
@@ -161,8 +160,8 @@ class ClusterNotReadyError(DistllmError):
     """No complete pipeline of workers was available within the wait limit."""
 
 
-class WorkerLostError(DistllmError):
-    """A worker holding a stage of this request vanished or failed its step."""
+class StepFailedError(DistllmError):
+    """A request's steps kept failing on the workers (for example out of memory), not just vanishing."""
 
 
 class RequestError(DistllmError):
@@ -195,6 +194,7 @@ class Config:
     step_timeout_s: float = 30.0  # seconds a step may take before its worker counts as stuck (a floor)
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
+    max_step_errors: int = 3  # failed steps (worker errors, not losses) after which a request fails
     leave_timeout_s: float = 60.0  # seconds a leaving worker serves on while its layers are handed over
     leave_at: float | None = None  # Unix time a worker must be gone by (a Colab/Kaggle session's end)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
@@ -1496,6 +1496,7 @@ class _Session:
     replay_inputs: torch.Tensor | None = None
     replay_targets: set[WorkerID] = _dataclasses.field(default_factory=set)
     replays: int = 0  # cache rebuilds this session needed
+    errors: int = 0  # steps a worker ran and failed (not counting lost workers)
     waiting_since: float = 0.0
 
     @property
@@ -2023,12 +2024,25 @@ class Cluster:
         session = self._sessions.get(msg.get("sid", str, ""))
         step = session.steps.get(_step_key(msg)) if session is not None else None
         if step is not None and worker.wid in step.targets:
-            # The worker cannot run this step (lost or evicted cache): it no longer holds the session.
-            _log.info("worker %s refused a step of %s: %s", worker.name, session.sid, text)
-            session.holders.get(step.stage, set()).discard(worker.wid)
-            self._drop_target(session, step, worker.wid)
+            self._step_error(session, step, worker, msg.get("code", str, ""), text)
         else:
             _log.warning("worker %s reports: %s", worker.name, text)
+
+    def _step_error(self, session: _Session, step: _Step, worker: _WorkerState, code: str, text: str) -> None:
+        """A worker could not give a usable answer: it no longer holds the session; try elsewhere.
+
+        A lost or evicted cache (codes "order", "stale") is repaired by replay; breakage
+        ("failed", "protocol": an exception, NaN, a wrong shape) that repeats fails the request.
+        """
+        _log.warning("worker %s gave no usable answer for a step of %s: %s", worker.name, session.sid, text)
+        if code in ("failed", "protocol"):
+            session.errors += 1
+            if session.errors > self.config.max_step_errors:
+                self._finish(session, error=StepFailedError(
+                    f"steps failed {session.errors} times; last, on worker {worker.name}: {text}"))
+                return
+        session.holders.get(step.stage, set()).discard(worker.wid)
+        self._drop_target(session, step, worker.wid)
 
     def _drop_target(self, session: _Session, step: _Step, wid: WorkerID) -> None:
         """Forget that `wid` owes an answer to `step`; re-send the step if nobody else does."""
@@ -2046,23 +2060,28 @@ class Cluster:
         if step is None or msg.get("epoch", int) != worker.epoch or worker.wid not in step.targets:
             return  # a late answer: the session ended or moved on, or the worker was replaced
         n = step.n
-        dtype, shape = msg._specs[0] if msg._specs else (None, ())
-        if shape != (1, n, self.model_config.hidden_size) or not dtype.is_floating_point:
-            raise ProtocolError(f"result of shape {shape}, want (1, {n}, {self.model_config.hidden_size})")
+        try:
+            hidden = msg.tensor(0)
+            _check_hidden(hidden, self.model_config.hidden_size, f"result from {worker.name}")
+            if hidden.shape[1] != n:
+                raise ProtocolError(f"result for {hidden.shape[1]} positions, the step had {n}")
+        except ProtocolError as exc:
+            self._step_error(session, step, worker, "protocol", str(exc))
+            return
         worker.steps += 1
         worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
             self._check_handover(worker)
         if step.answered:  # a replica's late answer: check it agrees with the one we used
-            self._check_agreement(step, worker, msg)
+            self._check_agreement(step, worker, hidden)
             self._drop_target(session, step, worker.wid)
             return
         step.answered = True
         step.targets.discard(worker.wid)
         self._stats["steps"] += 1
         if step.targets:  # other replicas still working on it: keep the answer to compare
-            step.first = msg.tensor(0)
+            step.first = hidden
         else:
             session.steps.pop(step.key, None)
         session.inflight = None
@@ -2072,12 +2091,9 @@ class Cluster:
         session.holders[step.stage] = {worker.wid} | step.targets
         last = step.stage + 1 == len(self._plan)
         if not last:
-            hidden = step.first if step.first is not None else msg.tensor(0)
             self._remember(session, step.stage + 1, step.start, hidden)
             self._send_step(session, step.stage + 1, step.start, hidden)
             return
-        hidden = msg.tensor(0)
-        _check_hidden(hidden, self.model_config.hidden_size, f"result from {worker.name}")
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
             self._runnable.appendleft(session)
@@ -2092,8 +2108,8 @@ class Cluster:
         else:
             self._runnable.append(session)
 
-    def _check_agreement(self, step: _Step, worker: _WorkerState, msg: Message) -> None:
-        other, first = msg.tensor(0).float(), step.first.float()
+    def _check_agreement(self, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
+        other, first = hidden.float(), step.first.float()
         error = float((other - first).norm() / first.norm().clamp_min(1e-12))
         if error > self.config.replica_tolerance:
             self._lose_worker(worker, f"its output diverged from its replica's ({error:.2e} relative)",
@@ -2539,7 +2555,6 @@ def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4)
         with local(model, workers=n, quant=quant, secure=secure) as cluster:
             stages = len(cluster.layer_map())
             cluster.generate(prompt, max_new_tokens=4)  # warm-up
-            t0 = _time.perf_counter()
             first = None
             got = []
             for tok in cluster.stream(prompt, max_new_tokens=tokens):

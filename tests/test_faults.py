@@ -196,3 +196,17 @@ def test_requests_wait_for_a_worker_then_finish_or_time_out_with_the_reason(mode
         _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
         with pytest.raises(distllm.ClusterNotReadyError, match="waiting for workers: 0 of 1"):
             cluster.generate(prompt, max_new_tokens=5)
+
+
+def test_a_step_that_keeps_failing_fails_the_request_with_the_reason(tmp_path):
+    """A layer that yields NaN: every attempt is refused, the request fails clearly, nothing hangs."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_model(str(tmp_path), "llama", layers=4)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with distllm.local(path, workers=2, **FAST) as cluster:
+        with pytest.raises(distllm.StepFailedError, match="NaN"):
+            cluster.generate(prompt_of(5), max_new_tokens=5, timeout=60)
+        assert all(w["state"] == "ready" for w in cluster.workers())
