@@ -2181,7 +2181,10 @@ class Cluster:
             return
         chunks = session.history.setdefault(stage, [])
         covered = sum(c.shape[1] for c in chunks)
-        if covered != start:  # a re-sent step: its input is already kept
+        if covered > start:  # a re-sent step: its input is already kept
+            return
+        if covered < start:  # a gap: these inputs can no longer rebuild the stage
+            self._forget(session, keep=False)
             return
         chunks.append(hidden)
         size = hidden.numel() * hidden.element_size()
@@ -2259,6 +2262,7 @@ class Cluster:
         _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
         session.inflight = None
         session.pending = session.replay_inputs = None
+        session.steps.clear()  # answers to earlier steps are void now
         session.pos = 0
         session.holders.clear()
         session.replays += 1

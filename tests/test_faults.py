@@ -210,3 +210,33 @@ def test_a_step_that_keeps_failing_fails_the_request_with_the_reason(tmp_path):
         with pytest.raises(distllm.StepFailedError, match="NaN"):
             cluster.generate(prompt_of(5), max_new_tokens=5, timeout=60)
         assert all(w["state"] == "ready" for w in cluster.workers())
+
+
+def test_diverging_replica_is_flagged_and_dropped(tmp_path):
+    """Two replicas of one stage that disagree: the one answering second is dropped."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_model(str(tmp_path), "llama", layers=2)
+    cluster = distllm.host(path, workers=1, replicas=2, bind="127.0.0.1", **FAST)
+    workers = []
+    try:
+        workers.append(distllm.join(cluster.join_string, name="honest", background=True, **FAST))
+        cluster.wait_ready(30)
+        cluster.generate(prompt_of(5), max_new_tokens=3)
+        # The second replica loads weights that differ (same file size, so the fingerprint holds).
+        file = os.path.join(path, "model.safetensors")
+        weights = load_file(file)
+        weights["model.layers.1.mlp.down_proj.weight"].mul_(-1.0)
+        save_file(weights, file, metadata={"format": "pt"})
+        workers.append(distllm.join(cluster.join_string, name="different", background=True, **FAST))
+        _wait(lambda: len(cluster.layer_map()[0][2].split(", ")) == 2
+              and all(w["state"] == "ready" for w in cluster.workers()), what="the second replica")
+        cluster.generate(prompt_of(9), max_new_tokens=8)
+        _wait(lambda: any(w["state"] == "failed" for w in cluster.workers()), what="a replica flagged")
+        [flagged] = [w for w in cluster.workers() if w["state"] == "failed"]
+        assert "diverged" in flagged["lost_why"]
+        assert len(cluster.layer_map()[0][2].split(", ")) == 1
+    finally:
+        cluster.close()
+        for w in workers:
+            w.leave(timeout=5)
