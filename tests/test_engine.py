@@ -119,3 +119,13 @@ def test_unknown_option_is_named():
         distllm.Config.build(qaunt="nf4")
     with pytest.raises(ValueError, match="quant"):
         distllm.Config(quant="fp3")
+
+
+def test_int8_tokens_identical_to_reference_quantized_the_same_way(model_dir):
+    path = model_dir("qwen3")
+    prompts = {n: prompt_of(n) for n in (3, 40)}
+    ref = reference_model(path, "int8")
+    want = {n: reference_generate(ref, p, 16) for n, p in prompts.items()}
+    with distllm.local(path, workers=2, quant="int8", prefill_chunk=16) as cluster:
+        got = {n: cluster.generate(p, max_new_tokens=16) for n, p in prompts.items()}
+    assert got == want
