@@ -72,6 +72,7 @@ __all__ = [
     "DistllmError",
     "ProtocolError",
     "JoinStringError",
+    "JoinRefusedError",
     "UnsupportedModelError",
     "PromptTooLongError",
     "ClusterNotReadyError",
@@ -148,6 +149,10 @@ class JoinStringError(DistllmError):
     """A join string is malformed, damaged, or for another protocol version."""
 
 
+class JoinRefusedError(DistllmError):
+    """The host refused this worker (wrong, old or unencrypted join string; kicked), or never answered."""
+
+
 class UnsupportedModelError(DistllmError):
     """The model's architecture is not one distllm can split into stages."""
 
@@ -195,6 +200,7 @@ class Config:
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
     max_step_errors: int = 3  # failed steps (worker errors, not losses) after which a request fails
+    join_timeout_s: float = 30.0  # seconds a worker waits for the host's welcome before giving up
     leave_timeout_s: float = 60.0  # seconds a leaving worker serves on while its layers are handed over
     leave_at: float | None = None  # Unix time a worker must be gone by (a Colab/Kaggle session's end)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
@@ -1107,6 +1113,7 @@ class Worker:
         self._jobs: _queue.Queue = _queue.Queue()
         self._stopping = _threading.Event()
         self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
+        self._welcomed = _threading.Event()
         self._stopped = _threading.Event()
         self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
@@ -1123,12 +1130,25 @@ class Worker:
         """Start serving in background threads and return at once."""
         pair = self._ctx.socket(zmq.PAIR)
         pair.bind(self._inproc)  # bound before the compute thread connects
-        self._threads = [
-            _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
+        self._threads = [  # compute first: the I/O thread may stop (and join it) at once
             _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
+            _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
         ]
         for t in self._threads:
             t.start()
+        return self
+
+    def _refuse(self, why: str) -> None:
+        _log.error("worker %s: %s", self.name, why)
+        self.error, self.state = why, "refused"
+        self._stopping.set()
+
+    def wait_joined(self, timeout: float | None = None) -> "Worker":
+        """Block until the host welcomed this worker; raise JoinRefusedError if it refused or never answered."""
+        deadline = _time.monotonic() + (self.config.join_timeout_s + 5 if timeout is None else timeout)
+        while not self._welcomed.wait(0.05):
+            if self.error is not None or _time.monotonic() > deadline:
+                raise JoinRefusedError(self.error or "no welcome from the host in time")
         return self
 
     def serve(self) -> None:
@@ -1183,13 +1203,13 @@ class Worker:
         from zmq.utils.monitor import recv_monitor_message
 
         sock = self._connect()
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILURES)
         sock.send_multipart(self._join_message())
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        last_heard = last_join = _time.monotonic()
+        last_heard = last_join = started = _time.monotonic()
         warned_silent = False
         leave_sent: float | None = None
         try:
@@ -1209,10 +1229,17 @@ class Worker:
                 if pair in events:
                     while pair.poll(0):
                         sock.send_multipart(pair.recv_multipart(copy=False), copy=False)
-                if monitor in events:  # (re)connected: say so at once, the host may count the seconds
+                if monitor in events:
                     while monitor.poll(0):
-                        recv_monitor_message(monitor)
-                    sock.send_multipart(encode("ping", {"t": 0}))
+                        event = recv_monitor_message(monitor)["event"]
+                        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
+                            sock.send_multipart(encode("ping", {"t": 0}))
+                        elif self.state == "connecting":  # CURVE refuses silently: the monitor tells us why
+                            self._refuse(_handshake_failure(event, self.join_info))
+                if self.state == "connecting" and _time.monotonic() - started > self.config.join_timeout_s:
+                    self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
+                                 f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
+                                 f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)?")
                 if sock in events:
                     while sock.poll(0):
                         frames = sock.recv_multipart(copy=False)
@@ -1229,7 +1256,7 @@ class Worker:
                 if self._parent_pid is not None and not _pid_alive(self._parent_pid):
                     _log.warning("worker %s: parent process is gone, stopping", self.name)
                     break
-            if self.state != "stopped":
+            if self.state not in ("stopped", "refused"):
                 sock.send_multipart(encode("leave", {"reason": "worker stopping"}))
         except Exception:  # the I/O thread must not die silently: log, mark, stop
             _log.exception("worker %s: I/O loop failed", self.name)
@@ -1245,7 +1272,7 @@ class Worker:
             sock.close(linger=1000)  # lets a final leave message out
             pair.close(0)
             self._ctx.term()
-            self.state = "stopped"
+            self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
 
     def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
@@ -1259,6 +1286,7 @@ class Worker:
             sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0)}))
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
+            self._welcomed.set()
             _log.info("worker %s joined the cluster", self.name)
             if msg.get("quant", str, "none") != "none":
                 self._jobs.put(msg)  # import bitsandbytes now, so a standby takes over without that wait
@@ -1268,6 +1296,8 @@ class Worker:
             _log.info("worker %s: host asked it to stop", self.name)
             self.state = "stopped"
             self._stopping.set()
+        elif kind == "error" and msg.get("code", str, "") == "kicked":
+            self._refuse(f"the host removed this worker: {msg.get('message', str, '')}")
         elif kind == "error" and msg.get("code", str, "") == "rejoin":
             # The host declared us dead (we were stopped or cut off): our caches are void.
             _log.warning("worker %s: the host no longer counts us as a member; joining afresh", self.name)
@@ -1379,6 +1409,21 @@ class Worker:
                       [out])
 
 
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _handshake_failure(event: int, info: JoinInfo) -> str:
+    """Say in words why the host's socket turned this worker away."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return ("the host refused this worker's key: the join string is wrong, or old (the host rotated its "
+                "keys); copy the current one from the host")
+    if info.server_key is None:
+        return "the host expects encryption (CURVE) but this join string has none: copy the host's join string"
+    return ("the encrypted handshake with the host failed: the join string does not belong to the host at "
+            f"{info.endpoint} (or that host runs with secure=False)")
+
+
 def _step_fields(msg: Message) -> dict:
     """Return the fields that identify a step, copied from a forward message for its reply."""
     return {
@@ -1428,7 +1473,7 @@ class _WorkerState:
 
     @property
     def alive(self) -> bool:
-        return self.state not in ("dead", "left", "failed")
+        return self.state not in ("dead", "left", "failed", "kicked")
 
     @property
     def serving(self) -> bool:
@@ -1595,6 +1640,7 @@ class Cluster:
         self._history_bytes = 0  # stage inputs kept for replay, all sessions
         self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
         self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
+        self._banned: set[WorkerID] = set()  # kicked workers' identities
         self._disconnected: dict[WorkerID, float] = {}  # worker -> when its connection closed
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
@@ -1676,6 +1722,32 @@ class Cluster:
         """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
         stages = len(self._plan or ()) or 1
         return self.model_config.hidden_size * self.dtype.itemsize * (stages - 1)
+
+    def rotate_keys(self) -> str:
+        """Issue a new join string; the old one is refused from now on. Returns the new string.
+
+        Workers already connected keep serving; one whose connection drops must rejoin
+        with the new string.
+        """
+        if not self.config.secure:
+            raise DistllmError("rotate_keys() needs secure=True: a plain cluster has no keys")
+        public, secret = zmq.curve_keypair()
+        info = JoinInfo.parse(self.join_string)
+        self._allowed_keys = {public}  # read by the authenticator thread; one atomic swap
+        self.join_string = JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
+        _log.info("join keys rotated: the previous join string is refused from now on")
+        return self.join_string
+
+    def kick(self, worker: str) -> None:
+        """Remove the worker named `worker`; its layers move on as if it had failed.
+
+        It is told to stop and may not rejoin under the same identity; to keep out a
+        machine that still has the join string, also call rotate_keys().
+        """
+        names = [w["name"] for w in self.workers()]
+        if worker not in names:
+            raise KeyError(f"no worker named {worker!r}; workers: {', '.join(names)}")
+        self._command("kick", worker)
 
     def spawn_local(self, n: int = 1) -> list:
         """Start `n` more worker processes on this machine that join this cluster; return them.
@@ -1882,6 +1954,11 @@ class Cluster:
                 s = self._sessions.get(arg)
                 if s is not None:
                     self._finish(s)
+            elif kind == "kick":
+                for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
+                    self._banned.add(w.wid)
+                    self._send(w.wid, "error", {"code": "kicked", "message": "kicked by the host"})
+                    self._lose_worker(w, "kicked by the host", state="kicked")
 
     def _send(self, wid: WorkerID, msg_type: str, header: dict, tensors: Sequence = ()) -> bool:
         try:
@@ -1911,6 +1988,9 @@ class Cluster:
             _log.exception("failed to handle a message from %r; it was dropped", wid)
 
     def _on_join(self, wid: WorkerID, msg: Message) -> None:
+        if wid in self._banned:
+            self._send(wid, "error", {"code": "kicked", "message": "this worker was kicked"})
+            return
         now = _time.monotonic()
         incarnation = msg.get("incarnation", str, "")[:64]
         old = self._workers.get(wid)
@@ -2444,11 +2524,21 @@ def host(model: str, *, config: Config | None = None, **options: Any) -> Cluster
 
 def join(join_string: str, *, name: str | None = None, device: str | None = None, background: bool = False,
          config: Config | None = None, **options: Any) -> Worker:
-    """Join a cluster as a worker; serve until stopped, or return the running Worker if `background`."""
+    """Join a cluster as a worker; serve until stopped, or return the running Worker if `background`.
+
+    Raises JoinRefusedError within seconds if the host refuses the join string (wrong,
+    old or unencrypted) or does not answer within `join_timeout_s`.
+    """
     worker = Worker(join_string, name=name, device=device, config=Config.build(config, **options))
+    worker.start().wait_joined()
     if background:
-        return worker.start()
-    worker.serve()
+        return worker
+    try:
+        worker.wait()
+    except KeyboardInterrupt:
+        worker.leave()
+    if worker.state == "refused":
+        raise JoinRefusedError(worker.error)
     return worker
 
 
@@ -2697,7 +2787,7 @@ def _host(args: Any) -> int:
 
 
 def _join(args: Any) -> int:
-    worker = join(args.join_string, name=args.name, device=args.device, background=True)
+    worker = join(args.join_string, name=args.name, device=args.device, background=True)  # raises if refused
     _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # hand over, then exit
     try:
         worker.wait()

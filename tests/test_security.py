@@ -1,0 +1,98 @@
+"""Join strings and encryption: the right workers join, every other one is refused and told why."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+import distllm
+from conftest import prompt_of
+
+QUICK = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", join_timeout_s=5.0)
+
+
+@pytest.fixture()
+def cluster(model_dir):
+    with distllm.local(model_dir("llama"), workers=1, **QUICK) as c:
+        yield c
+
+
+def _refused(join_string: str, match: str) -> float:
+    t0 = time.monotonic()
+    with pytest.raises(distllm.JoinRefusedError, match=match):
+        distllm.join(join_string, name="intruder", background=True, **QUICK)
+    return time.monotonic() - t0
+
+
+def test_wrong_client_key_is_refused_within_seconds(cluster):
+    info = distllm.JoinInfo.parse(cluster.join_string)
+    public, secret = zmq.curve_keypair()
+    forged = distllm.JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
+    assert _refused(forged, "refused this worker's key") < 5
+
+
+def test_join_string_for_another_host_key_is_refused(cluster):
+    info = distllm.JoinInfo.parse(cluster.join_string)
+    other_server, _ = zmq.curve_keypair()
+    tampered = distllm.JoinInfo(info.endpoint, other_server.decode(), info.client_public,
+                                info.client_secret).encode()  # re-checksummed: only the handshake can tell
+    assert _refused(tampered, "handshake") < 5
+
+
+def test_unencrypted_join_string_is_refused(cluster):
+    info = distllm.JoinInfo.parse(cluster.join_string)
+    plain = distllm.JoinInfo(info.endpoint, None, None, None).encode()
+    assert _refused(plain, "expects encryption") < 5
+
+
+def test_damaged_join_string_is_refused_before_connecting(cluster):
+    text = cluster.join_string
+    with pytest.raises(distllm.JoinStringError, match="damaged"):
+        distllm.join(text[:-3] + ("AAA" if text[-3:] != "AAA" else "BBB"), background=True)
+
+
+def test_rotated_keys_refuse_the_old_string_and_admit_the_new(cluster):
+    old = cluster.join_string
+    want = cluster.generate(prompt_of(6), max_new_tokens=10)
+    new = cluster.rotate_keys()
+    assert new != old
+    _refused(old, "refused this worker's key")
+    worker = distllm.join(new, name="newcomer", background=True, **QUICK)
+    try:
+        assert any(w["name"] == "newcomer" for w in cluster.workers())
+        # The worker that joined with the old string keeps serving over its open connection.
+        assert cluster.generate(prompt_of(6), max_new_tokens=10) == want
+    finally:
+        worker.leave(timeout=5)
+
+
+def test_nobody_listening_times_out_with_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    public, secret = zmq.curve_keypair()
+    server, _ = zmq.curve_keypair()
+    text = distllm.JoinInfo(f"tcp://127.0.0.1:{port}", server.decode(), public.decode(), secret.decode()).encode()
+    options = {**QUICK, "join_timeout_s": 1.0}
+    with pytest.raises(distllm.JoinRefusedError, match="no answer from the host"):
+        distllm.join(text, background=True, **options)
+
+
+def test_kicked_worker_is_removed_and_cannot_come_back(model_dir):
+    with distllm.local(model_dir("llama"), workers=3, max_stages=2, **QUICK) as cluster:
+        want = cluster.generate(prompt_of(8), max_new_tokens=12)
+        first, last, name = cluster.layer_map()[0]
+        victim = next(p for p in cluster.local_processes if p.name == name)
+        cluster.kick(name)
+        victim.join(10)
+        assert victim.exitcode is not None, "a kicked worker stops"
+        states = {w["name"]: w["state"] for w in cluster.workers()}
+        assert states[name] == "kicked"
+        assert cluster.generate(prompt_of(8), max_new_tokens=12) == want
+        assert name not in " ".join(n for *_, n in cluster.layer_map())
+        with pytest.raises(KeyError, match="nobody"):
+            cluster.kick("nobody")
