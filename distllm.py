@@ -1277,10 +1277,12 @@ class Worker:
 
     def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
         try:
-            msg = decode(frames, allowed=_HOST_TO_WORKER, max_elements=self.config.max_message_bytes // 2)
+            self._handle_host_message(sock, decode(frames, allowed=_HOST_TO_WORKER,
+                                                   max_elements=self.config.max_message_bytes // 2))
         except ProtocolError as exc:
             _log.warning("worker %s: dropped a message from the host: %s", self.name, exc)
-            return
+
+    def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
         kind = msg.type
         if kind == "ping":
             sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0)}))
@@ -1425,11 +1427,19 @@ def _handshake_failure(event: int, info: JoinInfo) -> str:
 
 
 def _step_fields(msg: Message) -> dict:
-    """Return the fields that identify a step, copied from a forward message for its reply."""
-    return {
-        "sid": msg.get("sid", str, ""), "step": msg.get("step", int, -1), "stage": msg.get("stage", int, -1),
-        "start": msg.get("start", int, -1), "epoch": msg.get("epoch", int, -1),
-    }
+    """Return the fields that identify a step, copied from a forward message for its reply.
+
+    Used for error replies too, so a field of the wrong type is replaced, never raised on.
+    """
+    fields = {}
+    for key, kind, default in (("sid", str, ""), ("step", int, -1), ("stage", int, -1), ("start", int, -1),
+                               ("epoch", int, -1)):
+        try:
+            fields[key] = msg.get(key, kind, default)
+        except ProtocolError:
+            fields[key] = default
+    fields["sid"] = fields["sid"][:64]
+    return fields
 
 
 ###############################################################################
