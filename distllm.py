@@ -127,7 +127,7 @@ _WIRE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _WIRE_DTYPES.items()}
 
 # Message types and the direction they travel in.
-_HOST_TO_WORKER = {"welcome", "assign", "forward", "end", "ping", "shutdown", "error"}
+_HOST_TO_WORKER = {"welcome", "assign", "forward", "end", "ping", "pong", "shutdown", "error"}
 _WORKER_TO_HOST = {"join", "ready", "result", "pong", "ping", "leave", "error", "failed"}
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
@@ -1286,6 +1286,8 @@ class Worker:
         kind = msg.type
         if kind == "ping":
             sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0)}))
+        elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
+            pass
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
             self._welcomed.set()
@@ -1651,6 +1653,7 @@ class Cluster:
         self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
         self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
         self._banned: set[WorkerID] = set()  # kicked workers' identities
+        self._draining: dict[SessionID, _Session] = {}  # finished, with replicas' answers still due
         self._disconnected: dict[WorkerID, float] = {}  # worker -> when its connection closed
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
@@ -2145,7 +2148,8 @@ class Cluster:
     # -- steps ----------------------------------------------------------------
 
     def _on_result(self, worker: _WorkerState, msg: Message) -> None:
-        session = self._sessions.get(msg.get("sid", str))
+        sid = msg.get("sid", str)
+        session = self._sessions.get(sid) or self._draining.get(sid)
         step = session.steps.get(_step_key(msg)) if session is not None else None
         if step is None or msg.get("epoch", int) != worker.epoch or worker.wid not in step.targets:
             return  # a late answer: the session ended or moved on, or the worker was replaced
@@ -2166,6 +2170,8 @@ class Cluster:
         if step.answered:  # a replica's late answer: check it agrees with the one we used
             self._check_agreement(step, worker, hidden)
             self._drop_target(session, step, worker.wid)
+            if not session.steps:
+                self._draining.pop(session.sid, None)
             return
         step.answered = True
         step.targets.discard(worker.wid)
@@ -2202,6 +2208,9 @@ class Cluster:
         other, first = hidden.float(), step.first.float()
         error = float((other - first).norm() / first.norm().clamp_min(1e-12))
         if error > self.config.replica_tolerance:
+            # Dropped for good: a node computing wrong numbers must not rejoin under this identity.
+            self._banned.add(worker.wid)
+            self._send(worker.wid, "error", {"code": "kicked", "message": "its output diverged from a replica's"})
             self._lose_worker(worker, f"its output diverged from its replica's ({error:.2e} relative)",
                               state="failed")
 
@@ -2373,6 +2382,12 @@ class Cluster:
         if self._sessions.pop(session.sid, None) is None:
             return
         session.inflight = None
+        if any(step.answered for step in session.steps.values()):
+            # Replicas still owe answers to steps already used: keep them to check agreement.
+            session.steps = {k: st for k, st in session.steps.items() if st.answered}
+            self._draining[session.sid] = session
+            while len(self._draining) > 1000:
+                self._draining.pop(next(iter(self._draining)))
         self._forget(session, keep=False)
         for wid in set().union(*session.holders.values()) if session.holders else ():
             if wid in self._workers and self._workers[wid].alive:

@@ -217,10 +217,13 @@ def test_diverging_replica_is_flagged_and_dropped(tmp_path):
     from safetensors.torch import load_file, save_file
 
     path = write_model(str(tmp_path), "llama", layers=2)
-    cluster = distllm.host(path, workers=1, replicas=2, bind="127.0.0.1", **FAST)
+    # Both workers run in this process, sharing its GIL with the host: a generous liveness, so
+    # that a worker busy loading never makes the other look dead (nothing is killed here).
+    options = {**FAST, "liveness_s": 20.0, "heartbeat_s": 0.5}
+    cluster = distllm.host(path, workers=1, replicas=2, bind="127.0.0.1", **options)
     workers = []
     try:
-        workers.append(distllm.join(cluster.join_string, name="honest", background=True, **FAST))
+        workers.append(distllm.join(cluster.join_string, name="honest", background=True, **options))
         cluster.wait_ready(30)
         cluster.generate(prompt_of(5), max_new_tokens=3)
         # The second replica loads weights that differ (same file size, so the fingerprint holds).
@@ -228,7 +231,7 @@ def test_diverging_replica_is_flagged_and_dropped(tmp_path):
         weights = load_file(file)
         weights["model.layers.1.mlp.down_proj.weight"].mul_(-1.0)
         save_file(weights, file, metadata={"format": "pt"})
-        workers.append(distllm.join(cluster.join_string, name="different", background=True, **FAST))
+        workers.append(distllm.join(cluster.join_string, name="different", background=True, **options))
         _wait(lambda: len(cluster.layer_map()[0][2].split(", ")) == 2
               and all(w["state"] == "ready" for w in cluster.workers()), what="the second replica")
         cluster.generate(prompt_of(9), max_new_tokens=8)

@@ -61,7 +61,10 @@ def test_rotated_keys_refuse_the_old_string_and_admit_the_new(cluster):
     _refused(old, "refused this worker's key")
     worker = distllm.join(new, name="newcomer", background=True, **QUICK)
     try:
-        assert any(w["name"] == "newcomer" for w in cluster.workers())
+        deadline = time.monotonic() + 10
+        while not any(w["name"] == "newcomer" for w in cluster.workers()):
+            assert time.monotonic() < deadline, "the newcomer never showed up as a member"
+            time.sleep(0.02)
         # The worker that joined with the old string keeps serving over its open connection.
         assert cluster.generate(prompt_of(6), max_new_tokens=10) == want
     finally:
