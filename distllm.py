@@ -60,6 +60,9 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "Message",
     "JoinInfo",
+    # tunnels
+    "BoreTunnel",
+    "NgrokTunnel",
     "encode",
     "decode",
     # model math (used by workers, the host and the tests' references)
@@ -214,6 +217,7 @@ class Config:
     bind: str = "0.0.0.0"  # interface the host listens on
     port: int = 0  # TCP port of the host (0: any free port)
     advertise: str | None = None  # host name or IP put in the join string (None: guessed)
+    tunnel: Any = None  # None, "bore", "bore://[secret@]host[:port]", "ngrok", or an object with open/close
     worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
 
@@ -242,7 +246,7 @@ class Config:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; Config has {', '.join(sorted(known))}")
-        base = _dataclasses.asdict(config) if config is not None else {}
+        base = {f.name: getattr(config, f.name) for f in _dataclasses.fields(cls)} if config is not None else {}
         return cls(**{**base, **overrides})
 
 
@@ -565,6 +569,186 @@ def _advertised_host(config: Config) -> str:
         return _socket.gethostbyname(_socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+###############################################################################
+# Tunnels #####################################################################
+###############################################################################
+# Colab and Kaggle accept no inbound connections: a host there reaches its workers
+# through a relay. A tunnel opens a public address for the host's local port; the
+# join string carries that address. CURVE runs end to end, so the relay sees only
+# ciphertext.
+
+
+class BoreTunnel:
+    """A pure-Python client for bore (github.com/ekzhang/bore): no account, no binary.
+
+    The protocol: null-delimited JSON on the server's control port (7835). The client
+    sends {"Hello": port} and gets {"Hello": public_port}; for each visitor the server
+    sends {"Connection": uuid}, and the client opens a new connection to the control
+    port, sends {"Accept": uuid}, and then relays bytes between it and the local port.
+    With a secret, the server first sends {"Challenge": uuid}, answered with
+    {"Authenticate": hex(HMAC-SHA256(key=SHA256(secret), uuid bytes))}.
+    """
+
+    CONTROL_PORT = 7835
+
+    def __init__(self, server: str = "bore.pub", *, control_port: int = CONTROL_PORT, secret: str | None = None,
+                 remote_port: int = 0):
+        self.server, self.control_port, self.secret, self.remote_port = server, control_port, secret, remote_port
+        self._control: _socket.socket | None = None
+        self._closed = _threading.Event()
+
+    def open(self, local_port: int) -> tuple[str, int]:
+        """Ask the server for a public port that forwards to `local_port`; return (host, port)."""
+        self._local_port = local_port
+        self._control = _socket.create_connection((self.server, self.control_port), timeout=10)
+        self._buffer = b""
+        self._authenticate(self._control)
+        self._send(self._control, {"Hello": self.remote_port})
+        first = self._recv()
+        if isinstance(first, dict) and "Challenge" in first:
+            raise DistllmError(f"bore server {self.server} wants a secret: pass bore://SECRET@{self.server}")
+        while first == "Heartbeat":
+            first = self._recv()
+        if not (isinstance(first, dict) and isinstance(first.get("Hello"), int)):
+            raise DistllmError(f"bore server {self.server} refused the tunnel: {first!r}")
+        self.remote_port = first["Hello"]
+        self._control.settimeout(None)
+        _threading.Thread(target=self._serve, name="distllm-bore", daemon=True).start()
+        _log.info("bore tunnel: %s:%d -> localhost:%d", self.server, self.remote_port, local_port)
+        return self.server, self.remote_port
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._control is not None:
+            self._control.close()
+
+    def _authenticate(self, sock: _socket.socket) -> None:
+        """Answer the challenge a server with a secret opens every control connection with."""
+        if self.secret is None:
+            return
+        import hmac
+
+        challenge = self._recv(sock)
+        if not (isinstance(challenge, dict) and isinstance(challenge.get("Challenge"), str)):
+            raise DistllmError(f"bore server {self.server} asked for no secret, but one was given")
+        key = _hashlib.sha256(self.secret.encode()).digest()
+        answer = hmac.new(key, _uuid.UUID(challenge["Challenge"]).bytes, _hashlib.sha256).hexdigest()
+        self._send(sock, {"Authenticate": answer})
+
+    @staticmethod
+    def _send(sock: _socket.socket, message: Any) -> None:
+        sock.sendall(_json.dumps(message).encode() + b"\0")
+
+    def _recv(self, sock: _socket.socket | None = None) -> Any:
+        """Read one null-delimited JSON message from the control connection (or from `sock`).
+
+        On another socket, it reads byte by byte, so no tunnelled data is consumed.
+        """
+        if sock is not None:
+            frame = b""
+            while not frame.endswith(b"\0") and len(frame) < 4096:
+                byte = sock.recv(1)
+                if not byte:
+                    raise DistllmError(f"bore server {self.server} closed a connection mid-handshake")
+                frame += byte
+            return _json.loads(frame[:-1])
+        while b"\0" not in self._buffer:
+            try:
+                chunk = self._control.recv(4096)
+            except _socket.timeout:
+                raise DistllmError(f"bore server {self.server} did not answer in time") from None
+            if not chunk:
+                raise DistllmError(f"bore server {self.server} closed the control connection")
+            self._buffer += chunk
+            if len(self._buffer) > 4096:
+                raise DistllmError("bore server sent an oversized control message")
+        frame, self._buffer = self._buffer.split(b"\0", 1)
+        try:
+            return _json.loads(frame)
+        except ValueError:
+            raise DistllmError(f"bore server sent a malformed control message: {frame[:80]!r}") from None
+
+    def _serve(self) -> None:
+        try:
+            while not self._closed.is_set():
+                message = self._recv()
+                if isinstance(message, dict) and isinstance(message.get("Connection"), str):
+                    _threading.Thread(target=self._accept, args=(message["Connection"],), daemon=True).start()
+                elif isinstance(message, dict) and "Error" in message:
+                    _log.error("bore server: %s", message["Error"])
+                    return
+        except (OSError, DistllmError) as exc:
+            if not self._closed.is_set():
+                _log.error("bore tunnel lost its control connection: %s", exc)
+
+    def _accept(self, connection_id: str) -> None:
+        try:
+            remote = _socket.create_connection((self.server, self.control_port), timeout=10)
+            self._authenticate(remote)
+            self._send(remote, {"Accept": connection_id})
+            local = _socket.create_connection(("127.0.0.1", self._local_port), timeout=10)
+        except (OSError, ValueError, DistllmError) as exc:
+            _log.warning("bore tunnel: could not accept a connection: %s", exc)
+            return
+        remote.settimeout(None)
+        local.settimeout(None)
+        _threading.Thread(target=_pump, args=(remote, local), daemon=True).start()
+        _pump(local, remote)
+
+
+def _pump(source: _socket.socket, sink: _socket.socket) -> None:
+    """Copy bytes from `source` to `sink` until either side closes."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass  # the other direction saw the close too; both sockets are shut below
+    finally:
+        for s in (source, sink):
+            try:
+                s.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+class NgrokTunnel:
+    """A TCP tunnel through ngrok (needs `pip install pyngrok` and an ngrok auth token)."""
+
+    def open(self, local_port: int) -> tuple[str, int]:
+        ngrok = _require("pyngrok.ngrok", "pip install pyngrok, then set your ngrok auth token")
+        self._tunnel = ngrok.connect(local_port, "tcp")
+        host, port = self._tunnel.public_url.removeprefix("tcp://").rsplit(":", 1)
+        return host, int(port)
+
+    def close(self) -> None:
+        from pyngrok import ngrok
+
+        ngrok.disconnect(self._tunnel.public_url)
+
+
+def _make_tunnel(spec: Any) -> Any:
+    """Return a tunnel for `spec`: an object with open(port) and close(), "ngrok", or a bore URL.
+
+    "bore" uses the public bore.pub; "bore://[secret@]host[:control_port]" a self-hosted server.
+    """
+    if spec is None or hasattr(spec, "open"):
+        return spec
+    if spec == "ngrok":
+        return NgrokTunnel()
+    if isinstance(spec, str) and (spec == "bore" or spec.startswith("bore://")):
+        rest = spec[len("bore://"):] if spec != "bore" else "bore.pub"
+        secret, _, address = rest.rpartition("@")
+        host, _, port = address.partition(":")
+        return BoreTunnel(host or "bore.pub", control_port=int(port) if port else BoreTunnel.CONTROL_PORT,
+                          secret=secret or None)
+    raise ValueError(f"tunnel={spec!r}: use None, 'bore', 'bore://[secret@]host[:port]', 'ngrok', "
+                     "or an object with open(local_port) -> (host, port) and close()")
 
 
 ###############################################################################
@@ -1615,6 +1799,7 @@ class Cluster:
         self._fingerprint = _fingerprint(self.files)
         self._layer_bytes = _layer_bytes(self.model_config, self.config.quant, self.dtype)
 
+        self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         _set_limits(self._router, self.config)
@@ -1633,7 +1818,19 @@ class Cluster:
         else:
             port = self._router.bind_to_random_port(address)
         self.port = port
-        self.join_string = JoinInfo(f"tcp://{_advertised_host(self.config)}:{port}", *join_keys).encode()
+        if self._tunnel is not None:
+            try:
+                public_host, public_port = self._tunnel.open(port)
+            except BaseException:
+                self._router.close(0)
+                if self._auth is not None:
+                    self._auth.stop()
+                self._ctx.term()
+                raise
+            endpoint = f"tcp://{public_host}:{public_port}"
+        else:
+            endpoint = f"tcp://{_advertised_host(self.config)}:{port}"
+        self.join_string = JoinInfo(endpoint, *join_keys).encode()
 
         self._commands: _queue.Queue = _queue.Queue()
         self._wake_addr = f"inproc://distllm-wake-{_uuid.uuid4().hex}"
@@ -1794,6 +1991,8 @@ class Cluster:
                 p.join(5.0)
         if self._auth is not None:
             self._auth.stop()
+        if self._tunnel is not None:
+            self._tunnel.close()
         self._ctx.term()
 
     def __enter__(self) -> "Cluster":
@@ -2626,8 +2825,10 @@ def _spawn_local_workers(cluster: Cluster, n: int) -> list:
     procs = []
     for _ in range(n):
         i = len(cluster._local_procs)
+        options = {f.name: getattr(cfg, f.name) for f in _dataclasses.fields(cfg)}
+        options["tunnel"] = None  # the host's business; workers dial the join string's address
         p = ctx.Process(target=_local_worker_main, name=f"local-{i}", daemon=True,
-                        args=(cluster.join_string, f"local-{i}", _dataclasses.asdict(cfg), _os.getpid(), threads))
+                        args=(cluster.join_string, f"local-{i}", options, _os.getpid(), threads))
         p.start()
         cluster._local_procs.append(p)
         procs.append(p)

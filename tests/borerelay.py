@@ -1,0 +1,108 @@
+"""A local relay that speaks bore's protocol (github.com/ekzhang/bore, src/server.rs and
+src/auth.rs), so the pure-Python bore client is tested without the internet.
+
+Control connections carry null-delimited JSON. A client says {"Hello": port} and is
+told {"Hello": public_port}; each visitor of the public port is announced with
+{"Connection": uuid}; the client answers on a new control connection with
+{"Accept": uuid} and the relay splices the two. With a secret, each control
+connection starts with {"Challenge": uuid} and must answer {"Authenticate": hmac}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import uuid
+
+
+class BoreRelay:
+    def __init__(self, secret: str | None = None):
+        self.secret = secret
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.control_port = self.listener.getsockname()[1]
+        self.pending: dict[str, socket.socket] = {}
+        self.visitors = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    @staticmethod
+    def _send(sock, message) -> None:
+        sock.sendall(json.dumps(message).encode() + b"\0")
+
+    @staticmethod
+    def _recv(sock, buffer: bytearray):
+        while b"\0" not in buffer:
+            chunk = sock.recv(256)
+            if not chunk:
+                return None
+            buffer += chunk
+        frame, _, rest = bytes(buffer).partition(b"\0")
+        buffer[:] = rest
+        return json.loads(frame)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._control, args=(conn,), daemon=True).start()
+
+    def _control(self, conn: socket.socket) -> None:
+        buffer = bytearray()
+        if self.secret is not None:
+            challenge = uuid.uuid4()
+            self._send(conn, {"Challenge": str(challenge)})
+            reply = self._recv(conn, buffer)
+            key = hashlib.sha256(self.secret.encode()).digest()
+            want = hmac.new(key, challenge.bytes, hashlib.sha256).hexdigest()
+            if not (isinstance(reply, dict) and hmac.compare_digest(str(reply.get("Authenticate")), want)):
+                self.refused += 1
+                self._send(conn, {"Error": "invalid secret"})
+                conn.close()
+                return
+        message = self._recv(conn, buffer)
+        if isinstance(message, dict) and "Hello" in message:
+            public = socket.create_server(("127.0.0.1", 0))
+            self._send(conn, {"Hello": public.getsockname()[1]})
+            while True:
+                try:
+                    visitor, _ = public.accept()
+                except OSError:
+                    return
+                self.visitors += 1
+                connection_id = str(uuid.uuid4())
+                with self._lock:
+                    self.pending[connection_id] = visitor
+                self._send(conn, {"Connection": connection_id})
+        elif isinstance(message, dict) and "Accept" in message:
+            with self._lock:
+                visitor = self.pending.pop(message["Accept"], None)
+            if visitor is None:
+                conn.close()
+                return
+            if buffer:
+                visitor.sendall(bytes(buffer))
+            threading.Thread(target=_splice, args=(visitor, conn), daemon=True).start()
+            _splice(conn, visitor)
+
+
+def _splice(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
