@@ -1423,7 +1423,8 @@ class Worker:
                 if self.state == "connecting" and _time.monotonic() - started > self.config.join_timeout_s:
                     self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
                                  f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
-                                 f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)?")
+                                 f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)? "
+                                 f"Or it runs without encryption (secure=False) and this join string has keys.")
                 if sock in events:
                     while sock.poll(0):
                         frames = sock.recv_multipart(copy=False)

@@ -99,3 +99,14 @@ def test_kicked_worker_is_removed_and_cannot_come_back(model_dir):
         assert name not in " ".join(n for *_, n in cluster.layer_map())
         with pytest.raises(KeyError, match="nobody"):
             cluster.kick("nobody")
+
+
+def test_plain_cluster_works_and_refuses_encrypted_workers(model_dir):
+    with distllm.local(model_dir("llama"), workers=1, secure=False, **QUICK) as cluster:
+        info = distllm.JoinInfo.parse(cluster.join_string)
+        assert info.server_key is None
+        assert len(cluster.generate(prompt_of(4), max_new_tokens=4)) == 4
+        public, secret = zmq.curve_keypair()
+        server, _ = zmq.curve_keypair()
+        encrypted = distllm.JoinInfo(info.endpoint, server.decode(), public.decode(), secret.decode()).encode()
+        _refused(encrypted, "without encryption")  # ZeroMQ gives the client no handshake event here
