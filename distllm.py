@@ -1302,6 +1302,8 @@ class Worker:
         self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
         self._shard: StageShard | None = None
+        self._shard_key: tuple | None = None  # (model, start, end, quant) of the loaded shard
+        self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
         self._threads: list[_threading.Thread] = []
 
     def __repr__(self) -> str:
@@ -1546,13 +1548,12 @@ class Worker:
         if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
         shard = self._shard
-        same = (shard is not None and (shard.start, shard.end, shard.quant) == (start, end, quant)
-                and getattr(shard, "model_ref", None) == model)
+        key = (model, start, end, quant)
         rss_before = _rss_bytes()
         t0 = _time.perf_counter()
-        if not same:
+        if shard is None or self._shard_key != key:
             self.state = "loading"
-            self._shard = shard = None
+            self._shard = shard = self._shard_key = None
             try:
                 files = _ModelFiles(_resolve_model(model), revision=msg.get("revision", (str, type(None)), None),
                                     token=self.config.token, endpoint=msg.get("endpoint", (str, type(None)), None))
@@ -1564,13 +1565,12 @@ class Worker:
                 dtype = _compute_dtype(config, dtype_name, self.device)
                 shard = StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
                                    max_sessions=self.config.max_sessions_per_worker)
-                shard.model_ref = model
             except Exception as exc:  # report any load failure to the host, which re-plans
                 _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 return encode("failed", {"epoch": epoch, "message": self.error})
         # Same range as before: the loaded layers and the sessions' caches stay valid.
-        self._shard, self.layers, self.state = shard, (start, end), "ready"
+        self._shard, self._shard_key, self.layers, self.state = shard, key, (start, end), "ready"
         self._epoch = epoch
         return encode("ready", {
             "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
@@ -1581,7 +1581,7 @@ class Worker:
     def _forward(self, msg: Message) -> list:
         fields = _step_fields(msg)
         shard = self._shard
-        if shard is None or msg.get("epoch", int) != getattr(self, "_epoch", None):
+        if shard is None or msg.get("epoch", int) != self._epoch:
             return encode("error", {"code": "stale", "message": "no layers for this epoch", **fields})
         start = msg.get("start", int)
         if start < 0:
@@ -1697,7 +1697,6 @@ class _Step:
     stage: int
     start: int
     n: int
-    replay: bool  # a cache rebuild: its output is not passed on
     hidden: torch.Tensor  # the input, kept to re-send should every target fail
     targets: set[WorkerID] = _dataclasses.field(default_factory=set)  # replicas that still owe an answer
     sent_at: float = 0.0
@@ -1734,10 +1733,6 @@ class _Session:
     holders: dict[int, set[WorkerID]] = _dataclasses.field(default_factory=dict)  # stage -> workers with its cache
     history: dict[int, list[torch.Tensor]] | None = _dataclasses.field(default_factory=dict)  # stage -> inputs
     history_bytes: int = 0
-    pending: tuple | None = None  # (stage, start, hidden) of the step waiting for a replay to finish
-    replay_inputs: torch.Tensor | None = None
-    replay_targets: set[WorkerID] = _dataclasses.field(default_factory=set)
-    replays: int = 0  # cache rebuilds this session needed
     errors: int = 0  # steps a worker ran and failed (not counting lost workers)
     waiting_since: float = 0.0
 
@@ -2276,33 +2271,48 @@ class Cluster:
         self._lose_worker(worker, "it left", state="left")
 
     def _warm(self, worker: _WorkerState) -> set[SessionID]:
-        """Replay every live session's kept inputs into a worker that joined a stage mid-run.
+        """Rebuild every live session's cache on a worker that joined a stage mid-run.
 
-        The worker runs its messages in order, so it can be a target of the sessions' next
-        steps at once: it answers them after the replay, while its replicas answer first.
+        It becomes a target of the sessions' next steps at once: it runs its messages in
+        order, so it answers them after the rebuild, while its replicas answer first.
         """
         k = next(i for i, s in enumerate(self._plan) if worker.wid in s.workers)
         warmed = set()
         for session in self._sessions.values():
-            if session.pending is not None or (k and session.history is None):
-                continue
-            if k == 0:
-                step = session.inflight
-                covered = step.start + step.n if step is not None and not step.replay else session.pos
-                inputs = self.head.embed_tokens(session.tokens[:covered]) if covered else None
-            else:
-                chunks = session.history.get(k, [])
-                inputs = torch.cat(chunks, dim=1) if chunks else None
-            if inputs is None:
-                continue
+            if not session.pos and session.inflight is None:
+                continue  # not started: its first step goes to every ready replica anyway
+            if self._rebuild(session, k, None, {worker.wid}):
+                session.holders.setdefault(k, set()).add(worker.wid)
+                warmed.add(session.sid)
+                self._stats["warmups"] += 1
+        return warmed
+
+    def _rebuild(self, session: _Session, stage: int, upto: int | None, wids: set[WorkerID]) -> bool:
+        """Send `wids` the inputs of `stage` for positions 0..upto-1 (None: all sent so far).
+
+        Stage 0's inputs are re-embedded from the tokens; later stages' are the ones kept
+        when they were sent. The messages carry step -1: nobody waits for their answers,
+        since each worker runs its messages in order and so finishes the rebuild before
+        any step sent after it. Returns False when the inputs are gone (history dropped).
+        """
+        if stage == 0:
+            step = session.inflight
+            covered = step.start + step.n if step is not None else session.pos
+            inputs = self.head.embed_tokens(session.tokens[:covered if upto is None else upto])
+        else:
+            chunks = (session.history or {}).get(stage, [])
+            if session.history is None or sum(c.shape[1] for c in chunks) < (upto or 0):
+                return False
+            inputs = torch.cat(chunks, dim=1)[:, :upto] if chunks else None
+        if inputs is None or inputs.shape[1] == 0:
+            return upto in (None, 0)
+        for wid in wids:
+            w = self._workers[wid]
             for at in range(0, inputs.shape[1], self.config.prefill_chunk):
                 chunk = inputs[:, at:at + self.config.prefill_chunk]
-                self._send(worker.wid, "forward", {"epoch": worker.epoch, "sid": session.sid, "step": -1,
-                                                   "stage": k, "start": at}, [chunk])
-            session.holders.setdefault(k, set()).add(worker.wid)
-            warmed.add(session.sid)
-            self._stats["warmups"] += 1
-        return warmed
+                self._send(wid, "forward", {"epoch": w.epoch, "sid": session.sid, "step": -1, "stage": stage,
+                                            "start": at}, [chunk])
+        return True
 
     def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
         sent = msg.get("t", (int, float), None)
@@ -2381,9 +2391,6 @@ class Cluster:
         else:
             session.steps.pop(step.key, None)
         session.inflight = None
-        if step.replay:
-            self._continue_replay(session, step)
-            return
         session.holders[step.stage] = {worker.wid} | step.targets
         last = step.stage + 1 == len(self._plan)
         if not last:
@@ -2448,10 +2455,15 @@ class Cluster:
             targets = set(ready)
         else:
             targets = session.holders.get(stage, set()) & set(ready)
-            if not targets:  # this stage lost the session's cache: rebuild it on a live replica first
-                self._start_replay(session, stage, start, hidden, set(ready))
-                return
-        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], False, hidden), targets)
+            if not targets:  # this stage lost the session's cache: rebuild it on the live replicas first
+                targets = set(ready)
+                if not self._rebuild(session, stage, start, targets):
+                    self._restart(session, "its replay history was dropped")
+                    return
+                self._stats["replays"] += 1
+                _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
+                          self._plan[stage].start, self._plan[stage].end - 1)
+        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], hidden), targets)
 
     def _dispatch(self, session: _Session, step: _Step, targets: set[WorkerID]) -> None:
         session.inflight = step
@@ -2502,55 +2514,12 @@ class Cluster:
         session.history_bytes = 0
         session.history = {} if keep else None
 
-    def _start_replay(self, session: _Session, stage: int, start: int, hidden: torch.Tensor,
-                      targets: set[WorkerID]) -> None:
-        """Rebuild a stage's KV cache for positions 0..start-1 from stored inputs, then go on.
-
-        Stage 0's inputs are the token embeddings; later stages' were kept when sent. If
-        they are gone (evicted), the whole session is prefilled again from position 0.
-        """
-        if stage == 0:
-            inputs = self.head.embed_tokens(session.tokens[:start])
-        elif session.history is not None and sum(c.shape[1] for c in session.history.get(stage, [])) >= start:
-            inputs = torch.cat(session.history[stage], dim=1)[:, :start]
-        else:
-            self._restart(session, "its replay history was dropped")
-            return
-        session.replays += 1
-        self._stats["replays"] += 1
-        _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
-                  self._plan[stage].start, self._plan[stage].end - 1)
-        session.pending = (stage, start, hidden)
-        session.replay_inputs, session.replay_targets = inputs, targets
-        self._replay_chunk(session, stage, 0, targets)
-
-    def _replay_chunk(self, session: _Session, stage: int, at: int, targets: set[WorkerID]) -> None:
-        end = min(at + self.config.prefill_chunk, session.replay_inputs.shape[1])
-        chunk = session.replay_inputs[:, at:end]
-        self._dispatch(session, _Step(session.step, stage, at, chunk.shape[1], True, chunk), targets)
-
-    def _continue_replay(self, session: _Session, step: _Step) -> None:
-        done = step.start + step.n
-        rebuilt = {w for w in session.replay_targets if self._workers[w].alive}
-        if done < session.replay_inputs.shape[1]:
-            self._replay_chunk(session, step.stage, done, rebuilt)
-            return
-        session.holders[step.stage] = rebuilt
-        stage, start, hidden = session.pending
-        session.pending = session.replay_inputs = None
-        session.inflight = None
-        self._send_step(session, stage, start, hidden)
-
     def _retry(self, session: _Session) -> None:
         """Re-send the session's step in the pipe after its targets failed."""
         step = session.inflight
         session.inflight = None
         if self._plan is None:
             self._park(session, "re-planning")
-        elif step.replay:  # start the rebuild over on whoever holds the stage now
-            stage, start, hidden = session.pending
-            session.pending = session.replay_inputs = None
-            self._send_step(session, stage, start, hidden)
         else:
             if step.stage == 0:
                 session.step -= 1  # _send_step counts it again
@@ -2560,11 +2529,9 @@ class Cluster:
         """Prefill the session again from position 0: every stage rebuilds its cache."""
         _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
         session.inflight = None
-        session.pending = session.replay_inputs = None
         session.steps.clear()  # answers to earlier steps are void now
         session.pos = 0
         session.holders.clear()
-        session.replays += 1
         self._stats["restarts"] += 1
         self._forget(session)
         self._park(session, why)
