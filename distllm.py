@@ -2226,13 +2226,9 @@ class Cluster:
         worker.load_s = msg.get("load_s", (int, float))
         worker.files = [f for f in msg.get("files", list, []) if isinstance(f, str)][:1000]
         _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
-        if self._sessions and self._plan is not None:
-            warmed = self._warm(worker)
-            if worker.wid in self._handovers:
-                leaver, _ = self._handovers[worker.wid]
-                self._handovers[worker.wid] = (leaver, warmed)
-                self._check_handover(worker)
-        elif worker.wid in self._handovers:
+        warmed = self._warm(worker) if self._sessions else set()
+        if worker.wid in self._handovers:  # it succeeds a leaving worker: wait until it caught up
+            self._handovers[worker.wid] = (self._handovers[worker.wid][0], warmed)
             self._check_handover(worker)
         self._update_readiness()
 
@@ -2624,7 +2620,7 @@ class Cluster:
             standbys = [w for w in live if w.layers is None]
             for stage in self._plan:
                 want = self.config.replicas - len(stage.workers)
-                for w in [w for w in standbys if self._capacity(w) >= stage.end - stage.start][:max(0, want)]:
+                for w in [w for w in standbys if self._capacity(w) >= stage.layers][:max(0, want)]:
                     standbys.remove(w)
                     stage.workers.append(w.wid)
                     self._assign(w, stage.start, stage.end)
@@ -2658,18 +2654,19 @@ class Cluster:
         for stage in plan:
             for wid in stage.workers:
                 self._assign(self._workers[wid], stage.start, stage.end)
-        if {(s.start, s.end) for s in plan} != old:
-            for s in list(self._sessions.values()):  # stage boundaries moved: kept inputs no longer fit
-                if s.pos or s.inflight is not None:
-                    self._restart(s, "the layers were re-planned")
+        if {(s.start, s.end) for s in plan} != old:  # stage boundaries moved: kept inputs no longer fit
+            self._restart_all("the layers were re-planned")
         self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
         self._publish()
 
+    def _restart_all(self, why: str) -> None:
+        for s in list(self._sessions.values()):
+            if s.pos or s.inflight is not None:
+                self._restart(s, why)
+
     def _drop_plan(self) -> None:
         if self._plan is not None:
-            for s in list(self._sessions.values()):
-                if s.pos or s.inflight is not None:
-                    self._restart(s, "too few workers for a complete pipeline")
+            self._restart_all("too few workers for a complete pipeline")
         self._plan = None
         self._ready.clear()
         self._publish()
