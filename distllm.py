@@ -87,7 +87,9 @@ __all__ = [
 import base64 as _base64
 import binascii as _binascii
 import collections as _collections
+import contextlib as _contextlib
 import dataclasses as _dataclasses
+import functools as _functools
 import hashlib as _hashlib
 import inspect as _inspect
 import itertools as _itertools
@@ -97,6 +99,7 @@ import math as _math
 import multiprocessing as _mp
 import os as _os
 import queue as _queue
+import re as _re
 import signal as _signal
 import socket as _socket
 import sys as _sys
@@ -220,6 +223,9 @@ class Config:
     tunnel: Any = None  # None, "bore", "bore://[secret@]host[:port]", "ngrok", or an object with open/close
     worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
+    store: str | None = None  # checkpoints: a directory (a Drive folder too) or hf://user/repo; workers find the host
+    store_push_s: float = 60.0  # seconds between commits to a Hub store (the Hub rate-limits commits)
+    job_concurrency: int = 16  # prompts of one batch job in flight at once
 
     def __post_init__(self) -> None:
         if self.quant not in _QUANTS:
@@ -232,6 +238,10 @@ class Config:
             raise ValueError(f"replicas={self.replicas}: must be at least 1")
         if self.max_stages is not None and self.max_stages < 1:
             raise ValueError(f"max_stages={self.max_stages}: must be at least 1")
+        if self.job_concurrency < 1:
+            raise ValueError(f"job_concurrency={self.job_concurrency}: must be at least 1")
+        if self.store_push_s < 0:
+            raise ValueError(f"store_push_s={self.store_push_s}: must be 0 or more")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
         if not 0 < self.heartbeat_s < self.liveness_s:
@@ -1270,6 +1280,528 @@ class _TextStream:
 
 
 ###############################################################################
+# Store and checkpoints #######################################################
+###############################################################################
+# What a restarted host needs lives in a store: a local directory (a mounted Google
+# Drive folder works the same) or a private dataset repo on the Hub. The layout:
+#
+#   rendezvous.json            the live host: id, epoch, join string (workers follow it)
+#   nodes.json                 per-node history: joins, failures, uptime (stability)
+#   sessions/<sid>.json        an unfinished request: prompt + tokens so far, params
+#   jobs/<id>/job.json         a batch job's spec; prompts.jsonl; results.jsonl (append-only)
+#
+# Not the KV caches: a resumed session is prefilled again from its stored tokens, and
+# seeded sampling per position makes the continuation token-identical.
+
+RENDEZVOUS = "rendezvous.json"
+
+
+class StoreError(DistllmError):
+    """The checkpoint store is unusable: a bad URI or key, or another host took it over."""
+
+
+def _store_key_parts(key: str) -> list[str]:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or p.startswith(".tmp-") for p in parts):
+        raise StoreError(f"bad store key {key!r}")
+    return parts
+
+
+def _json_bytes(value: Any) -> bytes:
+    return _json.dumps(value, separators=(",", ":")).encode()
+
+
+class LocalStore:
+    """Files under a directory (a mounted Google Drive folder too); every write lands whole."""
+
+    remote = False
+    owner: str | None = None  # the host id a writer checks the rendezvous record against
+
+    def __init__(self, root: str):
+        self.root = _os.path.abspath(_os.path.expanduser(root))
+        _os.makedirs(self.root, exist_ok=True)
+        self.uri = self.root
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def _path(self, key: str) -> str:
+        return _os.path.join(self.root, *_store_key_parts(key))
+
+    def read(self, key: str) -> bytes | None:
+        """Return the bytes stored under `key`, or None if there are none."""
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        """Store `data` under `key` atomically: a reader sees the old bytes or the new, never a mix."""
+        path = self._path(key)
+        _os.makedirs(_os.path.dirname(path), exist_ok=True)
+        tmp = _os.path.join(_os.path.dirname(path), f".tmp-{_os.getpid()}-{_threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            _os.replace(tmp, path)
+        except BaseException:
+            with _contextlib.suppress(OSError):
+                _os.remove(tmp)
+            raise
+
+    def append(self, key: str, data: bytes) -> None:
+        """Add `data` (whole lines) to the end of `key`."""
+        path = self._path(key)
+        _os.makedirs(_os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as f:
+            start = f.tell()
+            try:
+                f.write(data)
+                f.flush()
+            except OSError:  # a half-written line would corrupt the next one: cut it off
+                with _contextlib.suppress(OSError):
+                    f.truncate(start)
+                raise
+
+    def delete(self, key: str) -> None:
+        """Remove `key` if it exists."""
+        with _contextlib.suppress(FileNotFoundError):
+            _os.remove(self._path(key))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Return every key starting with `prefix`, sorted."""
+        out = []
+        for folder, dirs, files in _os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = _os.path.relpath(folder, self.root).replace(_os.sep, "/")
+            for name in files:
+                if name.startswith("."):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    out.append(key)
+        return sorted(out)
+
+    def push(self) -> int:
+        """Nothing to push: a local store is written through. Returns the bytes sent (0)."""
+        return 0
+
+    def pending(self) -> int:
+        return 0
+
+
+class HubStore(LocalStore):
+    """A private dataset repo on the Hugging Face Hub, mirrored in a local directory.
+
+    Reads and writes go to the mirror; `push()` sends what changed in one
+    `create_commit` (the owner calls it at most every `Config.store_push_s`: the
+    Hub rate-limits commits). Each commit names its parent, so a commit made by
+    another writer in between is never overwritten blindly: if the repo's
+    rendezvous record now names another host, this one stops with StoreError.
+    """
+
+    remote = True
+    _SYNC = ".distllm-sync.json"  # in the mirror: the commit it is based on
+
+    def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
+                 cache_dir: str | None = None):
+        from huggingface_hub import HfApi
+
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise StoreError(f"hf://{repo_id}: name the dataset repo as hf://user/repo")
+        self.repo_id = repo_id
+        self.api = HfApi(endpoint=endpoint, token=token)
+        self._token, self._endpoint = token, endpoint
+        super().__init__(_os.path.join(cache_dir or _cache_dir(), "store", repo_id.replace("/", "--")))
+        self.uri = f"hf://{repo_id}"
+        self._lock = _threading.Lock()
+        self._dirty: dict[str, int] = {}  # key -> version of the change not yet pushed
+        self._version = 0
+        self._base = self._read_sync()
+        self.pushed_bytes = 0
+        self.commits = 0
+        try:
+            self.pull()
+        except Exception as exc:  # unreachable: keep going on the mirror, push later
+            _log.warning("store %s unreachable (%s); starting from the local copy, will push when it is back",
+                         self.uri, _short_error(exc))
+
+    def __repr__(self) -> str:
+        return f"HubStore({self.uri!r})"
+
+    def _read_sync(self) -> str | None:
+        try:
+            with open(_os.path.join(self.root, self._SYNC)) as f:
+                return _json.load(f).get("commit")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _write_sync(self, commit: str) -> None:
+        self._base = commit
+        LocalStore.write(self, self._SYNC, _json_bytes({"commit": commit}))
+
+    def _path(self, key: str) -> str:
+        if key == self._SYNC:
+            return _os.path.join(self.root, key)
+        return super()._path(key)
+
+    def pull(self) -> None:
+        """Create the repo if needed and bring the mirror to its head (unless the mirror is already based on it)."""
+        self.api.create_repo(self.repo_id, repo_type="dataset", private=True, exist_ok=True)
+        info = self.api.repo_info(self.repo_id, repo_type="dataset")
+        files = [s.rfilename for s in info.siblings or () if not s.rfilename.startswith(".")]
+        if info.sha == self._base:  # the mirror is this commit plus changes that may not have been pushed
+            for key in set(LocalStore.keys(self)) | set(files):
+                self._touch(key)  # pushed again once; the client skips files the Hub already has
+            return
+        for key in LocalStore.keys(self):
+            LocalStore.delete(self, key)
+        for key in files:
+            LocalStore.write(self, key, self._download(key, info.sha))
+        with self._lock:
+            self._dirty.clear()
+        self._write_sync(info.sha)
+        _log.info("store %s: pulled %d files at %s", self.uri, len(files), info.sha[:8])
+
+    def _download(self, key: str, revision: str) -> bytes:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(self.repo_id, key, repo_type="dataset", revision=revision, token=self._token,
+                               endpoint=self._endpoint, cache_dir=_os.path.join(self.root, ".hub-cache"))
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _touch(self, key: str) -> None:
+        with self._lock:
+            self._version += 1
+            self._dirty[key] = self._version
+
+    def write(self, key: str, data: bytes) -> None:
+        super().write(key, data)
+        self._touch(key)
+
+    def append(self, key: str, data: bytes) -> None:
+        super().append(key, data)
+        self._touch(key)
+
+    def delete(self, key: str) -> None:
+        super().delete(key)
+        self._touch(key)
+
+    def pending(self) -> int:
+        """Return the number of changed keys not pushed yet."""
+        with self._lock:
+            return len(self._dirty)
+
+    def push(self) -> int:
+        """Commit every change since the last push in one commit; return the bytes sent."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.errors import HfHubHTTPError
+
+        with self._lock:
+            dirty = dict(self._dirty)
+        if not dirty:
+            return 0
+        head = self.api.repo_info(self.repo_id, repo_type="dataset").sha
+        if head != self._base:
+            self._check_owner(head)  # someone else committed since our base: is it still ours?
+        operations, size = [], 0
+        for key in sorted(dirty):
+            data = LocalStore.read(self, key)
+            if data is None:
+                operations.append(CommitOperationDelete(key))
+            else:
+                operations.append(CommitOperationAdd(key, data))
+                size += len(data)
+        try:
+            info = self.api.create_commit(self.repo_id, operations, repo_type="dataset", parent_commit=head,
+                                          commit_message=f"distllm checkpoint: {len(operations)} files")
+        except HfHubHTTPError as exc:
+            if exc.response is not None and exc.response.status_code in (409, 412):
+                self._check_owner(self.api.repo_info(self.repo_id, repo_type="dataset").sha)
+            raise
+        with self._lock:
+            for key, version in dirty.items():
+                if self._dirty.get(key) == version:  # unchanged since we read it
+                    del self._dirty[key]
+        self._write_sync(info.oid)
+        self.pushed_bytes += size
+        self.commits += 1
+        return size
+
+    def _check_owner(self, head: str) -> None:
+        if self.owner is None:
+            return
+        try:
+            record = _json.loads(self._download(RENDEZVOUS, head))
+        except Exception:  # no record there (or unreadable): nobody else claims the store
+            return
+        other = record.get("host") if isinstance(record, dict) else None
+        if other and other != self.owner:
+            raise StoreError(f"another host ({other}) took over {self.uri}")
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def open_store(uri: str, *, token: str | None = None, endpoint: str | None = None) -> LocalStore:
+    """Open the store named by `uri`: a directory path, or hf://user/repo (a private dataset repo)."""
+    if not isinstance(uri, str) or not uri:
+        raise StoreError(f"store={uri!r}: give a directory path or hf://user/repo")
+    if uri.startswith("hf://"):
+        return HubStore(uri[len("hf://"):], token=token, endpoint=endpoint)
+    if "://" in uri:
+        raise StoreError(f"store={uri!r}: use a directory path (a mounted Drive folder works) or hf://user/repo")
+    return LocalStore(uri)
+
+
+def read_rendezvous(uri: str, *, token: str | None = None, endpoint: str | None = None) -> dict | None:
+    """Return the live host's rendezvous record from the store at `uri`, or None if there is none yet.
+
+    Workers call this to find a host; for the Hub it asks for the latest commit every time.
+    """
+    if uri.startswith("hf://"):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            path = hf_hub_download(uri[len("hf://"):], RENDEZVOUS, repo_type="dataset", token=token,
+                                   endpoint=endpoint, cache_dir=_os.path.join(_cache_dir(), "rendezvous"))
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        data = open_store(uri).read(RENDEZVOUS)
+    if data is None:
+        return None
+    try:
+        record = _json.loads(data)
+        JoinInfo.parse(record["join_string"])
+        return record
+    except (ValueError, KeyError, TypeError, JoinStringError) as exc:
+        _log.warning("store %s: unreadable rendezvous record (%s); waiting for a new one", uri, exc)
+        return None
+
+
+class _Checkpointer:
+    """The host's one writer to the store: a background thread, so no write ever blocks the coordinator.
+
+    Changes are queued and coalesced (the latest version of a key wins; appends
+    accumulate), applied in order, and kept in memory while the store fails (a full
+    disk, an unreachable Hub), retried with back-off, and shown in `status`.
+    A remote store is pushed every `push_s` seconds, or at once after an urgent write.
+    """
+
+    def __init__(self, store: LocalStore, *, owner: str, push_s: float):
+        self.store = store
+        self.owner = owner
+        self.push_s = push_s
+        self._cond = _threading.Condition()
+        # key -> ("write", bytes or a function making them) | ("append", [bytes]) | ("delete", None)
+        self._pending: dict[str, tuple[str, Any]] = {}
+        self._urgent = False
+        self._closing = False
+        self._superseded: str | None = None
+        self._error: str | None = None
+        self._failures = 0  # consecutive failed writes or pushes: the back-off grows with them
+        self._retry_at = 0.0
+        self._last_push = _time.monotonic()
+        self._last_owner_check = _time.monotonic()  # the caller's first write is our own rendezvous record
+        self._busy = False
+        self.stats = {"writes": 0, "bytes": 0, "write_s": 0.0, "pushes": 0, "pushed_bytes": 0, "errors": 0}
+        store.owner = owner
+        self._thread = _threading.Thread(target=self._run, name="distllm-checkpoints", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -----------------------------------------------
+
+    def write(self, key: str, value: bytes | Any, *, urgent: bool = False) -> None:
+        """Store `value` (bytes, or a function returning them, called in the writer thread) under `key`."""
+        with self._cond:
+            self._pending[key] = ("write", value)
+            self._urgent |= urgent
+            self._cond.notify()
+
+    def append(self, key: str, data: bytes) -> None:
+        with self._cond:
+            kind, value = self._pending.get(key, ("append", None))
+            if kind == "append":
+                self._pending[key] = ("append", [*(value or []), data])
+            else:  # a whole write (or delete) is queued: apply it first, then the append
+                self._pending[key] = ("then-append", (kind, value, [data]))
+            self._cond.notify()
+
+    def delete(self, key: str) -> None:
+        with self._cond:
+            self._pending[key] = ("delete", None)
+            self._cond.notify()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued change is stored (and pushed, for the Hub); return whether it was."""
+        deadline = _time.monotonic() + timeout
+        with self._cond:
+            self._urgent = True
+            self._retry_at = 0.0
+            self._cond.notify()
+            while self._pending or self._busy or self.store.pending():
+                if self._superseded or _time.monotonic() > deadline:
+                    return False
+                self._urgent = self._urgent or bool(self.store.pending())
+                self._cond.notify()
+                self._cond.wait(0.05)
+        return True
+
+    @property
+    def status(self) -> str:
+        """One line: where checkpoints go and whether they are getting there."""
+        if self._superseded:
+            return f"checkpoints stopped: {self._superseded}"
+        waiting = len(self._pending) + self.store.pending()
+        if self._error:
+            return f"store {self.store.uri}: {self._error}; {waiting} changes kept in memory, retrying"
+        return f"store {self.store.uri}: ok" + (f", {waiting} changes to push" if self.store.remote and waiting else "")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Store what is queued (pushing a remote store once more), then stop the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # -- the writer thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._work_due():
+                    self._cond.wait(0.2)
+                if self._closing:
+                    return
+                batch, self._pending = self._pending, {}
+                self._busy = True
+            try:
+                self._apply(batch)
+                self._maybe_push()
+                if self._error is None:
+                    self._check_owner()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _work_due(self) -> bool:
+        now = _time.monotonic()
+        if self._superseded or now < self._retry_at:
+            return False
+        if self._pending:
+            return True
+        if self.store.remote and self.store.pending():
+            return self._urgent or now - self._last_push >= self.push_s
+        return now - self._last_owner_check > 2.0
+
+    def _apply(self, batch: dict[str, tuple[str, Any]]) -> None:
+        for i, (key, (kind, value)) in enumerate(batch.items()):
+            try:
+                self._apply_one(key, kind, value)
+            except Exception as exc:  # keep this and the rest; a newer change to a key wins over the kept one
+                self._failed(exc)
+                with self._cond:
+                    for k, op in list(batch.items())[i:]:
+                        self._requeue(k, op)
+                return
+        self._ok()
+
+    def _apply_one(self, key: str, kind: str, value: Any) -> None:
+        t0 = _time.perf_counter()
+        if kind == "write":
+            data = value() if callable(value) else value
+            self.store.write(key, data)
+            self.stats["bytes"] += len(data)
+        elif kind == "append":
+            data = b"".join(value)
+            self.store.append(key, data)
+            self.stats["bytes"] += len(data)
+        elif kind == "delete":
+            self.store.delete(key)
+        else:  # "then-append": a whole write or delete queued before an append
+            first_kind, first_value, appends = value
+            self._apply_one(key, first_kind, first_value)
+            self._apply_one(key, "append", appends)
+            return
+        self.stats["writes"] += 1
+        self.stats["write_s"] += _time.perf_counter() - t0
+
+    def _requeue(self, key: str, op: tuple[str, Any]) -> None:
+        newer = self._pending.get(key)
+        if newer is None:
+            self._pending[key] = op
+        elif newer[0] == "append" and op[0] in ("append", "then-append"):
+            if op[0] == "append":
+                self._pending[key] = ("append", [*op[1], *newer[1]])
+            else:
+                first_kind, first_value, appends = op[1]
+                self._pending[key] = ("then-append", (first_kind, first_value, [*appends, *newer[1]]))
+        # else: a newer whole write or delete replaces what failed
+
+    def _maybe_push(self) -> None:
+        if not self.store.remote or not self.store.pending():
+            return
+        if not self._urgent and _time.monotonic() - self._last_push < self.push_s:
+            return
+        self._urgent = False
+        self._last_push = _time.monotonic()
+        try:
+            size = self.store.push()
+        except StoreError as exc:
+            self._supersede(str(exc))
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self.stats["pushes"] += 1
+            self.stats["pushed_bytes"] += size
+            self._ok()
+
+    def _check_owner(self) -> None:
+        """Stop writing if another host has claimed this store (its rendezvous record names it)."""
+        self._last_owner_check = _time.monotonic()
+        try:
+            record = _json.loads(self.store.read(RENDEZVOUS) or b"{}")
+        except (OSError, ValueError):
+            return
+        other = record.get("host") if isinstance(record, dict) else None
+        if other and other != self.owner:
+            self._supersede(f"another host ({other}) took over {self.store.uri}")
+
+    def _supersede(self, why: str) -> None:
+        if not self._superseded:
+            _log.error("%s: this host no longer checkpoints (its work continues, unsaved)", why)
+        self._superseded = why
+        with self._cond:
+            self._pending.clear()
+
+    def _ok(self) -> None:
+        if self._error is not None:
+            _log.warning("store %s: working again", self.store.uri)
+        self._error, self._failures = None, 0
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats["errors"] += 1
+        self._failures += 1
+        backoff = min(30.0, 0.25 * 2 ** min(self._failures, 7))
+        self._retry_at = _time.monotonic() + backoff
+        message = _short_error(exc)
+        if message != self._error:
+            _log.warning("store %s: %s; keeping changes in memory, retrying in %.1f s", self.store.uri, message,
+                         backoff)
+        self._error = message
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 # Two threads: the I/O thread owns the DEALER socket (joins, heartbeats, routing);
@@ -1284,6 +1816,7 @@ class Worker:
     def __init__(self, join_string: str, *, name: str | None = None, device: str | None = None,
                  config: Config | None = None, parent_pid: int | None = None):
         self.join_info = JoinInfo.parse(join_string)
+        self.join_string = join_string
         self.name = name or f"{_socket.gethostname()}-{_os.getpid()}"
         self.device = torch.device(device) if device else _default_device()
         self.config = config or Config()
@@ -1389,7 +1922,7 @@ class Worker:
         from zmq.utils.monitor import recv_monitor_message
 
         sock = self._connect()
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILURES)
+        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
         sock.send_multipart(self._join_message())
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -1398,8 +1931,30 @@ class Worker:
         last_heard = last_join = started = _time.monotonic()
         warned_silent = False
         leave_sent: float | None = None
+        next_look = 0.0  # when to look in the store for a new host next
+        host_gone = False  # the connection to the host closed and has not come back
         try:
             while not self._stopping.is_set():
+                lost = (host_gone or self.state == "connecting"
+                        or _time.monotonic() - last_heard > self.config.liveness_s)
+                if self.config.store and lost and _time.monotonic() >= next_look:
+                    next_look = _time.monotonic() + 2.0
+                    moved = self._look_for_host()
+                    if moved is not None:  # a new host: drop everything of the old one and dial the new
+                        poller.unregister(sock)
+                        poller.unregister(monitor)
+                        sock.disable_monitor()
+                        monitor.close(0)
+                        sock.close(0)
+                        self._follow(moved)
+                        sock = self._connect()
+                        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
+                        sock.send_multipart(self._join_message())
+                        poller.register(sock, zmq.POLLIN)
+                        poller.register(monitor, zmq.POLLIN)
+                        last_heard = last_join = started = _time.monotonic()
+                        host_gone = False
+                        continue
                 now = _time.time()
                 if self.config.leave_at is not None and now > self.config.leave_at - self.config.leave_timeout_s:
                     self._leaving.set()  # the notebook's session ends soon: hand over in time
@@ -1420,9 +1975,15 @@ class Worker:
                         event = recv_monitor_message(monitor)["event"]
                         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
                             sock.send_multipart(encode("ping", {"t": 0}))
+                            host_gone = False
+                        elif event == zmq.EVENT_DISCONNECTED:  # the host closed (or died): look for a new one
+                            host_gone, next_look = True, 0.0
+                        elif self.state == "connecting" and self.config.store:  # maybe a stale string
+                            next_look = 0.0
                         elif self.state == "connecting":  # CURVE refuses silently: the monitor tells us why
                             self._refuse(_handshake_failure(event, self.join_info))
-                if self.state == "connecting" and _time.monotonic() - started > self.config.join_timeout_s:
+                if (self.state == "connecting" and not self.config.store
+                        and _time.monotonic() - started > self.config.join_timeout_s):
                     self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
                                  f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
                                  f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)? "
@@ -1461,6 +2022,27 @@ class Worker:
             self._ctx.term()
             self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
+
+    def _look_for_host(self) -> str | None:
+        """Return the join string of a host the store names, if it is not the one we dial now."""
+        try:
+            record = read_rendezvous(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
+        except Exception as exc:  # the store may be unreachable for a while: try again later
+            _log.warning("worker %s: cannot read the store %s: %s", self.name, self.config.store, _short_error(exc))
+            return None
+        if record is None or record["join_string"] == self.join_string:
+            return None
+        return record["join_string"]
+
+    def _follow(self, join_string: str) -> None:
+        """Switch to a new host: its sessions are new, so every cache goes; loaded layers stay."""
+        info = JoinInfo.parse(join_string)
+        _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
+        self.join_info, self.join_string = info, join_string
+        self._incarnation = _uuid.uuid4().hex
+        self._jobs.put(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
+        self.state = "connecting"
+        self._welcomed.clear()
 
     def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
         try:
@@ -1600,6 +2182,7 @@ class Worker:
 
 _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_WORKER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILURES
 
 
 def _handshake_failure(event: int, info: JoinInfo) -> str:
@@ -1627,6 +2210,240 @@ def _step_fields(msg: Message) -> dict:
             fields[key] = default
     fields["sid"] = fields["sid"][:64]
     return fields
+
+
+###############################################################################
+# Jobs ########################################################################
+###############################################################################
+# A job is a list of prompts run through the cluster's sessions, a few at a time.
+# Its spec, prompts and results live in the store, each result appended as a JSON
+# line when its prompt finishes; an unfinished prompt's tokens are in its session
+# record. Submitting the same job again (same name, or the same prompts and
+# parameters) attaches to it, so re-running a notebook cell is always safe.
+
+_JOB_NAME = _re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class JobError(DistllmError):
+    """Some prompts of a job failed for good (the message lists them); the rest have results."""
+
+
+def _read_prompts(prompts: Sequence | str) -> list:
+    """Return prompts as a list of str or token-id lists; a str names a JSON-lines file of them."""
+    if isinstance(prompts, (str, _os.PathLike)):
+        path = _os.fspath(prompts)
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = _json.loads(line)
+                except ValueError as exc:
+                    raise RequestError(f"{path} line {n}: not JSON ({exc})") from None
+                if isinstance(value, dict):
+                    value = value.get("prompt")
+                if not isinstance(value, (str, list)):
+                    raise RequestError(f'{path} line {n}: give a JSON string, a list of token ids, or '
+                                       f'{{"prompt": ...}}')
+                out.append(value)
+        return out
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if isinstance(p, (list, tuple)):
+            out[i] = [int(t) for t in p]
+        elif not isinstance(p, str):
+            raise RequestError(f"prompt {i} is a {type(p).__name__}: give text or a list of token ids")
+    return out
+
+
+def _read_jsonl(data: bytes | None, where: str) -> tuple[list[dict], bool]:
+    """Parse JSON lines into dicts, skipping (and naming) bad ones; also say whether any were bad."""
+    records, bad = [], False
+    for n, line in enumerate((data or b"").split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = _json.loads(line)
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+            records.append(value)
+        except ValueError as exc:
+            bad = True
+            _log.warning("%s line %d is corrupt (%s); skipped: that prompt is run again", where, n, exc)
+    return records, bad
+
+
+def _load_record(store: LocalStore, key: str) -> dict | None:
+    """Read one JSON checkpoint; a corrupt one is named in the log and skipped, never fatal."""
+    try:
+        data = store.read(key)
+        if data is None:
+            return None
+        value = _json.loads(data)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    except (OSError, ValueError) as exc:
+        _log.warning("store %s: checkpoint %s is unreadable (%s); skipped", store.uri, key, exc)
+        return None
+
+
+class _Tagged:
+    """Forwards a session's events to its job's queue, tagged with the prompt's index."""
+
+    def __init__(self, sink: _queue.Queue, index: int):
+        self.sink, self.index = sink, index
+
+    def put(self, event: tuple) -> None:
+        self.sink.put((self.index, event))
+
+
+class Job:
+    """A batch of prompts run on the cluster, checkpointed to its store as results come in.
+
+    Made by `Cluster.map`; `results()` waits and returns the completions in prompt order.
+    """
+
+    def __init__(self, cluster: Any, job_id: str, prompts: list, params: SamplingParams, *,
+                 results: dict[int, dict] | None = None, partial: dict[int, list[int]] | None = None):
+        self.id = job_id
+        self.prompts = prompts
+        self.params = params
+        self._cluster = cluster
+        self.prompts_sha = ""  # identifies the prompts when the job is submitted again
+        self._results: dict[int, dict] = dict(results or {})
+        self._partial = dict(partial or {})  # index -> tokens generated before a restart (from checkpoints)
+        self._events: _queue.Queue = _queue.Queue()
+        self._changed = _threading.Condition()
+        self._stopped: str | None = None
+        self.resumed_tokens = sum(len(t) for t in self._partial.values())  # generated tokens not redone
+        self._thread = _threading.Thread(target=self._run, name=f"distllm-job-{job_id}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"<distllm.Job {self.id!r} {self.progress[0]}/{self.progress[1]} done{self._state_note()}>"
+
+    def _state_note(self) -> str:
+        if self._stopped:
+            return f", stopped: {self._stopped}"
+        return ", finished" if self.done() else ""
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(prompts finished, prompts in the job)."""
+        return len(self._results), len(self.prompts)
+
+    def done(self) -> bool:
+        """Whether every prompt has a result (or failed for good)."""
+        return len(self._results) == len(self.prompts)
+
+    def wait(self, timeout: float | None = None, *, progress: bool = True) -> bool:
+        """Block until the job is done (a progress bar shows meanwhile); return whether it is."""
+        bar = _progress_bar(total=len(self.prompts), desc=f"job {self.id}", initial=len(self._results)) \
+            if progress else None
+        deadline = None if timeout is None else _time.monotonic() + timeout
+        try:
+            with self._changed:
+                while not self.done() and not self._stopped:
+                    left = None if deadline is None else deadline - _time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._changed.wait(0.5 if left is None else min(0.5, left))
+                    if bar is not None:
+                        bar.update(len(self._results) - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.done()
+
+    def results(self, timeout: float | None = None, *, progress: bool = True) -> list:
+        """Wait for the job and return completions in prompt order (text, or ids for token prompts).
+
+        Raises JobError naming the prompts that failed for good, TimeoutError if not done in time.
+        """
+        if not self.wait(timeout, progress=progress):
+            if self._stopped:
+                raise DistllmError(f"job {self.id} stopped: {self._stopped}; submit it again to resume")
+            raise TimeoutError(f"job {self.id}: {self.progress[0]}/{self.progress[1]} done after {timeout} s")
+        failed = {i: r["error"] for i, r in self._results.items() if "error" in r}
+        if failed:
+            listed = "; ".join(f"prompt {i}: {e}" for i, e in sorted(failed.items())[:5])
+            raise JobError(f"{len(failed)} of {len(self.prompts)} prompts failed: {listed}")
+        return [self._results[i]["text"] if isinstance(self.prompts[i], str) else self._results[i]["tokens"]
+                for i in range(len(self.prompts))]
+
+    # -- the job's thread -----------------------------------------------------
+
+    def _start(self) -> "Job":
+        if not self.done():
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        cluster = self._cluster
+        todo = _collections.deque(i for i in range(len(self.prompts)) if i not in self._results)
+        running: dict[int, Any] = {}
+        try:
+            while todo or running:
+                while todo and len(running) < cluster.config.job_concurrency:
+                    i = todo.popleft()
+                    running[i] = cluster._submit_job_prompt(self, i, self._partial.pop(i, None),
+                                                            _Tagged(self._events, i))
+                i, (kind, value) = self._events.get()
+                if i is None:  # the cluster closed
+                    self._stopped = value
+                    return
+                if kind == "token" or i not in running:
+                    continue
+                session = running.pop(i)
+                if kind == "done":
+                    self._record(i, {"index": i, "tokens": session.tokens[session.prompt_len:]})
+                elif isinstance(value, (StepFailedError, RequestError)):  # this prompt fails for good
+                    self._record(i, {"index": i, "error": f"{type(value).__name__}: {value}"})
+                elif cluster._closed.is_set():
+                    self._stopped = str(value)
+                    return
+                else:  # a transient failure (e.g. waited too long for workers): try the prompt again
+                    _log.warning("job %s prompt %d: %s; trying again", self.id, i, value)
+                    todo.append(i)
+        except Exception as exc:  # the job must not vanish silently
+            _log.exception("job %s failed", self.id)
+            self._stopped = f"{type(exc).__name__}: {exc}"
+        finally:
+            cluster._job_finished(self)
+            with self._changed:
+                self._changed.notify_all()
+
+    def _interrupt(self, why: str) -> None:
+        self._events.put((None, ("stop", why)))
+
+    def _restarted(self) -> "Job":
+        """A fresh runner for a stopped job, keeping the results it has."""
+        job = Job(self._cluster, self.id, self.prompts, self.params, results=self._results)
+        job.prompts_sha = self.prompts_sha
+        return job
+
+    def _record(self, i: int, result: dict) -> None:
+        if "tokens" in result and isinstance(self.prompts[i], str):
+            result["text"] = _completion_text(self._cluster.tokenizer, self._cluster._prompt_ids(self.prompts[i]),
+                                              result["tokens"])
+        self._cluster._job_result(self, i, result)
+        with self._changed:
+            self._results[i] = result
+            self._changed.notify_all()
+
+
+def _completion_text(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """Return the text `generate()` streams for these new tokens."""
+    stream = _TextStream(tokenizer, prompt_ids)
+    return "".join(stream.push(t) for t in new_ids) + stream.flush()
+
+
+def _progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar that renders as a widget in notebooks and as text in terminals."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
 
 
 ###############################################################################
@@ -1735,6 +2552,8 @@ class _Session:
     history_bytes: int = 0
     errors: int = 0  # steps a worker ran and failed (not counting lost workers)
     waiting_since: float = 0.0
+    wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
+    record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
 
     @property
     def new_tokens(self) -> int:
@@ -1796,6 +2615,9 @@ class Cluster:
         self._layer_bytes = _layer_bytes(self.model_config, self.config.quant, self.dtype)
 
         self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
+        store = None
+        if self.config.store:  # opened before anything is bound: a bad URI fails here
+            store = open_store(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         _set_limits(self._router, self.config)
@@ -1853,9 +2675,29 @@ class Cluster:
         self._ready = _threading.Event()
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
-        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0}
+        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
+                       "resumed_tokens": 0}
+
+        # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
+        self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
+        self._jobs: dict[str, Job] = {}
+        self._jobs_lock = _threading.Lock()
+        self._ckpt: _Checkpointer | None = None
+        self._nodes: dict[str, dict] = {}
+        self._partials: dict[str, dict[int, list[int]]] = {}  # job id -> prompt index -> tokens generated
+        if store is not None:
+            previous = _load_record(store, RENDEZVOUS) or {}
+            epoch = previous.get("epoch")
+            self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
+            self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
+            self._write_rendezvous()
+            self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
+            self._partials = self._load_partials(store)
+
         self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
         self._thread.start()
+        if self._ckpt is not None:
+            self._resume_jobs()
 
     # -- setup ----------------------------------------------------------------
 
@@ -1941,6 +2783,8 @@ class Cluster:
         info = JoinInfo.parse(self.join_string)
         self._allowed_keys = {public}  # read by the authenticator thread; one atomic swap
         self.join_string = JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
+        if self._ckpt is not None:
+            self._write_rendezvous()
         _log.info("join keys rotated: the previous join string is refused from now on")
         return self.join_string
 
@@ -1980,6 +2824,18 @@ class Cluster:
             return
         self._command("stop", None)
         self._thread.join(10.0)
+        with self._jobs_lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job._interrupt("the cluster was closed")
+        for job in jobs:
+            if job._thread.is_alive():
+                job._thread.join(10.0)
+        if self._ckpt is not None:
+            self._record_uptime()
+            if not self._ckpt.flush(30.0):
+                _log.warning("closing with checkpoints not all stored: %s", self._ckpt.status)
+            self._ckpt.close(5.0)
         for p in self._local_procs:
             p.join(5.0)
             if p.is_alive():
@@ -2002,9 +2858,221 @@ class Cluster:
         return (f"<distllm.Cluster {self.model!r} {self.n_layers} layers, {len(workers)} workers, "
                 f"{len(plan)} stages: {self._status}>")
 
+    # -- batch jobs and checkpoints ---------------------------------------------
+
+    def map(self, prompts: Sequence | str, *, name: str | None = None, max_new_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Job:
+        """Run every prompt (a list, or the path of a JSON-lines file of them) as a checkpointed job.
+
+        Returns a Job at once; `job.results()` waits for the completions in prompt order.
+        Each prompt samples as `generate(prompt, seed=seed, ...)` would. With a store, results
+        are appended to it as they finish, and submitting the same job again (same `name`, or
+        the same prompts and parameters) attaches to it and resumes it, after a host restart too.
+        """
+        items = _read_prompts(prompts)
+        if not items:
+            raise RequestError("map() needs at least one prompt")
+        for i, prompt in enumerate(items):
+            try:
+                self._prompt_ids(prompt)
+            except RequestError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        SamplingParams(**params)  # checks them before anything is stored
+        if name is not None and not _JOB_NAME.fullmatch(str(name)):
+            raise RequestError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        prompts_sha = _hashlib.sha256(_json_bytes(items)).hexdigest()
+        job_id = name or "job-" + _hashlib.sha256(_json_bytes(
+            {"prompts": prompts_sha, "params": params, "seed": seed, "model": self._fingerprint})).hexdigest()[:12]
+        if self._closed.is_set():
+            raise DistllmError("cluster is closed")
+        with self._jobs_lock:
+            job = self._jobs.get(job_id) or self._load_job(job_id, items, prompts_sha)
+            if job is None:
+                job = Job(self, job_id, items, SamplingParams(**params, seed=_secure_seed() if seed is None
+                                                              else int(seed)))
+                if self._ckpt is not None:
+                    self._ckpt.write(f"jobs/{job_id}/prompts.jsonl", b"".join(_json_bytes(p) + b"\n" for p in items))
+                    self._write_job_spec(job, prompts_sha, done=False)
+            else:
+                same = (job.prompts_sha == prompts_sha and
+                        all(getattr(job.params, k) == v for k, v in params.items()) and
+                        (seed is None or job.params.seed == int(seed)))
+                if not same:
+                    raise RequestError(f"a job named {job_id!r} already exists with other prompts or parameters; "
+                                       f"choose another name")
+                if job._thread.is_alive() or job.done():
+                    return job
+                job = job._restarted()  # stopped (e.g. the store failed): run what is left again
+            job.prompts_sha = prompts_sha
+            self._jobs[job_id] = job
+        return job._start()
+
+    def jobs(self) -> list[Job]:
+        """Return the batch jobs this host knows (submitted here, or resumed from the store)."""
+        with self._jobs_lock:
+            return list(self._jobs.values())
+
+    def node_history(self) -> dict[str, dict]:
+        """Return each node's record by name: joins, failures, leaves, uptime (kept in the store)."""
+        return {k: dict(v) for k, v in self._nodes.items()}
+
+    @property
+    def store_status(self) -> str:
+        """One line: where checkpoints go and whether they get there."""
+        return self._ckpt.status if self._ckpt is not None else "no store (nothing is checkpointed)"
+
+    def checkpoint(self, timeout: float = 60.0) -> bool:
+        """Write (and for the Hub, push) every pending checkpoint now; return whether all got there."""
+        return self._ckpt.flush(timeout) if self._ckpt is not None else True
+
+    def _write_rendezvous(self) -> None:
+        self._ckpt.write(RENDEZVOUS, _json_bytes({
+            "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
+            "model": self.model, "started": _time.time()}), urgent=True)
+
+    def _write_job_spec(self, job: Job, prompts_sha: str, *, done: bool) -> None:
+        self._ckpt.write(f"jobs/{job.id}/job.json", _json_bytes({
+            "id": job.id, "model": self.model, "count": len(job.prompts), "prompts_sha": prompts_sha,
+            "params": _dataclasses.asdict(job.params), "done": done}))
+
+    def _load_partials(self, store: LocalStore) -> dict[str, dict[int, list[int]]]:
+        """Read the unfinished prompts' tokens from session checkpoints (corrupt ones are skipped)."""
+        out: dict[str, dict[int, list[int]]] = _collections.defaultdict(dict)
+        for key in store.keys("sessions/"):
+            record = _load_record(store, key)
+            if record is None:
+                continue
+            generated, job, index = record.get("generated"), record.get("job"), record.get("index")
+            if (isinstance(job, str) and isinstance(index, int) and isinstance(generated, list)
+                    and all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in generated)):
+                out[job][index] = generated
+            else:
+                _log.warning("store: checkpoint %s does not describe a job's prompt; skipped", key)
+        return dict(out)
+
+    def _resume_jobs(self) -> None:
+        """Start every unfinished job found in the store."""
+        store = self._ckpt.store
+        for key in store.keys("jobs/"):
+            parts = key.split("/")
+            if len(parts) != 3 or parts[2] != "job.json":
+                continue
+            spec = _load_record(store, key)
+            if spec is None or spec.get("done"):
+                continue
+            with self._jobs_lock:
+                job = self._load_job(parts[1])
+                if job is None:
+                    continue
+                self._jobs[job.id] = job
+            _log.warning("resuming job %s: %d of %d prompts done, %d generated tokens kept", job.id,
+                         job.progress[0], job.progress[1], job.resumed_tokens)
+            job._start()
+
+    def _load_job(self, job_id: str, items: list | None = None, prompts_sha: str | None = None) -> Job | None:
+        """Rebuild a job from the store: its spec, prompts, results and unfinished prompts' tokens."""
+        if self._ckpt is None:
+            return None
+        store = self._ckpt.store
+        spec = _load_record(store, f"jobs/{job_id}/job.json")
+        if spec is None:
+            return None
+        try:
+            params = SamplingParams(**spec["params"])
+            count, sha = int(spec["count"]), str(spec["prompts_sha"])
+            if items is not None and sha == prompts_sha:
+                prompts = items
+            else:
+                lines = (store.read(f"jobs/{job_id}/prompts.jsonl") or b"").split(b"\n")
+                prompts = [_json.loads(line) for line in lines if line.strip()]
+                if len(prompts) != count or _hashlib.sha256(_json_bytes(prompts)).hexdigest() != sha:
+                    raise ValueError(f"prompts.jsonl holds {len(prompts)} prompts that do not match the spec")
+        except (KeyError, TypeError, ValueError, RequestError) as exc:
+            _log.warning("store: job %s cannot be resumed (%s); submit it again with map() to start it over",
+                         job_id, exc)
+            return None
+        key = f"jobs/{job_id}/results.jsonl"
+        records, bad = _read_jsonl(store.read(key), f"{store.uri}/{key}")
+        results: dict[int, dict] = {}
+        for r in records:
+            i = r.get("index")
+            if isinstance(i, int) and 0 <= i < count and i not in results and (
+                    isinstance(r.get("tokens"), list) or isinstance(r.get("error"), str)):
+                results[i] = r
+        if bad or len(results) != len(records):  # rewrite without the corrupt or repeated lines
+            self._ckpt.write(key, b"".join(_json_bytes(results[i]) + b"\n" for i in sorted(results)))
+        partial = {i: t for i, t in self._partials.pop(job_id, {}).items() if 0 <= i < count and i not in results}
+        job = Job(self, job_id, prompts, params, results=results, partial=partial)
+        job.prompts_sha = sha
+        return job
+
+    def _submit_job_prompt(self, job: Job, i: int, generated: list[int] | None, sink: Any) -> _Session:
+        """Start prompt `i` of `job`, continuing from `generated` tokens if a checkpoint had some."""
+        ids = self._prompt_ids(job.prompts[i])
+        session = _Session(f"{job.id}.{i}-{_uuid.uuid4().hex[:6]}", ids + list(generated or ()), len(ids),
+                           job.params, sink, _time.monotonic())
+        if self._ckpt is not None:
+            session.record = (f"sessions/{job.id}.{i}.json", {
+                "job": job.id, "index": i, "prompt_len": len(ids), "params": _dataclasses.asdict(job.params)})
+        if generated:
+            self._stats["resumed_tokens"] += len(generated)
+            if (session.new_tokens >= job.params.max_new_tokens or generated[-1] in self.head.eos_ids
+                    or len(session.tokens) >= self.head.context):
+                sink.put(("done", None))  # it had finished; only its result was not stored
+                return session
+        if self._closed.is_set():
+            sink.put(("error", DistllmError("cluster is closed")))
+        else:
+            self._command("submit", session)
+        return session
+
+    def _job_result(self, job: Job, i: int, result: dict) -> None:
+        if self._ckpt is not None:
+            self._ckpt.append(f"jobs/{job.id}/results.jsonl", _json_bytes(result) + b"\n")
+            self._ckpt.delete(f"sessions/{job.id}.{i}.json")
+
+    def _job_finished(self, job: Job) -> None:
+        if job.done():
+            _log.info("job %s finished: %d prompts", job.id, len(job.prompts))
+            if self._ckpt is not None:
+                self._write_job_spec(job, job.prompts_sha, done=True)
+
+    def _node_event(self, worker: _WorkerState, event: str) -> None:
+        """Count a join, failure or leave in the node's history (kept in the store for stability scores)."""
+        now = _time.time()
+        record = self._nodes.setdefault(worker.name, {"first_seen": now, "joins": 0, "failures": 0, "leaves": 0,
+                                                      "uptime_s": 0.0})
+        record[event] = record.get(event, 0) + 1
+        record["last_seen"] = now
+        if event != "joins":
+            record["uptime_s"] = record.get("uptime_s", 0.0) + _time.monotonic() - worker.joined_at
+        if self._ckpt is not None:
+            self._ckpt.write("nodes.json", _json_bytes(self._nodes))
+
+    def _record_uptime(self) -> None:
+        """At close: add the uptime of workers still connected to their history."""
+        now = _time.monotonic()
+        for w in self._workers.values():
+            if w.alive:
+                record = self._nodes.setdefault(w.name, {"joins": 1})
+                record["uptime_s"] = record.get("uptime_s", 0.0) + now - w.joined_at
+                record["last_seen"] = _time.time()
+        self._ckpt.write("nodes.json", _json_bytes(self._nodes))
+
     # -- API-side helpers -----------------------------------------------------
 
     def _new_session(self, prompt: str | Sequence[int], params: SamplingParams) -> _Session:
+        ids = self._prompt_ids(prompt)
+        if self._closed.is_set():
+            raise DistllmError("cluster is closed")
+        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), _time.monotonic(),
+                           wait_timeout=self.config.wait_timeout_s)
+        self._command("submit", session)
+        return session
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Tokenize (or check) a prompt; raise RequestError or PromptTooLongError if it cannot run."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:
@@ -2019,11 +3087,7 @@ class Cluster:
             raise PromptTooLongError(
                 f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
                 f"(leave room for at least one new token)")
-        if self._closed.is_set():
-            raise DistllmError("cluster is closed")
-        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), _time.monotonic())
-        self._command("submit", session)
-        return session
+        return ids
 
     def _events(self, session: _Session, text: _TextStream | None, timeout: float | None) -> Iterator:
         finished = False
@@ -2213,6 +3277,7 @@ class Cluster:
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation)
         self._workers[wid] = w
+        self._node_event(w, "joins")
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
                                     "quant": self.config.quant})
         _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
@@ -2400,6 +3465,10 @@ class Cluster:
         token = sample(self.head.logits(hidden[0, -1]), session.params, session.pos)
         session.tokens.append(token)
         self._stats["tokens"] += 1
+        if session.record is not None and self._ckpt is not None:  # serialised later, in the writer thread
+            key, fields = session.record
+            self._ckpt.write(key, _functools.partial(_json_bytes, {
+                **fields, "generated": session.tokens[session.prompt_len:]}))
         session.events.put(("token", token))
         if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
                 or len(session.tokens) >= self.head.context):
@@ -2427,10 +3496,10 @@ class Cluster:
             return
         now = _time.monotonic()
         for s in list(self._runnable):
-            if now - s.waiting_since > self.config.wait_timeout_s:
+            if now - s.waiting_since > s.wait_timeout:
                 self._runnable.remove(s)
                 self._finish(s, error=ClusterNotReadyError(
-                    f"waited {self.config.wait_timeout_s:.0f} s for workers to hold every layer: {self._status}"))
+                    f"waited {s.wait_timeout:.0f} s for workers to hold every layer: {self._status}"))
 
     def _next_step(self, session: _Session) -> None:
         if session.pos == 0:
@@ -2586,6 +3655,7 @@ class Cluster:
             return
         worker.state, worker.lost_at, worker.lost_why = state, _time.monotonic(), why
         _log.warning("worker %s lost: %s", worker.name, why)
+        self._node_event(worker, {"left": "leaves", "kicked": "kicks"}.get(state, "failures"))
         self._stats["failures"] += 1
         for stage in self._plan or ():
             if worker.wid in stage.workers:
@@ -2711,15 +3781,25 @@ def host(model: str, *, config: Config | None = None, **options: Any) -> Cluster
     return Cluster(model, Config.build(config, **options))
 
 
-def join(join_string: str, *, name: str | None = None, device: str | None = None, background: bool = False,
-         config: Config | None = None, **options: Any) -> Worker:
+def join(join_string: str | None = None, *, name: str | None = None, device: str | None = None,
+         background: bool = False, config: Config | None = None, **options: Any) -> Worker:
     """Join a cluster as a worker; serve until stopped, or return the running Worker if `background`.
 
     Raises JoinRefusedError within seconds if the host refuses the join string (wrong,
-    old or unencrypted) or does not answer within `join_timeout_s`.
+    old or unencrypted) or does not answer within `join_timeout_s`. With `store=` (the
+    host's checkpoint store, plus `token=` for a private Hub repo) the join string may be
+    left out: the worker finds the host there, and follows it when a restarted host
+    takes over, keeping its loaded layers.
     """
-    worker = Worker(join_string, name=name, device=device, config=Config.build(config, **options))
-    worker.start().wait_joined()
+    cfg = Config.build(config, **options)
+    if join_string is None:
+        if not cfg.store:
+            raise JoinStringError("give the host's join string, or store= to find the host in its checkpoint store")
+        join_string = _find_host(cfg)
+    worker = Worker(join_string, name=name, device=device, config=cfg)
+    worker.start()
+    if not cfg.store:  # with a store the worker waits for a (restarting) host as long as it takes
+        worker.wait_joined()
     if background:
         return worker
     try:
@@ -2729,6 +3809,22 @@ def join(join_string: str, *, name: str | None = None, device: str | None = None
     if worker.state == "refused":
         raise JoinRefusedError(worker.error)
     return worker
+
+
+def _find_host(config: Config) -> str:
+    """Wait (up to `wait_timeout_s`) until the store names a host; return its join string."""
+    deadline = _time.monotonic() + config.wait_timeout_s
+    said = False
+    while True:
+        record = read_rendezvous(config.store, token=config.token, endpoint=config.hub_endpoint)
+        if record is not None:
+            return record["join_string"]
+        if _time.monotonic() > deadline:
+            raise JoinRefusedError(f"no host in the store {config.store} after {config.wait_timeout_s:.0f} s")
+        if not said:
+            _log.warning("no host in the store %s yet; waiting for one", config.store)
+            said = True
+        _time.sleep(1.0)  # polling a file or a Hub repo: there is nothing to wait on
 
 
 def _mp_context() -> Any:
@@ -2960,7 +4056,7 @@ def _demo(args: Any) -> int:
 
 def _host(args: Any) -> int:
     cluster = host(args.model, workers=args.workers, quant=args.quant, port=args.port,
-                   advertise=args.advertise, bind=args.bind)
+                   advertise=args.advertise, bind=args.bind, store=args.store)
     print(f"distllm host for {args.model!r}: start each worker with\n\n  python -m distllm join "
           f"{cluster.join_string}\n", flush=True)
     try:
@@ -2978,13 +4074,38 @@ def _host(args: Any) -> int:
 
 
 def _join(args: Any) -> int:
-    worker = join(args.join_string, name=args.name, device=args.device, background=True)  # raises if refused
+    worker = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
+                  store=args.store, token=args.token, hub_endpoint=args.hub_endpoint)
     _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # hand over, then exit
     try:
         worker.wait()
     except KeyboardInterrupt:
         worker.leave()
     return 1 if worker.error else 0
+
+
+def _map(args: Any) -> int:
+    options = {"workers": args.workers, "quant": args.quant, "store": args.store, "token": args.token,
+               "hub_endpoint": args.hub_endpoint, "bind": args.bind, "advertise": args.advertise,
+               "store_push_s": args.push_s}
+    cluster = local(args.model, **options) if args.local else host(args.model, **options)
+    try:
+        if not args.local:
+            where = f"; or with --store {args.store}" if args.store else ""
+            print(f"start each worker with\n\n  python -m distllm join {cluster.join_string}{where}\n", flush=True)
+        job = cluster.map(args.prompts, name=args.name, max_new_tokens=args.tokens, temperature=args.temperature,
+                          seed=args.seed)
+        results = job.results()
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                for r in results:
+                    f.write(_json.dumps(r) + "\n")
+        stats = cluster.stats()
+        print(f"job {job.id}: {len(results)} results; {stats['tokens']} tokens generated here, "
+              f"{stats['resumed_tokens']} resumed from checkpoints; {cluster.store_status}", flush=True)
+    finally:
+        cluster.close()
+    return 0
 
 
 def _bench(args: Any) -> int:
@@ -3022,13 +4143,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--advertise", default=None, help="address workers dial (default: this host's IP)")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--store", default=None, help="checkpoint store: a directory or hf://user/repo")
     p.set_defaults(func=_host)
 
     p = sub.add_parser("join", help="join a cluster as a worker")
-    p.add_argument("join_string")
+    p.add_argument("join_string", nargs="?", default=None, help="the host's join string (or give --store)")
     p.add_argument("--name", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--store", default=None, help="the host's checkpoint store: find the host there, follow restarts")
+    p.add_argument("--token", default=None, help="Hugging Face token for a private Hub store")
+    p.add_argument("--hub-endpoint", default=None)
     p.set_defaults(func=_join)
+
+    p = sub.add_parser("map", help="run a JSON-lines file of prompts as a checkpointed batch job")
+    p.add_argument("model")
+    p.add_argument("prompts", help="JSON-lines file: a string, a list of token ids or {\"prompt\": ...} per line")
+    p.add_argument("--store", default=None, help="checkpoint store: a directory or hf://user/repo")
+    p.add_argument("--name", default=None, help="job name (default: derived from the prompts and parameters)")
+    p.add_argument("--workers", type=int, default=1, help="workers to wait for (or start, with --local)")
+    p.add_argument("--local", action="store_true", help="start the workers on this machine")
+    p.add_argument("--quant", default="nf4", choices=_QUANTS)
+    p.add_argument("--tokens", type=int, default=64, help="max new tokens per prompt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write the results, in prompt order, to this JSON-lines file")
+    p.add_argument("--token", default=None, help="Hugging Face token for a private Hub store")
+    p.add_argument("--hub-endpoint", default=None)
+    p.add_argument("--push-s", type=float, default=60.0, help="seconds between commits to a Hub store")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--advertise", default=None)
+    p.set_defaults(func=_map)
 
     p = sub.add_parser("bench", help="decode ms/token: N local workers against one process")
     p.add_argument("--model", default="tiny")
