@@ -49,6 +49,13 @@ __all__ = [
     # handles
     "Cluster",
     "Worker",
+    "Job",
+    # checkpoint store
+    "open_store",
+    "read_rendezvous",
+    "LocalStore",
+    "HubStore",
+    "RENDEZVOUS",
     # configuration and domain types
     "Config",
     "SamplingParams",
@@ -82,6 +89,8 @@ __all__ = [
     "RequestError",
     "StepFailedError",
     "StepOrderError",
+    "StoreError",
+    "JobError",
 ]
 
 import base64 as _base64
@@ -1835,7 +1844,7 @@ class Worker:
         self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
         self._shard: StageShard | None = None
-        self._shard_key: tuple | None = None  # (model, start, end, quant) of the loaded shard
+        self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
         self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
         self._threads: list[_threading.Thread] = []
 
@@ -1911,7 +1920,9 @@ class Worker:
     def _join_message(self) -> list:
         import transformers
 
+        held = self._shard_key  # layers still loaded from an earlier assignment (a host that restarted)
         return encode("join", {
+            "held": {"model": held[0], "fingerprint": held[1], "start": held[2], "end": held[3]} if held else {},
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
@@ -2130,7 +2141,7 @@ class Worker:
         if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
         shard = self._shard
-        key = (model, start, end, quant)
+        key = (model, msg.get("fingerprint", str, ""), start, end, quant, dtype_name)
         rss_before = _rss_bytes()
         t0 = _time.perf_counter()
         if shard is None or self._shard_key != key:
@@ -2375,7 +2386,8 @@ class Job:
     # -- the job's thread -----------------------------------------------------
 
     def _start(self) -> "Job":
-        if not self.done():
+        """Start the job's runner unless it is done or already running."""
+        if not self.done() and not self._thread.is_alive() and self._thread.ident is None:
             self._thread.start()
         return self
 
@@ -2468,6 +2480,7 @@ class _WorkerState:
     joined_at: float
     last_seen: float
     incarnation: str = ""  # changes when the worker process restarts (its caches are then gone)
+    held_start: int | None = None  # first layer it still has loaded for this model (from before a host restart)
     lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
     lost_why: str | None = None
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
@@ -2875,7 +2888,7 @@ class Cluster:
         for i, prompt in enumerate(items):
             try:
                 self._prompt_ids(prompt)
-            except RequestError as exc:
+            except (RequestError, PromptTooLongError) as exc:
                 raise type(exc)(f"prompt {i}: {exc}") from None
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
         SamplingParams(**params)  # checks them before anything is stored
@@ -2901,12 +2914,11 @@ class Cluster:
                 if not same:
                     raise RequestError(f"a job named {job_id!r} already exists with other prompts or parameters; "
                                        f"choose another name")
-                if job._thread.is_alive() or job.done():
-                    return job
-                job = job._restarted()  # stopped (e.g. the store failed): run what is left again
+                if job._stopped:  # e.g. its runner failed: run what is left again
+                    job = job._restarted()
             job.prompts_sha = prompts_sha
             self._jobs[job_id] = job
-        return job._start()
+            return job._start()
 
     def jobs(self) -> list[Job]:
         """Return the batch jobs this host knows (submitted here, or resumed from the store)."""
@@ -3276,6 +3288,9 @@ class Cluster:
             wid=wid, name=msg.get("name", str)[:64], device=msg.get("device", str)[:32],
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation)
+        held = msg.get("held", dict, {})
+        if held.get("fingerprint") == self._fingerprint and isinstance(held.get("start"), int):
+            w.held_start = held["start"]
         self._workers[wid] = w
         self._node_event(w, "joins")
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
@@ -3706,6 +3721,9 @@ class Cluster:
             self._status = f"waiting for workers: {len(live)} of {self.config.workers} joined"
             self._drop_plan()
             return
+        # Workers that still hold layers from before a host restart go first, in layer order, so an
+        # unchanged split gives each its old range back and nothing is loaded again.
+        live.sort(key=lambda w: (w.held_start is None, w.held_start or 0))
         plan = plan_layers(self.n_layers, [(w.wid, self._capacity(w)) for w in live],
                            max_stages=self.config.max_stages, replicas=self.config.replicas)
         if plan is None:
