@@ -1897,6 +1897,11 @@ class Worker:
         self._leaving.set()
         self._stopped.wait(self.config.leave_timeout_s + 5 if timeout is None else timeout)
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving now, without handing layers over (the host treats it as a leave)."""
+        self._stopping.set()
+        self._stopped.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker stopped; return whether it did."""
         return self._stopped.wait(timeout)
@@ -1943,13 +1948,13 @@ class Worker:
         warned_silent = False
         leave_sent: float | None = None
         next_look = 0.0  # when to look in the store for a new host next
-        host_gone = False  # the connection to the host closed and has not come back
+        self._host_gone = False  # the host closed the connection (or shut down) and has not come back
         try:
             while not self._stopping.is_set():
-                lost = (host_gone or self.state == "connecting"
+                lost = (self._host_gone or self.state == "connecting"
                         or _time.monotonic() - last_heard > self.config.liveness_s)
-                if self.config.store and lost and _time.monotonic() >= next_look:
-                    next_look = _time.monotonic() + 2.0
+                if self.config.store and _time.monotonic() >= next_look:  # often while lost, now and then if not
+                    next_look = _time.monotonic() + (2.0 if lost else 30.0)
                     moved = self._look_for_host()
                     if moved is not None:  # a new host: drop everything of the old one and dial the new
                         poller.unregister(sock)
@@ -1964,7 +1969,7 @@ class Worker:
                         poller.register(sock, zmq.POLLIN)
                         poller.register(monitor, zmq.POLLIN)
                         last_heard = last_join = started = _time.monotonic()
-                        host_gone = False
+                        self._host_gone = False
                         continue
                 now = _time.time()
                 if self.config.leave_at is not None and now > self.config.leave_at - self.config.leave_timeout_s:
@@ -1973,6 +1978,8 @@ class Worker:
                     _log.info("worker %s: leaving; serving until the host has moved our layers", self.name)
                     sock.send_multipart(encode("leave", {"drain": True}))
                     leave_sent = _time.monotonic()
+                if leave_sent is not None and self._host_gone:  # no host to hand over to
+                    break
                 if leave_sent is not None and _time.monotonic() - leave_sent > self.config.leave_timeout_s:
                     _log.warning("worker %s: no hand-over after %.0f s; leaving anyway", self.name,
                                  self.config.leave_timeout_s)
@@ -1986,9 +1993,9 @@ class Worker:
                         event = recv_monitor_message(monitor)["event"]
                         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
                             sock.send_multipart(encode("ping", {"t": 0}))
-                            host_gone = False
+                            self._host_gone = False
                         elif event == zmq.EVENT_DISCONNECTED:  # the host closed (or died): look for a new one
-                            host_gone, next_look = True, 0.0
+                            self._host_gone, next_look = True, 0.0
                         elif self.state == "connecting" and self.config.store:  # maybe a stale string
                             next_look = 0.0
                         elif self.state == "connecting":  # CURVE refuses silently: the monitor tells us why
@@ -2076,6 +2083,12 @@ class Worker:
                 self._jobs.put(msg)  # import bitsandbytes now, so a standby takes over without that wait
         elif kind in ("assign", "forward", "end"):
             self._jobs.put(msg)
+        elif kind == "shutdown" and self.config.store and not self._leaving.is_set():
+            # The host closed; with a store a restarted host may come: wait for it, layers loaded.
+            _log.warning("worker %s: the host closed; waiting for a new host in %s", self.name, self.config.store)
+            self._jobs.put(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))  # its sessions are over
+            self.state, self._host_gone = "connecting", True
+            self._welcomed.clear()
         elif kind == "shutdown":
             _log.info("worker %s: host asked it to stop", self.name)
             self.state = "stopped"
@@ -3906,6 +3919,7 @@ def _spawn_local_workers(cluster: Cluster, n: int) -> list:
         i = len(cluster._local_procs)
         options = {f.name: getattr(cfg, f.name) for f in _dataclasses.fields(cfg)}
         options["tunnel"] = None  # the host's business; workers dial the join string's address
+        options["store"] = None  # they live and die with this process: no host to follow elsewhere
         p = ctx.Process(target=_local_worker_main, name=f"local-{i}", daemon=True,
                         args=(cluster.join_string, f"local-{i}", options, _os.getpid(), threads))
         p.start()

@@ -215,3 +215,28 @@ def test_workers_read_the_rendezvous_from_a_directory_or_the_hub(tmp_path):
         assert distllm.read_rendezvous("hf://me/state", endpoint=hub.endpoint) is None  # no record yet
         hub.commit("me/state", {distllm.RENDEZVOUS: record})
         assert distllm.read_rendezvous("hf://me/state", endpoint=hub.endpoint)["epoch"] == 3
+
+
+def test_worker_follows_a_restarted_host_through_a_hub_store_keeping_its_layers():
+    with FakeHub() as hub:
+        hub_options = {"store": "hf://me/state", "hub_endpoint": hub.endpoint, "token": "hf_test"}
+        first = distllm.host("tiny", quant="none", bind="127.0.0.1", **hub_options)
+        worker = None
+        try:
+            assert first.checkpoint(30.0)  # the rendezvous record is on the Hub
+            worker = distllm.join(name="w", background=True, **hub_options)  # no join string: found in the store
+            first.wait_ready(60)
+            want = first.generate("hello", max_new_tokens=8)
+            loads = worker._shard
+        finally:
+            first.close()  # the host goes; a worker with a store waits for the next one
+        second = distllm.host("tiny", quant="none", bind="127.0.0.1", **hub_options)
+        try:
+            second.wait_ready(60)
+            assert second.generate("hello", max_new_tokens=8) == want
+            assert worker._shard is loads  # same layers, not loaded again
+            assert worker.join_string == second.join_string != first.join_string
+        finally:
+            second.close()
+            worker.leave(10)
+        assert worker.wait(0), "a leaving worker whose host is gone stops at once"
