@@ -142,8 +142,8 @@ _WIRE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _WIRE_DTYPES.items()}
 
 # Message types and the direction they travel in.
-_HOST_TO_WORKER = {"welcome", "assign", "forward", "end", "ping", "pong", "shutdown", "error"}
-_WORKER_TO_HOST = {"join", "ready", "result", "pong", "ping", "leave", "error", "failed"}
+_HOST_TO_WORKER = {"welcome", "assign", "activate", "forward", "end", "ping", "pong", "shutdown", "error"}
+_WORKER_TO_HOST = {"join", "profile", "ready", "result", "pong", "ping", "leave", "error", "failed"}
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 
@@ -209,7 +209,8 @@ class Config:
     token: str | None = None  # Hugging Face token for private or gated repos
     hub_endpoint: str | None = None  # Hub URL, e.g. a mirror (None: $HF_ENDPOINT or huggingface.co)
     workers: int = 1  # the host places layers once this many workers have joined
-    max_stages: int | None = None  # most pipeline stages (None: every worker that joined)
+    max_stages: int | None = None  # most pipeline stages (None: as many as pay off)
+    stages: int | None = None  # exactly this many stages, workers permitting (None: the planner picks the count)
     replicas: int = 1  # workers holding each layer range; a step goes to all, the first answer wins
     step_timeout_s: float = 30.0  # seconds a step may take before its worker counts as stuck (a floor)
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
@@ -235,6 +236,10 @@ class Config:
     store: str | None = None  # checkpoints: a directory (a Drive folder too) or hf://user/repo; workers find the host
     store_push_s: float = 60.0  # seconds between commits to a Hub store (the Hub rate-limits commits)
     job_concurrency: int = 16  # prompts of one batch job in flight at once
+    kv_budget_tokens: int = 8192  # tokens of KV cache per layer a worker keeps room for (all sessions together)
+    rebalance_s: float = 30.0  # seconds between checks whether moving layers would pay (0: never rebalance)
+    rebalance_gain: float = 0.2  # predicted speed-up a rebalance must promise (hysteresis against thrashing)
+    test_step_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer per step (a slow node)
 
     def __post_init__(self) -> None:
         if self.quant not in _QUANTS:
@@ -245,6 +250,8 @@ class Config:
             raise ValueError(f"workers={self.workers}: a cluster needs at least one worker")
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas}: must be at least 1")
+        if self.stages is not None and self.stages < 1:
+            raise ValueError(f"stages={self.stages}: must be at least 1")
         if self.max_stages is not None and self.max_stages < 1:
             raise ValueError(f"max_stages={self.max_stages}: must be at least 1")
         if self.job_concurrency < 1:
@@ -934,6 +941,13 @@ def _layer_bytes(config: Any, quant: str, dtype: torch.dtype) -> int:
     return int(_layer_params(config) * bytes_per_weight)
 
 
+def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one layer keeps per token."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * heads * head_dim * dtype.itemsize
+
+
 def _window_of_layer(config: Any, i: int) -> int | None:
     """Return the sliding-window size of layer `i`, or None for full attention."""
     layer_types = getattr(config, "layer_types", None)
@@ -1113,7 +1127,7 @@ class StepOrderError(DistllmError):
 class StageShard:
     """Decoder layers [start, end) of a model, with a KV cache per session."""
 
-    def __init__(self, files: _ModelFiles, config: Any, start: int, end: int, *, quant: str,
+    def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 256):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
@@ -1124,25 +1138,28 @@ class StageShard:
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
 
-        weight_map = files.weight_map()
+        weight_map = files.weight_map() if files is not None else {}  # no files: random weights (calibration)
         layers, opened = [], set()
         for i in range(start, end):  # one layer at a time: peak memory is one float layer
             layers.append(self._load_layer(files, weight_map, layer_cls, i))
-            opened.update(files.opened)
+            opened.update(files.opened if files is not None else ())
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
         _release_freed_memory()
         self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
 
-    def _load_layer(self, files: _ModelFiles, weight_map: dict[str, str], layer_cls: type,
+    def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], layer_cls: type,
                     i: int) -> torch.nn.Module:
         """Build global layer `i` on the meta device, load its weights, quantize, renumber it."""
         with torch.device("meta"):
             layer = layer_cls(self.config, i)
         prefix = f"model.layers.{i}."
-        names = [k for k in weight_map if k.startswith(prefix)]
-        state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype).items()}
+        if files is None:
+            state = {k: torch.randn(t.shape, dtype=self.dtype) * 0.02 for k, t in layer.state_dict().items()}
+        else:
+            names = [k for k in weight_map if k.startswith(prefix)]
+            state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype).items()}
         missing = set(layer.state_dict()) - set(state)
         if missing:
             raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]} of layer {i}")
@@ -1189,6 +1206,30 @@ class StageShard:
 
     def drop(self, sid: SessionID) -> None:
         self.slots.pop(sid, None)
+
+
+@torch.inference_mode()
+def calibrate(config: Any, *, quant: str, dtype: torch.dtype, device: torch.device,
+              prompt: int = 32, steps: int = 8) -> tuple[float, float]:
+    """Time one decoder layer of `config` with random weights on `device`.
+
+    Returns (ms per decode step, ms per prompt token of a prefill): the node profile the
+    planner starts from, before the node's own steps are measured.
+    """
+    shard = StageShard(None, config, 0, 1, quant=quant, dtype=dtype, device=device)
+    hidden = torch.randn(1, prompt, config.hidden_size) * 0.1
+
+    def timed(sid: str, h: torch.Tensor, start: int) -> float:
+        t0 = _time.perf_counter()
+        shard.forward(sid, h, start)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (_time.perf_counter() - t0) * 1e3
+
+    timed("warm-up", hidden, 0)  # kernels load, caches allocate
+    prefill = timed("calibrate", hidden, 0)
+    decode = [timed("calibrate", hidden[:, :1], prompt + i) for i in range(steps)]
+    return _median(decode), prefill / prompt
 
 
 class HostHead:
@@ -1847,6 +1888,8 @@ class Worker:
         self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
         self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
         self._threads: list[_threading.Thread] = []
+        self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
+        self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -1928,6 +1971,7 @@ class Worker:
         held = self._shard_key  # layers still loaded from an earlier assignment (a host that restarted)
         return encode("join", {
             "held": {"model": held[0], "fingerprint": held[1], "start": held[2], "end": held[3]} if held else {},
+            "leave_at": self.config.leave_at,
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
@@ -2072,16 +2116,15 @@ class Worker:
     def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
         kind = msg.type
         if kind == "ping":
-            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0)}))
+            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "queue": self._jobs.qsize()}))
         elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
             pass
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
             self._welcomed.set()
             _log.info("worker %s joined the cluster", self.name)
-            if msg.get("quant", str, "none") != "none":
-                self._jobs.put(msg)  # import bitsandbytes now, so a standby takes over without that wait
-        elif kind in ("assign", "forward", "end"):
+            self._jobs.put(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
+        elif kind in ("assign", "activate", "forward", "end"):
             self._jobs.put(msg)
         elif kind == "shutdown" and self.config.store and not self._leaving.is_set():
             # The host closed; with a store a restarted host may come: wait for it, layers loaded.
@@ -2129,12 +2172,20 @@ class Worker:
         finally:
             out.close(0)
 
-    def _run_job(self, msg: Message) -> list | None:
-        if msg.type == "assign":
-            return self._load(msg)
-        if msg.type == "welcome":
-            _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+    def _run_job(self, msg: Message | tuple) -> list | None:
+        if isinstance(msg, tuple):  # ("staged", epoch, key, shard or error): a background load ended
+            return self._staged_loaded(*msg[1:])
+        if msg.type == "assign" and msg.get("staged", bool, False):
+            _threading.Thread(target=self._load_staged, args=(msg,), name=f"distllm-load-{self.name}",
+                              daemon=True).start()
             return None
+        if msg.type == "assign":
+            self._next = None
+            return self._load(msg)
+        if msg.type == "activate":
+            return self._activate(msg.get("epoch", int))
+        if msg.type == "welcome":
+            return self._calibrate(msg)
         if msg.type == "error":  # "rejoin": forget every session and the assignment's epoch
             if self._shard is not None:
                 self._shard.slots.clear()
@@ -2146,35 +2197,100 @@ class Worker:
             return None
         return self._forward(msg)
 
+    def _calibrate(self, msg: Message) -> list | None:
+        """Time one random layer of the host's model on this device: the planner's first estimate."""
+        quant, dtype_name = msg.get("quant", str, "none"), msg.get("dtype", str, "")
+        if quant != "none":
+            _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+        if "model" not in msg.header or quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
+            return None
+        key = (msg.get("fingerprint", str, ""), quant, dtype_name)
+        if key not in self._profile:
+            try:
+                files = self._files(msg)
+                config = _load_config(files)
+                dtype = _compute_dtype(config, dtype_name, self.device)
+                self._profile[key] = calibrate(config, quant=quant, dtype=dtype, device=self.device)
+            except Exception as exc:  # the host falls back to measuring our steps
+                _log.warning("worker %s: calibration failed: %s", self.name, _short_error(exc))
+                return encode("profile", {"error": _short_error(exc)})
+        decode_ms, prefill_ms = self._profile[key]
+        return encode("profile", {"layer_ms": decode_ms, "prefill_ms": prefill_ms})
+
+    def _files(self, msg: Message) -> _ModelFiles:
+        model = msg.get("model", str)
+        files = _ModelFiles(_resolve_model(model), revision=msg.get("revision", (str, type(None)), None),
+                            token=self.config.token, endpoint=msg.get("endpoint", (str, type(None)), None))
+        fingerprint = msg.get("fingerprint", str, "")
+        if fingerprint and _fingerprint(files) != fingerprint:
+            raise UnsupportedModelError(f"model {model!r} here differs from the host's (fingerprint mismatch)")
+        return files
+
+    @staticmethod
+    def _key(msg: Message) -> tuple:
+        """(model, fingerprint, start, end, quant, dtype) of an assignment: equal keys, same layers."""
+        quant, dtype_name = msg.get("quant", str), msg.get("dtype", str)
+        if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
+            raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
+        return (msg.get("model", str), msg.get("fingerprint", str, ""), msg.get("start", int), msg.get("end", int),
+                quant, dtype_name)
+
+    def _build(self, msg: Message) -> tuple[tuple, StageShard]:
+        """Load the layer range an assignment names (unless it is loaded); return (its key, the shard)."""
+        key = self._key(msg)
+        _, _, start, end, quant, dtype_name = key
+        if self._shard is not None and self._shard_key == key:
+            return key, self._shard
+        files = self._files(msg)
+        config = _load_config(files)
+        dtype = _compute_dtype(config, dtype_name, self.device)
+        return key, StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
+                               max_sessions=self.config.max_sessions_per_worker)
+
+    def _load_staged(self, msg: Message) -> None:
+        """Load a rebalance's new range on the side while the current one keeps serving (make before break)."""
+        epoch = msg.get("epoch", int)
+        try:
+            key, shard = self._build(msg)
+        except Exception as exc:
+            _log.exception("worker %s: loading a rebalance's layers failed", self.name)
+            self._jobs.put(("staged", epoch, None, exc))
+            return
+        self._jobs.put(("staged", epoch, key, shard))
+
+    def _staged_loaded(self, epoch: int, key: tuple | None, shard: Any) -> list:
+        if key is None:
+            return encode("failed", {"epoch": epoch, "staged": True, "message": _short_error(shard)})
+        self._next = (epoch, key, shard)
+        return encode("ready", {"epoch": epoch, "staged": True, "start": key[2], "end": key[3]})
+
+    def _activate(self, epoch: int) -> None:
+        """Switch to the range loaded for a rebalance; the old one is dropped."""
+        if self._next is None or self._next[0] != epoch:
+            _log.warning("worker %s: activate for epoch %d without those layers loaded", self.name, epoch)
+            return None
+        _, key, shard = self._next
+        self._next = None
+        self._shard, self._shard_key, self._epoch, self.layers = shard, key, epoch, (key[2], key[3])
+        _release_freed_memory()
+        return None
+
     def _load(self, msg: Message) -> list:
         start, end = msg.get("start", int), msg.get("end", int)
         epoch = msg.get("epoch", int)
-        quant, dtype_name = msg.get("quant", str), msg.get("dtype", str)
-        model = msg.get("model", str)
-        if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
-            raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
         shard = self._shard
-        key = (model, msg.get("fingerprint", str, ""), start, end, quant, dtype_name)
         rss_before = _rss_bytes()
         t0 = _time.perf_counter()
-        if shard is None or self._shard_key != key:
+        if shard is None or self._shard_key != self._key(msg):  # drop the old layers first: memory for one set
             self.state = "loading"
-            self._shard = shard = self._shard_key = None
-            try:
-                files = _ModelFiles(_resolve_model(model), revision=msg.get("revision", (str, type(None)), None),
-                                    token=self.config.token, endpoint=msg.get("endpoint", (str, type(None)), None))
-                fingerprint = msg.get("fingerprint", str, "")
-                if fingerprint and _fingerprint(files) != fingerprint:
-                    raise UnsupportedModelError(
-                        f"model {model!r} on this machine differs from the host's (fingerprint mismatch)")
-                config = _load_config(files)
-                dtype = _compute_dtype(config, dtype_name, self.device)
-                shard = StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
-                                   max_sessions=self.config.max_sessions_per_worker)
-            except Exception as exc:  # report any load failure to the host, which re-plans
-                _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
-                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-                return encode("failed", {"epoch": epoch, "message": self.error})
+            self._shard = self._shard_key = None
+        try:
+            key, shard = self._build(msg)
+        except Exception as exc:  # report any load failure to the host, which re-plans
+            _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
+            self._shard = self._shard_key = None
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            return encode("failed", {"epoch": epoch, "message": self.error})
         # Same range as before: the loaded layers and the sessions' caches stay valid.
         self._shard, self._shard_key, self.layers, self.state = shard, key, (start, end), "ready"
         self._epoch = epoch
@@ -2195,6 +2311,8 @@ class Worker:
         hidden = msg.tensor(0)
         _check_hidden(hidden, shard.config.hidden_size, "forward")
         t0 = _time.perf_counter()
+        if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
+            _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
         try:
             out = shard.forward(fields["sid"], hidden, start).cpu()  # synchronizes: compute_ms is honest
         except StepOrderError as exc:
@@ -2472,6 +2590,184 @@ def _progress_bar(**kwargs: Any) -> Any:
 
 
 ###############################################################################
+# Placement ###################################################################
+###############################################################################
+# Pure functions, no sockets: the coordinator and the swarm simulator call the same
+# code. A plan is a list of Stages (contiguous layer ranges, each with its holders).
+
+_STABLE_HAZARD = 0.1  # failures per hour below which a node counts as stable (no mirrored replica needed)
+
+
+@_dataclasses.dataclass
+class NodeProfile:
+    """What the planner knows of one node, measured where possible."""
+
+    id: Any  # opaque to the planner (a worker id in the coordinator, a number in the simulator)
+    capacity: int  # layers it can hold: free memory x memory_fraction / (weights + KV budget) per layer
+    layer_ms: float = 1.0  # one decoder layer, one decode step (calibrated at join, then measured)
+    rtt_ms: float = 0.0  # round trip to the host
+    hazard: float = 0.0  # expected failures per hour (history; a deadline within the hour counts as one)
+    held: tuple[int, int] | None = None  # the range it holds now (or still has loaded)
+
+    @property
+    def cost(self) -> float:
+        """ms per layer weighted by risk: a node that fails once an hour counts as twice as slow,
+        so it gets fewer layers (less to replay when it goes)."""
+        return self.layer_ms * (1.0 + self.hazard)
+
+
+def plan_layers(n_layers: int, capacities: Sequence[tuple[Any, int]], *,
+                max_stages: int | None = None, replicas: int = 1) -> list[Stage] | None:
+    """Split layers evenly into contiguous stages of `replicas` workers each (the naive baseline).
+
+    `capacities` lists (worker, most layers it can hold) in preference order. A stage
+    with too little room gets what it can hold and the rest moves to the others.
+    Workers left over are standbys. Returns None when the workers cannot hold the model.
+    """
+    chosen = [(w, c) for w, c in capacities if c > 0]
+    if not chosen:
+        return None
+    r = min(replicas, len(chosen))
+    n_stages = min(len(chosen) // r, max_stages or n_layers, n_layers)
+    groups = [chosen[i * r:(i + 1) * r] for i in range(n_stages)]
+    room = [min(c for _, c in g) for g in groups]
+    if sum(room) < n_layers:
+        return None
+    shares = [0] * n_stages
+    left = n_layers
+    while left:  # water-filling: each round gives every stage with room an equal part
+        open_ = [i for i in range(n_stages) if shares[i] < room[i]]
+        part = max(1, left // len(open_))
+        for i in open_:
+            give = min(part, room[i] - shares[i], left)
+            shares[i] += give
+            left -= give
+            if not left:
+                break
+    stages, start = [], 0
+    for group, share in zip(groups, shares):
+        if share:
+            stages.append(Stage(start, start + share, [w for w, _ in group]))
+            start += share
+    return stages
+
+
+def _split(n_layers: int, nodes: Sequence[NodeProfile]) -> list[int] | None:
+    """Give each node a share of the layers minimising the slowest stage's risk-weighted time.
+
+    Binary search on the bottleneck T: node i takes min(capacity, T / cost) layers.
+    """
+    if sum(n.capacity for n in nodes) < n_layers or any(n.capacity < 1 for n in nodes) or len(nodes) > n_layers:
+        return None
+    lo, hi = 0.0, max(n.cost for n in nodes) * n_layers
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(min(n.capacity, int(mid / n.cost)) for n in nodes) >= n_layers:
+            hi = mid
+        else:
+            lo = mid
+    shares = [max(1, min(n.capacity, int(hi / n.cost))) for n in nodes]
+    while sum(shares) > n_layers:  # trim from the stage that would be slowest
+        i = max((i for i in range(len(nodes)) if shares[i] > 1), key=lambda i: shares[i] * nodes[i].cost)
+        shares[i] -= 1
+    while sum(shares) < n_layers:  # (only after the floor of 1): give to the stage that stays fastest
+        i = min((i for i in range(len(nodes)) if shares[i] < nodes[i].capacity),
+                key=lambda i: (shares[i] + 1) * nodes[i].cost)
+        shares[i] += 1
+    return shares
+
+
+def plan_cost(stages: Sequence[Stage], nodes: dict[Any, NodeProfile], *, concurrency: float = 1.0) -> float:
+    """Predicted ms per token for each of `concurrency` sessions in flight.
+
+    A token crosses every stage (its compute plus a round trip to the host): that is one
+    stream's floor. With many sessions in flight the busiest stage is the limit.
+    """
+    if not stages:
+        return _math.inf
+    latency = bottleneck = 0.0
+    for s in stages:
+        holders = [nodes[w] for w in s.workers if w in nodes]
+        if not holders:
+            return _math.inf
+        best = min(holders, key=lambda n: n.layer_ms * s.layers + n.rtt_ms)
+        latency += best.layer_ms * s.layers + best.rtt_ms
+        bottleneck = max(bottleneck, min(n.layer_ms for n in holders) * s.layers / len(holders))
+    return max(latency, concurrency * bottleneck)
+
+
+def plan_stages(n_layers: int, nodes: Sequence[NodeProfile], *, replicas: int = 1, concurrency: float = 1.0,
+                max_stages: int | None = None, stages: int | None = None) -> list[Stage] | None:
+    """Assign contiguous layer ranges to nodes by speed, memory, latency and stability.
+
+    Tries the k fastest (risk-weighted) nodes as stage holders for every feasible k and
+    keeps the split with the lowest predicted ms per token (`plan_cost`, which counts a
+    round trip per stage); within 2% of the best, more stages win (more memory headroom,
+    more parallel work once sessions pile up). Splits that leave enough nodes to give
+    every range `replicas` holders are preferred; extra holders go first to the ranges on
+    the riskiest nodes (hazard, deadline), then to the busiest ranges. Nodes left over are
+    standbys. Stages keep the order of the ranges nodes hold now, so an unchanged split
+    moves nothing. `stages` fixes the number of stages (as far as there are nodes).
+    Returns None when the nodes cannot hold the model.
+    """
+    usable = sorted((n for n in nodes if n.capacity > 0), key=lambda n: (n.cost, n.rtt_ms))
+    by_id = {n.id: n for n in usable}
+    limit = min(len(usable), max_stages or n_layers, n_layers)
+    lowest = min(stages, limit) if stages else 1
+    candidates = []  # (not fully replicated, predicted cost, k, stages)
+    for k in range(lowest, (lowest if stages else limit) + 1):
+        chosen = sorted(usable[:k], key=lambda n: (n.held is None, n.held or (0, 0), n.cost))
+        shares = _split(n_layers, chosen)
+        if shares is None:
+            continue
+        stages, start = [], 0
+        for node, share in zip(chosen, shares):
+            stages.append(Stage(start, start + share, [node.id]))
+            start += share
+        _add_replicas(stages, usable[k:], by_id, replicas)
+        full = all(len(s.workers) >= min(replicas, len(usable)) for s in stages)
+        candidates.append((not full, plan_cost(stages, by_id, concurrency=concurrency), k, stages))
+    if not candidates:
+        return None
+    partial, best = min((c[0], c[1]) for c in candidates)
+    return max((c for c in candidates if c[0] == partial and c[1] <= best * 1.02), key=lambda c: c[2])[3]
+
+
+def _add_replicas(stages: list[Stage], spare: Sequence[NodeProfile], by_id: dict[Any, NodeProfile],
+                  replicas: int) -> None:
+    """Give stages up to `replicas` holders from `spare`: the riskiest ranges first, then the busiest."""
+    def need(s: Stage) -> tuple[float, float]:
+        risk = _math.prod(min(1.0, by_id[w].hazard) for w in s.workers)  # chance no holder survives the hour
+        busy = min(by_id[w].layer_ms for w in s.workers) * s.layers / len(s.workers)
+        return (risk, busy)
+
+    spare = sorted(spare, key=lambda n: (n.hazard, n.cost))
+    while spare:
+        open_ = [s for s in stages if len(s.workers) < replicas and any(n.capacity >= s.layers for n in spare)]
+        if not open_:
+            return
+        target = max(open_, key=need)
+        node = next(n for n in spare if n.capacity >= target.layers)
+        target.workers.append(node.id)
+        spare.remove(node)
+
+
+def moved_layers(old: Sequence[Stage] | None, new: Sequence[Stage]) -> int:
+    """Count the (layer, holder) pairs of `new` that `old` does not have: the layers to load."""
+    have = {(i, w) for s in old or () for w in s.workers for i in range(s.start, s.end)}
+    return sum(1 for s in new for w in s.workers for i in range(s.start, s.end) if (i, w) not in have)
+
+
+def worth_rebalancing(old: Sequence[Stage], new: Sequence[Stage], nodes: dict[Any, NodeProfile], *,
+                      concurrency: float = 1.0, gain: float = 0.2) -> bool:
+    """Whether `new` beats `old` by more than `gain` (hysteresis: small wins never move layers)."""
+    if moved_layers(old, new) == 0:
+        return False
+    return plan_cost(new, nodes, concurrency=concurrency) < (1 - gain) * plan_cost(old, nodes,
+                                                                                     concurrency=concurrency)
+
+
+###############################################################################
 # Coordinator and sessions ####################################################
 ###############################################################################
 # One I/O thread owns the ROUTER socket and every piece of mutable cluster state:
@@ -2494,6 +2790,13 @@ class _WorkerState:
     last_seen: float
     incarnation: str = ""  # changes when the worker process restarts (its caches are then gone)
     held_start: int | None = None  # first layer it still has loaded for this model (from before a host restart)
+    layer_ms: float | None = None  # one layer's decode step: calibrated at join, then measured from its steps
+    prefill_ms: float | None = None  # one layer, per prompt token of a prefill (calibrated)
+    queue: int = 0  # steps waiting in its compute queue (reported with each pong)
+    deadline: float | None = None  # Unix time it must be gone by (a notebook session's end), if declared
+    next_layers: tuple[int, int] | None = None  # range it is loading for a rebalance, while serving `layers`
+    next_epoch: int = -1
+    next_loaded: bool = False
     lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
     lost_why: str | None = None
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
@@ -2520,11 +2823,14 @@ class _WorkerState:
         """Whether steps may be sent to it (a leaving worker serves until its successor is warm)."""
         return self.state in ("ready", "leaving")
 
-    def record_step(self, round_trip_ms: float, compute_ms: float) -> None:
-        self._timings.append((round_trip_ms - compute_ms, compute_ms))
+    def record_step(self, round_trip_ms: float, compute_ms: float, positions: int) -> None:
+        self._timings.append((round_trip_ms - compute_ms, compute_ms, positions))
         if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
             self.overhead_ms = _median(t[0] for t in self._timings)
             self.compute_ms = _median(t[1] for t in self._timings)
+            decode = [t[1] for t in self._timings if t[2] == 1]
+            if len(decode) >= 8 and self.layers:
+                self.layer_ms = _median(decode) / (self.layers[1] - self.layers[0])
 
     def public(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
@@ -2586,43 +2892,6 @@ class _Session:
         return len(self.tokens) - self.prompt_len
 
 
-def plan_layers(n_layers: int, capacities: Sequence[tuple[WorkerID, int]], *,
-                max_stages: int | None = None, replicas: int = 1) -> list[Stage] | None:
-    """Split layers 0..n_layers-1 into contiguous stages of `replicas` workers each.
-
-    `capacities` lists (worker, most layers it can hold) in preference order. Layers
-    are spread evenly; a stage with too little room gets what it can hold and the
-    rest moves to the others. Workers left over are standbys. Returns None when the
-    workers cannot hold the model.
-    """
-    chosen = [(w, c) for w, c in capacities if c > 0]
-    if not chosen:
-        return None
-    r = min(replicas, len(chosen))
-    n_stages = min(len(chosen) // r, max_stages or n_layers, n_layers)
-    groups = [chosen[i * r:(i + 1) * r] for i in range(n_stages)]
-    room = [min(c for _, c in g) for g in groups]
-    if sum(room) < n_layers:
-        return None
-    shares = [0] * n_stages
-    left = n_layers
-    while left:  # water-filling: each round gives every stage with room an equal part
-        open_ = [i for i in range(n_stages) if shares[i] < room[i]]
-        part = max(1, left // len(open_))
-        for i in open_:
-            give = min(part, room[i] - shares[i], left)
-            shares[i] += give
-            left -= give
-            if not left:
-                break
-    stages, start = [], 0
-    for group, share in zip(groups, shares):
-        if share:
-            stages.append(Stage(start, start + share, [w for w, _ in group]))
-            start += share
-    return stages
-
-
 class Cluster:
     """The host side of a distllm cluster: membership, layer placement, sessions and the API."""
 
@@ -2639,6 +2908,7 @@ class Cluster:
         self.tokenizer = self.head.tokenizer
         self._fingerprint = _fingerprint(self.files)
         self._layer_bytes = _layer_bytes(self.model_config, self.config.quant, self.dtype)
+        self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
 
         self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
         store = None
@@ -2702,7 +2972,9 @@ class Cluster:
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
-                       "resumed_tokens": 0}
+                       "resumed_tokens": 0, "rebalances": 0}
+        self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
+        self._last_rebalance = _time.monotonic()
 
         # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
         self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
@@ -3304,14 +3576,21 @@ class Cluster:
         held = msg.get("held", dict, {})
         if held.get("fingerprint") == self._fingerprint and isinstance(held.get("start"), int):
             w.held_start = held["start"]
+        deadline = msg.get("leave_at", (int, float, type(None)), None)
+        w.deadline = float(deadline) if deadline is not None and _math.isfinite(deadline) else None
         self._workers[wid] = w
         self._node_event(w, "joins")
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
-                                    "quant": self.config.quant})
+                                    **self._model_fields()})
         _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
         self._place()
 
     def _on_ready(self, worker: _WorkerState, msg: Message) -> None:
+        if msg.get("staged", bool, False):
+            if self._rebalance is not None and msg.get("epoch", int) == worker.next_epoch:
+                worker.next_loaded = True
+                self._check_rebalance()
+            return
         if msg.get("epoch", int) != worker.epoch or worker.state != "loading":
             return  # an answer to an older assignment
         worker.state = "ready"
@@ -3334,7 +3613,24 @@ class Cluster:
             if self._workers[leaver].alive:
                 self._release(self._workers[leaver])
 
+    def _on_profile(self, worker: _WorkerState, msg: Message) -> None:
+        layer_ms = msg.get("layer_ms", (int, float), None)
+        if layer_ms is not None and _math.isfinite(layer_ms) and layer_ms > 0 and worker.layer_ms is None:
+            worker.layer_ms = float(layer_ms)  # its measured steps replace this later
+            worker.prefill_ms = msg.get("prefill_ms", (int, float), None)
+        elif worker.layer_ms is None:
+            _log.warning("worker %s has no calibration (%s); taking it as average speed", worker.name,
+                         msg.get("error", str, "no figures"))
+            worker.layer_ms = 1.0
+        if self._plan is None:
+            self._place()
+
     def _on_failed(self, worker: _WorkerState, msg: Message) -> None:
+        if msg.get("staged", bool, False):  # a rebalance's layers failed to load: keep the current plan
+            _log.warning("worker %s could not load layers for a rebalance (%s); keeping the current plan",
+                         worker.name, msg.get("message", str, "")[:500])
+            self._abort_rebalance()
+            return
         worker.error = msg.get("message", str, "")[:2000]
         _log.error("worker %s could not load its layers: %s", worker.name, worker.error)
         self._lose_worker(worker, f"loading failed: {worker.error}", state="failed")
@@ -3407,6 +3703,7 @@ class Cluster:
         sent = msg.get("t", (int, float), None)
         if sent is not None:
             worker.rtt_ms = (_time.monotonic() - sent) * 1e3
+        worker.queue = max(0, msg.get("queue", int, 0))
 
     def _on_ping(self, worker: _WorkerState, msg: Message) -> None:
         self._send(worker.wid, "pong", {"t": msg.get("t", (int, float), 0)})
@@ -3462,7 +3759,7 @@ class Cluster:
             self._step_error(session, step, worker, "protocol", str(exc))
             return
         worker.steps += 1
-        worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0))
+        worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0), n)
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
             self._check_handover(worker)
@@ -3545,11 +3842,11 @@ class Cluster:
                                 f"{self._plan[stage].end - 1}")
             return
         if start == 0:
-            targets = set(ready)
+            targets = self._route(ready)
         else:
             targets = session.holders.get(stage, set()) & set(ready)
             if not targets:  # this stage lost the session's cache: rebuild it on the live replicas first
-                targets = set(ready)
+                targets = self._route(ready)
                 if not self._rebuild(session, stage, start, targets):
                     self._restart(session, "its replay history was dropped")
                     return
@@ -3557,6 +3854,22 @@ class Cluster:
                 _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
                           self._plan[stage].start, self._plan[stage].end - 1)
         self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], hidden), targets)
+
+    def _route(self, ready: list[WorkerID]) -> set[WorkerID]:
+        """Pick the holders a session's cache is built on, and so its steps go to.
+
+        Where any holder is at risk of failing (no long record of uptime, a deadline near) the
+        session runs on all of them: redundant execution, failover without a stall. Among
+        proven-stable holders it runs on the one expected to answer first (round trip, plus
+        queued and in-flight steps times its step time), which spreads sessions over them.
+        """
+        workers = [self._workers[w] for w in ready]
+        if len(workers) == 1 or any(self._hazard(w) >= _STABLE_HAZARD for w in workers):
+            return set(ready)
+        busy = _collections.Counter(wid for s in self._sessions.values() for st in s.steps.values()
+                                    for wid in st.targets)
+        best = min(workers, key=lambda w: (w.rtt_ms or 0.0) + (w.queue + busy[w.wid] + 1) * (w.compute_ms or 1.0))
+        return {best.wid}
 
     def _dispatch(self, session: _Session, step: _Step, targets: set[WorkerID]) -> None:
         session.inflight = step
@@ -3675,6 +3988,9 @@ class Cluster:
                     deadline = max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0) * step.n)
                     if clock - step.sent_at > deadline and w.alive:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
+        if self._plan is None and self._live():
+            self._place()  # e.g. the wait for calibrations ran out
+        self._maybe_rebalance(now)
         self._publish()
 
     def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
@@ -3683,6 +3999,8 @@ class Cluster:
             return
         worker.state, worker.lost_at, worker.lost_why = state, _time.monotonic(), why
         _log.warning("worker %s lost: %s", worker.name, why)
+        if self._rebalance is not None:  # the new plan counted on every node it names
+            self._abort_rebalance()
         self._node_event(worker, {"left": "leaves", "kicked": "kicks"}.get(state, "failures"))
         self._stats["failures"] += 1
         for stage in self._plan or ():
@@ -3700,16 +4018,40 @@ class Cluster:
     def _live(self) -> list[_WorkerState]:
         return [w for w in self._workers.values() if w.alive]
 
+    def _model_fields(self) -> dict:
+        """What a worker needs to load (or calibrate) layers of this model exactly as the host has it."""
+        return {"model": self.model, "revision": self.files.revision, "endpoint": self.config.hub_endpoint,
+                "quant": self.config.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint}
+
     def _assign(self, worker: _WorkerState, start: int, end: int) -> None:
         self._epoch += 1
         worker.state, worker.layers, worker.epoch = "loading", (start, end), self._epoch
-        self._send(worker.wid, "assign", {
-            "epoch": self._epoch, "model": self.model, "revision": self.files.revision,
-            "endpoint": self.config.hub_endpoint, "start": start, "end": end, "quant": self.config.quant,
-            "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint})
+        worker.next_layers = None
+        self._send(worker.wid, "assign", {"epoch": self._epoch, "start": start, "end": end, **self._model_fields()})
 
     def _capacity(self, w: _WorkerState) -> int:
-        return int(w.memory * self.config.memory_fraction) // max(1, self._layer_bytes)
+        """Layers `w` can hold: its weights plus a KV budget per layer within its share of memory."""
+        return int(w.memory * self.config.memory_fraction) // max(1, self._layer_bytes + self._kv_bytes)
+
+    def _hazard(self, w: _WorkerState) -> float:
+        """Expected failures per hour: its history with a prior of one failure per two hours (a
+        node without a record is assumed as unstable as a free notebook), plus one if its declared
+        deadline falls within the hour."""
+        record = self._nodes.get(w.name, {})
+        hours = (record.get("uptime_s", 0.0) + _time.monotonic() - w.joined_at) / 3600
+        hazard = (record.get("failures", 0) + 1.0) / (hours + 2.0)
+        if w.deadline is not None and w.deadline - _time.time() < 3600:
+            hazard += 1.0
+        return hazard
+
+    def _profiles(self, workers: Sequence[_WorkerState]) -> list[NodeProfile]:
+        """Node profiles for the planner; speeds snap to steps of 25%, so noise never moves layers."""
+        def snap(ms: float | None) -> float:
+            return 1.25 ** round(_math.log(ms, 1.25)) if ms else 1.0
+
+        return [NodeProfile(w.wid, self._capacity(w), snap(w.layer_ms), w.rtt_ms or 0.0, self._hazard(w),
+                            w.layers or ((w.held_start, 0) if w.held_start is not None else None))
+                for w in workers]
 
     def _place(self) -> None:
         """Keep every layer range served: refill stages from standbys, re-plan only when a range is orphaned."""
@@ -3734,11 +4076,13 @@ class Cluster:
             self._status = f"waiting for workers: {len(live)} of {self.config.workers} joined"
             self._drop_plan()
             return
-        # Workers that still hold layers from before a host restart go first, in layer order, so an
-        # unchanged split gives each its old range back and nothing is loaded again.
-        live.sort(key=lambda w: (w.held_start is None, w.held_start or 0))
-        plan = plan_layers(self.n_layers, [(w.wid, self._capacity(w)) for w in live],
-                           max_stages=self.config.max_stages, replicas=self.config.replicas)
+        first = self._epoch == 0
+        if first and any(w.layer_ms is None for w in live) and _time.monotonic() - max(w.joined_at for w in live) < 10:
+            self._status = "calibrating workers"  # _on_profile (or the heartbeat, after 10 s) places again
+            return
+        plan = plan_stages(self.n_layers, self._profiles(live), replicas=self.config.replicas,
+                           concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
+                           stages=self.config.stages)
         if plan is None:
             room = sum(self._capacity(w) for w in live)
             self._drop_plan()
@@ -3759,6 +4103,70 @@ class Cluster:
             self._restart_all("the layers were re-planned")
         self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
         self._publish()
+
+    # -- rebalancing ----------------------------------------------------------
+
+    def _maybe_rebalance(self, now: float) -> None:
+        """Every `rebalance_s`, move layers if measured speeds promise a clear gain (make before break)."""
+        if (not self.config.rebalance_s or now - self._last_rebalance < self.config.rebalance_s
+                or self._rebalance is not None or self._handovers or not self._ready.is_set()):
+            return
+        self._last_rebalance = now
+        live = self._live()
+        if any(w.state not in ("ready", "standby") for w in live):
+            return  # loading or leaving: not now
+        profiles = self._profiles(live)
+        nodes = {p.id: p for p in profiles}
+        concurrency = max(1, len(self._sessions))
+        proposal = plan_stages(self.n_layers, profiles, replicas=self.config.replicas, concurrency=concurrency,
+                               max_stages=self.config.max_stages, stages=self.config.stages)
+        if proposal is None or not worth_rebalancing(self._plan, proposal, nodes, concurrency=concurrency,
+                                                     gain=self.config.rebalance_gain):
+            return
+        _log.warning("rebalancing: %s -> %s (predicted %.1f -> %.1f ms per token)", self._describe(self._plan),
+                     self._describe(proposal), plan_cost(self._plan, nodes, concurrency=concurrency),
+                     plan_cost(proposal, nodes, concurrency=concurrency))
+        self._rebalance = proposal
+        for stage in proposal:
+            for wid in stage.workers:
+                w = self._workers[wid]
+                if w.layers == (stage.start, stage.end):
+                    continue
+                self._epoch += 1
+                w.next_layers, w.next_epoch, w.next_loaded = (stage.start, stage.end), self._epoch, False
+                self._send(wid, "assign", {"epoch": self._epoch, "start": stage.start, "end": stage.end,
+                                           "staged": True, **self._model_fields()})
+        self._check_rebalance()
+
+    def _check_rebalance(self) -> None:
+        """Switch to the new plan once every new range is loaded; sessions prefill again on it."""
+        plan = self._rebalance
+        if plan is None or any(w.next_layers is not None and not w.next_loaded
+                               for w in (self._workers[wid] for s in plan for wid in s.workers)):
+            return
+        holders = {wid for s in plan for wid in s.workers}
+        for wid in holders:
+            w = self._workers[wid]
+            if w.next_layers is not None:  # activate follows every step of the old plan in its queue
+                self._send(wid, "activate", {"epoch": w.next_epoch})
+                w.layers, w.epoch, w.state, w.next_layers = w.next_layers, w.next_epoch, "ready", None
+        for w in self._live():
+            if w.wid not in holders:
+                w.layers, w.state = None, "standby"
+        self._plan, self._rebalance = plan, None
+        self._stats["rebalances"] += 1
+        self._last_rebalance = _time.monotonic()
+        self._restart_all("the layers were rebalanced")
+        self._update_readiness()
+
+    def _abort_rebalance(self) -> None:
+        self._rebalance = None
+        for w in self._workers.values():
+            w.next_layers, w.next_loaded = None, False
+
+    def _describe(self, plan: Sequence[Stage]) -> str:
+        return " | ".join(f"{s.start}..{s.end - 1}: {', '.join(self._workers[w].name for w in s.workers)}"
+                          for s in plan)
 
     def _restart_all(self, why: str) -> None:
         for s in list(self._sessions.values()):

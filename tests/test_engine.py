@@ -39,7 +39,7 @@ def test_tokens_identical_to_transformers(family, quant, model_dir):
     assert any(len(v) == NEW_TOKENS for v in want.values()), "reference ended early everywhere: weak test"
     prompts = {n: prompt_of(n) for n in PROMPT_LENGTHS}
     for workers in (1, 2, 3, 4):
-        with distllm.local(path, workers=workers, quant=quant, prefill_chunk=16) as cluster:
+        with distllm.local(path, workers=workers, stages=workers, quant=quant, prefill_chunk=16) as cluster:
             assert len(cluster.layer_map()) == workers
             got = _generate_concurrently(cluster, prompts)
         for n in PROMPT_LENGTHS:
@@ -62,7 +62,7 @@ def test_seeded_sampling_is_reproducible_and_matches_reference(model_dir):
     path = model_dir("qwen2")
     prompt = prompt_of(12)
     options = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=40)
-    with distllm.local(path, workers=3, quant="none", prefill_chunk=5) as cluster:
+    with distllm.local(path, workers=3, stages=3, quant="none", prefill_chunk=5) as cluster:
         first = cluster.generate(prompt, seed=7, **options)
         again = cluster.generate(prompt, seed=7, **options)
         other = cluster.generate(prompt, seed=8, **options)
@@ -74,7 +74,7 @@ def test_seeded_sampling_is_reproducible_and_matches_reference(model_dir):
 
 def test_text_in_text_out_and_stream_pieces(model_dir):
     path = model_dir("llama")
-    with distllm.local(path, workers=2, quant="none") as cluster:
+    with distllm.local(path, workers=2, stages=2, quant="none") as cluster:
         text = cluster.generate("Hello, world", max_new_tokens=20)
         pieces = list(cluster.stream("Hello, world", max_new_tokens=20))
         ids = cluster.generate(cluster.tokenizer("Hello, world")["input_ids"], max_new_tokens=20)
@@ -86,7 +86,7 @@ def test_text_in_text_out_and_stream_pieces(model_dir):
 
 def test_bad_requests_are_refused_and_cluster_keeps_serving(model_dir):
     path = model_dir("llama")  # context of 256 positions
-    with distllm.local(path, workers=2, quant="none") as cluster:
+    with distllm.local(path, workers=2, stages=2, quant="none") as cluster:
         with pytest.raises(distllm.PromptTooLongError, match="256"):
             cluster.generate(prompt_of(300), max_new_tokens=4)
         with pytest.raises(distllm.RequestError, match="vocabulary"):
@@ -126,6 +126,6 @@ def test_int8_tokens_identical_to_reference_quantized_the_same_way(model_dir):
     prompts = {n: prompt_of(n) for n in (3, 40)}
     ref = reference_model(path, "int8")
     want = {n: reference_generate(ref, p, 16) for n, p in prompts.items()}
-    with distllm.local(path, workers=2, quant="int8", prefill_chunk=16) as cluster:
+    with distllm.local(path, workers=2, stages=2, quant="int8", prefill_chunk=16) as cluster:
         got = {n: cluster.generate(p, max_new_tokens=16) for n, p in prompts.items()}
     assert got == want

@@ -50,7 +50,7 @@ def _stream_and_kill(cluster, prompt, at: int, kill, **params) -> list[int]:
 
 def test_killed_stage_moves_to_a_standby_by_replay(model8):
     prompt = prompt_of(30)
-    with distllm.local(model8, workers=4, max_stages=3, **FAST) as cluster:
+    with distllm.local(model8, workers=4, stages=3, **FAST) as cluster:
         assert [w["state"] for w in cluster.workers()].count("standby") == 1
         want = cluster.generate(prompt, max_new_tokens=40)
         victim = _holder_of(cluster, 4)
@@ -65,7 +65,7 @@ def test_killed_stage_moves_to_a_standby_by_replay(model8):
 
 def test_killed_stage_without_standby_replans_and_replays(model8):
     prompt = prompt_of(30)
-    with distllm.local(model8, workers=3, **FAST) as cluster:
+    with distllm.local(model8, workers=3, stages=3, **FAST) as cluster:
         want = cluster.generate(prompt, max_new_tokens=40, temperature=0.8, seed=3)
         victim = _holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(victim.pid, signal.SIGKILL),
@@ -77,7 +77,7 @@ def test_killed_stage_without_standby_replans_and_replays(model8):
 
 def test_hot_replica_failover_needs_no_replay(model8):
     prompt = prompt_of(20)
-    with distllm.local(model8, workers=4, replicas=2, **FAST) as cluster:
+    with distllm.local(model8, workers=4, stages=2, replicas=2, **FAST) as cluster:
         assert all(len(names.split(", ")) == 2 for *_, names in cluster.layer_map())
         want = cluster.generate(prompt, max_new_tokens=40)
         victim = _holder_of(cluster, 0)
@@ -93,7 +93,7 @@ def test_stuck_worker_is_caught_by_the_step_deadline_and_rejoins_harmlessly(mode
     prompt = prompt_of(16)
     # Liveness far away: only the per-step deadline can catch a stopped worker here.
     options = {**FAST, "liveness_s": 60.0, "step_timeout_s": 1.5}
-    with distllm.local(model8, workers=3, **options) as cluster:
+    with distllm.local(model8, workers=3, stages=3, **options) as cluster:
         want = cluster.generate(prompt, max_new_tokens=30)
         victim = _holder_of(cluster, 7)
         t0 = time.monotonic()
@@ -112,7 +112,7 @@ def test_stuck_worker_is_caught_by_the_step_deadline_and_rejoins_harmlessly(mode
 
 def test_graceful_leave_hands_over_to_a_warm_standby_without_replay(model8):
     prompt = prompt_of(16)
-    with distllm.local(model8, workers=3, max_stages=2, **FAST) as cluster:
+    with distllm.local(model8, workers=3, stages=2, **FAST) as cluster:
         want = cluster.generate(prompt, max_new_tokens=30)
         leaver = _holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(leaver.pid, signal.SIGTERM), max_new_tokens=30)
@@ -136,10 +136,10 @@ def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
             params.update(temperature=0.9, top_p=0.95, seed=100 + i)
         requests.append((prompt_of(rng.randint(1, 64), seed=i), params))
 
-    with distllm.local(model8, workers=2, **FAST) as reference:
+    with distllm.local(model8, workers=2, stages=2, **FAST) as reference:
         want = [list(reference.stream(p, **kw)) for p, kw in requests]
 
-    with distllm.local(model8, workers=5, **FAST) as cluster:
+    with distllm.local(model8, workers=5, stages=5, **FAST) as cluster:
         results: list = [None] * len(requests)
 
         def run(i):
@@ -206,7 +206,7 @@ def test_a_step_that_keeps_failing_fails_the_request_with_the_reason(tmp_path):
     weights = load_file(os.path.join(path, "model.safetensors"))
     weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with distllm.local(path, workers=2, **FAST) as cluster:
+    with distllm.local(path, workers=2, stages=2, **FAST) as cluster:
         with pytest.raises(distllm.StepFailedError, match="NaN"):
             cluster.generate(prompt_of(5), max_new_tokens=5, timeout=60)
         assert all(w["state"] == "ready" for w in cluster.workers())

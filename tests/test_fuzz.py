@@ -73,7 +73,7 @@ def _dealer(join_string: str) -> zmq.Socket:
 
 @pytest.fixture(scope="module")
 def live_cluster(model_dir):
-    with distllm.local(model_dir("llama"), workers=2, **QUICK) as cluster:
+    with distllm.local(model_dir("llama"), workers=2, stages=2, **QUICK) as cluster:
         want = cluster.generate(prompt_of(7), max_new_tokens=8)
         rogue = _dealer(cluster.join_string)
         yield cluster, want, rogue

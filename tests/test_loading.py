@@ -45,7 +45,7 @@ def test_cluster_from_a_hub_repo_id(sharded_dir):
     prompt = prompt_of(20)
     want = reference_generate(reference_model(sharded_dir), prompt, 16)
     with FakeHub({"me/tiny-llama": sharded_dir}) as hub:
-        with distllm.local("me/tiny-llama", workers=3, quant="none", hub_endpoint=hub.endpoint) as cluster:
+        with distllm.local("me/tiny-llama", workers=3, stages=3, quant="none", hub_endpoint=hub.endpoint) as cluster:
             got = cluster.generate(prompt, max_new_tokens=16)
             workers = cluster.workers()
         assert any(f.endswith(".safetensors") for f in hub.downloads("me/tiny-llama"))
@@ -61,7 +61,7 @@ def test_worker_memory_grows_with_its_layers_not_the_model(tmp_path):
     layer_mb = distllm._layer_params(distllm._load_config(distllm._ModelFiles(path))) * 4 / MB
 
     def growth(workers: int) -> list[float]:
-        with distllm.local(path, workers=workers, quant="none") as cluster:
+        with distllm.local(path, workers=workers, stages=workers, quant="none") as cluster:
             return [(w["rss_after"] - w["rss_before"]) / MB for w in cluster.workers()]
 
     [whole] = growth(1)

@@ -96,7 +96,7 @@ def test_no_unsafe_deserialisation_in_the_module():
 
 def test_host_survives_garbage_from_an_authenticated_peer(model_dir):
     """A peer with valid keys sends junk: each message is dropped and generation is unaffected."""
-    with distllm.local(model_dir("llama"), workers=2, quant="none") as cluster:
+    with distllm.local(model_dir("llama"), workers=2, stages=2, quant="none") as cluster:
         want = cluster.generate([5, 6, 7], max_new_tokens=12)
         info = distllm.JoinInfo.parse(cluster.join_string)
         ctx = zmq.Context.instance()

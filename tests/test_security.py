@@ -86,7 +86,7 @@ def test_nobody_listening_times_out_with_a_clear_error():
 
 
 def test_kicked_worker_is_removed_and_cannot_come_back(model_dir):
-    with distllm.local(model_dir("llama"), workers=3, max_stages=2, **QUICK) as cluster:
+    with distllm.local(model_dir("llama"), workers=3, stages=2, **QUICK) as cluster:
         want = cluster.generate(prompt_of(8), max_new_tokens=12)
         first, last, name = cluster.layer_map()[0]
         victim = next(p for p in cluster.local_processes if p.name == name)

@@ -15,7 +15,7 @@ def test_generation_through_a_bore_relay(model_dir, secret):
     relay = BoreRelay(secret=secret)
     try:
         spec = f"bore://{secret + '@' if secret else ''}127.0.0.1:{relay.control_port}"
-        with distllm.local(path, workers=2, quant="none", tunnel=spec) as cluster:
+        with distllm.local(path, workers=2, stages=2, quant="none", tunnel=spec) as cluster:
             endpoint = distllm.JoinInfo.parse(cluster.join_string).endpoint
             assert endpoint != f"tcp://127.0.0.1:{cluster.port}", "the join string must carry the relay's port"
             got = cluster.generate(prompt_of(12), max_new_tokens=16)
