@@ -1463,7 +1463,8 @@ class HubStore(LocalStore):
         self.repo_id = repo_id
         self.api = HfApi(endpoint=endpoint, token=token)
         self._token, self._endpoint = token, endpoint
-        super().__init__(_os.path.join(cache_dir or _cache_dir(), "store", repo_id.replace("/", "--")))
+        hub = _hashlib.sha256(str(endpoint).encode()).hexdigest()[:8]  # a mirror per Hub (and repo)
+        super().__init__(_os.path.join(cache_dir or _cache_dir(), "store", f"{repo_id.replace('/', '--')}-{hub}"))
         self.uri = f"hf://{repo_id}"
         self._lock = _threading.Lock()
         self._dirty: dict[str, int] = {}  # key -> version of the change not yet pushed
@@ -1618,8 +1619,9 @@ def read_rendezvous(uri: str, *, token: str | None = None, endpoint: str | None 
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
+            where = _hashlib.sha256(f"{endpoint}|{uri}".encode()).hexdigest()[:16]  # one Hub's files only
             path = hf_hub_download(uri[len("hf://"):], RENDEZVOUS, repo_type="dataset", token=token,
-                                   endpoint=endpoint, cache_dir=_os.path.join(_cache_dir(), "rendezvous"))
+                                   endpoint=endpoint, cache_dir=_os.path.join(_cache_dir(), "rendezvous", where))
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
         with open(path, "rb") as f:

@@ -86,7 +86,7 @@ class FakeHub:
                 files.pop(path, None)
             else:
                 files[path] = data
-        oid = hashlib.sha1(f"{repo}:{len(self.datasets[repo])}:{sorted(changes)}".encode()).hexdigest()
+        oid = hashlib.sha1(os.urandom(20)).hexdigest()  # unique, as a real commit's is
         self.datasets[repo].append((oid, files))
         return oid
 
@@ -106,7 +106,7 @@ class FakeHub:
                 if repo in self.datasets:
                     return self._json(handler, 409, {"error": "You already created this dataset repo",
                                                      "url": f"{self.endpoint}/datasets/{repo}"})
-                self.datasets[repo] = [(hashlib.sha1(repo.encode()).hexdigest(), {})]
+                self.datasets[repo] = [(hashlib.sha1(os.urandom(20)).hexdigest(), {})]
                 return self._json(handler, 200, {"url": f"{self.endpoint}/datasets/{repo}"})
             parts = path.split("/")  # ['', 'api', 'datasets', user, name, route, revision]
             if len(parts) != 7 or parts[:3] != ["", "api", "datasets"]:
