@@ -78,6 +78,12 @@ __all__ = [
     "quantize_linears",
     "sample",
     "plan_layers",
+    "plan_stages",
+    "plan_cost",
+    "moved_layers",
+    "worth_rebalancing",
+    "NodeProfile",
+    "calibrate",
     # errors
     "DistllmError",
     "ProtocolError",
@@ -2834,6 +2840,10 @@ class _WorkerState:
             if len(decode) >= 8 and self.layers:
                 self.layer_ms = _median(decode) / (self.layers[1] - self.layers[0])
 
+    def forget_timings(self) -> None:
+        """Drop step timings taken on another layer range (the calibration-based layer_ms stays)."""
+        self._timings.clear()
+
     def public(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
         d.pop("wid")
@@ -3099,12 +3109,22 @@ class Cluster:
             raise KeyError(f"no worker named {worker!r}; workers: {', '.join(names)}")
         self._command("kick", worker)
 
-    def spawn_local(self, n: int = 1) -> list:
+    def spawn_local(self, n: int = 1, **options: Any) -> list:
         """Start `n` more worker processes on this machine that join this cluster; return them.
 
         They are `multiprocessing` processes (`.pid`, `.kill()`), named local-0, local-1, ...
+        `options` (Config fields) apply to these workers only.
         """
-        return _spawn_local_workers(self, n)
+        Config.build(self.config, **options)  # names a bad option here, not in the child
+        return _spawn_local_workers(self, n, **options)
+
+    def rebalance(self) -> None:
+        """Check now whether moving layers would pay, and if so move them (make before break).
+
+        The same check runs every `Config.rebalance_s` seconds on its own; a move happens only
+        when the planner predicts at least `rebalance_gain` faster tokens from measured speeds.
+        """
+        self._command("rebalance", None)
 
     @property
     def local_processes(self) -> list:
@@ -3525,6 +3545,8 @@ class Cluster:
                 s = self._sessions.get(arg)
                 if s is not None:
                     self._finish(s)
+            elif kind == "rebalance":
+                self._maybe_rebalance(_time.monotonic(), now=True)
             elif kind == "kick":
                 for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
                     self._banned.add(w.wid)
@@ -4029,6 +4051,7 @@ class Cluster:
         self._epoch += 1
         worker.state, worker.layers, worker.epoch = "loading", (start, end), self._epoch
         worker.next_layers = None
+        worker.forget_timings()
         self._send(worker.wid, "assign", {"epoch": self._epoch, "start": start, "end": end, **self._model_fields()})
 
     def _capacity(self, w: _WorkerState) -> int:
@@ -4108,11 +4131,12 @@ class Cluster:
 
     # -- rebalancing ----------------------------------------------------------
 
-    def _maybe_rebalance(self, now: float) -> None:
-        """Every `rebalance_s`, move layers if measured speeds promise a clear gain (make before break)."""
-        if (not self.config.rebalance_s or now - self._last_rebalance < self.config.rebalance_s
-                or self._rebalance is not None or self._handovers or not self._ready.is_set()):
+    def _maybe_rebalance(self, clock: float, now: bool = False) -> None:
+        """Every `rebalance_s` (or `now`), move layers if measured speeds promise a clear gain."""
+        due = now or (self.config.rebalance_s and clock - self._last_rebalance >= self.config.rebalance_s)
+        if not due or self._rebalance is not None or self._handovers or not self._ready.is_set():
             return
+        now = clock
         self._last_rebalance = now
         live = self._live()
         if any(w.state not in ("ready", "standby") for w in live):
@@ -4152,6 +4176,7 @@ class Cluster:
             if w.next_layers is not None:  # activate follows every step of the old plan in its queue
                 self._send(wid, "activate", {"epoch": w.next_epoch})
                 w.layers, w.epoch, w.state, w.next_layers = w.next_layers, w.next_epoch, "ready", None
+                w.forget_timings()  # they were for the old range
         for w in self._live():
             if w.wid not in holders:
                 w.layers, w.state = None, "standby"
@@ -4320,7 +4345,7 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
     return cluster
 
 
-def _spawn_local_workers(cluster: Cluster, n: int) -> list:
+def _spawn_local_workers(cluster: Cluster, n: int, **overrides: Any) -> list:
     ctx = _mp_context()
     cfg = cluster.config
     threads = cfg.worker_threads or max(1, (_os.cpu_count() or 1) // max(1, cfg.workers))
@@ -4330,6 +4355,7 @@ def _spawn_local_workers(cluster: Cluster, n: int) -> list:
         options = {f.name: getattr(cfg, f.name) for f in _dataclasses.fields(cfg)}
         options["tunnel"] = None  # the host's business; workers dial the join string's address
         options["store"] = None  # they live and die with this process: no host to follow elsewhere
+        options.update(overrides)
         p = ctx.Process(target=_local_worker_main, name=f"local-{i}", daemon=True,
                         args=(cluster.join_string, f"local-{i}", options, _os.getpid(), threads))
         p.start()
