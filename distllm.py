@@ -46,6 +46,8 @@ __all__ = [
     "main",
     "bench_overhead",
     "bench_failover",
+    "simulate",
+    "SwarmSimulator",
     # handles
     "Cluster",
     "Worker",
@@ -106,6 +108,7 @@ import contextlib as _contextlib
 import dataclasses as _dataclasses
 import functools as _functools
 import hashlib as _hashlib
+import heapq as _heapq
 import inspect as _inspect
 import itertools as _itertools
 import json as _json
@@ -114,6 +117,7 @@ import math as _math
 import multiprocessing as _mp
 import os as _os
 import queue as _queue
+import random as _random
 import re as _re
 import signal as _signal
 import socket as _socket
@@ -2689,7 +2693,8 @@ def plan_cost(stages: Sequence[Stage], nodes: dict[Any, NodeProfile], *, concurr
     """Predicted ms per token for each of `concurrency` sessions in flight.
 
     A token crosses every stage (its compute plus a round trip to the host): that is one
-    stream's floor. With many sessions in flight the busiest stage is the limit.
+    stream's floor. With many sessions in flight the busiest stage is the limit: stable
+    holders of a range share its sessions, holders at risk all run every step (mirrored).
     """
     if not stages:
         return _math.inf
@@ -2700,7 +2705,9 @@ def plan_cost(stages: Sequence[Stage], nodes: dict[Any, NodeProfile], *, concurr
             return _math.inf
         best = min(holders, key=lambda n: n.layer_ms * s.layers + n.rtt_ms)
         latency += best.layer_ms * s.layers + best.rtt_ms
-        bottleneck = max(bottleneck, min(n.layer_ms for n in holders) * s.layers / len(holders))
+        # Stable holders share the sessions; where any is at risk, all of them run every step (mirrored).
+        share = len(holders) if all(n.hazard < _STABLE_HAZARD for n in holders) else 1
+        bottleneck = max(bottleneck, max(n.layer_ms for n in holders) * s.layers / share)
     return max(latency, concurrency * bottleneck)
 
 
@@ -4480,6 +4487,297 @@ def bench_failover(model: str = "tiny", *, workers: int = 3, quant: str = "none"
 
 
 ###############################################################################
+# Swarm simulator #############################################################
+###############################################################################
+# A discrete-event model of a swarm of free notebooks serving one model, driving the
+# same planner functions the coordinator calls. Nodes are FIFO servers (one step at a
+# time, as a worker's compute thread is); a step costs layers x ms per layer; every
+# stage hop costs the node's round trip. Nodes are reclaimed at random and at their
+# session cap; new ones join over time. Speeds are memory-bandwidth estimates for a
+# 4-bit 70B layer (~0.46 GB), not measurements: see docs/SIMULATION.md.
+
+_SIM_GPUS = {  # name: (GB a worker may fill, ms per decode step of one 70B nf4 layer)
+    "T4": (13.0, 2.8),
+    "P100": (13.5, 1.3),
+    "L4": (19.0, 3.0),
+    "A100": (34.0, 0.6),
+}
+_SIM_LAYER_GB = 0.46
+_SIM_LOAD_S_PER_LAYER = 2.0  # download (~250 MB/s) and quantize one layer
+_SIM_PREFILL_FACTOR = 0.02  # a prefill token costs this fraction of a decode step
+
+
+@_dataclasses.dataclass(eq=False)
+class _SimNode:
+    id: int
+    gpu: str
+    rtt_ms: float
+    joined: float
+    dies: float  # reclaimed without warning (inf: not before its cap)
+    cap_at: float  # its session cap: it leaves gracefully then (a declared deadline)
+    alive: bool = True
+    free_at: float = 0.0
+    ready_at: float = 0.0  # when the layers it was given are loaded
+
+    @property
+    def capacity(self) -> int:
+        return int(_SIM_GPUS[self.gpu][0] / _SIM_LAYER_GB)
+
+    @property
+    def layer_ms(self) -> float:
+        return _SIM_GPUS[self.gpu][1]
+
+
+class SwarmSimulator:
+    """Simulate one placement policy on a churning swarm; `run()` returns goodput and latency figures.
+
+    policy: "equal" (even split, no replicas, re-plan only when a range is orphaned),
+    "planner" (plan_stages, no replicas, rebalances with hysteresis), or "replicas"
+    (plan_stages with 2 holders per range where nodes allow).
+    """
+
+    def __init__(self, policy: str, *, seed: int = 0, hours: float = 6.0, n_layers: int = 80,
+                 gpus: Sequence[str] = ("T4",) * 10, join_every_min: float = 25.0, reclaim_mean_h: float = 4.0,
+                 cap_h: float = 12.0, sessions: int = 12, new_tokens: int = 128, prompt_tokens: int = 256,
+                 detect_s: float = 5.0, wait_timeout_s: float = 600.0):
+        if policy not in ("equal", "planner", "replicas"):
+            raise ValueError(f"policy {policy!r}: equal, planner or replicas")
+        self.policy, self.rng, self.horizon = policy, _random.Random(seed), hours * 3600
+        self.n_layers, self.gpus, self.sessions_wanted = n_layers, list(gpus), sessions
+        self.join_every, self.reclaim_mean, self.cap = join_every_min * 60, reclaim_mean_h * 3600, cap_h * 3600
+        self.new_tokens, self.prompt_tokens = new_tokens, prompt_tokens
+        self.detect_s, self.wait_timeout = detect_s, wait_timeout_s
+        self.now, self._seq, self._events = 0.0, 0, []
+        self.nodes: list[_SimNode] = []
+        self.history: dict[int, dict] = {}
+        self.plan: list[Stage] | None = None
+        self.stage_ready_at: list[float] = []
+        self.stage_gen: list[int] = []  # bumped when a range's holders lost the sessions' caches
+        self.loading: set[int] = set()  # nodes loading a range to become a replica
+        self.tokens = 0
+        self.gaps: list[float] = []  # seconds between a session's consecutive tokens
+        self.stalled = self.failed = self.completed = self.replans = self.rebalances = 0
+
+    # -- events ---------------------------------------------------------------
+
+    def _at(self, t: float, fn: Any, *args: Any) -> None:
+        self._seq += 1
+        _heapq.heappush(self._events, (t, self._seq, fn, args))
+
+    def run(self) -> dict:
+        for _ in range(len(self.gpus)):
+            self._join()
+        self._at(self.join_every * self.rng.expovariate(1.0), self._join_later)
+        self._replan()
+        for i in range(self.sessions_wanted):  # a closed loop: each finished request starts the next
+            self._at(self.rng.uniform(0, 5), self._start_session, i)
+        while self._events and self._events[0][0] <= self.horizon:
+            self.now, _, fn, args = _heapq.heappop(self._events)
+            fn(*args)
+        gaps = sorted(self.gaps) or [_math.inf]
+        return {"policy": self.policy, "goodput": self.tokens / self.horizon,
+                "p50_ms": gaps[len(gaps) // 2] * 1e3, "p99_ms": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1e3,
+                "completed": self.completed, "stalled": self.stalled, "failed": self.failed,
+                "replans": self.replans, "rebalances": self.rebalances}
+
+    # -- membership -------------------------------------------------------------
+
+    def _join(self) -> None:
+        gpu = self.gpus[len(self.nodes) % len(self.gpus)] if len(self.nodes) < len(self.gpus) else \
+            self.rng.choice(self.gpus)
+        node = _SimNode(len(self.nodes), gpu, self.rng.uniform(20, 150), self.now,
+                        self.now + self.rng.expovariate(1 / self.reclaim_mean), self.now + self.cap)
+        self.nodes.append(node)
+        self.history[node.id] = {"failures": 0}
+        self._at(min(node.dies, node.cap_at), self._node_ends, node)
+        if self.plan is not None:
+            self._on_join(node)
+        elif self.now > 0:  # the swarm could not hold the model: maybe it can now
+            self._replan()
+
+    def _join_later(self) -> None:
+        self._join()
+        self._at(self.now + self.rng.expovariate(1 / self.join_every), self._join_later)
+
+    def _hazard(self, node: _SimNode) -> float:
+        uptime_h = (self.now - node.joined) / 3600
+        hazard = (self.history[node.id]["failures"] + 1.0) / (uptime_h + 2.0)
+        return hazard + (1.0 if node.cap_at - self.now < 3600 else 0.0)
+
+    def _profiles(self) -> list[NodeProfile]:
+        held = {w: (s.start, s.end) for s in self.plan or () for w in s.workers}
+        return [NodeProfile(n.id, n.capacity, n.layer_ms, n.rtt_ms, self._hazard(n), held.get(n.id))
+                for n in self.nodes if n.alive]
+
+    def _new_plan(self) -> list[Stage] | None:
+        live = [n for n in self.nodes if n.alive]
+        if self.policy == "equal":
+            return plan_layers(self.n_layers, [(n.id, n.capacity) for n in live])
+        return plan_stages(self.n_layers, self._profiles(), replicas=2 if self.policy == "replicas" else 1,
+                           concurrency=self.sessions_wanted)
+
+    def _install(self, plan: list[Stage] | None, *, make_before_break: bool) -> None:
+        """Adopt `plan`: holders whose range changed load it, unless it was loaded beside the old plan."""
+        old = {w: (s.start, s.end) for s in self.plan or () for w in s.workers}
+        self.plan, self.stage_ready_at, self.stage_gen = plan, [], []
+        for s in plan or ():
+            for w in s.workers:
+                if old.get(w) != (s.start, s.end) and not make_before_break:
+                    self.nodes[w].ready_at = self.now + s.layers * _SIM_LOAD_S_PER_LAYER
+            self.stage_ready_at.append(min(self.nodes[w].ready_at for w in s.workers) if not make_before_break
+                                       else self.now)
+            self.stage_gen.append(0)
+
+    def _replan(self, *, make_before_break: bool = False) -> None:
+        self.replans += 1
+        self._install(self._new_plan(), make_before_break=make_before_break)
+
+    def _held(self) -> set[int]:
+        return {w for s in self.plan or () for w in s.workers} | self.loading
+
+    def _on_join(self, node: _SimNode) -> None:
+        if self.policy == "equal":
+            return  # a standby until a range is orphaned
+        if self.policy == "replicas":
+            self._refill()
+        proposal = self._new_plan()
+        nodes = {p.id: p for p in self._profiles()}
+        if proposal is not None and self.plan is not None and worth_rebalancing(
+                self.plan, proposal, nodes, concurrency=self.sessions_wanted):
+            self.rebalances += 1
+            load = max(s.layers * _SIM_LOAD_S_PER_LAYER for s in proposal)
+            self._at(self.now + load, self._switch, proposal)  # loads beside the serving plan
+
+    def _switch(self, proposal: list[Stage]) -> None:
+        if all(self.nodes[w].alive for s in proposal for w in s.workers):
+            self._install(proposal, make_before_break=True)
+
+    def _refill(self) -> None:
+        """Give ranges that lost a replica a spare node again (it loads, then mirrors the steps)."""
+        for s in self.plan or ():
+            if len(s.workers) >= 2:
+                continue
+            spare = [n for n in self.nodes if n.alive and n.id not in self._held() and n.capacity >= s.layers]
+            if spare:
+                pick = min(spare, key=lambda n: (self._hazard(n), n.layer_ms))
+                self.loading.add(pick.id)
+                self._at(self.now + s.layers * _SIM_LOAD_S_PER_LAYER, self._add_holder, s, pick)
+
+    def _add_holder(self, stage: Stage, node: _SimNode) -> None:
+        self.loading.discard(node.id)
+        if node.alive and self.plan is not None and any(s is stage for s in self.plan):
+            stage.workers.append(node.id)  # warmed from the host's kept inputs, off the token path
+
+    def _node_ends(self, node: _SimNode) -> None:
+        graceful = node.cap_at <= node.dies  # reached its declared deadline: hands over first
+        if not graceful:
+            self.history[node.id]["failures"] += 1
+        node.alive = False
+        self.loading.discard(node.id)
+        if self.plan is not None and any(node.id in s.workers for s in self.plan):
+            self._at(self.now + (0.0 if graceful else self.detect_s), self._lost, node, graceful)
+
+    def _lost(self, node: _SimNode, graceful: bool) -> None:
+        for i, s in enumerate(self.plan or ()):
+            if node.id not in s.workers:
+                continue
+            s.workers.remove(node.id)
+            if s.workers:  # a replica carries on; find it a new twin
+                if self.policy == "replicas":
+                    self._refill()
+                continue
+            spare = [n for n in self.nodes if n.alive and n.id not in self._held() and n.capacity >= s.layers]
+            if not spare:
+                self._replan(make_before_break=graceful)
+                return
+            pick = min(spare, key=lambda n: (self._hazard(n), n.layer_ms))
+            s.workers.append(pick.id)
+            pick.ready_at = self.now + s.layers * _SIM_LOAD_S_PER_LAYER
+            self.stage_ready_at[i] = self.now if graceful else pick.ready_at  # a leaver serves until then
+            self.stage_gen[i] += 1  # the sessions' caches on this range are gone: replay
+
+    # -- sessions ---------------------------------------------------------------
+
+    def _start_session(self, i: int) -> None:
+        self._step({"id": i, "pos": 0, "made": 0, "last": self.now, "stalled": False, "plan": None,
+                    "gens": {}}, 0)
+
+    def _step(self, sess: dict, stage: int) -> None:
+        """Send the session's current step into `stage`, waiting while the stage has no ready holder."""
+        if self.now - sess["last"] > self.wait_timeout:
+            self.failed += 1
+            self._start_session(sess["id"])
+            return
+        plan = self.plan
+        if plan is None:
+            self._at(self.now + 1.0, self._step, sess, 0)
+            return
+        if sess["plan"] is not plan:  # a new plan: every cache is gone, start over from stage 0
+            sess["plan"], sess["gens"], stage = plan, {}, 0
+        if not plan[stage].workers or self.stage_ready_at[stage] > self.now:
+            self._at(max(self.stage_ready_at[stage], self.now + 0.5), self._step, sess, stage)
+            return
+        if stage == 0:  # decide the step's size: prompt, one token, or a replay of everything
+            sess["n"] = 1 if sess["pos"] else self.prompt_tokens
+        n = sess["n"]
+        if sess["pos"] and sess["gens"].get(stage) != self.stage_gen[stage]:
+            n = sess["pos"]  # this range lost the session's cache: rebuild it with one prefill
+        sess["gens"][stage] = self.stage_gen[stage]
+        s, done = plan[stage], _math.inf
+        for w in s.workers:
+            node = self.nodes[w]
+            if not node.alive:
+                continue
+            cost = s.layers * node.layer_ms * (1.0 if n == 1 else _SIM_PREFILL_FACTOR * n) / 1e3
+            start = max(self.now + node.rtt_ms / 2e3, node.free_at)
+            node.free_at = start + cost
+            if min(node.dies, node.cap_at) > start + cost:
+                done = min(done, start + cost + node.rtt_ms / 2e3)
+        if done == _math.inf:  # every holder dies first: noticed, then sent again
+            self._at(self.now + self.detect_s, self._step, sess, stage)
+            return
+        self._at(done, self._answered, sess, stage, plan)
+
+    def _answered(self, sess: dict, stage: int, plan: list[Stage]) -> None:
+        if plan is not self.plan:
+            self._step(sess, 0)
+            return
+        if stage + 1 < len(plan):
+            self._step(sess, stage + 1)
+            return
+        sess["pos"] = sess["pos"] + 1 if sess["pos"] else self.prompt_tokens + 1
+        sess["made"] += 1
+        self.tokens += 1
+        gap = self.now - sess["last"]
+        if gap > 10.0 and not sess["stalled"]:
+            sess["stalled"] = True
+            self.stalled += 1
+        self.gaps.append(gap)
+        sess["last"] = self.now
+        if sess["made"] >= self.new_tokens:
+            self.completed += 1
+            self._start_session(sess["id"])
+        else:
+            self._step(sess, 0)
+
+
+def simulate(*, seeds: Sequence[int] = (0, 1, 2), hours: float = 6.0, gpus: Sequence[str] = ("T4",) * 10,
+             policies: Sequence[str] = ("equal", "planner", "replicas"), **options: Any) -> list[dict]:
+    """Run every policy on the same swarms (one per seed); return one row of averaged figures per policy."""
+    rows = []
+    for policy in policies:
+        runs = [SwarmSimulator(policy, seed=seed, hours=hours, gpus=gpus, **options).run() for seed in seeds]
+        row = {"policy": policy}
+        for key in runs[0]:
+            if key != "policy":
+                row[key] = sum(r[key] for r in runs) / len(runs)
+        row["max_p99_ms"] = max(r["p99_ms"] for r in runs)
+        row["failed_total"] = sum(r["failed"] for r in runs)
+        rows.append(row)
+    return rows
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -4576,6 +4874,49 @@ def _map(args: Any) -> int:
     return 0
 
 
+def _simulate(args: Any) -> int:
+    kinds = [g.strip() for g in args.gpus.split(",") if g.strip()] or ["T4"]
+    gpus = [kinds[i % len(kinds)] for i in range(args.nodes)]
+    unknown = sorted(set(gpus) - set(_SIM_GPUS))
+    if unknown:
+        raise RequestError(f"unknown GPU {unknown[0]!r}: choose from {', '.join(_SIM_GPUS)}")
+    print(f"swarm: {len(gpus)} notebooks ({', '.join(f'{gpus.count(g)} {g}' for g in dict.fromkeys(gpus))}), "
+          f"a 70B model in 4 bits (80 layers), {args.sessions} requests in flight, {args.hours:g} h x "
+          f"{args.seeds} seeds; reclaimed every {args.reclaim_h:g} h on average, {args.cap_h:g} h caps, "
+          f"a new notebook every {args.join_min:g} min, round trips 20-150 ms", flush=True)
+    rows = simulate(seeds=range(args.seeds), hours=args.hours, gpus=gpus, sessions=args.sessions,
+                    reclaim_mean_h=args.reclaim_h, cap_h=args.cap_h, join_every_min=args.join_min)
+    names = {"equal": "equal split", "planner": "planner", "replicas": "planner + replicas"}
+    print(f"{'policy':<20}{'tokens/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'stalled':>9}{'failed':>8}"
+          f"{'re-plans':>10}{'rebalances':>12}")
+    for r in rows:
+        print(f"{names[r['policy']]:<20}{r['goodput']:>9.2f}{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}"
+              f"{r['completed']:>10.0f}{r['stalled']:>9.1f}{r['failed']:>8.1f}{r['replans']:>10.1f}"
+              f"{r['rebalances']:>12.1f}")
+    print("(per seed averages; requests = completed; stalled = requests that waited over 10 s for a token; "
+          "failed = waited over 600 s)")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=_sys.stderr)
+            return 0
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        labels = [names[r["policy"]] for r in rows]
+        for ax, key, title in zip(axes, ("goodput", "p99_ms", "stalled"), ("tokens/s", "p99 ms per token",
+                                                                          "requests stalled")):
+            ax.bar(labels, [r[key] for r in rows], color=["#999", "#4a90d9", "#2a6"])
+            ax.set_title(title)
+            ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def _bench(args: Any) -> int:
     if args.failover:
         bench_failover(args.model, quant=args.quant)
@@ -4641,6 +4982,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--advertise", default=None)
     p.set_defaults(func=_map)
+
+    p = sub.add_parser("simulate", help="compare placement policies on a simulated swarm of free notebooks")
+    p.add_argument("--nodes", type=int, default=10, help="notebooks at the start")
+    p.add_argument("--gpus", default="", help="comma-separated GPU kinds, cycled (T4, P100, L4, A100); default T4")
+    p.add_argument("--hours", type=float, default=6.0)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sessions", type=int, default=12, help="requests in flight")
+    p.add_argument("--reclaim-h", type=float, default=4.0, help="mean hours before a notebook is reclaimed")
+    p.add_argument("--cap-h", type=float, default=12.0, help="session cap in hours")
+    p.add_argument("--join-min", type=float, default=25.0, help="mean minutes between new notebooks")
+    p.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("bench", help="decode ms/token: N local workers against one process")
     p.add_argument("--model", default="tiny")

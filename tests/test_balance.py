@@ -145,3 +145,24 @@ def test_a_slowed_worker_loses_layers_and_tokens_per_second_rise():
     assert after_map["local-1"] < 4 < after_map["local-0"], after_map
     assert after == reference  # token-identical across the move
     assert fast_rate > 1.5 * slow_rate, (slow_rate, fast_rate)
+
+
+# -- the swarm simulator (drives the same planner) -------------------------------------
+
+
+def test_simulated_t4_swarm_planner_with_replicas_completes_everything_and_beats_the_equal_split():
+    rows = {r["policy"]: r for r in distllm.simulate(seeds=[0], hours=6.0, gpus=["T4"] * 10,
+                                                     policies=("equal", "replicas"))}
+    equal, replicas = rows["equal"], rows["replicas"]
+    assert replicas["failed"] == 0 and replicas["completed"] > 0
+    assert replicas["goodput"] > 1.2 * equal["goodput"], (equal, replicas)
+    assert replicas["p99_ms"] < equal["p99_ms"], (equal, replicas)
+    assert replicas["stalled"] <= equal["stalled"]
+
+
+def test_simulator_is_deterministic_per_seed_and_refuses_unknown_policies():
+    a = distllm.SwarmSimulator("planner", seed=3, hours=0.5).run()
+    b = distllm.SwarmSimulator("planner", seed=3, hours=0.5).run()
+    assert a == b and a["goodput"] > 0
+    with pytest.raises(ValueError, match="policy"):
+        distllm.SwarmSimulator("random")
