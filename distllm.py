@@ -2750,19 +2750,26 @@ def plan_stages(n_layers: int, nodes: Sequence[NodeProfile], *, replicas: int = 
 
 def _add_replicas(stages: list[Stage], spare: Sequence[NodeProfile], by_id: dict[Any, NodeProfile],
                   replicas: int) -> None:
-    """Give stages up to `replicas` holders from `spare`: the riskiest ranges first, then the busiest."""
+    """Give stages up to `replicas` holders from `spare`: the riskiest ranges first, then the busiest.
+
+    A replica must not be much slower than the range's holders: it runs every step too,
+    and one that falls behind would have a backlog, not a warm cache, when needed.
+    """
     def need(s: Stage) -> tuple[float, float]:
         risk = _math.prod(min(1.0, by_id[w].hazard) for w in s.workers)  # chance no holder survives the hour
         busy = min(by_id[w].layer_ms for w in s.workers) * s.layers / len(s.workers)
         return (risk, busy)
 
+    def fits(n: NodeProfile, s: Stage) -> bool:  # room, and not much slower: a mirror runs every step too
+        return n.capacity >= s.layers and n.layer_ms <= 1.5 * max(by_id[w].layer_ms for w in s.workers)
+
     spare = sorted(spare, key=lambda n: (n.hazard, n.cost))
     while spare:
-        open_ = [s for s in stages if len(s.workers) < replicas and any(n.capacity >= s.layers for n in spare)]
+        open_ = [s for s in stages if len(s.workers) < replicas and any(fits(n, s) for n in spare)]
         if not open_:
             return
         target = max(open_, key=need)
-        node = next(n for n in spare if n.capacity >= target.layers)
+        node = next(n for n in spare if fits(n, target))
         target.workers.append(node.id)
         spare.remove(node)
 
@@ -4657,7 +4664,9 @@ class SwarmSimulator:
         for s in self.plan or ():
             if len(s.workers) >= 2:
                 continue
-            spare = [n for n in self.nodes if n.alive and n.id not in self._held() and n.capacity >= s.layers]
+            slowest = max((self.nodes[w].layer_ms for w in s.workers), default=_math.inf)
+            spare = [n for n in self.nodes if n.alive and n.id not in self._held() and n.capacity >= s.layers
+                     and n.layer_ms <= 1.5 * slowest]  # as the planner: a mirror must keep up
             if spare:
                 pick = min(spare, key=lambda n: (self._hazard(n), n.layer_ms))
                 self.loading.add(pick.id)

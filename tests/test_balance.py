@@ -60,16 +60,19 @@ def test_one_fast_node_that_holds_everything_serves_alone_at_one_stream_and_is_s
 
 
 def test_unstable_and_deadline_bound_ranges_get_replicas_first():
-    # "flaky" is fast, so it holds a range; its range, not the steady one, gets the spare node.
-    nodes = [NodeProfile("steady", 16, 1.0, hazard=0.02), NodeProfile("flaky", 16, 0.2, hazard=2.0),
-             NodeProfile("spare", 16, 1.0, hazard=0.03)]
-    plan = plan_stages(16, nodes, replicas=2, stages=2)
-    by_primary = {s.workers[0]: s.workers for s in plan}
-    assert by_primary == {"flaky": ["flaky", "spare"], "steady": ["steady"]}
-    # A deadline counts as hazard the same way (the coordinator adds one failure/hour when it is near).
-    nodes[1] = NodeProfile("flaky", 16, 0.2, hazard=1.0)
-    assert {s.workers[0]: s.workers for s in plan_stages(16, nodes, replicas=2, stages=2)}["flaky"] == [
-        "flaky", "spare"]
+    # Three ranges need three holders; "flaky" is quick enough to hold one, and its range
+    # (hazard 0.3/h: a short record, or a deadline near) is the one that gets the spare.
+    nodes = [NodeProfile("steady", 8, 1.0, hazard=0.02), NodeProfile("flaky", 8, 0.7, hazard=0.3),
+             NodeProfile("calm", 8, 1.0, hazard=0.03), NodeProfile("spare", 8, 1.0, hazard=0.03)]
+    plan = plan_stages(24, nodes, replicas=2, stages=3)
+    assert {s.workers[0]: s.workers for s in plan} == {"steady": ["steady"], "calm": ["calm"],
+                                                        "flaky": ["flaky", "spare"]}
+
+
+def test_a_replica_much_slower_than_its_range_is_not_paired_with_it():
+    nodes = [NodeProfile("fast", 16, 0.2, hazard=2.0), NodeProfile("slow", 16, 1.0, hazard=0.0)]
+    plan = plan_stages(16, nodes, replicas=2, stages=1)
+    assert [s.workers for s in plan] == [["fast"]] or [s.workers for s in plan] == [["slow"]]
 
 
 def test_an_unstable_node_gets_fewer_layers_than_an_equally_fast_stable_one():
