@@ -247,6 +247,7 @@ class Config:
     store_push_s: float = 60.0  # seconds between commits to a Hub store (the Hub rate-limits commits)
     job_concurrency: int = 16  # prompts of one batch job in flight at once
     kv_budget_tokens: int = 8192  # tokens of KV cache per layer a worker keeps room for (all sessions together)
+    calibrate: bool = True  # workers time one layer when they join, so the first plan knows their speed
     rebalance_s: float = 30.0  # seconds between checks whether moving layers would pay (0: never rebalance)
     rebalance_gain: float = 0.2  # predicted speed-up a rebalance must promise (hysteresis against thrashing)
     test_step_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer per step (a slow node)
@@ -378,6 +379,20 @@ def _release_freed_memory() -> None:
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc serve every block over 1 MB with its own mapping, returned to the OS when freed.
+
+    By default glibc raises that threshold after large frees, so a freed layer (the
+    calibration's, an old range's) lingers in the heap instead of going back.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -1239,6 +1254,10 @@ def calibrate(config: Any, *, quant: str, dtype: torch.dtype, device: torch.devi
     timed("warm-up", hidden, 0)  # kernels load, caches allocate
     prefill = timed("calibrate", hidden, 0)
     decode = [timed("calibrate", hidden[:, :1], prompt + i) for i in range(steps)]
+    del shard
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _release_freed_memory()  # give the layer's memory back, so the real layers' footprint is measured true
     return _median(decode), prefill / prompt
 
 
@@ -1911,6 +1930,7 @@ class Worker:
 
     def start(self) -> "Worker":
         """Start serving in background threads and return at once."""
+        _fixed_mmap_threshold()
         pair = self._ctx.socket(zmq.PAIR)
         pair.bind(self._inproc)  # bound before the compute thread connects
         self._threads = [  # compute first: the I/O thread may stop (and join it) at once
@@ -3618,8 +3638,11 @@ class Cluster:
         w.deadline = float(deadline) if deadline is not None and _math.isfinite(deadline) else None
         self._workers[wid] = w
         self._node_event(w, "joins")
+        fields = self._model_fields() if self.config.calibrate else {"quant": self.config.quant}
+        if not self.config.calibrate:
+            w.layer_ms = 1.0  # all alike until their steps are measured
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
-                                    **self._model_fields()})
+                                    **fields})
         _log.info("worker %s joined (%s, %.1f GB free)", w.name, w.device_name or w.device, w.memory / 1e9)
         self._place()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 # No test may reach the real Hub: a stray request goes to a closed local port and
 # fails at once. Tests that need a Hub pass the fake one's endpoint explicitly.
@@ -94,3 +95,12 @@ def prompt_of(length: int, seed: int = 0) -> list[int]:
     """A deterministic prompt of `length` printable-character token ids."""
     g = torch.Generator().manual_seed(seed + length)
     return torch.randint(3, 98, (length,), generator=g).tolist()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

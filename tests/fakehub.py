@@ -114,6 +114,8 @@ class FakeHub:
             repo, route, revision = f"{parts[3]}/{parts[4]}", parts[5], parts[6]
             if repo not in self.datasets:
                 return self._error(handler, 404, "RepoNotFound", f"{repo} not found")
+            if revision != "main":  # distllm commits to the main branch only
+                return self._error(handler, 404, "RevisionNotFound", f"no branch {revision}")
             if route == "preupload":
                 files = json.loads(raw)["files"]
                 return self._json(handler, 200, {"files": [

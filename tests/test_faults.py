@@ -12,7 +12,7 @@ import time
 import pytest
 
 import distllm
-from conftest import prompt_of, write_model
+from conftest import prompt_of, wait_for, write_model
 
 FAST = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", prefill_chunk=8)
 
@@ -29,14 +29,6 @@ def _holder_of(cluster, layer: int):
             name = names.split(", ")[0]
             return next(p for p in cluster.local_processes if p.name == name)
     raise AssertionError(f"nobody holds layer {layer}")
-
-
-def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _stream_and_kill(cluster, prompt, at: int, kill, **params) -> list[int]:
@@ -82,7 +74,7 @@ def test_hot_replica_failover_needs_no_replay(model8):
         want = cluster.generate(prompt, max_new_tokens=40)
         victim = _holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 8, lambda: os.kill(victim.pid, signal.SIGKILL), max_new_tokens=40)
-        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        wait_for(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
         after = cluster.generate(prompt, max_new_tokens=40)
         stats = cluster.stats()
     assert got == want and after == want
@@ -104,7 +96,7 @@ def test_stuck_worker_is_caught_by_the_step_deadline_and_rejoins_harmlessly(mode
         [state] = [w["state"] for w in cluster.workers() if w["name"] == victim.name]
         assert state == "dead"
         os.kill(victim.pid, signal.SIGCONT)  # it wakes up with stale caches and queued steps
-        _wait(lambda: sum(w["name"] == victim.name and w["state"] in ("standby", "joined")
+        wait_for(lambda: sum(w["name"] == victim.name and w["state"] in ("standby", "joined")
                           for w in cluster.workers()) == 1, what="the stopped worker to rejoin")
         for _ in range(2):
             assert cluster.generate(prompt, max_new_tokens=30) == want
@@ -157,9 +149,9 @@ def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
             return [p for p in cluster.local_processes if p.is_alive()]
 
         def tokens_at_least(n):
-            _wait(lambda: cluster.stats()["tokens"] >= n, what=f"{n} tokens")
+            wait_for(lambda: cluster.stats()["tokens"] >= n, what=f"{n} tokens")
 
-        _wait(lambda: cluster.stats()["steps"] >= 3, what="the first prefill steps")
+        wait_for(lambda: cluster.stats()["steps"] >= 3, what="the first prefill steps")
         os.kill(rng.choice(live()).pid, signal.SIGKILL)  # during prefill
         cluster.spawn_local(1)
         tokens_at_least(120)
@@ -185,15 +177,15 @@ def test_requests_wait_for_a_worker_then_finish_or_time_out_with_the_reason(mode
         want = cluster.generate(prompt, max_new_tokens=20)
         only = cluster.local_processes[0]
         os.kill(only.pid, signal.SIGKILL)
-        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        wait_for(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
         stream = cluster.stream(prompt, max_new_tokens=20)  # submitted now; nobody holds any layer
-        _wait(lambda: "waiting for workers" in cluster.status, what="a visible reason")
+        wait_for(lambda: "waiting for workers" in cluster.status, what="a visible reason")
         cluster.spawn_local(1)
         assert list(stream) == want
 
     with distllm.local(model8, workers=1, wait_timeout_s=1.0, **FAST) as cluster:
         os.kill(cluster.local_processes[0].pid, signal.SIGKILL)
-        _wait(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
+        wait_for(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
         with pytest.raises(distllm.ClusterNotReadyError, match="waiting for workers: 0 of 1"):
             cluster.generate(prompt, max_new_tokens=5)
 
@@ -232,10 +224,10 @@ def test_diverging_replica_is_flagged_and_dropped(tmp_path):
         weights["model.layers.1.mlp.down_proj.weight"].mul_(-1.0)
         save_file(weights, file, metadata={"format": "pt"})
         workers.append(distllm.join(cluster.join_string, name="different", background=True, **options))
-        _wait(lambda: len(cluster.layer_map()[0][2].split(", ")) == 2
+        wait_for(lambda: len(cluster.layer_map()[0][2].split(", ")) == 2
               and all(w["state"] == "ready" for w in cluster.workers()), what="the second replica")
         cluster.generate(prompt_of(9), max_new_tokens=8)
-        _wait(lambda: any(w["state"] == "failed" for w in cluster.workers()), what="a replica flagged")
+        wait_for(lambda: any(w["state"] == "failed" for w in cluster.workers()), what="a replica flagged")
         [flagged] = [w for w in cluster.workers() if w["state"] == "failed"]
         assert "diverged" in flagged["lost_why"]
         assert len(cluster.layer_map()[0][2].split(", ")) == 1

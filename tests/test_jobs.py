@@ -10,24 +10,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import distllm
+from conftest import wait_for
 from fakehub import FakeHub
 
 PROMPTS = [f"story {i}: " + "ab" * (i % 7) for i in range(50)]
 TOKENS = 16
 SAMPLING = {"max_new_tokens": TOKENS, "temperature": 0.7, "seed": 11}
-
-
-def _wait(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +104,8 @@ def _kill_host_twice(tmp_path, procs, reference, *, kill_workers: bool):
     try:
         for run, kill_at in enumerate((8, 25)):
             host = procs.start(*host_args, log=f"host{run}.log")
-            _wait(lambda: len(_result_lines(store)) >= kill_at and _half_done(store), what=f"{kill_at} results")
+            wait_for(lambda: len(_result_lines(store)) >= kill_at and _half_done(store), 120,
+                     f"{kill_at} results")
             host.send_signal(signal.SIGKILL)
             host.wait(10)
             interrupted.append(_half_done(store))
@@ -122,7 +115,7 @@ def _kill_host_twice(tmp_path, procs, reference, *, kill_workers: bool):
                 workers[f"n{run}"] = procs.worker(store, f"n{run}")
         host = procs.start(*host_args, log="host-final.log")
         if kill_workers:  # and one more worker dies while the restarted host works
-            _wait(lambda: len(_result_lines(store)) >= 40 or host.poll() is not None, what="40 results")
+            wait_for(lambda: len(_result_lines(store)) >= 40 or host.poll() is not None, 120, "40 results")
             workers["n0"].send_signal(signal.SIGKILL)
             procs.worker(store, "n2")
         assert host.wait(300) == 0
