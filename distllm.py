@@ -1254,10 +1254,6 @@ def calibrate(config: Any, *, quant: str, dtype: torch.dtype, device: torch.devi
     timed("warm-up", hidden, 0)  # kernels load, caches allocate
     prefill = timed("calibrate", hidden, 0)
     decode = [timed("calibrate", hidden[:, :1], prompt + i) for i in range(steps)]
-    del shard
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    _release_freed_memory()  # give the layer's memory back, so the real layers' footprint is measured true
     return _median(decode), prefill / prompt
 
 
@@ -2243,6 +2239,9 @@ class Worker:
                 config = _load_config(files)
                 dtype = _compute_dtype(config, dtype_name, self.device)
                 self._profile[key] = calibrate(config, quant=quant, dtype=dtype, device=self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                _release_freed_memory()  # the random layer is gone: give its memory back
             except Exception as exc:  # the host falls back to measuring our steps
                 _log.warning("worker %s: calibration failed: %s", self.name, _short_error(exc))
                 return encode("profile", {"error": _short_error(exc)})
