@@ -2627,6 +2627,8 @@ def _progress_bar(**kwargs: Any) -> Any:
 # code. A plan is a list of Stages (contiguous layer ranges, each with its holders).
 
 _STABLE_HAZARD = 0.1  # failures per hour below which a node counts as stable (no mirrored replica needed)
+_MIRROR_SLOWDOWN = 1.5  # a replica at most this much slower than its range's holders (beyond: a backlog, not a
+#                         warm cache: a mixed swarm in the simulator failed requests at 3x)
 
 
 @_dataclasses.dataclass
@@ -2771,7 +2773,7 @@ def _add_replicas(stages: list[Stage], spare: Sequence[NodeProfile], by_id: dict
                   replicas: int) -> None:
     """Give stages up to `replicas` holders from `spare`: the riskiest ranges first, then the busiest.
 
-    A replica must not be much slower than the range's holders: it runs every step too,
+    A replica must not be far slower than the range's holders: it runs every step too,
     and one that falls behind would have a backlog, not a warm cache, when needed.
     """
     def need(s: Stage) -> tuple[float, float]:
@@ -2779,8 +2781,8 @@ def _add_replicas(stages: list[Stage], spare: Sequence[NodeProfile], by_id: dict
         busy = min(by_id[w].layer_ms for w in s.workers) * s.layers / len(s.workers)
         return (risk, busy)
 
-    def fits(n: NodeProfile, s: Stage) -> bool:  # room, and not much slower: a mirror runs every step too
-        return n.capacity >= s.layers and n.layer_ms <= 1.5 * max(by_id[w].layer_ms for w in s.workers)
+    def fits(n: NodeProfile, s: Stage) -> bool:  # room, and not far slower: a mirror runs every step too
+        return n.capacity >= s.layers and n.layer_ms <= _MIRROR_SLOWDOWN * max(by_id[w].layer_ms for w in s.workers)
 
     spare = sorted(spare, key=lambda n: (n.hazard, n.cost))
     while spare:
@@ -4688,7 +4690,7 @@ class SwarmSimulator:
                 continue
             slowest = max((self.nodes[w].layer_ms for w in s.workers), default=_math.inf)
             spare = [n for n in self.nodes if n.alive and n.id not in self._held() and n.capacity >= s.layers
-                     and n.layer_ms <= 1.5 * slowest]  # as the planner: a mirror must keep up
+                     and n.layer_ms <= _MIRROR_SLOWDOWN * slowest]  # as the planner: a mirror must keep up
             if spare:
                 pick = min(spare, key=lambda n: (self._hazard(n), n.layer_ms))
                 self.loading.add(pick.id)
