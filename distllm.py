@@ -2571,7 +2571,8 @@ class Job:
                     continue
                 session = running.pop(i)
                 if kind == "done":
-                    self._record(i, {"index": i, "tokens": session.tokens[session.prompt_len:]})
+                    self._record(i, {"index": i, "tokens": session.tokens[session.prompt_len:]},
+                                 session.tokens[:session.prompt_len])
                 elif isinstance(value, (StepFailedError, RequestError)):  # this prompt fails for good
                     self._record(i, {"index": i, "error": f"{type(value).__name__}: {value}"})
                 elif cluster._closed.is_set():
@@ -2597,10 +2598,9 @@ class Job:
         job.prompts_sha = self.prompts_sha
         return job
 
-    def _record(self, i: int, result: dict) -> None:
-        if "tokens" in result and isinstance(self.prompts[i], str):
-            result["text"] = _completion_text(self._cluster.tokenizer, self._cluster._prompt_ids(self.prompts[i]),
-                                              result["tokens"])
+    def _record(self, i: int, result: dict, prompt_ids: Sequence[int] = ()) -> None:
+        if "tokens" in result and isinstance(self.prompts[i], str):  # the prompt is not tokenized again
+            result["text"] = _completion_text(self._cluster.tokenizer, prompt_ids, result["tokens"])
         self._cluster._job_result(self, i, result)
         with self._changed:
             self._results[i] = result
@@ -3581,7 +3581,7 @@ class Cluster:
                 if s is not None:
                     self._finish(s)
             elif kind == "rebalance":
-                self._maybe_rebalance(_time.monotonic(), now=True)
+                self._maybe_rebalance(_time.monotonic(), force=True)
             elif kind == "kick":
                 for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
                     self._banned.add(w.wid)
@@ -4169,12 +4169,11 @@ class Cluster:
 
     # -- rebalancing ----------------------------------------------------------
 
-    def _maybe_rebalance(self, clock: float, now: bool = False) -> None:
-        """Every `rebalance_s` (or `now`), move layers if measured speeds promise a clear gain."""
-        due = now or (self.config.rebalance_s and clock - self._last_rebalance >= self.config.rebalance_s)
+    def _maybe_rebalance(self, now: float, force: bool = False) -> None:
+        """Every `rebalance_s` (or when `force`d), move layers if measured speeds promise a clear gain."""
+        due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s)
         if not due or self._rebalance is not None or self._handovers or not self._ready.is_set():
             return
-        now = clock
         self._last_rebalance = now
         live = self._live()
         if any(w.state not in ("ready", "standby") for w in live):
