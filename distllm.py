@@ -1458,6 +1458,29 @@ class LocalStore:
                     out.append(key)
         return sorted(out)
 
+    def sweep(self, max_age_s: float = 600.0) -> int:
+        """Remove temp files a killed writer left behind; returns how many.
+
+        A temp file is garbage once its writing process is gone (its pid is in the name) or, in a
+        folder another machine also writes (a shared Drive), once it is older than `max_age_s`.
+        """
+        removed, now = 0, _time.time()
+        for folder, dirs, files in _os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = _os.path.join(folder, name)
+                pid = name.split("-")[1]
+                try:
+                    stale = (pid.isdigit() and not _pid_alive(int(pid))) or now - _os.path.getmtime(path) > max_age_s
+                    if stale:
+                        _os.remove(path)
+                        removed += 1
+                except OSError:  # gone already, or another writer's file just replaced: not ours to mind
+                    continue
+        return removed
+
     def push(self) -> int:
         """Nothing to push: a local store is written through. Returns the bytes sent (0)."""
         return 0
@@ -3034,6 +3057,8 @@ class Cluster:
             previous = _load_record(store, RENDEZVOUS) or {}
             epoch = previous.get("epoch")
             self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
+            if store.sweep():
+                _log.info("removed temp files a killed host left in %s", store.uri)
             self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
             self._write_rendezvous()
             self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}

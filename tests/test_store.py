@@ -33,6 +33,32 @@ def test_local_store_reads_writes_appends_and_deletes(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "s" / "a") if n.startswith(".tmp-")]  # no temp files left
 
 
+def test_a_new_host_sweeps_the_temp_files_a_killed_writer_left(tmp_path):
+    store = distllm.open_store(str(tmp_path / "s"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names a process that no longer exists
+    os.makedirs(tmp_path / "s" / "sessions")
+    orphan = tmp_path / "s" / "sessions" / f".tmp-{dead.pid}-1"
+    live = tmp_path / "s" / "sessions" / f".tmp-{os.getpid()}-1"  # a writer still at work: kept
+    orphan.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    old = tmp_path / "s" / f".tmp-{os.getpid()}-2"  # a shared folder's writer that never came back
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert store.sweep() == 2
+    assert os.listdir(tmp_path / "s" / "sessions") == [live.name] and not old.exists()
+    live.unlink()
+
+    cluster = distllm.host("tiny", quant="none", bind="127.0.0.1", store=str(tmp_path / "s"))
+    try:  # a host claiming the store sweeps it
+        orphan.write_bytes(b"x")
+        cluster.close()
+        cluster = distllm.host("tiny", quant="none", bind="127.0.0.1", store=str(tmp_path / "s"))
+        assert not orphan.exists()
+    finally:
+        cluster.close()
+
+
 @pytest.mark.parametrize("key", ["", "../x", "/etc/passwd", "a//b", "a/./b", "a/../../b", ".tmp-1"])
 def test_store_refuses_keys_that_leave_its_directory(tmp_path, key):
     with pytest.raises(distllm.StoreError, match="bad store key"):
