@@ -336,6 +336,16 @@ def _require(module: str, hint: str) -> Any:
         raise ImportError(f"{module} is needed for this: {hint}") from exc
 
 
+def _progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar that renders as a widget in notebooks and as text in terminals (none in logs and pipes)."""
+    from tqdm.auto import tqdm
+
+    if "disable" not in kwargs:
+        shell = _sys.modules.get("IPython") and _sys.modules["IPython"].get_ipython()
+        kwargs["disable"] = not (shell is not None or _sys.stderr.isatty())
+    return tqdm(**kwargs)
+
+
 def _rss_bytes() -> int:
     """Return this process's resident memory in bytes."""
     try:
@@ -1153,7 +1163,7 @@ class StageShard:
     """Decoder layers [start, end) of a model, with a KV cache per session."""
 
     def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
-                 dtype: torch.dtype, device: torch.device, max_sessions: int = 256):
+                 dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
         self.config, self.start, self.end = config, start, end
@@ -1165,9 +1175,13 @@ class StageShard:
 
         weight_map = files.weight_map() if files is not None else {}  # no files: random weights (calibration)
         layers, opened = [], set()
-        for i in range(start, end):  # one layer at a time: peak memory is one float layer
-            layers.append(self._load_layer(files, weight_map, layer_cls, i))
-            opened.update(files.opened if files is not None else ())
+        bar = _progress_bar(total=end - start, desc=f"layers {start}..{end - 1}", unit="layer", leave=False,
+                            **({} if progress else {"disable": True}))
+        with bar:
+            for i in range(start, end):  # one layer at a time: peak memory is one float layer
+                layers.append(self._load_layer(files, weight_map, layer_cls, i))
+                opened.update(files.opened if files is not None else ())
+                bar.update(1)
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
@@ -1940,10 +1954,18 @@ class Worker:
         self._threads: list[_threading.Thread] = []
         self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
         self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
+        self._panel: Any = None  # the notebook status widget, built on first display
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
         return f"<distllm.Worker {self.name} {self.state}, {layers}, {self.steps_served} steps>"
+
+    def _repr_html_(self) -> str:
+        return _worker_html(self)
+
+    def _ipython_display_(self) -> None:
+        """A live status line: state, layers, steps served, memory."""
+        _show(self._repr_html_(), lambda: _WorkerStatus(self), self)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -2299,7 +2321,7 @@ class Worker:
         config = _load_config(files)
         dtype = _compute_dtype(config, dtype_name, self.device)
         return key, StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
-                               max_sessions=self.config.max_sessions_per_worker)
+                               max_sessions=self.config.max_sessions_per_worker, progress=True)
 
     def _load_staged(self, msg: Message) -> None:
         """Load a rebalance's new range on the side while the current one keeps serving (make before break)."""
@@ -2636,13 +2658,6 @@ def _completion_text(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequenc
     return "".join(stream.push(t) for t in new_ids) + stream.flush()
 
 
-def _progress_bar(**kwargs: Any) -> Any:
-    """A tqdm bar that renders as a widget in notebooks and as text in terminals."""
-    from tqdm.auto import tqdm
-
-    return tqdm(**kwargs)
-
-
 ###############################################################################
 # Placement ###################################################################
 ###############################################################################
@@ -2877,7 +2892,12 @@ class _WorkerState:
     overhead_ms: float | None = None  # median step round trip minus compute: network + protocol
     files: list[str] = _dataclasses.field(default_factory=list)  # weight files it read
     error: str | None = None
+    tokens: int = 0  # positions it has computed (prefill and decode), all ranges
+    tokens_s: float = 0.0  # positions per second over the last few seconds
+    hazard: float = 0.0  # expected failures per hour (its stability: see Cluster._hazard)
+    draining: bool = False  # asked to hand its layers over and leave
 
+    _rate_mark: tuple[float, int] = (0.0, 0)  # (time, tokens) the rate was last measured from
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
 
     @property
@@ -2891,6 +2911,7 @@ class _WorkerState:
 
     def record_step(self, round_trip_ms: float, compute_ms: float, positions: int) -> None:
         self._timings.append((round_trip_ms - compute_ms, compute_ms, positions))
+        self.tokens += positions
         if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
             self.overhead_ms = _median(t[0] for t in self._timings)
             self.compute_ms = _median(t[1] for t in self._timings)
@@ -2901,6 +2922,15 @@ class _WorkerState:
     def forget_timings(self) -> None:
         """Drop step timings taken on another layer range (the calibration-based layer_ms stays)."""
         self._timings.clear()
+
+    def measure_rate(self, now: float) -> None:
+        """Refresh tokens_s from the positions computed since the last measurement (every >= 2 s)."""
+        t0, n0 = self._rate_mark
+        if not t0:
+            self._rate_mark = (now, self.tokens)
+        elif now - t0 >= 2.0:
+            self.tokens_s = (self.tokens - n0) / (now - t0)
+            self._rate_mark = (now, self.tokens)
 
     def public(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
@@ -3038,6 +3068,9 @@ class Cluster:
         self._disconnected: dict[WorkerID, float] = {}  # worker -> when its connection closed
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
+        self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
+        self._session_view: list[dict] = []  # live sessions, for the panel
+        self._panel: Any = None  # the notebook control panel, built on first display
         self._ready = _threading.Event()
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
@@ -3169,6 +3202,18 @@ class Cluster:
             raise KeyError(f"no worker named {worker!r}; workers: {', '.join(names)}")
         self._command("kick", worker)
 
+    def drain(self, worker: str) -> None:
+        """Move the layers of the worker named `worker` to others, then let it go (make before break).
+
+        A replica or a standby takes its range and warms up first; failing those, a plan
+        without it is loaded beside the current one. Sessions keep going throughout. If
+        the other workers cannot hold the model, it keeps serving and a warning says so.
+        """
+        names = [w["name"] for w in self.workers() if w["state"] not in ("dead", "left", "failed", "kicked")]
+        if worker not in names:
+            raise KeyError(f"no live worker named {worker!r}; workers: {', '.join(names) or 'none'}")
+        self._command("drain", worker)
+
     def spawn_local(self, n: int = 1, **options: Any) -> list:
         """Start `n` more worker processes on this machine that join this cluster; return them.
 
@@ -3237,6 +3282,14 @@ class Cluster:
         workers, plan = self._snapshot
         return (f"<distllm.Cluster {self.model!r} {self.n_layers} layers, {len(workers)} workers, "
                 f"{len(plan)} stages: {self._status}>")
+
+    def _repr_html_(self) -> str:
+        """A snapshot: join cell, nodes, layer map, sessions and jobs (what a notebook without widgets shows)."""
+        return _cluster_html(self)
+
+    def _ipython_display_(self) -> None:
+        """The live control panel (one per cluster, however often it is displayed)."""
+        _show(self._repr_html_(), lambda: _Panel(self), self)
 
     # -- batch jobs and checkpoints ---------------------------------------------
 
@@ -3607,6 +3660,9 @@ class Cluster:
                     self._finish(s)
             elif kind == "rebalance":
                 self._maybe_rebalance(_time.monotonic(), force=True)
+            elif kind == "drain":
+                for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
+                    self._drain(w)
             elif kind == "kick":
                 for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
                     self._banned.add(w.wid)
@@ -3724,19 +3780,51 @@ class Cluster:
 
     def _on_leave(self, worker: _WorkerState, msg: Message) -> None:
         """Hand a leaving worker's layers to a standby before letting it go (make before break)."""
+        if not msg.get("drain", bool, False) or not self._hand_over(worker):
+            self._release(worker)
+
+    def _hand_over(self, worker: _WorkerState) -> bool:
+        """Start moving `worker`'s range to a standby, which warms up before it lets go; False if none can."""
         stage = next((s for s in self._plan or () if worker.wid in s.workers), None)
         others = [w for w in (stage.workers if stage else ()) if w != worker.wid and self._workers[w].serving]
         standby = next((w for w in self._live() if w.state == "standby"
                         and stage is not None and self._capacity(w) >= stage.layers), None)
-        if not msg.get("drain", bool, False) or stage is None or others or standby is None:
-            self._release(worker)
-            return
+        if stage is None or others or standby is None:
+            return False
         _log.info("worker %s is leaving: handing layers %d..%d to %s", worker.name, stage.start,
                   stage.end - 1, standby.name)
         worker.state = "leaving"  # still serving until the standby is warm
         stage.workers.append(standby.wid)
         self._assign(standby, stage.start, stage.end)
         self._handovers[standby.wid] = (worker.wid, set())
+        return True
+
+    def _drain(self, worker: _WorkerState) -> None:
+        """Move `worker`'s layers elsewhere, then let it go: to a standby, else by a plan without it."""
+        stage = next((s for s in self._plan or () if worker.wid in s.workers), None)
+        serving_others = stage is not None and any(w != worker.wid and self._workers[w].serving
+                                                   for w in stage.workers)
+        if stage is None or serving_others or worker.state == "leaving":
+            if worker.state != "leaving":
+                self._release(worker)  # nothing only it serves
+            return
+        if self._hand_over(worker):
+            return
+        if self._rebalance is not None or self._handovers or not self._ready.is_set():
+            _log.warning("cannot drain %s now: layers are already moving or loading; try again shortly",
+                         worker.name)
+            return
+        others = [w for w in self._live() if w is not worker]
+        proposal = plan_stages(self.n_layers, self._profiles(others), replicas=self.config.replicas,
+                               concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
+                               stages=self.config.stages)
+        if proposal is None:
+            _log.warning("cannot drain %s: the other %d workers cannot hold the model; it keeps serving",
+                         worker.name, len(others))
+            return
+        _log.warning("draining %s: %s -> %s", worker.name, self._describe(self._plan), self._describe(proposal))
+        worker.draining = True
+        self._start_rebalance(proposal)
 
     def _release(self, worker: _WorkerState) -> None:
         self._send(worker.wid, "shutdown", {})
@@ -4214,6 +4302,10 @@ class Cluster:
         _log.warning("rebalancing: %s -> %s (predicted %.1f -> %.1f ms per token)", self._describe(self._plan),
                      self._describe(proposal), plan_cost(self._plan, nodes, concurrency=concurrency),
                      plan_cost(proposal, nodes, concurrency=concurrency))
+        self._start_rebalance(proposal)
+
+    def _start_rebalance(self, proposal: list[Stage]) -> None:
+        """Load the proposal's new ranges beside the current plan; _check_rebalance switches when all are in."""
         self._rebalance = proposal
         for stage in proposal:
             for wid in stage.workers:
@@ -4247,11 +4339,16 @@ class Cluster:
         self._last_rebalance = _time.monotonic()
         self._restart_all("the layers were rebalanced")
         self._update_readiness()
+        for w in [w for w in self._live() if w.draining]:
+            self._release(w)  # its layers are served elsewhere now
 
     def _abort_rebalance(self) -> None:
         self._rebalance = None
         for w in self._workers.values():
             w.next_layers, w.next_loaded = None, False
+            if w.draining and w.alive:
+                _log.warning("the drain of %s was interrupted; it keeps serving (drain it again)", w.name)
+                w.draining = False
 
     def _describe(self, plan: Sequence[Stage]) -> str:
         return " | ".join(f"{s.start}..{s.end - 1}: {', '.join(self._workers[w].name for w in s.workers)}"
@@ -4281,9 +4378,21 @@ class Cluster:
 
     def _publish(self) -> None:
         """Refresh the snapshots that other threads read (atomic swap, no lock needed)."""
+        now = _time.monotonic()
+        for w in self._workers.values():
+            if w.alive:
+                w.measure_rate(now)
+                w.hazard = self._hazard(w)
         workers = [w.public() for w in self._workers.values()]
         plan = [(s.start, s.end - 1, ", ".join(self._workers[w].name for w in s.workers))
                 for s in (self._plan or [])]
+        self._stage_view = [(s.start, s.end - 1, [self._workers[w].name for w in s.workers])
+                            for s in (self._plan or [])]
+        self._session_view = [
+            {"id": s.sid[:8], "prompt": s.prompt_len,
+             "generated": s.new_tokens, "max_new_tokens": s.params.max_new_tokens,
+             "state": "running" if s.inflight is not None else "waiting"}
+            for s in _itertools.islice(self._sessions.values(), 50)]
         self._snapshot = (workers, plan)
 
 
@@ -4294,6 +4403,301 @@ def _median(values: Any) -> float:
 
 def _secure_seed() -> int:
     return int.from_bytes(_os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+###############################################################################
+# Notebook panel ##############################################################
+###############################################################################
+# What a notebook shows. A cluster renders as an HTML snapshot (_repr_html_: also what
+# GitHub, nbviewer and headless runs keep) and, where ipywidgets is installed, as a
+# live control panel; a worker as a small live status. Views read the snapshots the
+# I/O threads publish and act only through public methods, never on cluster state.
+
+_PANEL_REFRESH_S = 1.0
+_PANEL_CSS = """<style>
+.dllm{font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:13px;line-height:1.4}
+.dllm table{border-collapse:collapse;margin:4px 0}
+.dllm th,.dllm td{padding:2px 10px 2px 0;text-align:left;white-space:nowrap}
+.dllm th{font-weight:600;border-bottom:1px solid #ccc}
+.dllm pre{margin:2px 0;padding:6px;background:rgba(127,127,127,.12);white-space:pre-wrap;word-break:break-all}
+.dllm .bar{display:flex;height:auto;margin:4px 0;border:1px solid #999;border-radius:3px;overflow:hidden}
+.dllm .seg{display:flex;flex-direction:column;border-right:1px solid #fff;min-width:0}
+.dllm .rep{color:#fff;font-size:11px;padding:1px 4px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.dllm .muted{color:#888}.dllm .bad{color:#c62828}.dllm .good{color:#2e7d32}.dllm .warn{color:#b26a00}
+.dllm progress{width:120px;height:10px;vertical-align:middle}
+.dllm button.copy{margin-left:6px;font-size:11px;cursor:pointer}
+</style>"""
+_NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                "#bcbd22", "#7f7f7f")
+
+
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook, JupyterLab, Colab, Kaggle)."""
+    shell = _sys.modules.get("IPython") and _sys.modules["IPython"].get_ipython()
+    return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")
+
+
+def _esc(value: Any) -> str:
+    import html
+
+    return html.escape(str(value), quote=True)
+
+
+def _node_color(name: str) -> str:
+    return _NODE_COLORS[int(_hashlib.sha1(name.encode()).hexdigest(), 16) % len(_NODE_COLORS)]
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _join_cell(join_string: str) -> str:
+    """The cell a worker notebook runs to join (what the panel's copy button copies)."""
+    return f'import distllm\ndistllm.join("{join_string}")'
+
+
+def _stability(hazard: float) -> str:
+    """A node's expected failures per hour, as a word and a colour class."""
+    if hazard < _STABLE_HAZARD:
+        return f'<span class="good">stable</span> <span class="muted">{hazard:.2f}/h</span>'
+    if hazard < 0.5:
+        return f'<span class="warn">fair</span> <span class="muted">{hazard:.2f}/h</span>'
+    return f'<span class="bad">shaky</span> <span class="muted">{hazard:.2f}/h</span>'
+
+
+def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
+    """The cluster as HTML: join cell, nodes, layer map, sessions and jobs. Reads snapshots only."""
+    now = _time.monotonic()
+    workers = [w for w in cluster.workers()  # the dead and gone stay listed for 5 minutes
+               if w.get("lost_at") is None or now - w["lost_at"] < 300]
+    ready = cluster._ready.is_set()
+    status_cls = "good" if ready else "warn"
+    out = [_PANEL_CSS, '<div class="dllm">',
+           f'<b>distllm</b> · <code>{_esc(cluster.model)}</code> · {cluster.n_layers} layers · '
+           f'{_esc(cluster.config.quant)} · <span class="{status_cls}">{_esc(cluster.status)}</span>']
+    if join_cell:
+        cell = _join_cell(cluster.join_string)
+        out.append('<div style="margin-top:6px">Run this in each worker notebook '
+                   '<button class="copy" title="copy the join cell" onclick="navigator.clipboard.writeText('
+                   'this.parentNode.nextElementSibling.innerText);this.innerText=\'copied\'">copy</button></div>'
+                   f'<pre class="join">{_esc(cell)}</pre>')
+    if workers:
+        out.append("<table><tr><th>node</th><th>GPU</th><th>memory</th><th>layers</th><th>state</th>"
+                   "<th>round trip</th><th>tokens/s</th><th>stability</th></tr>")
+        for w in workers:
+            layers = f'{w["layers"][0]}–{w["layers"][1] - 1}' if w.get("layers") else "—"
+            if w.get("next_layers"):
+                layers += f' → {w["next_layers"][0]}–{w["next_layers"][1] - 1}'
+            state = w["state"] + (" (draining)" if w.get("draining") and w["state"] == "ready" else "")
+            cls = "bad" if w.get("lost_at") is not None else ("good" if w["state"] == "ready" else "warn")
+            why = f' <span class="muted">{_esc(w["lost_why"])}</span>' if w.get("lost_why") else ""
+            rtt = f'{w["rtt_ms"]:.1f} ms' if w.get("rtt_ms") is not None else "—"
+            swatch = f'<span style="color:{_node_color(w["name"])}">■</span>'
+            out.append(f'<tr><td>{swatch} {_esc(w["name"])}</td>'
+                       f'<td>{_esc(w.get("device_name") or w.get("device"))}</td>'
+                       f'<td>{_fmt_bytes(w.get("memory"))}</td><td>{layers}</td>'
+                       f'<td class="{cls}">{_esc(state)}{why}</td><td>{rtt}</td>'
+                       f'<td>{w.get("tokens_s", 0.0):.1f}</td><td>{_stability(w.get("hazard", 0.0))}</td></tr>')
+        out.append("</table>")
+    else:
+        out.append('<div class="muted" style="margin:6px 0">no workers yet</div>')
+    stages = list(cluster._stage_view)
+    if stages:
+        out.append('<div class="muted">layer map (each column a stage; a second row is a replica)</div>'
+                   '<div class="bar">')
+        for first, last, names in stages:
+            reps = "".join(f'<div class="rep" style="background:{_node_color(n)}" title="{_esc(n)}: layers '
+                           f'{first}–{last}">{first}–{last} {_esc(n)}</div>' for n in names) or \
+                '<div class="rep" style="background:#999">unserved</div>'
+            out.append(f'<div class="seg" style="flex:{last - first + 1}">{reps}</div>')
+        out.append("</div>")
+    sessions = list(cluster._session_view)
+    jobs = cluster.jobs()
+    if sessions or jobs:
+        out.append("<table><tr><th>running</th><th>progress</th><th></th></tr>")
+        for job in jobs:
+            done, total = job.progress
+            out.append(f'<tr><td>job {_esc(job.id)}</td><td><progress max="{total}" value="{done}"></progress></td>'
+                       f'<td>{done}/{total} prompts{" · done" if job.done() else ""}</td></tr>')
+        for s in sessions:
+            out.append(f'<tr><td>session {_esc(s["id"])}</td><td><progress max="{s["max_new_tokens"]}" '
+                       f'value="{s["generated"]}"></progress></td><td>{s["generated"]}/{s["max_new_tokens"]} '
+                       f'tokens · {s["state"]}</td></tr>')
+        out.append("</table>")
+    stats = cluster.stats()
+    out.append(f'<div class="muted">{stats["tokens"]} tokens served · {stats["failures"]} workers lost · '
+               f'{stats["replays"]} replays · {stats["rebalances"]} rebalances'
+               + (f' · store: {_esc(cluster.store_status)}' if cluster.config.store else "") + "</div></div>")
+    return "".join(out)
+
+
+class _Panel:
+    """The live control panel of a cluster in a notebook (ipywidgets), refreshed by a daemon thread."""
+
+    def __init__(self, cluster: "Cluster"):
+        import ipywidgets as W
+
+        self.cluster = cluster
+        self.view = W.HTML(_cluster_html(cluster))
+        self.message = W.HTML()
+        self.prompt = W.Textarea(placeholder="Ask the cluster something…", layout=W.Layout(width="60%"))
+        self.max_tokens = W.BoundedIntText(value=64, min=1, max=100_000, description="max tokens",
+                                           layout=W.Layout(width="180px"))
+        self.temperature = W.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1, description="temperature",
+                                              layout=W.Layout(width="180px"))
+        self.go = W.Button(description="Generate", button_style="primary", icon="play")
+        self.answer = W.HTML()
+        self.node = W.Dropdown(description="node", options=[], layout=W.Layout(width="260px"))
+        drain = W.Button(description="Drain", tooltip="move its layers elsewhere, then let it go")
+        kick = W.Button(description="Kick", button_style="danger", tooltip="remove it now (its layers move on)")
+        rebalance = W.Button(description="Rebalance", tooltip="move layers if measured speeds promise a gain")
+        checkpoint = W.Button(description="Checkpoint now", disabled=not cluster.config.store,
+                              tooltip="write every change to the store" if cluster.config.store else "no store")
+        self.go.on_click(lambda _: self._generate())
+        drain.on_click(lambda _: self._act("drain", lambda: cluster.drain(self._chosen())))
+        kick.on_click(lambda _: self._act("kick", lambda: cluster.kick(self._chosen())))
+        rebalance.on_click(lambda _: self._act("rebalance", cluster.rebalance))
+        checkpoint.on_click(lambda _: self._act("checkpoint", self._checkpoint, background=True))
+        self.widget = W.VBox([
+            self.view,
+            W.HBox([self.node, drain, kick, rebalance, checkpoint]),
+            W.HBox([self.prompt, W.VBox([self.max_tokens, self.temperature, self.go])]),
+            self.answer, self.message,
+        ])
+        self.widget.add_class("distllm-panel")
+        self._names: list[str] = []
+        self._refresh_nodes()
+        _threading.Thread(target=self._refresh_loop, name="distllm-panel", daemon=True).start()
+
+    def _chosen(self) -> str:
+        if not self.node.value:
+            raise DistllmError("no node chosen")
+        return self.node.value
+
+    def _checkpoint(self) -> None:
+        if not self.cluster.checkpoint():
+            raise StoreError(f"not every change reached the store: {self.cluster.store_status}")
+
+    def _say(self, text: str, ok: bool = True) -> None:
+        cls = "good" if ok else "bad"
+        self.message.value = f'<div class="dllm"><span class="{cls}">{_esc(text)}</span></div>'
+
+    def _act(self, what: str, fn: Any, background: bool = False) -> None:
+        """Run a button's action; log and show (in red) whatever it raises."""
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:  # shown to the user and logged: a button must not fail silently
+                _log.error("panel: %s failed: %s", what, _short_error(exc))
+                self._say(f"{what} failed: {_short_error(exc)}", ok=False)
+            else:
+                self._say(f"{what}: done")
+
+        if background:
+            self._say(f"{what}…")
+            _threading.Thread(target=run, name=f"distllm-panel-{what}", daemon=True).start()
+        else:
+            run()
+
+    def _generate(self) -> None:
+        prompt = self.prompt.value
+        if not prompt.strip():
+            self._say("type a prompt first", ok=False)
+            return
+        self.go.disabled = True
+        self.answer.value = ""
+
+        def stream() -> None:
+            text = ""
+            try:
+                for piece in self.cluster.stream(prompt, max_new_tokens=self.max_tokens.value,
+                                                 temperature=self.temperature.value):
+                    text += piece
+                    self.answer.value = f'<div class="dllm"><pre class="answer">{_esc(text)}</pre></div>'
+                self._say(f"answered: {len(text)} characters")
+            except Exception as exc:  # shown in red and logged
+                _log.error("panel: generate failed: %s", _short_error(exc))
+                self._say(f"generate failed: {_short_error(exc)}", ok=False)
+            finally:
+                self.go.disabled = False
+
+        _threading.Thread(target=stream, name="distllm-panel-generate", daemon=True).start()
+
+    def _refresh_nodes(self) -> None:
+        names = [w["name"] for w in self.cluster.workers() if w["state"] not in ("dead", "left", "failed", "kicked")]
+        if names != self._names:
+            self._names = names
+            self.node.options = names
+
+    def _refresh_loop(self) -> None:
+        closed = self.cluster._closed
+        while not closed.wait(_PANEL_REFRESH_S):
+            try:
+                html = _cluster_html(self.cluster)
+                if html != self.view.value:
+                    self.view.value = html
+                self._refresh_nodes()
+            except Exception as exc:  # a view must never take the kernel down; say why it stopped updating
+                _log.error("panel: refresh failed, the panel stops updating: %s", _short_error(exc))
+                self._say(f"panel stopped updating: {_short_error(exc)}", ok=False)
+                return
+        self.view.value = _cluster_html(self.cluster, join_cell=False)  # closed: a last, final picture
+
+
+def _show(html: str, widget_factory: Any, owner: Any) -> None:
+    """Display a live widget (with `html` as the snapshot for frontends without widgets), or `html` alone."""
+    from IPython.display import HTML, display
+
+    try:
+        widget = owner._panel or widget_factory()
+    except ImportError:  # no ipywidgets: the snapshot is all we can show
+        display(HTML(html))
+        return
+    owner._panel = widget
+    display({"application/vnd.jupyter.widget-view+json": {"model_id": widget.widget.model_id,
+                                                          "version_major": 2, "version_minor": 0},
+             "text/plain": repr(owner), "text/html": html}, raw=True)
+
+
+def _worker_html(worker: "Worker") -> str:
+    layers = f"{worker.layers[0]}–{worker.layers[1] - 1}" if worker.layers else "—"
+    cls = {"ready": "good", "stopped": "muted", "refused": "bad"}.get(worker.state, "warn")
+    memory = _fmt_bytes(_rss_bytes()) + " RAM"
+    if worker.device.type == "cuda":
+        memory += f" · {_fmt_bytes(torch.cuda.memory_allocated(worker.device))} on {worker.device}"
+    error = f' · <span class="bad">{_esc(worker.error)}</span>' if worker.error else ""
+    return (f'{_PANEL_CSS}<div class="dllm"><b>distllm worker</b> {_esc(worker.name)} · '
+            f'<span class="{cls}">{_esc(worker.state)}</span> · layers {layers} · '
+            f'{worker.steps_served} steps served · {memory} · host {_esc(worker.join_info.endpoint)}{error}'
+            + ('<div class="muted">interrupt the kernel (■) to leave: the host moves the layers first</div>'
+               if worker.state not in ("stopped", "refused") else "") + "</div>")
+
+
+class _WorkerStatus:
+    """A worker's live one-line status in a notebook, refreshed until it stops."""
+
+    def __init__(self, worker: "Worker"):
+        import ipywidgets as W
+
+        self.worker = worker
+        self.widget = W.HTML(_worker_html(worker))
+        _threading.Thread(target=self._refresh_loop, name="distllm-worker-status", daemon=True).start()
+
+    def _refresh_loop(self) -> None:
+        stopped = self.worker._stopped
+        while True:
+            last = stopped.wait(_PANEL_REFRESH_S)
+            try:
+                html = _worker_html(self.worker)
+                if html != self.widget.value:
+                    self.widget.value = html
+            except Exception as exc:  # a view must never take the kernel down
+                _log.error("worker status: refresh failed, it stops updating: %s", _short_error(exc))
+                return
+            if last:
+                return
 
 
 ###############################################################################
@@ -4330,6 +4734,10 @@ def join(join_string: str | None = None, *, name: str | None = None, device: str
         worker.wait_joined()
     if background:
         return worker
+    if _in_notebook():  # a live status instead of a cell that seems to hang
+        from IPython.display import display
+
+        display(worker)
     try:
         worker.wait()
     except KeyboardInterrupt:

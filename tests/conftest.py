@@ -104,3 +104,13 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def reference_text(path: str, prompt: str, max_new_tokens: int, quant: str = "none") -> str:
+    """The completion a single process (transformers' generate, greedy) gives for a text prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    new = reference_generate(reference_model(path, quant), ids, max_new_tokens)
+    return distllm._completion_text(tokenizer, ids, new)
