@@ -4428,7 +4428,7 @@ _PANEL_CSS = """<style>
 .dllm button.copy{margin-left:6px;font-size:11px;cursor:pointer}
 </style>"""
 _NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-                "#bcbd22", "#7f7f7f")
+                "#bcbd22", "#393b79")  # a node's colour in the table and the layer map, by order of joining
 
 
 def _in_notebook() -> bool:
@@ -4441,10 +4441,6 @@ def _esc(value: Any) -> str:
     import html
 
     return html.escape(str(value), quote=True)
-
-
-def _node_color(name: str) -> str:
-    return _NODE_COLORS[int(_hashlib.sha1(name.encode()).hexdigest(), 16) % len(_NODE_COLORS)]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -4469,9 +4465,9 @@ def _stability(hazard: float) -> str:
 
 def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
     """The cluster as HTML: join cell, nodes, layer map, sessions and jobs. Reads snapshots only."""
-    now = _time.monotonic()
-    workers = [w for w in cluster.workers()  # the dead and gone stay listed for 5 minutes
-               if w.get("lost_at") is None or now - w["lost_at"] < 300]
+    now, everyone = _time.monotonic(), cluster.workers()
+    color = {w["name"]: _NODE_COLORS[i % len(_NODE_COLORS)] for i, w in enumerate(everyone)}
+    workers = [w for w in everyone if w.get("lost_at") is None or now - w["lost_at"] < 300]  # the gone: 5 min
     ready = cluster._ready.is_set()
     status_cls = "good" if ready else "warn"
     out = [_PANEL_CSS, '<div class="dllm">',
@@ -4494,7 +4490,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
             cls = "bad" if w.get("lost_at") is not None else ("good" if w["state"] == "ready" else "warn")
             why = f' <span class="muted">{_esc(w["lost_why"])}</span>' if w.get("lost_why") else ""
             rtt = f'{w["rtt_ms"]:.1f} ms' if w.get("rtt_ms") is not None else "—"
-            swatch = f'<span style="color:{_node_color(w["name"])}">■</span>'
+            swatch = f'<span style="color:{color[w["name"]]}">■</span>'
             out.append(f'<tr><td>{swatch} {_esc(w["name"])}</td>'
                        f'<td>{_esc(w.get("device_name") or w.get("device"))}</td>'
                        f'<td>{_fmt_bytes(w.get("memory"))}</td><td>{layers}</td>'
@@ -4508,7 +4504,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
         out.append('<div class="muted">layer map (each column a stage; a second row is a replica)</div>'
                    '<div class="bar">')
         for first, last, names in stages:
-            reps = "".join(f'<div class="rep" style="background:{_node_color(n)}" title="{_esc(n)}: layers '
+            reps = "".join(f'<div class="rep" style="background:{color.get(n, "#999")}" title="{_esc(n)}: layers '
                            f'{first}–{last}">{first}–{last} {_esc(n)}</div>' for n in names) or \
                 '<div class="rep" style="background:#999">unserved</div>'
             out.append(f'<div class="seg" style="flex:{last - first + 1}">{reps}</div>')
@@ -4628,8 +4624,9 @@ class _Panel:
     def _refresh_nodes(self) -> None:
         names = [w["name"] for w in self.cluster.workers() if w["state"] not in ("dead", "left", "failed", "kicked")]
         if names != self._names:
-            self._names = names
+            self._names, chosen = names, self.node.value
             self.node.options = names
+            self.node.value = chosen if chosen in names else (names[0] if names else None)
 
     def _refresh_loop(self) -> None:
         closed = self.cluster._closed
