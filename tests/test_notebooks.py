@@ -18,7 +18,7 @@ import sys
 
 import nbformat
 
-from conftest import reference_text
+from conftest import reference_text, wait_for
 from nbrun import ROOT, client, outputs_of, prepare
 
 import distllm
@@ -96,3 +96,27 @@ def test_notebooks_are_valid_and_badged_and_the_kaggle_kernel_asks_for_a_gpu_and
     assert meta["enable_gpu"] is True and meta["enable_internet"] is True and meta["is_private"] is True
     assert meta["kernel_type"] == "notebook" and os.path.exists(os.path.join(ROOT, "examples", "kaggle",
                                                                              meta["code_file"]))
+
+
+def test_interrupting_the_worker_notebook_leaves_gracefully():
+    from jupyter_client.manager import start_new_kernel
+
+    with distllm.host("tiny", quant="none", bind="127.0.0.1", calibrate=False) as cluster:
+        nb = prepare("notebooks/worker.ipynb", JOIN_STRING=repr(cluster.join_string))
+        code = [c.source for c in nb.cells if c.cell_type == "code"]
+        km, kc = start_new_kernel(kernel_name="python3", cwd=ROOT)
+        try:
+            for source in code[:-1]:
+                assert kc.execute_interactive(source, timeout=120)["content"]["status"] == "ok"
+            msg_id = kc.execute(code[-1])  # the join cell: serves until interrupted
+            wait_for(lambda: [w["state"] for w in cluster.workers()] == ["ready"], 120, "the worker to serve")
+            km.interrupt_kernel()  # the notebook's stop button
+            reply = kc.get_shell_msg(timeout=60)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = kc.get_shell_msg(timeout=60)
+            assert reply["content"]["status"] == "ok"  # the interrupt was handled: join() returned
+            wait_for(lambda: [w["state"] for w in cluster.workers()] == ["left"], 30, "the host to see it leave")
+            assert "it left" in cluster.workers()[0]["lost_why"]
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
