@@ -1,0 +1,258 @@
+"""Speed on real GPUs: plain transformers nf4 against distllm, in one run on a device machine.
+
+Builds a random-weight Llama-3-8B-shaped checkpoint (bf16 safetensors shards, written
+straight from the GPU's random generator) under .bench-cache/, then measures side by side,
+all greedy decoding of token-id prompts:
+
+- plain transformers `generate` with bitsandbytes nf4 on GPU 0, batch 1 and batch 32;
+- distllm with 1 worker (host and worker on GPU 0), and with one worker per GPU
+  (worker processes joined over loopback TCP with the real protocol, CURVE on);
+  1 stream and 32 concurrent sessions each;
+- per-hop overhead (a step's round trip minus the worker's compute, the host's median);
+- the stall when a worker is SIGKILLed mid-stream, without and with a replica;
+- tokens of every distllm run against a single-process reference (the same layers and
+  kernels in one process).
+
+Decode time per token is (time for 1 + N new tokens - time for 1) / N, so prefill stays
+out. Prints one table and appends it, with the card's name, to docs/BENCHMARKS.md.
+
+    python bench/gpu_speed.py [--layers 32] [--tokens 64] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+import distllm  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = 32  # prompt tokens
+SESSIONS = 32
+
+
+def log(*args) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+                       tie_word_embeddings=False, torch_dtype="bfloat16")
+
+
+def build_checkpoint(path: str, layers: int) -> str:
+    """Write random bf16 weights (std 0.02, norms 1) in ~4 GB shards with an index, once."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        return path
+    os.makedirs(path, exist_ok=True)
+    config = llama3_8b_config(layers)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator("cuda").manual_seed(0)
+    shard, size, weight_map, total, n = {}, 0, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard, size, n = {}, 0, n + 1
+
+    for key, t in skeleton.state_dict().items():
+        if key.endswith("norm.weight"):
+            value = torch.ones(t.shape, dtype=torch.bfloat16)
+        else:
+            value = (torch.randn(t.shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+        shard[key] = value
+        size += value.numel() * 2
+        total += value.numel() * 2
+        if size > 4e9:
+            flush()
+    if shard:
+        flush()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    config.save_pretrained(path)
+    distllm._tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1000, 120000, (n, PROMPT), generator=g).tolist()
+
+
+def decode_ms(run, tokens: int) -> float:
+    """ms per decoded token: (run(1 + tokens) - run(1)) / tokens, after a warm-up."""
+    run(2)
+    t0 = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter()
+    run(1 + tokens)
+    t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) * 1e3 / tokens
+
+
+def plain_transformers(path: str, tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    t0 = time.perf_counter()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cuda:0",
+                                                 dtype=torch.bfloat16).eval()
+    load = time.perf_counter() - t0
+    out = {}
+    for batch in (1, SESSIONS):
+        ids = torch.tensor(prompts(batch), device="cuda:0")
+
+        def run(n: int) -> None:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+
+        ms = decode_ms(run, tokens)
+        out[batch] = batch * 1e3 / ms
+        log(f"plain transformers nf4, batch {batch}: {ms:.2f} ms per step, {out[batch]:.1f} tok/s")
+    del model
+    torch.cuda.empty_cache()
+    return {"load_s": load, "tok_s_1": out[1], f"tok_s_{SESSIONS}": out[SESSIONS]}
+
+
+def reference_tokens(path: str, tokens: int) -> list[int]:
+    """The same layers and kernels in one process, no network: what every distllm run must give."""
+    got, _ = distllm._in_process_decode(path, "nf4", prompts(1)[0], tokens)
+    torch.cuda.empty_cache()
+    return got
+
+
+def start_workers(join_string: str, devices: list[str], tag: str) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    return [subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", f"{tag}-{i}",
+                              "--device", d], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(ROOT, ".bench-cache", f"{tag}-{i}.log"), "w"))
+            for i, d in enumerate(devices)]
+
+
+def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, stages: int,
+                replicas: int = 1, kill: bool = False, tag: str = "w") -> dict:
+    t0 = time.perf_counter()
+    cluster = distllm.host(path, quant="nf4", bind="127.0.0.1", workers=len(devices), stages=stages,
+                           replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0)
+    procs = start_workers(cluster.join_string, devices, tag)
+    row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas}
+    try:
+        cluster.wait_ready(600)
+        row["ready_s"] = time.perf_counter() - t0
+        p = prompts(SESSIONS)
+        got = cluster.generate(p[0], max_new_tokens=tokens)
+        row["identical"] = got == want[:len(got)] and len(got) == len(want)
+        if kill:
+            row.update(stall(cluster, procs, p[0], tokens, want))
+            return row
+        ms = decode_ms(lambda n: cluster.generate(p[0], max_new_tokens=n), tokens)
+        row["tok_s_1"] = 1e3 / ms
+        hops = [w["overhead_ms"] for w in cluster.workers() if w.get("overhead_ms") is not None]
+        row["hop_ms"] = statistics.median(hops) if hops else float("nan")
+
+        def many(n: int) -> None:
+            threads = [threading.Thread(target=cluster.generate, args=(q,), kwargs={"max_new_tokens": n})
+                       for q in p]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        row[f"tok_s_{SESSIONS}"] = SESSIONS * 1e3 / decode_ms(many, tokens)
+        log(f"distllm {len(devices)} workers x {stages} stages: {row}")
+        return row
+    finally:
+        cluster.close()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        torch.cuda.empty_cache()
+
+
+def stall(cluster, procs, prompt: list[int], tokens: int, want: list[int]) -> dict:
+    """SIGKILL the worker holding the middle range at a third of the stream; the longest gap minus the median."""
+    victim_name = cluster.layer_map()[len(cluster.layer_map()) // 2][2].split(", ")[0]
+    victim = procs[int(victim_name.rsplit("-", 1)[1])]
+    stamps, got = [], []
+    for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=tokens)):
+        stamps.append(time.perf_counter())
+        got.append(tok)
+        if i == tokens // 3:
+            os.kill(victim.pid, signal.SIGKILL)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"stall_s": max(gaps) - statistics.median(gaps), "identical_after_kill": got == want}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    gpus = torch.cuda.device_count()
+    card = torch.cuda.get_device_name(0)
+    log(f"{gpus} x {card}, torch {torch.__version__}, transformers {__import__('transformers').__version__}")
+    path = build_checkpoint(os.path.join(ROOT, ".bench-cache", f"llama3-8b-shape-{args.layers}l"), args.layers)
+    log("checkpoint ready")
+    plain = plain_transformers(path, args.tokens)
+    want = reference_tokens(path, args.tokens)
+    log(f"reference: {len(want)} tokens")
+    rows = [distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one")]
+    all_gpus = [f"cuda:{i}" for i in range(gpus)]
+    if gpus > 1:
+        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu"))
+        no_replica = distllm_run(path, all_gpus, args.tokens, want, stages=gpus, kill=True, tag="kill")
+        with_replica = distllm_run(path, all_gpus, args.tokens, want, stages=max(1, gpus // 2), replicas=2,
+                                   kill=True, tag="kill-rep")
+    else:
+        no_replica = with_replica = {}
+
+    lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {args.layers} layers ({gpus} x {card})", "",
+             f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
+             f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
+             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | per-hop ms | tokens = reference |",
+             "|---|---:|---:|---:|---|",
+             f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | {plain['tok_s_1']:.1f} | "
+             f"{plain[f'tok_s_{SESSIONS}']:.1f} | – | – |"]
+    for r in rows:
+        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s) | {r['tok_s_1']:.1f} | "
+                     f"{r[f'tok_s_{SESSIONS}']:.1f} | {r['hop_ms']:.2f} | {r['identical']} |")
+    if no_replica:
+        lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
+                  f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "
+                  f"{no_replica['identical_after_kill']} |",
+                  f"| {max(1, gpus // 2)} stages x 2 replicas | {with_replica['stall_s']:.2f} | "
+                  f"{with_replica['identical_after_kill']} |"]
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    if not args.no_write:
+        with open(os.path.join(ROOT, "docs", "BENCHMARKS.md"), "a") as f:
+            f.write("\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
