@@ -1215,8 +1215,23 @@ class StageShard:
         return layer
 
     @torch.inference_mode()
-    def forward(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """Run hidden states (1, n, H) at positions start..start+n-1 through this stage."""
+    def forward(self, sid: SessionID, hidden: torch.Tensor, start: int,
+                decode_from: int | None = None) -> torch.Tensor:
+        """Run hidden states (1, n, H) at positions start..start+n-1 through this stage.
+
+        Positions from `decode_from` on run one at a time, as they ran when they were
+        generated: a replay then computes the very numbers the first pass did (GPU kernels
+        for one position and for many round differently, enough to change a greedy token).
+        """
+        n = hidden.shape[1]
+        split = n if decode_from is None else max(0, min(n, decode_from - start))
+        if split >= n - 1:
+            return self._run(sid, hidden, start)
+        parts = [self._run(sid, hidden[:, :split], start)] if split else []
+        parts += [self._run(sid, hidden[:, i:i + 1], start + i) for i in range(split, n)]
+        return torch.cat(parts, dim=1)
+
+    def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
         slot = self.slots.get(sid)
         if start == 0 or slot is None:
             if start != 0:
@@ -2390,7 +2405,8 @@ class Worker:
         if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
             _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
         try:
-            out = shard.forward(fields["sid"], hidden, start).cpu()  # synchronizes: compute_ms is honest
+            out = shard.forward(fields["sid"], hidden, start,  # .cpu() synchronizes: compute_ms is honest
+                                msg.get("decode_from", int, None)).cpu()
         except StepOrderError as exc:
             return encode("error", {"code": "order", "message": str(exc), **fields})
         self.steps_served += 1
@@ -3871,7 +3887,7 @@ class Cluster:
             for at in range(0, inputs.shape[1], self.config.prefill_chunk):
                 chunk = inputs[:, at:at + self.config.prefill_chunk]
                 self._send(wid, "forward", {"epoch": w.epoch, "sid": session.sid, "step": -1, "stage": stage,
-                                            "start": at}, [chunk])
+                                            "start": at, "decode_from": session.prompt_len}, [chunk])
         return True
 
     def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
@@ -4054,7 +4070,7 @@ class Cluster:
         unreachable = []
         for wid in targets:
             header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
-                      "stage": step.stage, "start": step.start}
+                      "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
             if self._send(wid, "forward", header, [raw]):
                 step.targets.add(wid)
             else:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import distllm
-from conftest import FAMILIES, prompt_of, reference_generate, reference_model
+from conftest import FAMILIES, prompt_of, reference_generate, reference_model, write_model
 
 PROMPT_LENGTHS = (1, 7, 30, 64)
 NEW_TOKENS = 32
@@ -129,3 +129,22 @@ def test_int8_tokens_identical_to_reference_quantized_the_same_way(model_dir):
     with distllm.local(path, workers=2, stages=2, quant="int8", prefill_chunk=16) as cluster:
         got = {n: cluster.generate(p, max_new_tokens=16) for n, p in prompts.items()}
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_replay_computes_generated_positions_one_at_a_time_as_they_first_ran(dtype, tmp_path):
+    # Kernels round differently for one position and for many: a replay that ran the generated
+    # positions as one chunk would rebuild a slightly different cache (GPU greedy tokens then drift).
+    path = write_model(str(tmp_path), "llama", hidden=256, intermediate=512, layers=2)
+    files = distllm._ModelFiles(path)
+    config = distllm._load_config(files)
+
+    def shard():
+        return distllm.StageShard(files, config, 0, 2, quant="none", dtype=dtype, device=torch.device("cpu"))
+
+    hidden = torch.randn(1, 40, 256)
+    first = shard()  # the first pass: an 8-position prompt, then one position per generated token
+    ref = torch.cat([first.forward("s", hidden[:, :8], 0)]
+                    + [first.forward("s", hidden[:, i:i + 1], i) for i in range(8, 40)], dim=1)
+    assert torch.equal(shard().forward("s", hidden, 0, decode_from=8), ref)
+    assert not torch.equal(shard().forward("s", hidden, 0), ref)  # the shortcut it replaces differs
