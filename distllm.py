@@ -1225,7 +1225,7 @@ class StageShard:
         """
         n = hidden.shape[1]
         split = n if decode_from is None else max(0, min(n, decode_from - start))
-        if split >= n - 1:
+        if split >= n or n == 1:
             return self._run(sid, hidden, start)
         parts = [self._run(sid, hidden[:, :split], start)] if split else []
         parts += [self._run(sid, hidden[:, i:i + 1], start + i) for i in range(split, n)]

@@ -148,3 +148,18 @@ def test_a_replay_computes_generated_positions_one_at_a_time_as_they_first_ran(d
                     + [first.forward("s", hidden[:, i:i + 1], i) for i in range(8, 40)], dim=1)
     assert torch.equal(shard().forward("s", hidden, 0, decode_from=8), ref)
     assert not torch.equal(shard().forward("s", hidden, 0), ref)  # the shortcut it replaces differs
+
+
+def test_a_replay_of_a_prompt_and_one_generated_position_splits_them(tmp_path):
+    path = write_model(str(tmp_path), "llama", hidden=256, intermediate=512, layers=2)
+    files = distllm._ModelFiles(path)
+    config = distllm._load_config(files)
+
+    def shard():
+        return distllm.StageShard(files, config, 0, 2, quant="none", dtype=torch.float32,
+                                  device=torch.device("cpu"))
+
+    hidden = torch.randn(1, 8, 256)
+    first = shard()
+    ref = torch.cat([first.forward("s", hidden[:, :7], 0), first.forward("s", hidden[:, 7:], 7)], dim=1)
+    assert torch.equal(shard().forward("s", hidden, 0, decode_from=7), ref)
