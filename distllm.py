@@ -1155,6 +1155,62 @@ class _KVSlot:
         self.length = length
 
 
+def _static_mask(start: int, n: int, window: int | None, capacity: int, device: torch.device) -> torch.Tensor:
+    """The boolean mask (1, 1, n, capacity) over a preallocated cache: past and own positions, in the window."""
+    q_pos = torch.arange(start, start + n, device=device)[:, None]
+    k_pos = torch.arange(capacity, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask[None, None]
+
+
+class _StaticKV:
+    """One session's KV cache on one stage in preallocated buffers (what a CUDA graph replays on).
+
+    Positions past `length` hold stale values that the attention mask hides, so a replay
+    just moves `length` back. The buffers double when a session outgrows them (the
+    captured graph is dropped then). transformers' attention calls only `update()`.
+    """
+
+    _GRAIN = 256  # capacity grows in multiples of this many positions
+
+    def __init__(self, shard: "StageShard", needed: int):
+        cfg = shard.config
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype, self.device, self.n_layers = shard.dtype, shard.device, len(shard.layers)
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+        self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # positions update() writes
+        self.graph: Any = None  # (CUDAGraph, input, position ids, masks by window, output) of a decode step
+        self.grow(needed)
+
+    def grow(self, needed: int) -> None:
+        """Make room for `needed` positions (at least double), keeping what is cached."""
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        capacity = -(-capacity // self._GRAIN) * self._GRAIN
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        for old, new in zip(self.keys + self.values, fresh):
+            new[:, :, :self.capacity].copy_(old)
+        self.keys, self.values = fresh[:self.n_layers], fresh[self.n_layers:]
+        self.capacity, self.graph = capacity, None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(2, self.index, key_states)
+        self.values[layer_idx].index_copy_(2, self.index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def crop(self, length: int) -> None:
+        self.length = length
+
+
 class StepOrderError(DistllmError):
     """A step arrived for a position this stage's cache does not end at."""
 
@@ -1163,12 +1219,19 @@ class StageShard:
     """Decoder layers [start, end) of a model, with a KV cache per session."""
 
     def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
-                 dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False):
+                 dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False,
+                 static_cache: bool | None = None, cuda_graphs: bool | None = None):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
         self.config, self.start, self.end = config, start, end
         self.dtype, self.device, self.quant = dtype, device, quant
         self.max_sessions = max_sessions
+        # On a GPU: preallocated caches, and each session's one-position step replayed as a CUDA graph.
+        self.static = device.type == "cuda" if static_cache is None else static_cache
+        self.graphs = self.static and device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.graphs and not self.static:
+            raise ValueError("cuda_graphs needs static_cache: a graph replays on fixed buffers")
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # graphs share their scratch memory
         layer_cls, rotary_cls = _family_classes(config)
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
@@ -1236,7 +1299,7 @@ class StageShard:
         if start == 0 or slot is None:
             if start != 0:
                 raise StepOrderError(f"session {sid}: no cache here, step starts at position {start}")
-            slot = _KVSlot()
+            slot = _StaticKV(self, hidden.shape[1]) if self.static else _KVSlot()
             self.slots[sid] = slot
             while len(self.slots) > self.max_sessions:
                 evicted, _ = self.slots.popitem(last=False)
@@ -1248,6 +1311,11 @@ class StageShard:
         self.slots.move_to_end(sid)
         n = hidden.shape[1]
         h = hidden.to(self.device, self.dtype)
+        if self.static:
+            slot.grow(start + n)
+            h = self._replay(slot, h, start) if n == 1 and self.graphs else self._static_run(slot, h, start)
+            slot.length = start + n
+            return h
         pids = torch.arange(start, start + n, device=self.device)[None]
         cos, sin = self.rotary(h, pids)
         masks = {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)}
@@ -1257,6 +1325,47 @@ class StageShard:
             h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
         slot.length = start + n
         return h
+
+    def _layers(self, slot: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
+        cos, sin = self.rotary(h, pids)
+        for layer, window in zip(self.layers, self.windows):
+            out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=(cos, sin),
+                        use_cache=True, **{self._cache_kw: slot})
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _static_run(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
+        n = h.shape[1]
+        pids = torch.arange(start, start + n, device=self.device)[None]
+        slot.index = pids[0]
+        masks = {w: _static_mask(start, n, w, slot.capacity, self.device) for w in set(self.windows)}
+        return self._layers(slot, h, pids, masks)
+
+    def _replay(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
+        """One position through the stage as a CUDA graph, captured on the session's first decode step."""
+        if slot.graph is None:
+            inp, pids = torch.empty_like(h), torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            masks = {w: torch.zeros(1, 1, 1, slot.capacity, dtype=torch.bool, device=self.device)
+                     for w in set(self.windows)}
+            slot.graph = (None, inp, pids, masks, None)
+        graph, inp, pids, masks, out = slot.graph
+        inp.copy_(h)
+        pids.fill_(start)
+        for w, mask in masks.items():
+            mask.copy_(_static_mask(start, 1, w, slot.capacity, self.device))
+        slot.index = pids[0]
+        if graph is None:  # warm up on a side stream (kernels load, workspaces allocate), then capture
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._layers(slot, inp, pids, masks)  # writes this very position: the replay rewrites it
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._layers(slot, inp, pids, masks)
+            slot.graph = (graph, inp, pids, masks, out)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
 
     def drop(self, sid: SessionID) -> None:
         self.slots.pop(sid, None)

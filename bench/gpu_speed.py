@@ -132,7 +132,7 @@ def plain_transformers(path: str, tokens: int) -> dict:
         ms = decode_ms(run, tokens)
         out[batch] = batch * 1e3 / ms
         log(f"plain transformers nf4, batch {batch}: {ms:.2f} ms per step, {out[batch]:.1f} tok/s")
-    del model
+    model = None  # frees the GPU memory before distllm loads
     torch.cuda.empty_cache()
     return {"load_s": load, "tok_s_1": out[1], f"tok_s_{SESSIONS}": out[SESSIONS]}
 

@@ -163,3 +163,30 @@ def test_a_replay_of_a_prompt_and_one_generated_position_splits_them(tmp_path):
     first = shard()
     ref = torch.cat([first.forward("s", hidden[:, :7], 0), first.forward("s", hidden[:, 7:], 7)], dim=1)
     assert torch.equal(shard().forward("s", hidden, 0, decode_from=7), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
+def test_preallocated_cache_gives_what_the_growing_cache_gives(family, model_dir):
+    # The GPU path (fixed buffers, masks over their whole capacity) checked here on the CPU: a long
+    # prefill that outgrows the first buffers, decode steps past sliding windows, and a replay.
+    path = model_dir(family)
+    files = distllm._ModelFiles(path)
+    config = distllm._load_config(files)
+
+    def shard(static):
+        return distllm.StageShard(files, config, 1, 4, quant="none", dtype=torch.float32,
+                                  device=torch.device("cpu"), static_cache=static, cuda_graphs=False)
+
+    hidden = torch.randn(1, 300, config.hidden_size)
+    outs = {}
+    for static in (False, True):
+        s = shard(static)
+        got = [s.forward("a", hidden[:, :260], 0)] + [s.forward("a", hidden[:, i:i + 1], i) for i in range(260, 290)]
+        got.append(s.forward("a", hidden[:, 280:300], 280, decode_from=250))  # replay from 280, then 10 more
+        s.forward("b", hidden[:, :5], 0)  # another session beside it
+        got.append(s.forward("b", hidden[:, 5:6], 5))
+        outs[static] = got
+    for dynamic, static in zip(outs[False], outs[True]):
+        torch.testing.assert_close(static, dynamic, rtol=1e-4, atol=1e-4)
+    assert distllm.StageShard(files, config, 1, 2, quant="none", dtype=torch.float32,
+                              device=torch.device("cpu")).static is False  # CPU workers keep the growing cache
