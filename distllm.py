@@ -1231,7 +1231,6 @@ class StageShard:
         self.graphs = self.static and device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.graphs and not self.static:
             raise ValueError("cuda_graphs needs static_cache: a graph replays on fixed buffers")
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # graphs share their scratch memory
         layer_cls, rotary_cls = _family_classes(config)
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
@@ -1355,16 +1354,18 @@ class StageShard:
             mask.copy_(_static_mask(start, 1, w, slot.capacity, self.device))
         slot.index = pids[0]
         if graph is None:  # warm up on a side stream (kernels load, workspaces allocate), then capture
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._layers(slot, inp, pids, masks)  # writes this very position: the replay rewrites it
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._layers(slot, inp, pids, masks)
+            with torch.cuda.device(self.device):  # captures run on the current device: make it this stage's
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._layers(slot, inp, pids, masks)  # writes this very position: the replay rewrites it
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
+                with torch.cuda.graph(graph):
+                    out = self._layers(slot, inp, pids, masks)
             slot.graph = (graph, inp, pids, masks, out)
-        graph.replay()
+        with torch.cuda.device(self.device):
+            graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
     def drop(self, sid: SessionID) -> None:
