@@ -1112,6 +1112,17 @@ def _cache_keyword(layer_cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _static_mask(start: int, n: int, window: int | None, capacity: int, device: torch.device) -> torch.Tensor:
+    """The boolean mask (1, 1, n, capacity) for n queries at positions start.. over `capacity` cached
+    positions (True = attend): earlier and own positions, within the window."""
+    q_pos = torch.arange(start, start + n, device=device)[:, None]
+    k_pos = torch.arange(capacity, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask[None, None]
+
+
 def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Return the boolean mask (1, 1, n, start + n) for n queries at positions start.. (True = attend).
 
@@ -1121,12 +1132,7 @@ def _attention_mask(start: int, n: int, window: int | None, device: torch.device
     kv = start + n
     if (window is None or kv <= window) and (n == 1 or start == 0):
         return None
-    q_pos = torch.arange(start, kv, device=device)[:, None]
-    k_pos = torch.arange(kv, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) < window
-    return mask[None, None]
+    return _static_mask(start, n, window, kv, device)
 
 
 class _KVSlot:
@@ -1153,16 +1159,6 @@ class _KVSlot:
                 layer.keys = layer.keys[:, :, :length]
                 layer.values = layer.values[:, :, :length]
         self.length = length
-
-
-def _static_mask(start: int, n: int, window: int | None, capacity: int, device: torch.device) -> torch.Tensor:
-    """The boolean mask (1, 1, n, capacity) over a preallocated cache: past and own positions, in the window."""
-    q_pos = torch.arange(start, start + n, device=device)[:, None]
-    k_pos = torch.arange(capacity, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) < window
-    return mask[None, None]
 
 
 class _StaticKV:
