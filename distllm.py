@@ -236,6 +236,7 @@ class Config:
     wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
     max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
+    cuda_graphs: bool = True  # CUDA workers replay each session's one-position step as a CUDA graph
     secure: bool = True  # CURVE encryption and client authentication on the wire
     bind: str = "0.0.0.0"  # interface the host listens on
     port: int = 0  # TCP port of the host (0: any free port)
@@ -1161,6 +1162,9 @@ class _KVSlot:
         self.length = length
 
 
+_GRAPH_CAPTURE = _threading.Lock()  # two captures at once in one process fail (workers of several GPUs)
+
+
 class _StaticKV:
     """One session's KV cache on one stage in preallocated buffers (what a CUDA graph replays on).
 
@@ -1350,14 +1354,15 @@ class StageShard:
             mask.copy_(_static_mask(start, 1, w, slot.capacity, self.device))
         slot.index = pids[0]
         if graph is None:  # warm up on a side stream (kernels load, workspaces allocate), then capture
-            with torch.cuda.device(self.device):  # captures run on the current device: make it this stage's
+            with _GRAPH_CAPTURE, torch.cuda.device(self.device):  # on this stage's device, one capture at a time
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     self._layers(slot, inp, pids, masks)  # writes this very position: the replay rewrites it
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
-                with torch.cuda.graph(graph):
+                # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     out = self._layers(slot, inp, pids, masks)
             slot.graph = (graph, inp, pids, masks, out)
         with torch.cuda.device(self.device):
@@ -2442,7 +2447,8 @@ class Worker:
         config = _load_config(files)
         dtype = _compute_dtype(config, dtype_name, self.device)
         return key, StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
-                               max_sessions=self.config.max_sessions_per_worker, progress=True)
+                               max_sessions=self.config.max_sessions_per_worker, progress=True,
+                               cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda")
 
     def _load_staged(self, msg: Message) -> None:
         """Load a rebalance's new range on the side while the current one keeps serving (make before break)."""
@@ -4833,9 +4839,11 @@ def host(model: str, *, config: Config | None = None, **options: Any) -> Cluster
 
 
 def join(join_string: str | None = None, *, name: str | None = None, device: str | None = None,
-         background: bool = False, config: Config | None = None, **options: Any) -> Worker:
+         background: bool = False, config: Config | None = None, **options: Any) -> Worker | list[Worker]:
     """Join a cluster as a worker; serve until stopped, or return the running Worker if `background`.
 
+    On a machine with several GPUs and no `device` named (Kaggle's T4 x2), one worker per
+    GPU joins, named NAME-gpu0, NAME-gpu1, ..., and a list of them is returned.
     Raises JoinRefusedError within seconds if the host refuses the join string (wrong,
     old or unencrypted) or does not answer within `join_timeout_s`. With `store=` (the
     host's checkpoint store, plus `token=` for a private Hub repo) the join string may be
@@ -4847,23 +4855,40 @@ def join(join_string: str | None = None, *, name: str | None = None, device: str
         if not cfg.store:
             raise JoinStringError("give the host's join string, or store= to find the host in its checkpoint store")
         join_string = _find_host(cfg)
-    worker = Worker(join_string, name=name, device=device, config=cfg)
-    worker.start()
-    if not cfg.store:  # with a store the worker waits for a (restarting) host as long as it takes
-        worker.wait_joined()
+    gpus = torch.cuda.device_count() if device is None else 0
+    devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [device]
+    if len(devices) > 1 and cfg.cuda_graphs:
+        # Measured on 4 x H100: graphs captured by several workers' threads in one process gave other
+        # tokens than the single-process reference (one worker per process gives the same ones).
+        _log.warning("one worker per GPU in this process: without CUDA graphs (for them, start one "
+                     "`python -m distllm join --device cuda:N` per GPU)")
+        cfg = _dataclasses.replace(cfg, cuda_graphs=False)
+    base = name or f"{_socket.gethostname()}-{_os.getpid()}"
+    workers = [Worker(join_string, name=base if len(devices) == 1 else f"{base}-gpu{i}", device=d, config=cfg)
+               for i, d in enumerate(devices)]
+    for worker in workers:
+        worker.start()
+    if not cfg.store:  # with a store a worker waits for a (restarting) host as long as it takes
+        for worker in workers:
+            worker.wait_joined()
+    result = workers[0] if len(workers) == 1 else workers
     if background:
-        return worker
+        return result
     if _in_notebook():  # a live status instead of a cell that seems to hang
         from IPython.display import display
 
-        display(worker)
+        for worker in workers:
+            display(worker)
     try:
-        worker.wait()
+        for worker in workers:
+            worker.wait()
     except KeyboardInterrupt:
-        worker.leave()
-    if worker.state == "refused":
-        raise JoinRefusedError(worker.error)
-    return worker
+        for worker in workers:
+            worker.leave()
+    refused = [w for w in workers if w.state == "refused"]
+    if refused:
+        raise JoinRefusedError(refused[0].error)
+    return result
 
 
 def _find_host(config: Config) -> str:
@@ -5424,14 +5449,22 @@ def _host(args: Any) -> int:
 
 
 def _join(args: Any) -> int:
-    worker = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
+    joined = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
                   store=args.store, token=args.token, hub_endpoint=args.hub_endpoint)
-    _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # hand over, then exit
+    workers = joined if isinstance(joined, list) else [joined]  # one per GPU on a machine with several
+
+    def hand_over(*_: Any) -> None:
+        for w in workers:
+            w._leaving.set()
+
+    _signal.signal(_signal.SIGTERM, hand_over)  # hand over, then exit
     try:
-        worker.wait()
+        for w in workers:
+            w.wait()
     except KeyboardInterrupt:
-        worker.leave()
-    return 1 if worker.error else 0
+        for w in workers:
+            w.leave()
+    return 1 if any(w.error for w in workers) else 0
 
 
 def _map(args: Any) -> int:
