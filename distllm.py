@@ -25,7 +25,7 @@ One machine, no notebooks::
     with distllm.local("tiny", workers=3) as cluster:
         print(cluster.generate("hello", max_new_tokens=20))
 
-CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | bench``.
+CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | map | serve MODEL | simulate | bench``.
 
 Sections, in order (each uses only what stands above it):
 constants · errors · configuration and domain types · utilities · wire protocol ·
@@ -1000,7 +1000,7 @@ def _window_of_layer(config: Any, i: int) -> int | None:
 # save_pretrained so that it goes through exactly the loading path of a Hub model.
 
 _TINY_NAME = "tiny"
-_TINY_VERSION = "v1"
+_TINY_VERSION = "v2"  # v2: a chat template
 
 
 def _tiny_tokenizer() -> Any:
@@ -1013,7 +1013,10 @@ def _tiny_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    return out
 
 
 def _write_tiny_model(path: str) -> None:
@@ -3199,6 +3202,7 @@ class Cluster:
         self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
         self._session_view: list[dict] = []  # live sessions, for the panel
         self._panel: Any = None  # the notebook control panel, built on first display
+        self._servers: list[Any] = []  # OpenAI-compatible APIs started by serve()
         self._ready = _threading.Event()
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
@@ -3375,6 +3379,8 @@ class Cluster:
         """Stop the cluster: tell workers to stop, end sessions, close sockets."""
         if self._closed.is_set():
             return
+        for server in self._servers:
+            server.stop()
         self._command("stop", None)
         self._thread.join(10.0)
         with self._jobs_lock:
@@ -3420,6 +3426,17 @@ class Cluster:
         _show(self._repr_html_(), lambda: _Panel(self), self)
 
     # -- batch jobs and checkpoints ---------------------------------------------
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> "Server":
+        """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in the background.
+
+        Returns the running Server at once (`server.url` is the base URL for an OpenAI
+        client; port 0 picks a free one). With `api_key`, requests must carry it as a
+        bearer token. Needs `pip install 'distllm[serve]'`.
+        """
+        server = Server(self, host, port, api_key)
+        self._servers.append(server)
+        return server
 
     def map(self, prompts: Sequence | str, *, name: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Job:
@@ -4826,6 +4843,326 @@ class _WorkerStatus:
 
 
 ###############################################################################
+# OpenAI-compatible server ####################################################
+###############################################################################
+# FastAPI routes served by uvicorn in a daemon thread with its own event loop. Each
+# request's generation is a cluster.stream() iterated in the server's thread pool, so
+# HTTP never blocks the coordinator and requests in flight share the cluster. Streams
+# are server-sent events (sse-starlette). Errors have OpenAI's shape and status codes.
+
+_SERVE_HINT = "pip install 'distllm[serve]' (fastapi, uvicorn, sse-starlette)"
+
+
+class APIError(DistllmError):
+    """A request the OpenAI-compatible server refuses: an HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _api_param(body: dict, name: str, kinds: type | tuple, default: Any, *, ok: Any = None,
+               want: str = "") -> Any:
+    """Body field `name` of type `kinds` (None: `default`), checked by `ok`; APIError 400 naming it if not."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        value = object()  # JSON true is not a number here
+    if not isinstance(value, kinds) or (ok is not None and not ok(value)):
+        raise APIError(400, f"'{name}' must be {want or getattr(kinds, '__name__', kinds)}; got {body.get(name)!r}",
+                       param=name, code="invalid_value")
+    return value
+
+
+@_dataclasses.dataclass
+class _APIRequest:
+    """One completion request, checked: prompt token ids and sampling parameters."""
+
+    chat: bool
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    finish: str | None = None  # "stop" or "length", once generated
+    count: int = 0  # tokens generated
+
+
+class Server:
+    """An OpenAI-compatible HTTP API in front of a cluster, running in background threads.
+
+    Made by `cluster.serve()`; `url` is the base URL to give an OpenAI client, `stop()`
+    ends it (so does closing the cluster).
+    """
+
+    def __init__(self, cluster: "Cluster", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
+        try:
+            import uvicorn
+        except ImportError as exc:
+            raise ImportError(f"cluster.serve() needs {_SERVE_HINT}") from exc
+        self.cluster, self.api_key = cluster, api_key
+        self.model = cluster.model
+        self._server = uvicorn.Server(uvicorn.Config(self._app(), host=host, port=port, log_level="warning",
+                                                     lifespan="off", access_log=False))
+        self._thread = _threading.Thread(target=self._server.run, name="distllm-serve", daemon=True)
+        self._thread.start()
+        while not self._server.started:  # uvicorn says when it listens; a thread that ended could not bind
+            if not self._thread.is_alive():
+                raise OSError(f"the API server could not listen on {host}:{port} (see the log above)")
+            _time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{self.port}/v1"
+        _log.info("OpenAI-compatible API at %s (model %r)", self.url, self.model)
+
+    def __repr__(self) -> str:
+        return f"<distllm.Server {self.url} model={self.model!r}>"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving: requests in flight end, the port closes."""
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def _app(self) -> Any:
+        try:
+            from fastapi import FastAPI, Request
+            from fastapi.responses import JSONResponse
+            from sse_starlette.sse import EventSourceResponse
+            from starlette.concurrency import run_in_threadpool
+            from starlette.exceptions import HTTPException
+        except ImportError as exc:
+            raise ImportError(f"cluster.serve() needs {_SERVE_HINT}") from exc
+
+        app = FastAPI(title="distllm", docs_url=None, redoc_url=None, openapi_url=None)
+
+        def route(fn: Any) -> Any:  # this module's annotations are strings (__future__): give FastAPI the class
+            fn.__annotations__ = {"request": Request}
+            return fn
+
+        @app.exception_handler(APIError)
+        async def api_error(request: Request, exc: APIError) -> JSONResponse:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes, methods
+            return JSONResponse(APIError(exc.status_code, str(exc.detail), code=None).body(),
+                                status_code=exc.status_code)
+
+        @app.get("/v1/models")
+        @route
+        async def models(request: Request) -> dict:
+            self._check_key(request)
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                "owned_by": "distllm"}]}
+
+        async def complete(request: Request, chat: bool) -> Any:
+            self._check_key(request)
+            try:
+                body = await request.json()
+            except ValueError:
+                raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+            req = await run_in_threadpool(self._parse, body, chat)  # tokenizing is CPU work
+            if req.stream:
+                return EventSourceResponse(self._sse(req), ping=15)
+            return await run_in_threadpool(self._whole, req)
+
+        @app.post("/v1/completions")
+        @route
+        async def completions(request: Request) -> Any:
+            return await complete(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        @route
+        async def chat_completions(request: Request) -> Any:
+            return await complete(request, chat=True)
+
+        return app
+
+    def _check_key(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        import hmac
+
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided: give it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    # -- requests -------------------------------------------------------------
+
+    def _parse(self, body: Any, chat: bool) -> _APIRequest:
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise APIError(400, "'model' is required", param="model", code="missing_required_parameter")
+        if model != self.model:
+            raise APIError(404, f"The model '{model}' does not exist; this server has '{self.model}'",
+                           param="model", code="model_not_found")
+        if _api_param(body, "n", int, 1) != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        for name in ("logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias",
+                     "tools", "functions", "response_format", "best_of", "suffix"):
+            if body.get(name) not in (None, False, 0, 0.0, 1 if name == "best_of" else None):
+                raise APIError(400, f"'{name}' is not supported by distllm", param=name, code="unsupported_parameter")
+        ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        limit_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _api_param(body, limit_name, int, 256 if chat else 16, ok=lambda v: v >= 1,
+                                want="an integer of at least 1")
+        stop = _api_param(body, "stop", (str, list), [], ok=lambda v: isinstance(v, str) or (
+            len(v) <= 4 and all(isinstance(x, str) and x for x in v)), want="a string or up to 4 strings")
+        options = _api_param(body, "stream_options", dict, {})
+        return _APIRequest(
+            chat=chat, ids=ids, max_tokens=max_tokens,
+            temperature=float(_api_param(body, "temperature", (int, float), 1.0, ok=lambda v: 0 <= v <= 2,
+                                         want="a number from 0 to 2")),
+            top_p=float(_api_param(body, "top_p", (int, float), 1.0, ok=lambda v: 0 < v <= 1,
+                                   want="a number above 0, at most 1")),
+            seed=_api_param(body, "seed", int, None), stop=[stop] if isinstance(stop, str) else list(stop),
+            stream=_api_param(body, "stream", bool, False), include_usage=bool(options.get("include_usage")))
+
+    def _checked(self, ids: Any) -> list[int]:
+        try:
+            return self.cluster._prompt_ids(ids)
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except RequestError as exc:
+            raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
+
+    def _prompt_ids(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+            return self._checked(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return self._checked(prompt)
+        raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+                       param="prompt", code="invalid_value")
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list", param="messages", code="invalid_value")
+        clean = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, "only text content parts are supported", param="messages",
+                                   code="unsupported_value")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+                raise APIError(400, "each message needs a 'role' and a text 'content'", param="messages",
+                               code="invalid_value")
+            clean.append({"role": m["role"], "content": content})
+        return self._checked(chat_prompt_ids(self.cluster.tokenizer, clean))
+
+    # -- answers --------------------------------------------------------------
+
+    def _run(self, req: _APIRequest) -> Iterator[tuple[str, int]]:
+        """Yield (text piece, tokens so far) as the cluster makes them, cut at the first stop string.
+
+        Text that could be the start of a stop string is held back until it is not.
+        """
+        tokens = self.cluster.stream(req.ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                     top_p=req.top_p, seed=req.seed)
+        text, count, sent, hold = _TextStream(self.cluster.tokenizer, req.ids), 0, 0, max(
+            (len(s) for s in req.stop), default=1) - 1
+        done = ""
+        try:
+            for token in tokens:
+                count += 1
+                done += text.push(token)
+                cut = min((i for i in (done.find(s) for s in req.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield done[sent:cut], count
+                    req.finish = "stop"
+                    return
+                if len(done) - hold > sent:
+                    yield done[sent:len(done) - hold], count
+                    sent = len(done) - hold
+            done += text.flush()
+            cut = min((i for i in (done.find(s) for s in req.stop) if i >= 0), default=-1)
+            end = cut if cut >= 0 else len(done)
+            if end > sent:
+                yield done[sent:end], count
+            req.finish = "stop" if cut >= 0 or count < req.max_tokens else "length"
+        finally:
+            tokens.close()  # a stop string (or a client gone): the cluster stops generating
+            req.count = count
+
+    def _usage(self, req: _APIRequest) -> dict:
+        return {"prompt_tokens": len(req.ids), "completion_tokens": req.count,
+                "total_tokens": len(req.ids) + req.count}
+
+    def _head(self, req: _APIRequest) -> dict:
+        kind = "chat.completion" if req.chat else "text_completion"
+        return {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{_uuid.uuid4().hex[:24]}", "created": int(_time.time()),
+                "model": self.model, "object": kind}
+
+    def _whole(self, req: _APIRequest) -> dict:
+        try:
+            text = "".join(piece for piece, _ in self._run(req))
+        except (ClusterNotReadyError, StepFailedError, TimeoutError) as exc:
+            raise APIError(503, f"the cluster could not answer: {exc}", kind="server_error",
+                           code="cluster_unavailable") from None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": req.finish}
+                  if req.chat else {"index": 0, "text": text, "finish_reason": req.finish, "logprobs": None})
+        return {**self._head(req), "choices": [choice], "usage": self._usage(req)}
+
+    def _sse(self, req: _APIRequest) -> Iterator[str]:
+        """The stream as OpenAI sends it: chunks as JSON events, then [DONE] (sse-starlette frames them)."""
+        head = self._head(req)
+        head["object"] = "chat.completion.chunk" if req.chat else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None = None, first: bool = False) -> str:
+            if req.chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+            return _json.dumps({**head, "choices": [choice]})
+
+        if req.chat:
+            yield chunk(None, first=True)
+        try:
+            for piece, _ in self._run(req):
+                yield chunk(piece)
+        except (ClusterNotReadyError, StepFailedError, TimeoutError) as exc:
+            yield _json.dumps(APIError(503, f"the cluster could not answer: {exc}", kind="server_error",
+                                       code="cluster_unavailable").body())
+            return
+        yield chunk(None, req.finish)
+        if req.include_usage:
+            yield _json.dumps({**head, "choices": [], "usage": self._usage(req)})
+        yield "[DONE]"
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The prompt token ids of a chat: the tokenizer's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions",
+                       param="messages", code="unsupported_model")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any special tokens
+
+
+###############################################################################
 # Shortcuts ###################################################################
 ###############################################################################
 
@@ -5467,6 +5804,23 @@ def _join(args: Any) -> int:
     return 1 if any(w.error for w in workers) else 0
 
 
+def _serve(args: Any) -> int:
+    options = {"quant": args.quant, "store": args.store, "bind": args.bind, "advertise": args.advertise}
+    cluster = local(args.model, workers=args.workers, **options) if args.workers else host(args.model, **options)
+    try:
+        if not args.workers:
+            print(f"start each worker with\n\n  python -m distllm join {cluster.join_string}\n", flush=True)
+        server = cluster.serve(args.host, args.port, api_key=args.api_key or _os.environ.get("DISTLLM_API_KEY"))
+        print(f"OpenAI-compatible API at {server.url} (model {cluster.model!r}); Ctrl-C stops", flush=True)
+        _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+        _threading.Event().wait()  # serve until interrupted
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.close()
+    return 0
+
+
 def _map(args: Any) -> int:
     options = {"workers": args.workers, "quant": args.quant, "store": args.store, "token": args.token,
                "hub_endpoint": args.hub_endpoint, "bind": args.bind, "advertise": args.advertise,
@@ -5599,6 +5953,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--advertise", default=None)
     p.set_defaults(func=_map)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API in front of a cluster")
+    p.add_argument("model")
+    p.add_argument("--workers", type=int, default=0,
+                   help="start this many workers on this machine (default: wait for workers to join)")
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=int, default=8000, help="API port (0: a free one)")
+    p.add_argument("--api-key", default=None, help="require this bearer token (default: $DISTLLM_API_KEY, or none)")
+    p.add_argument("--quant", default="nf4", choices=_QUANTS)
+    p.add_argument("--store", default=None, help="checkpoint store: a directory or hf://user/repo")
+    p.add_argument("--bind", default="0.0.0.0", help="interface the host listens on for workers")
+    p.add_argument("--advertise", default=None)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("simulate", help="compare placement policies on a simulated swarm of free notebooks")
     p.add_argument("--nodes", type=int, default=10, help="notebooks at the start")
