@@ -3770,9 +3770,28 @@ class Cluster:
                 del self._disconnected[wid]
                 self._lose_worker(w, f"its connection closed and it did not reconnect within {self._grace(w):.1f} s")
 
+    def _liveness(self, w: _WorkerState) -> float:
+        """Seconds of silence before a worker counts as dead: the configured floor, or ten round trips past
+        two heartbeats (a slow link is not a dead one)."""
+        return max(self.config.liveness_s, 2 * self.config.heartbeat_s + 10e-3 * (w.rtt_ms or 0.0))
+
     def _grace(self, w: _WorkerState) -> float:
-        """Seconds to wait for a reconnect: the configured floor, or enough for TCP and CURVE handshakes."""
-        return max(self.config.reconnect_grace_s, 0.1 + 4e-3 * (w.rtt_ms or 0.0))
+        """Seconds to wait for a reconnect: the configured floor, or enough for ZeroMQ's retry, the TCP and
+        CURVE handshakes (four round trips) and the worker's first message, with room to spare."""
+        return max(self.config.reconnect_grace_s, 0.5 + 8e-3 * (w.rtt_ms or 0.0))
+
+    def _back(self, worker: _WorkerState, arrived: float) -> None:
+        """A worker whose connection dropped speaks again, its state intact: send it again the steps it
+        owes whose messages may have been lost with the connection. No replay: its caches are whole."""
+        since = self._disconnected.pop(worker.wid)
+        owed = [(s, step) for s in self._sessions.values() for step in s.steps.values()
+                if worker.wid in step.targets and step.sent_at < arrived]
+        _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name,
+                  _time.monotonic() - since, len(owed))
+        for session, step in owed:
+            self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid),
+                       [(_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), _tensor_frame(step.hidden))])
+            step.sent_at = _time.perf_counter()
 
     def _shutdown(self) -> None:
         for wid in list(self._workers):
@@ -3823,6 +3842,7 @@ class Cluster:
             return False
 
     def _on_worker_message(self, wid: WorkerID, frames: list) -> None:
+        arrived = _time.perf_counter()
         try:
             msg = decode(frames, allowed=_WORKER_TO_HOST, max_elements=self.config.max_message_bytes // 2)
             worker = self._workers.get(wid)
@@ -3836,6 +3856,8 @@ class Cluster:
                     self._send(wid, "error", {"code": "rejoin", "message": "not a member: join again"})
             else:
                 getattr(self, f"_on_{msg.type}")(worker, msg)
+            if wid in self._disconnected and worker is not None and worker.alive and self._workers.get(wid) is worker:
+                self._back(worker, arrived)
         except ProtocolError as exc:
             _log.warning("dropped a message from %r: %s", wid, exc)
         except Exception:  # a message must never take the host down; this is a bug, said loudly
@@ -4157,6 +4179,7 @@ class Cluster:
         if stage == 0:
             session.step += 1
         ready = [w for w in self._plan[stage].workers if self._workers[w].serving]
+        ready = [w for w in ready if w not in self._disconnected] or ready  # one whose link is down: last
         if not ready:
             self._park(session, f"no ready worker holds layers {self._plan[stage].start}.."
                                 f"{self._plan[stage].end - 1}")
@@ -4196,21 +4219,17 @@ class Cluster:
         session.steps[step.key] = step
         frame = _tensor_frame(step.hidden)
         raw = (_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), frame)
-        unreachable = []
         for wid in targets:
-            header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
-                      "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
-            if self._send(wid, "forward", header, [raw]):
-                step.targets.add(wid)
-            else:
-                unreachable.append(wid)
+            if not self._send(wid, "forward", self._forward_header(session, step, wid), [raw]):
+                # Its connection is down: it may be back within the grace with its state (then the step
+                # is sent again), or be declared dead when the grace ends (then its replicas take over).
+                self._disconnected.setdefault(wid, _time.monotonic())
+            step.targets.add(wid)
         step.sent_at = _time.perf_counter()
-        if not step.targets:
-            session.steps.pop(step.key, None)
-        for wid in unreachable:  # ZeroMQ knows its connection is gone: no need to wait for silence
-            self._lose_worker(self._workers[wid], "its connection closed")
-        if not step.targets and session.inflight is step and session.sid in self._sessions:
-            self._retry(session)  # unless a re-plan already restarted the session
+
+    def _forward_header(self, session: _Session, step: _Step, wid: WorkerID) -> dict:
+        return {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
+                "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
 
     def _remember(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
         """Keep the input of `stage` for positions start.., for replay should the stage fail."""
@@ -4295,7 +4314,7 @@ class Cluster:
         for w in list(self._workers.values()):
             if not w.alive:
                 continue
-            if now - w.last_seen > self.config.liveness_s:
+            if now - w.last_seen > self._liveness(w):
                 self._lose_worker(w, f"silent for {now - w.last_seen:.1f} s", state="dead")
             else:
                 self._send(w.wid, "ping", {"t": now})

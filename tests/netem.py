@@ -1,0 +1,137 @@
+"""A TCP proxy that plays a bad network between workers and host, on loopback.
+
+Every byte is delivered in order after half the round trip (plus jitter) in each
+direction; `stall(s)` holds all traffic for s seconds (a relay hiccup), `cut()` drops
+every connection at once (a NAT timeout, a tunnel restart); new connections are
+accepted again right after. Used by the tests and by bench/network.py.
+
+    proxy = LatencyProxy(target_port, rtt_ms=150, jitter_ms=10)
+    worker_join_string = proxy.rewrite(cluster.join_string)  # workers dial the proxy
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import socket
+import threading
+import time
+
+import distllm
+
+
+class LatencyProxy:
+    def __init__(self, target_port: int, *, rtt_ms: float = 0.0, jitter_ms: float = 0.0, seed: int = 0,
+                 target_host: str = "127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.one_way = rtt_ms / 2000.0
+        self.jitter = jitter_ms / 1000.0
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stalled_until = 0.0
+        self._links: list[tuple[socket.socket, socket.socket]] = []
+        self.cuts = 0
+        self.bytes = collections.Counter()  # "up" (to the target) and "down"
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="netem-accept", daemon=True).start()
+
+    def rewrite(self, join_string: str) -> str:
+        """The join string with its address replaced by this proxy's."""
+        info = distllm.JoinInfo.parse(join_string)
+        return distllm.JoinInfo(f"tcp://127.0.0.1:{self.port}", info.server_key, info.client_public,
+                                info.client_secret).encode()
+
+    def stall(self, seconds: float) -> None:
+        """Hold every byte in flight and to come for `seconds` (delivered afterwards, in order)."""
+        with self._lock:
+            self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
+
+    def cut(self) -> None:
+        """Drop every open connection; later connections go through as before."""
+        with self._lock:
+            links, self._links = self._links, []
+            self.cuts += 1
+        for pair in links:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        self.cut()
+
+    def __enter__(self) -> "LatencyProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._links.append((client, server))
+            self._pump(client, server, "up")
+            self._pump(server, client, "down")
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        """Two threads per direction: one reads and stamps each chunk with its due time, one delivers."""
+        queue: collections.deque = collections.deque()
+        ready = threading.Condition()
+
+        def read() -> None:
+            last_due = 0.0
+            while True:
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                due = max(last_due, time.monotonic() + self.one_way + self._random.uniform(-self.jitter, self.jitter))
+                last_due = due
+                with ready:
+                    queue.append((due, data))
+                    ready.notify()
+                if not data:
+                    return
+
+        def deliver() -> None:
+            while True:
+                with ready:
+                    while not queue:
+                        ready.wait()
+                    due, data = queue.popleft()
+                while True:  # wait until it is due and no stall holds it
+                    hold = max(due, self._stalled_until) - time.monotonic()
+                    if hold <= 0:
+                        break
+                    time.sleep(min(hold, 0.05))
+                if not data:  # the other side closed: pass the close on
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+                self.bytes[direction] += len(data)
+
+        threading.Thread(target=read, name=f"netem-{direction}-read", daemon=True).start()
+        threading.Thread(target=deliver, name=f"netem-{direction}-deliver", daemon=True).start()
