@@ -52,6 +52,10 @@ __all__ = [
     "Cluster",
     "Worker",
     "Job",
+    # the OpenAI-compatible API
+    "Server",
+    "APIError",
+    "chat_prompt_ids",
     # checkpoint store
     "open_store",
     "read_rendezvous",
