@@ -107,7 +107,7 @@ def test_panel_in_jupyterlab_lists_workers_and_streams_a_typed_prompt(tmp_path, 
             for name in ("colab-t4", "kaggle-p100"):
                 expect(table.get_by_text(name)).to_be_visible(timeout=120_000)
             expect(panel.locator(".rep")).to_have_count(2, timeout=60_000)  # the layer map: two stages
-            expect(page.get_by_text("first-job")).to_be_visible(timeout=120_000)  # the notebook's own job ran
+            expect(panel.locator("td", has_text="job first-job")).to_be_visible(timeout=120_000)  # the notebook's job
 
             page.evaluate("""() => {  // record every text the answer shows while it streams
                 window.seen = [];
