@@ -5239,16 +5239,21 @@ def join(join_string: str | None = None, *, name: str | None = None, device: str
 
         for worker in workers:
             display(worker)
+    _serve_until_stopped(workers)
+    refused = [w for w in workers if w.state == "refused"]
+    if refused:
+        raise JoinRefusedError(refused[0].error)
+    return result
+
+
+def _serve_until_stopped(workers: Sequence[Worker]) -> None:
+    """Block until every worker has stopped; Ctrl-C (a notebook's interrupt) makes them all leave gracefully."""
     try:
         for worker in workers:
             worker.wait()
     except KeyboardInterrupt:
         for worker in workers:
             worker.leave()
-    refused = [w for w in workers if w.state == "refused"]
-    if refused:
-        raise JoinRefusedError(refused[0].error)
-    return result
 
 
 def _find_host(config: Config) -> str:
@@ -5818,12 +5823,7 @@ def _join(args: Any) -> int:
             w._leaving.set()
 
     _signal.signal(_signal.SIGTERM, hand_over)  # hand over, then exit
-    try:
-        for w in workers:
-            w.wait()
-    except KeyboardInterrupt:
-        for w in workers:
-            w.leave()
+    _serve_until_stopped(workers)
     return 1 if any(w.error for w in workers) else 0
 
 
