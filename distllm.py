@@ -346,9 +346,14 @@ def _progress_bar(**kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     if "disable" not in kwargs:
-        shell = _sys.modules.get("IPython") and _sys.modules["IPython"].get_ipython()
-        kwargs["disable"] = not (shell is not None or _sys.stderr.isatty())
+        kwargs["disable"] = not (_ipython_shell() is not None or _sys.stderr.isatty())
     return tqdm(**kwargs)
+
+
+def _ipython_shell() -> Any:
+    """The running IPython shell (a notebook kernel, or IPython in a terminal), or None."""
+    ipython = _sys.modules.get("IPython")  # imported by any such shell: no import here
+    return ipython.get_ipython() if ipython is not None else None
 
 
 def _rss_bytes() -> int:
@@ -1320,24 +1325,20 @@ class StageShard:
         if self.static:
             slot.grow(start + n)
             h = self._replay(slot, h, start) if n == 1 and self.graphs else self._static_run(slot, h, start)
-            slot.length = start + n
-            return h
-        pids = torch.arange(start, start + n, device=self.device)[None]
-        cos, sin = self.rotary(h, pids)
-        masks = {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)}
-        for layer, window in zip(self.layers, self.windows):
-            out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=(cos, sin),
-                        use_cache=True, **{self._cache_kw: slot.cache})
-            h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
+        else:
+            pids = torch.arange(start, start + n, device=self.device)[None]
+            h = self._layers(slot.cache, h, pids, {w: _attention_mask(start, n, w, self.device)
+                                                   for w in set(self.windows)})
         slot.length = start + n
         return h
 
-    def _layers(self, slot: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
+    def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
+        """Run `h` at positions `pids` through every layer, with `cache` and a mask per window size."""
         cos, sin = self.rotary(h, pids)
         for layer, window in zip(self.layers, self.windows):
             out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=(cos, sin),
-                        use_cache=True, **{self._cache_kw: slot})
-            h = out[0] if isinstance(out, tuple) else out
+                        use_cache=True, **{self._cache_kw: cache})
+            h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
         return h
 
     def _static_run(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
@@ -3070,6 +3071,7 @@ class _WorkerState:
     def public(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
         d.pop("wid")
+        d["alive"] = self.alive
         return d
 
 
@@ -3345,7 +3347,7 @@ class Cluster:
         without it is loaded beside the current one. Sessions keep going throughout. If
         the other workers cannot hold the model, it keeps serving and a warning says so.
         """
-        names = [w["name"] for w in self.workers() if w["state"] not in ("dead", "left", "failed", "kicked")]
+        names = [w["name"] for w in self.workers() if w["alive"]]
         if worker not in names:
             raise KeyError(f"no live worker named {worker!r}; workers: {', '.join(names) or 'none'}")
         self._command("drain", worker)
@@ -3986,9 +3988,7 @@ class Cluster:
                          worker.name)
             return
         others = [w for w in self._live() if w is not worker]
-        proposal = plan_stages(self.n_layers, self._profiles(others), replicas=self.config.replicas,
-                               concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
-                               stages=self.config.stages)
+        proposal = self._propose(self._profiles(others))
         if proposal is None:
             _log.warning("cannot drain %s: the other %d workers cannot hold the model; it keeps serving",
                          worker.name, len(others))
@@ -4397,6 +4397,12 @@ class Cluster:
                             w.layers or ((w.held_start, 0) if w.held_start is not None else None))
                 for w in workers]
 
+    def _propose(self, profiles: list[NodeProfile]) -> list[Stage] | None:
+        """The planner's plan for these nodes under this cluster's settings and current load."""
+        return plan_stages(self.n_layers, profiles, replicas=self.config.replicas,
+                           concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
+                           stages=self.config.stages)
+
     def _place(self) -> None:
         """Keep every layer range served: refill stages from standbys, re-plan only when a range is orphaned."""
         live = self._live()
@@ -4424,9 +4430,7 @@ class Cluster:
         if first and any(w.layer_ms is None for w in live) and _time.monotonic() - max(w.joined_at for w in live) < 10:
             self._status = "calibrating workers"  # _on_profile (or the heartbeat, after 10 s) places again
             return
-        plan = plan_stages(self.n_layers, self._profiles(live), replicas=self.config.replicas,
-                           concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
-                           stages=self.config.stages)
+        plan = self._propose(self._profiles(live))
         if plan is None:
             room = sum(self._capacity(w) for w in live)
             self._drop_plan()
@@ -4462,8 +4466,7 @@ class Cluster:
         profiles = self._profiles(live)
         nodes = {p.id: p for p in profiles}
         concurrency = max(1, len(self._sessions))
-        proposal = plan_stages(self.n_layers, profiles, replicas=self.config.replicas, concurrency=concurrency,
-                               max_stages=self.config.max_stages, stages=self.config.stages)
+        proposal = self._propose(profiles)
         if proposal is None or not worth_rebalancing(self._plan, proposal, nodes, concurrency=concurrency,
                                                      gain=self.config.rebalance_gain):
             return
@@ -4601,8 +4604,7 @@ _NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
 
 def _in_notebook() -> bool:
     """Whether this process is a Jupyter kernel (a notebook, JupyterLab, Colab, Kaggle)."""
-    shell = _sys.modules.get("IPython") and _sys.modules["IPython"].get_ipython()
-    return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")
+    return type(_ipython_shell()).__name__ in ("ZMQInteractiveShell", "Shell")
 
 
 def _esc(value: Any) -> str:
@@ -4790,7 +4792,7 @@ class _Panel:
         _threading.Thread(target=stream, name="distllm-panel-generate", daemon=True).start()
 
     def _refresh_nodes(self) -> None:
-        names = [w["name"] for w in self.cluster.workers() if w["state"] not in ("dead", "left", "failed", "kicked")]
+        names = [w["name"] for w in self.cluster.workers() if w["alive"]]
         if names != self._names:
             self._names, chosen = names, self.node.value
             self.node.options = names
