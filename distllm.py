@@ -112,6 +112,7 @@ import contextlib as _contextlib
 import dataclasses as _dataclasses
 import functools as _functools
 import hashlib as _hashlib
+import hmac as _hmac
 import heapq as _heapq
 import inspect as _inspect
 import itertools as _itertools
@@ -242,9 +243,12 @@ class Config:
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
     cuda_graphs: bool = True  # CUDA workers replay each session's one-position step as a CUDA graph
     secure: bool = True  # CURVE encryption and client authentication on the wire
-    bind: str = "0.0.0.0"  # interface the host listens on
+    bind: str = "0.0.0.0"  # interface the host listens on (a worker: for direct links from other workers)
     port: int = 0  # TCP port of the host (0: any free port)
     advertise: str | None = None  # host name or IP put in the join string (None: guessed)
+    direct_links: bool = True  # stages send their output straight to the next stage where workers reach each other
+    peer_port: int = 0  # TCP port a worker listens on for direct links (0: any free port)
+    peer_address: str | None = None  # "host:port" other workers dial for direct links (None: advertise or guessed)
     tunnel: Any = None  # None, "bore", "bore://[secret@]host[:port]", "ngrok", or an object with open/close
     worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
@@ -1261,6 +1265,7 @@ class StageShard:
         self.rotary = rotary_cls(config=config).to(device)
         _release_freed_memory()
         self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
+        self.last: dict[SessionID, tuple[int, torch.Tensor, torch.Tensor]] = {}  # sid -> last decode step
 
     def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], layer_cls: type,
                     i: int) -> torch.nn.Module:
@@ -1298,8 +1303,18 @@ class StageShard:
         for one position and for many round differently, enough to change a greedy token).
         """
         n = hidden.shape[1]
+        if n == 1:
+            last = self.last.get(sid)
+            slot = self.slots.get(sid)
+            if (last is not None and slot is not None and last[0] == start and slot.length == start + 1
+                    and torch.equal(last[1], hidden)):
+                return last[2]  # the same step twice (direct and relayed): its answer, not a second pass
+            out = self._run(sid, hidden, start)
+            self.last[sid] = (start, hidden, out)
+            return out
+        self.last.pop(sid, None)
         split = n if decode_from is None else max(0, min(n, decode_from - start))
-        if split >= n or n == 1:
+        if split >= n:
             return self._run(sid, hidden, start)
         parts = [self._run(sid, hidden[:, :split], start)] if split else []
         parts += [self._run(sid, hidden[:, i:i + 1], start + i) for i in range(split, n)]
@@ -1314,6 +1329,7 @@ class StageShard:
             self.slots[sid] = slot
             while len(self.slots) > self.max_sessions:
                 evicted, _ = self.slots.popitem(last=False)
+                self.last.pop(evicted, None)
                 _log.warning("KV cache of session %s evicted (over %d sessions)", evicted, self.max_sessions)
         elif slot.length < start:
             raise StepOrderError(f"session {sid}: cache ends at {slot.length}, step starts at {start}")
@@ -1379,6 +1395,7 @@ class StageShard:
 
     def drop(self, sid: SessionID) -> None:
         self.slots.pop(sid, None)
+        self.last.pop(sid, None)
 
 
 @torch.inference_mode()
@@ -2089,6 +2106,10 @@ class Worker:
         self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
         self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
         self._panel: Any = None  # the notebook status widget, built on first display
+        self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
+        self._peer_auth: Any = None  # admits only this cluster's client key on the direct-link socket
+        self._links: dict[str, Any] = {}  # endpoint -> DEALER to a next stage (owned by the compute thread)
+        self.forwarded = 0  # steps whose output this worker sent straight to the next stage
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -2182,12 +2203,67 @@ class Worker:
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
         })
+
+    def _bind_peer(self) -> zmq.Socket | None:
+        """Listen for direct links: the previous stage may send its output here instead of through the host.
+
+        CURVE with this worker's own key pair (the host passes its public key on to the
+        previous stage); the authenticator admits only the join string's client key.
+        Nothing may reach this port (a Colab VM): then the previous stage finds no
+        connection and the host relays as before.
+        """
+        if not self.config.direct_links:
+            return None
+        sock = self._ctx.socket(zmq.ROUTER)
+        _set_limits(sock, self.config)
+        public = None
+        if self.join_info.server_key:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._peer_auth = ThreadAuthenticator(self._ctx)
+            self._peer_auth.start()
+            self._peer_auth.configure_curve_callback(domain="*", credentials_provider=self)
+            public, secret = zmq.curve_keypair()
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+        address = f"tcp://{self.config.bind}"
+        try:
+            if self.config.peer_port:
+                sock.bind(f"{address}:{self.config.peer_port}")
+                port = self.config.peer_port
+            else:
+                port = sock.bind_to_random_port(address)
+        except zmq.ZMQError as exc:  # a taken port: serve without direct links, say so
+            _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, address, exc)
+            sock.close(0)
+            return None
+        where = self.config.peer_address or f"{_advertised_host(self.config)}:{port}"
+        self._peer = {"endpoint": f"tcp://{where}", "key": public.decode() if public else ""}
+        return sock
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP check of the direct-link socket: admit only the client key of our cluster's join string."""
+        expected = (self.join_info.client_public or "").encode()
+        return bool(expected) and _hmac.compare_digest(key, expected)
+
+    def _on_peer_message(self, peer: zmq.Socket) -> None:
+        """A step the previous stage sent straight to us: queue it like one from the host."""
+        while peer.poll(0):
+            frames = peer.recv_multipart(copy=False)
+            try:
+                msg = decode(frames[1:], allowed={"forward"}, max_elements=self.config.max_message_bytes // 2)
+            except ProtocolError as exc:
+                _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
+                continue
+            msg.header["direct"] = True  # its answer tells the host it came this way
+            self._jobs.put(msg)
 
     def _io_loop(self, pair: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
+        peer = self._bind_peer()
         sock = self._connect()
         monitor = sock.get_monitor_socket(_WORKER_EVENTS)
         sock.send_multipart(self._join_message())
@@ -2195,6 +2271,8 @@ class Worker:
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        if peer is not None:
+            poller.register(peer, zmq.POLLIN)
         last_heard = last_join = started = _time.monotonic()
         warned_silent = False
         leave_sent: float | None = None
@@ -2263,6 +2341,8 @@ class Worker:
                         last_heard = _time.monotonic()
                         warned_silent = False
                         self._on_host_message(sock, frames)
+                if peer is not None and peer in events:
+                    self._on_peer_message(peer)
                 silent = _time.monotonic() - last_heard
                 if silent > self.config.liveness_s and _time.monotonic() - last_join > self.config.liveness_s:
                     if not warned_silent:
@@ -2288,6 +2368,10 @@ class Worker:
             monitor.close(0)
             sock.close(linger=1000)  # lets a final leave message out
             pair.close(0)
+            if peer is not None:
+                peer.close(0)
+            if self._peer_auth is not None:
+                self._peer_auth.stop()
             self._ctx.term()
             self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
@@ -2378,6 +2462,7 @@ class Worker:
                     out.send_multipart(reply, copy=False)
         finally:
             out.close(0)
+            self._close_links()
 
     def _run_job(self, msg: Message | tuple) -> list | None:
         if isinstance(msg, tuple):  # ("staged", epoch, key, shard or error): a background load ended
@@ -2396,7 +2481,9 @@ class Worker:
         if msg.type == "error":  # "rejoin": forget every session and the assignment's epoch
             if self._shard is not None:
                 self._shard.slots.clear()
+                self._shard.last.clear()
             self._epoch = None
+            self._close_links()  # a new host may have other keys
             return None
         if msg.type == "end":
             if self._shard is not None:
@@ -2521,17 +2608,71 @@ class Worker:
             raise ProtocolError(f"negative start position {start}")
         hidden = msg.tensor(0)
         _check_hidden(hidden, shard.config.hidden_size, "forward")
+        slot = shard.slots.get(fields["sid"])
+        if msg.header.get("direct") is True and slot is not None and slot.length > start + hidden.shape[1]:
+            # A direct step held up on its link until the session moved on (the host relayed it meanwhile):
+            # stale. Only the host may send a session back to an earlier position.
+            _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
+            return None
         t0 = _time.perf_counter()
         if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
             _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
+        decode_from = msg.get("decode_from", int, None)
         try:
-            out = shard.forward(fields["sid"], hidden, start,  # .cpu() synchronizes: compute_ms is honest
-                                msg.get("decode_from", int, None)).cpu()
+            out = shard.forward(fields["sid"], hidden, start, decode_from).cpu()  # .cpu() synchronizes
         except StepOrderError as exc:
             return encode("error", {"code": "order", "message": str(exc), **fields})
+        compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
         self.steps_served += 1
-        return encode("result", {**fields, "start": start, "compute_ms": (_time.perf_counter() - t0) * 1e3},
-                      [out])
+        raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
+        extra = {}
+        chain = msg.get("chain", list, [])
+        if chain:  # the host asked for our output to go straight to the next stage (and a copy to it)
+            extra["forwarded"] = self._send_on(chain, {**fields, "start": start, "decode_from": decode_from}, raw)
+        if msg.header.get("direct") is True:
+            extra["direct"] = True
+        return encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
+
+    def _send_on(self, chain: list, fields: dict, raw: tuple) -> bool:
+        """Send a step's output to the next stage's worker, `chain[0]`; return whether it went.
+
+        Only over a link that is up (ZMQ_IMMEDIATE): a peer we cannot reach, or not yet,
+        makes the send fail at once, and the host relays the copy it gets anyway.
+        """
+        link = chain[0]
+        if len(chain) > 64 or not isinstance(link, dict):
+            raise ProtocolError("bad chain in a forward message")
+        endpoint, key, epoch = link.get("to"), link.get("key"), link.get("epoch")
+        if (not isinstance(endpoint, str) or not _PEER_ENDPOINT.fullmatch(endpoint)
+                or not isinstance(key, str) or not isinstance(epoch, int) or isinstance(epoch, bool)):
+            raise ProtocolError(f"bad link {link!r} in a forward message")
+        sock = self._links.get(endpoint)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            _set_limits(sock, self.config)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a finished connection (and handshake)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+            if self.join_info.server_key:
+                if len(key) != 40:
+                    raise ProtocolError(f"bad CURVE key in a link to {endpoint}")
+                sock.curve_serverkey = key.encode()
+                sock.curve_publickey = self.join_info.client_public.encode()
+                sock.curve_secretkey = self.join_info.client_secret.encode()
+            sock.connect(endpoint)
+            self._links[endpoint] = sock
+        header = {**fields, "stage": fields["stage"] + 1, "epoch": epoch, "chain": chain[1:]}
+        try:
+            sock.send_multipart(encode("forward", header, [raw]), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no connection (yet): the host relays
+            return False
+        self.forwarded += 1
+        return True
+
+    def _close_links(self) -> None:
+        for sock in self._links.values():
+            sock.close(0)
+        self._links.clear()
 
 
 _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -2548,6 +2689,10 @@ def _handshake_failure(event: int, info: JoinInfo) -> str:
         return "the host expects encryption (CURVE) but this join string has none: copy the host's join string"
     return ("the encrypted handshake with the host failed: the join string does not belong to the host at "
             f"{info.endpoint} (or that host runs with secure=False)")
+
+
+_LINK_BACKOFF_S = 60.0  # seconds a direct link that lost a step goes unused (the host relays meanwhile)
+_PEER_ENDPOINT = _re.compile(r"tcp://[\w.\-\[\]:]+:\d{1,5}")
 
 
 def _step_fields(msg: Message) -> dict:
@@ -3032,6 +3177,8 @@ class _WorkerState:
     tokens_s: float = 0.0  # positions per second over the last few seconds
     hazard: float = 0.0  # expected failures per hour (its stability: see Cluster._hazard)
     draining: bool = False  # asked to hand its layers over and leave
+    peer: str | None = None  # endpoint where the previous stage may reach it directly, if it listens
+    peer_key: str = ""  # the CURVE public key of that endpoint
 
     _rate_mark: tuple[float, int] = (0.0, 0)  # (time, tokens) the rate was last measured from
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
@@ -3088,6 +3235,8 @@ class _Step:
     sent_at: float = 0.0
     answered: bool = False
     first: torch.Tensor | None = None  # the answer used, kept to compare replicas' answers with
+    chain: list[WorkerID] = _dataclasses.field(default_factory=list)  # later stages' workers, reached directly
+    via: WorkerID | None = None  # the worker that sent this step straight here (the host did not)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -3213,7 +3362,13 @@ class Cluster:
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
-                       "resumed_tokens": 0, "rebalances": 0}
+                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0}
+        # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
+        # else the host relays its copy), answers that came before the copy, links that failed recently.
+        self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
+        self._relay_seq = _itertools.count()
+        self._early: _collections.OrderedDict = _collections.OrderedDict()  # (sid, key) -> (wid, msg, when)
+        self._links_down: dict[tuple[WorkerID, WorkerID], float] = {}  # (from, to) -> until (monotonic)
         self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
         self._last_rebalance = _time.monotonic()
 
@@ -3720,7 +3875,8 @@ class Cluster:
         next_beat = _time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(max(0, int((next_beat - _time.monotonic()) * 1000)) + 1))
+                wake = min(next_beat, self._relays[0][0]) if self._relays else next_beat
+                events = dict(poller.poll(max(0, int((wake - _time.monotonic()) * 1000)) + 1))
                 if self._router in events:
                     for _ in range(1000):  # bounded, so commands and timers get their turn
                         try:
@@ -3740,6 +3896,8 @@ class Cluster:
                     if not self._run_commands():
                         break
                 now = _time.monotonic()
+                if self._relays:
+                    self._check_relays(now)
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + self.config.heartbeat_s
@@ -3891,6 +4049,11 @@ class Cluster:
             w.held_start = held["start"]
         deadline = msg.get("leave_at", (int, float, type(None)), None)
         w.deadline = float(deadline) if deadline is not None and _math.isfinite(deadline) else None
+        peer = msg.get("peer", dict, {})
+        endpoint, key = peer.get("endpoint"), peer.get("key")
+        if (isinstance(endpoint, str) and _PEER_ENDPOINT.fullmatch(endpoint) and isinstance(key, str)
+                and len(key) == (40 if self.config.secure else 0)):
+            w.peer, w.peer_key = endpoint, key
         self._workers[wid] = w
         self._node_event(w, "joins")
         fields = self._model_fields() if self.config.calibrate else {"quant": self.config.quant}
@@ -4093,6 +4256,9 @@ class Cluster:
         sid = msg.get("sid", str)
         session = self._sessions.get(sid) or self._draining.get(sid)
         step = session.steps.get(_step_key(msg)) if session is not None else None
+        if step is None and session is not None and msg.get("direct", bool, False):
+            self._keep_early(session, worker, msg)  # it overtook the copy of its input: wait for that
+            return
         if step is None or msg.get("epoch", int) != worker.epoch or worker.wid not in step.targets:
             return  # a late answer: the session ended or moved on, or the worker was replaced
         n = step.n
@@ -4127,7 +4293,10 @@ class Cluster:
         last = step.stage + 1 == len(self._plan)
         if not last:
             self._remember(session, step.stage + 1, step.start, hidden)
-            self._send_step(session, step.stage + 1, step.start, hidden)
+            if msg.get("forwarded", bool, False) and step.chain:
+                self._expect(session, step, worker.wid, hidden)
+            else:
+                self._send_step(session, step.stage + 1, step.start, hidden)
             return
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
@@ -4200,7 +4369,83 @@ class Cluster:
                 self._stats["replays"] += 1
                 _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
                           self._plan[stage].start, self._plan[stage].end - 1)
-        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], hidden), targets)
+        chain = self._chain(session, stage, next(iter(targets))) if len(targets) == 1 else []
+        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], hidden, chain=chain), targets)
+
+    # -- direct links -----------------------------------------------------------
+    # A step may carry a chain: the workers of the next stages, one each, with their direct-link
+    # endpoints. A worker sends its output straight to the next one and a copy to the host, which
+    # keeps it for replay and then expects the next stage's answer. Legs per token: stages + 1
+    # instead of 2 x stages. No answer in time: the host relays its copy and uses that link no more
+    # for a while. A lost worker is handled as always (its steps are re-sent from the host).
+
+    def _chain(self, session: _Session, stage: int, first: WorkerID) -> list[WorkerID]:
+        """The workers the next stages' steps can go to straight from the previous one (maybe none)."""
+        if not self.config.direct_links:
+            return []
+        chain, previous, now = [], first, _time.monotonic()
+        for later in range(stage + 1, len(self._plan)):
+            holders = session.holders.get(later, set())
+            if len(holders) != 1:  # no cache there yet, or mirrored on replicas: the host sends to all
+                break
+            wid = next(iter(holders))
+            w = self._workers.get(wid)
+            if (w is None or not w.serving or w.peer is None or wid in self._disconnected
+                    or wid not in self._plan[later].workers or self._links_down.get((previous, wid), 0.0) > now):
+                break
+            chain.append(wid)
+            previous = wid
+        return chain
+
+    def _expect(self, session: _Session, step: _Step, via: WorkerID, hidden: torch.Tensor) -> None:
+        """`via` sent its output for `step` straight to the chain's next worker: await that one's answer."""
+        wid = step.chain[0]
+        w = self._workers.get(wid)
+        if w is None or not w.serving:  # gone meanwhile: send it the usual way
+            self._send_step(session, step.stage + 1, step.start, hidden)
+            return
+        new = _Step(step.number, step.stage + 1, step.start, step.n, hidden, chain=step.chain[1:], via=via)
+        new.targets.add(wid)
+        new.sent_at = _time.perf_counter()
+        session.inflight = new
+        session.steps[new.key] = new
+        self._stats["direct"] += 1
+        due = _time.monotonic() + self._relay_after(w, step.n)
+        _heapq.heappush(self._relays, (due, next(self._relay_seq), session.sid, new.key))
+        early = self._early.pop((session.sid, new.key), None)
+        if early is not None and early[0] == wid:
+            self._on_result(w, early[1])
+
+    def _relay_after(self, w: _WorkerState, n: int) -> float:
+        """Seconds to wait for the answer of a step sent straight to `w` before relaying it: its compute
+        and a round trip, twice over, and a quarter second."""
+        return 0.25 + 2e-3 * ((w.rtt_ms or 0.0) + (w.compute_ms or 0.0) * n)
+
+    def _keep_early(self, session: _Session, worker: _WorkerState, msg: Message) -> None:
+        """Hold an answer to a direct step whose input's copy has not reached the host yet."""
+        now = _time.monotonic()
+        while self._early and (len(self._early) >= 1024 or now - next(iter(self._early.values()))[2] > 10.0):
+            self._early.popitem(last=False)  # stale: copies that never came (their sessions moved on)
+        self._early[(session.sid, _step_key(msg))] = (worker.wid, msg, now)
+
+    def _check_relays(self, now: float) -> None:
+        """Relay the copies of direct steps whose answers are overdue; stop using those links for a while."""
+        while self._relays and self._relays[0][0] <= now:
+            _, _, sid, key = _heapq.heappop(self._relays)
+            session = self._sessions.get(sid)
+            step = session.steps.get(key) if session is not None else None
+            if step is None or step.answered or step.via is None:
+                continue
+            for wid in list(step.targets):
+                w = self._workers[wid]
+                via = self._workers.get(step.via)
+                _log.info("no answer from %s to a step %s sent it directly; relaying it, and not using that "
+                          "link for %.0f s", w.name, via.name if via else "?", _LINK_BACKOFF_S)
+                self._links_down[(step.via, wid)] = now + _LINK_BACKOFF_S
+                self._send(wid, "forward", self._forward_header(session, step, wid),
+                           [(_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), _tensor_frame(step.hidden))])
+            step.via = None
+            self._stats["relayed"] += 1
 
     def _route(self, ready: list[WorkerID]) -> set[WorkerID]:
         """Pick the holders a session's cache is built on, and so its steps go to.
@@ -4232,8 +4477,12 @@ class Cluster:
         step.sent_at = _time.perf_counter()
 
     def _forward_header(self, session: _Session, step: _Step, wid: WorkerID) -> dict:
-        return {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
-                "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
+        header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
+                  "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
+        if step.chain:
+            header["chain"] = [{"to": w.peer, "key": w.peer_key, "epoch": w.epoch}
+                               for w in (self._workers[c] for c in step.chain)]
+        return header
 
     def _remember(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
         """Keep the input of `stage` for positions start.., for replay should the stage fail."""
@@ -5817,7 +6066,8 @@ def _host(args: Any) -> int:
 
 def _join(args: Any) -> int:
     joined = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
-                  store=args.store, token=args.token, hub_endpoint=args.hub_endpoint)
+                  store=args.store, token=args.token, hub_endpoint=args.hub_endpoint, bind=args.bind,
+                  direct_links=not args.no_direct, peer_port=args.peer_port, peer_address=args.peer_address)
     workers = joined if isinstance(joined, list) else [joined]  # one per GPU on a machine with several
 
     def hand_over(*_: Any) -> None:
@@ -5958,6 +6208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="the host's checkpoint store: find the host there, follow restarts")
     p.add_argument("--token", default=None, help="Hugging Face token for a private Hub store")
     p.add_argument("--hub-endpoint", default=None)
+    p.add_argument("--bind", default="0.0.0.0", help="interface to listen on for direct links from other workers")
+    p.add_argument("--peer-port", type=int, default=0, help="port for direct links (default: any free port)")
+    p.add_argument("--peer-address", default=None,
+                   help="host:port other workers dial for direct links (default: this machine's address)")
+    p.add_argument("--no-direct", action="store_true", help="no direct links: every step goes through the host")
     p.set_defaults(func=_join)
 
     p = sub.add_parser("map", help="run a JSON-lines file of prompts as a checkpointed batch job")

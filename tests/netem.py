@@ -20,6 +20,13 @@ import time
 import distllm
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a worker's direct-link socket behind a proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LatencyProxy:
     def __init__(self, target_port: int, *, rtt_ms: float = 0.0, jitter_ms: float = 0.0, seed: int = 0,
                  target_host: str = "127.0.0.1"):
@@ -31,6 +38,7 @@ class LatencyProxy:
         self._stalled_until = 0.0
         self._links: list[tuple[socket.socket, socket.socket]] = []
         self.cuts = 0
+        self._pending = 0  # chunks read and not yet delivered (or dropped by a cut)
         self.bytes = collections.Counter()  # "up" (to the target) and "down"
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -47,6 +55,14 @@ class LatencyProxy:
         """Hold every byte in flight and to come for `seconds` (delivered afterwards, in order)."""
         with self._lock:
             self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
+
+    def wait_delivered(self, timeout: float = 30.0) -> None:
+        """Block until every byte read so far has been delivered (a stall's held bytes included)."""
+        deadline = time.monotonic() + timeout
+        while self._pending or time.monotonic() < self._stalled_until:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._pending} chunks still held after {timeout} s")
+            time.sleep(0.02)
 
     def cut(self) -> None:
         """Drop every open connection; later connections go through as before."""
@@ -106,6 +122,8 @@ class LatencyProxy:
                 last_due = due
                 with ready:
                     queue.append((due, data))
+                    with self._lock:
+                        self._pending += 1
                     ready.notify()
                 if not data:
                     return
@@ -121,16 +139,16 @@ class LatencyProxy:
                     if hold <= 0:
                         break
                     time.sleep(min(hold, 0.05))
-                if not data:  # the other side closed: pass the close on
-                    try:
-                        dst.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                    return
                 try:
+                    if not data:  # the other side closed: pass the close on
+                        dst.shutdown(socket.SHUT_WR)
+                        return
                     dst.sendall(data)
                 except OSError:
                     return
+                finally:
+                    with self._lock:
+                        self._pending -= 1
                 self.bytes[direction] += len(data)
 
         threading.Thread(target=read, name=f"netem-{direction}-read", daemon=True).start()

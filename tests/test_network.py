@@ -11,7 +11,7 @@ import pytest
 
 import distllm
 from conftest import prompt_of, reference_generate, reference_model
-from netem import LatencyProxy
+from netem import LatencyProxy, free_port
 
 
 @pytest.fixture
@@ -54,3 +54,57 @@ def test_150ms_with_stalls_and_a_cut_keeps_tokens_and_workers(slow_cluster, capl
     stats = cluster.stats()  # ... with their caches: nothing replayed, nobody replaced
     assert (stats["failures"], stats["replays"], stats["restarts"], stats["warmups"]) == (0, 0, 0, 0), stats
     assert sorted(w["state"] for w in cluster.workers()) == ["ready", "ready"]
+
+
+def test_direct_links_carry_the_steps_and_the_host_relays_when_one_stalls(tmp_path):
+    """Three stages whose workers reach each other through proxies: outputs go stage to stage (the host
+    gets copies); a link that stalls makes the host relay its copy, with the same tokens and nobody lost."""
+    prompt = prompt_of(10)
+    want = reference_generate(reference_model(distllm._tiny_model_dir()), prompt, 24)
+    with distllm.host("tiny", quant="none", bind="127.0.0.1", workers=3, stages=3, calibrate=False,
+                      rebalance_s=0) as cluster:
+        ports = [free_port() for _ in range(3)]
+        proxies = [LatencyProxy(port) for port in ports]  # in front of each worker's direct-link socket
+        procs = [subprocess.Popen([sys.executable, "-m", "distllm", "join", cluster.join_string, "--name", f"w{i}",
+                                   "--bind", "127.0.0.1", "--peer-port", str(ports[i]),
+                                   "--peer-address", f"127.0.0.1:{proxies[i].port}"],
+                                  stdout=open(tmp_path / f"w{i}.log", "w"), stderr=subprocess.STDOUT)
+                 for i in range(3)]
+        try:
+            cluster.wait_ready(120)
+            assert cluster.generate(prompt, max_new_tokens=24) == want
+            stats = cluster.stats()
+            assert stats["direct"] >= 2 * 20 and stats["relayed"] == 0, stats  # stages 1 and 2 of each token
+            assert sum(p.bytes["up"] for p in proxies) > 0  # the steps really took the direct links
+
+            for p in proxies:
+                p.stall(5.0)  # every direct link holds its steps: the host must relay them
+            assert cluster.generate(prompt, max_new_tokens=24) == want
+            stats = cluster.stats()
+            assert stats["relayed"] >= 1, stats
+            assert (stats["failures"], stats["replays"], stats["restarts"]) == (0, 0, 0), stats
+
+            for p in proxies:  # the held steps now arrive, long after their sessions moved on: workers drop them
+                p.wait_delivered()
+            assert cluster.generate(prompt, max_new_tokens=24) == want
+            stats = cluster.stats()
+            assert (stats["failures"], stats["replays"], stats["restarts"]) == (0, 0, 0), stats
+            assert sorted(w["state"] for w in cluster.workers()) == ["ready"] * 3
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            for proxy in proxies:
+                proxy.close()
+
+
+def test_unreachable_direct_links_fall_back_to_the_host(model_dir):
+    """Workers that advertise an address nobody can dial (a Colab VM's): every step goes through the host."""
+    prompt = prompt_of(8)
+    path = model_dir("llama")
+    want = reference_generate(reference_model(path), prompt, 12)
+    with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False,
+                       peer_address="127.0.0.1:9") as cluster:
+        assert cluster.generate(prompt, max_new_tokens=12) == want
+        stats = cluster.stats()
+        assert stats["direct"] == 0 and stats["relayed"] == 0 and stats["failures"] == 0, stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 import zmq
 
 import distllm
@@ -110,3 +111,37 @@ def test_plain_cluster_works_and_refuses_encrypted_workers(model_dir):
         server, _ = zmq.curve_keypair()
         encrypted = distllm.JoinInfo(info.endpoint, server.decode(), public.decode(), secret.decode()).encode()
         _refused(encrypted, "secure=False")  # by a handshake event, or (without one) by the timeout
+
+
+def test_direct_link_socket_admits_only_the_cluster_key_and_drops_junk(cluster):
+    """A worker's direct-link port: a stranger's key fails the handshake; a member's junk is dropped
+    with a reason, and the worker serves on."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    worker = cluster.workers()[0]
+    info = distllm.JoinInfo.parse(cluster.join_string)
+    ctx = zmq.Context()
+    try:
+        def dial(public: bytes, secret: bytes) -> tuple[zmq.Socket, zmq.Socket]:
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.curve_serverkey = worker["peer_key"].encode()
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            sock.connect(worker["peer"])
+            assert monitor.poll(5000), "no handshake outcome within 5 s"
+            return sock, recv_monitor_message(monitor)["event"]
+
+        _, event = dial(*zmq.curve_keypair())
+        assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        member, event = dial(info.client_public.encode(), info.client_secret.encode())
+        assert event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        member.send_multipart([b"not json"])
+        member.send_multipart(distllm.encode("shutdown", {}))  # only steps may come this way
+        member.send_multipart(distllm.encode("forward", {"sid": "x", "step": 1, "stage": 0, "start": 0,
+                                                         "epoch": 10**6}, [torch.zeros(1, 1, 3)]))
+    finally:
+        ctx.destroy(0)
+    prompt = prompt_of(6)
+    assert cluster.generate(prompt, max_new_tokens=4) == cluster.generate(prompt, max_new_tokens=4)
+    assert cluster.workers()[0]["state"] == "ready"
