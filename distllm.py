@@ -248,7 +248,7 @@ class Config:
     advertise: str | None = None  # host name or IP put in the join string (None: guessed)
     direct_links: bool = True  # stages send their output straight to the next stage where workers reach each other
     peer_port: int = 0  # TCP port a worker listens on for direct links (0: any free port)
-    peer_address: str | None = None  # "host:port" other workers dial for direct links (None: advertise or guessed)
+    peer_address: str | None = None  # "host[:port]" other workers dial for direct links (None: advertise or guessed)
     tunnel: Any = None  # None, "bore", "bore://[secret@]host[:port]", "ngrok", or an object with open/close
     worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
@@ -1304,11 +1304,9 @@ class StageShard:
         """
         n = hidden.shape[1]
         if n == 1:
-            last = self.last.get(sid)
-            slot = self.slots.get(sid)
-            if (last is not None and slot is not None and last[0] == start and slot.length == start + 1
-                    and torch.equal(last[1], hidden)):
-                return last[2]  # the same step twice (direct and relayed): its answer, not a second pass
+            out = self.repeated(sid, hidden, start)
+            if out is not None:
+                return out
             out = self._run(sid, hidden, start)
             self.last[sid] = (start, hidden, out)
             return out
@@ -1319,6 +1317,15 @@ class StageShard:
         parts = [self._run(sid, hidden[:, :split], start)] if split else []
         parts += [self._run(sid, hidden[:, i:i + 1], start + i) for i in range(split, n)]
         return torch.cat(parts, dim=1)
+
+    def repeated(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The answer to this very one-position step if it was the last one run (a step that came both
+        directly and relayed by the host): a second pass would only repeat it."""
+        last, slot = self.last.get(sid), self.slots.get(sid)
+        if (last is not None and slot is not None and last[0] == start and slot.length == start + 1
+                and hidden.shape[1] == 1 and torch.equal(last[1], hidden)):
+            return last[2]
+        return None
 
     def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
         slot = self.slots.get(sid)
@@ -2239,7 +2246,9 @@ class Worker:
             _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, address, exc)
             sock.close(0)
             return None
-        where = self.config.peer_address or f"{_advertised_host(self.config)}:{port}"
+        where = self.config.peer_address or _advertised_host(self.config)
+        if not _re.search(r":\d+$", where):  # a host name or IPv4 address without a port: the bound one
+            where = f"{where}:{port}"
         self._peer = {"endpoint": f"tcp://{where}", "key": public.decode() if public else ""}
         return sock
 
@@ -2618,16 +2627,17 @@ class Worker:
         if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
             _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
         decode_from = msg.get("decode_from", int, None)
+        repeat = shard.repeated(fields["sid"], hidden, start)  # sent on already, if it had a chain
         try:
-            out = shard.forward(fields["sid"], hidden, start, decode_from).cpu()  # .cpu() synchronizes
-        except StepOrderError as exc:
+            out = (repeat if repeat is not None else shard.forward(fields["sid"], hidden, start, decode_from)).cpu()
+        except StepOrderError as exc:  # (.cpu() synchronizes: compute_ms is honest)
             return encode("error", {"code": "order", "message": str(exc), **fields})
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
         self.steps_served += 1
         raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
         extra = {}
         chain = msg.get("chain", list, [])
-        if chain:  # the host asked for our output to go straight to the next stage (and a copy to it)
+        if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
             extra["forwarded"] = self._send_on(chain, {**fields, "start": start, "decode_from": decode_from}, raw)
         if msg.header.get("direct") is True:
             extra["direct"] = True
@@ -3237,6 +3247,7 @@ class _Step:
     first: torch.Tensor | None = None  # the answer used, kept to compare replicas' answers with
     chain: list[WorkerID] = _dataclasses.field(default_factory=list)  # later stages' workers, reached directly
     via: WorkerID | None = None  # the worker that sent this step straight here (the host did not)
+    relayed: bool = False  # the direct answer was overdue and the host sent its copy too
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -3944,6 +3955,11 @@ class Cluster:
         CURVE handshakes (four round trips) and the worker's first message, with room to spare."""
         return max(self.config.reconnect_grace_s, 0.5 + 8e-3 * (w.rtt_ms or 0.0))
 
+    def _step_deadline(self, w: _WorkerState, n: int) -> float:
+        """Seconds a step of n positions may take before its worker counts as stuck: the configured floor,
+        or far more than its usual compute for a step this size plus ten of its round trips."""
+        return max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0.0) * n + 10e-3 * (w.rtt_ms or 0.0))
+
     def _back(self, worker: _WorkerState, arrived: float) -> None:
         """A worker whose connection dropped speaks again, its state intact: send it again the steps it
         owes whose messages may have been lost with the connection. No replay: its caches are whole."""
@@ -4284,6 +4300,8 @@ class Cluster:
         step.answered = True
         step.targets.discard(worker.wid)
         self._stats["steps"] += 1
+        if step.relayed and msg.get("direct", bool, False):  # the link was slow, not broken: use it again
+            self._links_down.pop((step.via, worker.wid), None)
         if step.targets:  # other replicas still working on it: keep the answer to compare
             step.first = hidden
         else:
@@ -4417,9 +4435,10 @@ class Cluster:
             self._on_result(w, early[1])
 
     def _relay_after(self, w: _WorkerState, n: int) -> float:
-        """Seconds to wait for the answer of a step sent straight to `w` before relaying it: its compute
-        and a round trip, twice over, and a quarter second."""
-        return 0.25 + 2e-3 * ((w.rtt_ms or 0.0) + (w.compute_ms or 0.0) * n)
+        """Seconds to wait for the answer of a step sent straight to `w` before relaying it: a round trip
+        and the compute of the steps ahead of it in `w`'s queue and its own, twice over, and a quarter second."""
+        ahead = w.queue + sum(w.wid in st.targets for s in self._sessions.values() for st in s.steps.values())
+        return 0.25 + 2e-3 * ((w.rtt_ms or 0.0) + (w.compute_ms or 0.0) * (ahead + n))
 
     def _keep_early(self, session: _Session, worker: _WorkerState, msg: Message) -> None:
         """Hold an answer to a direct step whose input's copy has not reached the host yet."""
@@ -4434,7 +4453,7 @@ class Cluster:
             _, _, sid, key = _heapq.heappop(self._relays)
             session = self._sessions.get(sid)
             step = session.steps.get(key) if session is not None else None
-            if step is None or step.answered or step.via is None:
+            if step is None or step.answered or step.via is None or step.relayed:
                 continue
             for wid in list(step.targets):
                 w = self._workers[wid]
@@ -4444,7 +4463,7 @@ class Cluster:
                 self._links_down[(step.via, wid)] = now + _LINK_BACKOFF_S
                 self._send(wid, "forward", self._forward_header(session, step, wid),
                            [(_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), _tensor_frame(step.hidden))])
-            step.via = None
+            step.relayed = True
             self._stats["relayed"] += 1
 
     def _route(self, ready: list[WorkerID]) -> set[WorkerID]:
@@ -4576,8 +4595,7 @@ class Cluster:
             for step in list(s.steps.values()):
                 for wid in list(step.targets):
                     w = self._workers[wid]
-                    # The floor, or far more than this worker's usual compute for a step this size.
-                    deadline = max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0) * step.n)
+                    deadline = self._step_deadline(w, step.n)
                     if clock - step.sent_at > deadline and w.alive:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         if self._plan is None and self._live():
@@ -6211,7 +6229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0", help="interface to listen on for direct links from other workers")
     p.add_argument("--peer-port", type=int, default=0, help="port for direct links (default: any free port)")
     p.add_argument("--peer-address", default=None,
-                   help="host:port other workers dial for direct links (default: this machine's address)")
+                   help="host[:port] other workers dial for direct links (default: this machine's address)")
     p.add_argument("--no-direct", action="store_true", help="no direct links: every step goes through the host")
     p.set_defaults(func=_join)
 

@@ -137,28 +137,31 @@ def plain_transformers(path: str, tokens: int) -> dict:
     return {"load_s": load, "tok_s_1": out[1], f"tok_s_{SESSIONS}": out[SESSIONS]}
 
 
-def reference_tokens(path: str, tokens: int) -> list[int]:
-    """The same layers and kernels in one process, no network: what every distllm run must give."""
-    got, _ = distllm._in_process_decode(path, "nf4", prompts(1)[0], tokens)
+def reference_tokens(path: str, tokens: int) -> tuple[list[int], float]:
+    """The same layers and kernels in one process, no network: what every distllm run must give
+    (and its ms per token: what the pipeline adds is measured against it)."""
+    got, s_per_token = distllm._in_process_decode(path, "nf4", prompts(1)[0], tokens)
     torch.cuda.empty_cache()
-    return got
+    return got, s_per_token * 1e3
 
 
-def start_workers(join_string: str, devices: list[str], tag: str) -> list[subprocess.Popen]:
+def start_workers(join_string: str, devices: list[str], tag: str, direct: bool = True) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    links = ["--bind", "127.0.0.1"] if direct else ["--no-direct"]
     return [subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", f"{tag}-{i}",
-                              "--device", d], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              "--device", d, *links], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(ROOT, ".bench-cache", f"{tag}-{i}.log"), "w"))
             for i, d in enumerate(devices)]
 
 
 def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, stages: int,
-                replicas: int = 1, kill: bool = False, tag: str = "w") -> dict:
+                replicas: int = 1, kill: bool = False, tag: str = "w", direct: bool = True) -> dict:
     t0 = time.perf_counter()
     cluster = distllm.host(path, quant="nf4", bind="127.0.0.1", workers=len(devices), stages=stages,
                            replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0)
-    procs = start_workers(cluster.join_string, devices, tag)
-    row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas}
+    procs = start_workers(cluster.join_string, devices, tag, direct)
+    row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas,
+                 "route": "direct" if direct else "relayed"}
     try:
         cluster.wait_ready(600)
         row["ready_s"] = time.perf_counter() - t0
@@ -182,6 +185,7 @@ def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, 
                 t.join()
 
         row[f"tok_s_{SESSIONS}"] = SESSIONS * 1e3 / decode_ms(many, tokens)
+        row["direct_steps"] = cluster.stats()["direct"]
         log(f"distllm {len(devices)} workers x {stages} stages: {row}")
         return row
     finally:
@@ -218,11 +222,12 @@ def main() -> int:
     path = build_checkpoint(os.path.join(ROOT, ".bench-cache", f"llama3-8b-shape-{args.layers}l"), args.layers)
     log("checkpoint ready")
     plain = plain_transformers(path, args.tokens)
-    want = reference_tokens(path, args.tokens)
-    log(f"reference: {len(want)} tokens")
+    want, ref_ms = reference_tokens(path, args.tokens)
+    log(f"reference: {len(want)} tokens, {ref_ms:.2f} ms/token in one process")
     rows = [distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one")]
     all_gpus = [f"cuda:{i}" for i in range(gpus)]
     if gpus > 1:
+        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="relayed", direct=False))
         rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu"))
         no_replica = distllm_run(path, all_gpus, args.tokens, want, stages=gpus, kill=True, tag="kill")
         with_replica = distllm_run(path, all_gpus, args.tokens, want, stages=max(1, gpus // 2), replicas=2,
@@ -233,13 +238,17 @@ def main() -> int:
     lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {args.layers} layers ({gpus} x {card})", "",
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
-             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | per-hop ms | tokens = reference |",
+             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | ms per extra stage | tokens = reference |",
              "|---|---:|---:|---:|---|",
              f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | {plain['tok_s_1']:.1f} | "
              f"{plain[f'tok_s_{SESSIONS}']:.1f} | – | – |"]
+    one_ms = 1e3 / rows[0]["tok_s_1"]
     for r in rows:
-        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s) | {r['tok_s_1']:.1f} | "
-                     f"{r[f'tok_s_{SESSIONS}']:.1f} | {r['hop_ms']:.2f} | {r['identical']} |")
+        # The same 32 layers run split S ways: what S stages cost over one, per stage added.
+        extra = f"{(1e3 / r['tok_s_1'] - one_ms) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
+        route = f", {r['route']}" if r["stages"] > 1 else ""
+        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s){route} | "
+                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | {extra} | {r['identical']} |")
     if no_replica:
         lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
                   f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "

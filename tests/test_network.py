@@ -108,3 +108,19 @@ def test_unreachable_direct_links_fall_back_to_the_host(model_dir):
         assert cluster.generate(prompt, max_new_tokens=12) == want
         stats = cluster.stats()
         assert stats["direct"] == 0 and stats["relayed"] == 0 and stats["failures"] == 0, stats
+
+
+def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
+    from types import SimpleNamespace
+
+    host = SimpleNamespace(config=distllm.Config(liveness_s=5.0, reconnect_grace_s=0.5, step_timeout_s=30.0))
+    near = distllm._WorkerState(wid=b"a", name="a", device="cpu", device_name="", memory=0, pid=1, joined_at=0.0,
+                                last_seen=0.0, rtt_ms=1.0, compute_ms=2.0)
+    far = distllm._WorkerState(wid=b"b", name="b", device="cpu", device_name="", memory=0, pid=2, joined_at=0.0,
+                               last_seen=0.0, rtt_ms=4000.0, compute_ms=2.0)
+    cluster = distllm.Cluster
+    assert (cluster._liveness(host, near), cluster._step_deadline(host, near, 1)) == (5.0, 30.0)  # the floors
+    assert cluster._grace(host, near) == pytest.approx(0.508)  # ZeroMQ's retry, then handshakes
+    assert cluster._liveness(host, far) == pytest.approx(2 + 40)  # two heartbeats and ten round trips
+    assert cluster._grace(host, far) == pytest.approx(0.5 + 32)  # reconnect handshakes take round trips
+    assert cluster._step_deadline(host, far, 1) == pytest.approx(0.04 + 40)
