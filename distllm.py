@@ -235,6 +235,7 @@ class Config:
     leave_timeout_s: float = 60.0  # seconds a leaving worker serves on while its layers are handed over
     leave_at: float | None = None  # Unix time a worker must be gone by (a Colab/Kaggle session's end)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
+    pipeline_prefill: bool = True  # stage 0 takes a prompt's next chunk while the previous one moves on
     heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
     liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
     reconnect_grace_s: float = 0.5  # seconds a worker whose TCP connection closed has to reconnect (a floor)
@@ -3273,8 +3274,8 @@ class _Session:
     events: _queue.Queue
     created: float
     pos: int = 0  # tokens whose keys and values every stage holds
-    step: int = 0  # steps started so far (answers must echo it)
-    inflight: _Step | None = None  # the step in the pipe that nobody has answered yet
+    lead: int = 0  # tokens sent into stage 0 (ahead of pos while prompt chunks are in the pipe)
+    step: int = 0  # steps started so far (answers must echo their step's number)
     steps: dict = _dataclasses.field(default_factory=dict)  # key -> _Step still owed an answer by someone
     holders: dict[int, set[WorkerID]] = _dataclasses.field(default_factory=dict)  # stage -> workers with its cache
     history: dict[int, list[torch.Tensor]] | None = _dataclasses.field(default_factory=dict)  # stage -> inputs
@@ -3287,6 +3288,11 @@ class _Session:
     @property
     def new_tokens(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def inflight(self) -> bool:
+        """Whether a step of it is in the pipe that nobody has answered yet (prompt chunks: maybe several)."""
+        return any(not step.answered for step in self.steps.values())
 
 
 class Cluster:
@@ -3373,7 +3379,7 @@ class Cluster:
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
-                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0}
+                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0}
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
         self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
@@ -4189,7 +4195,7 @@ class Cluster:
         k = next(i for i, s in enumerate(self._plan) if worker.wid in s.workers)
         warmed = set()
         for session in self._sessions.values():
-            if not session.pos and session.inflight is None:
+            if not session.pos and not session.inflight:
                 continue  # not started: its first step goes to every ready replica anyway
             if self._rebuild(session, k, None, {worker.wid}):
                 session.holders.setdefault(k, set()).add(worker.wid)
@@ -4206,8 +4212,7 @@ class Cluster:
         any step sent after it. Returns False when the inputs are gone (history dropped).
         """
         if stage == 0:
-            step = session.inflight
-            covered = step.start + step.n if step is not None else session.pos
+            covered = max(session.lead, session.pos) if session.inflight else session.pos
             inputs = self.head.embed_tokens(session.tokens[:covered if upto is None else upto])
         else:
             chunks = (session.history or {}).get(stage, [])
@@ -4263,8 +4268,8 @@ class Cluster:
         step.targets.discard(wid)
         if not step.targets:
             session.steps.pop(step.key, None)
-            if not step.answered and session.inflight is step:
-                self._retry(session)
+            if not step.answered:
+                self._retry(session, step)
 
     # -- steps ----------------------------------------------------------------
 
@@ -4306,7 +4311,6 @@ class Cluster:
             step.first = hidden
         else:
             session.steps.pop(step.key, None)
-        session.inflight = None
         session.holders[step.stage] = {worker.wid} | step.targets
         last = step.stage + 1 == len(self._plan)
         if not last:
@@ -4314,11 +4318,17 @@ class Cluster:
             if msg.get("forwarded", bool, False) and step.chain:
                 self._expect(session, step, worker.wid, hidden)
             else:
-                self._send_step(session, step.stage + 1, step.start, hidden)
+                self._send_step(session, step.stage + 1, step.start, hidden, number=step.number)
+            if self.config.pipeline_prefill and step.stage == 0 and session.lead == step.start + n < len(
+                    session.tokens):
+                # Prefill pipelined in chunks: stage 0 takes the next chunk while this one moves on.
+                self._stats["pipelined_chunks"] += 1
+                self._next_step(session)
             return
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
-            self._runnable.appendleft(session)
+            if session.lead <= session.pos:  # (else its next chunk is in the pipe already)
+                self._runnable.appendleft(session)
             return
         token = sample(self.head.logits(hidden[0, -1]), session.params, session.pos)
         session.tokens.append(token)
@@ -4349,7 +4359,7 @@ class Cluster:
         if self._ready.is_set():
             for _ in range(len(self._runnable)):
                 s = self._runnable.popleft()
-                if s.sid in self._sessions and s.inflight is None:
+                if s.sid in self._sessions and not s.inflight:
                     self._next_step(s)
             return
         now = _time.monotonic()
@@ -4360,15 +4370,24 @@ class Cluster:
                     f"waited {s.wait_timeout:.0f} s for workers to hold every layer: {self._status}"))
 
     def _next_step(self, session: _Session) -> None:
-        if session.pos == 0:
+        """Send the session's next tokens into stage 0: a prompt chunk, or the last token sampled."""
+        start = session.lead if session.inflight else session.pos  # a pipelined chunk starts at the lead
+        if start == 0:
             session.holders.clear()  # a prefill from position 0 rebuilds every cache it passes
-        end = min(len(session.tokens), session.pos + self.config.prefill_chunk)
-        self._send_step(session, 0, session.pos, self.head.embed_tokens(session.tokens[session.pos:end]))
+        end = min(len(session.tokens), start + self.config.prefill_chunk)
+        session.lead = end
+        self._send_step(session, 0, start, self.head.embed_tokens(session.tokens[start:end]))
 
-    def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor) -> None:
-        """Send a step to every replica of `stage` that holds the session (replaying one in first)."""
-        if stage == 0:
+    def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor,
+                   number: int | None = None) -> None:
+        """Send a step to every replica of `stage` that holds the session (replaying one in first).
+
+        `number` is the step's own (a step re-sent, or moving on to the next stage); a new
+        step into stage 0 takes the session's next number.
+        """
+        if number is None:
             session.step += 1
+            number = session.step
         ready = [w for w in self._plan[stage].workers if self._workers[w].serving]
         ready = [w for w in ready if w not in self._disconnected] or ready  # one whose link is down: last
         if not ready:
@@ -4377,8 +4396,10 @@ class Cluster:
             return
         if start == 0:
             targets = self._route(ready)
-        else:
-            targets = session.holders.get(stage, set()) & set(ready)
+        else:  # those holding its cache, or building it now (an earlier prompt chunk still on them)
+            building = {wid for st in session.steps.values() if st.stage == stage and not st.answered
+                        for wid in st.targets}
+            targets = (session.holders.get(stage, set()) | building) & set(ready)
             if not targets:  # this stage lost the session's cache: rebuild it on the live replicas first
                 targets = self._route(ready)
                 if not self._rebuild(session, stage, start, targets):
@@ -4387,8 +4408,10 @@ class Cluster:
                 self._stats["replays"] += 1
                 _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
                           self._plan[stage].start, self._plan[stage].end - 1)
-        chain = self._chain(session, stage, next(iter(targets))) if len(targets) == 1 else []
-        self._dispatch(session, _Step(session.step, stage, start, hidden.shape[1], hidden, chain=chain), targets)
+        # Direct links carry one-position steps; prompt chunks go through the host, which keeps them in order.
+        direct = len(targets) == 1 and hidden.shape[1] == 1
+        chain = self._chain(session, stage, next(iter(targets))) if direct else []
+        self._dispatch(session, _Step(number, stage, start, hidden.shape[1], hidden, chain=chain), targets)
 
     # -- direct links -----------------------------------------------------------
     # A step may carry a chain: the workers of the next stages, one each, with their direct-link
@@ -4425,7 +4448,6 @@ class Cluster:
         new = _Step(step.number, step.stage + 1, step.start, step.n, hidden, chain=step.chain[1:], via=via)
         new.targets.add(wid)
         new.sent_at = _time.perf_counter()
-        session.inflight = new
         session.steps[new.key] = new
         self._stats["direct"] += 1
         due = _time.monotonic() + self._relay_after(w, step.n)
@@ -4483,7 +4505,6 @@ class Cluster:
         return {best.wid}
 
     def _dispatch(self, session: _Session, step: _Step, targets: set[WorkerID]) -> None:
-        session.inflight = step
         session.steps[step.key] = step
         frame = _tensor_frame(step.hidden)
         raw = (_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), frame)
@@ -4496,7 +4517,7 @@ class Cluster:
         step.sent_at = _time.perf_counter()
 
     def _forward_header(self, session: _Session, step: _Step, wid: WorkerID) -> dict:
-        header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": session.step,
+        header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": step.number,
                   "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
         if step.chain:
             header["chain"] = [{"to": w.peer, "key": w.peer_key, "epoch": w.epoch}
@@ -4531,31 +4552,28 @@ class Cluster:
         session.history_bytes = 0
         session.history = {} if keep else None
 
-    def _retry(self, session: _Session) -> None:
-        """Re-send the session's step in the pipe after its targets failed."""
-        step = session.inflight
-        session.inflight = None
+    def _retry(self, session: _Session, step: _Step) -> None:
+        """Re-send a step of the session after its targets failed."""
         if self._plan is None:
             self._park(session, "re-planning")
         else:
-            if step.stage == 0:
-                session.step -= 1  # _send_step counts it again
-            self._send_step(session, step.stage, step.start, step.hidden)
+            self._send_step(session, step.stage, step.start, step.hidden, number=step.number)
 
     def _restart(self, session: _Session, why: str) -> None:
         """Prefill the session again from position 0: every stage rebuilds its cache."""
         _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
-        session.inflight = None
         session.steps.clear()  # answers to earlier steps are void now
-        session.pos = 0
+        session.pos = session.lead = 0
         session.holders.clear()
         self._stats["restarts"] += 1
         self._forget(session)
         self._park(session, why)
 
     def _park(self, session: _Session, why: str) -> None:
-        """Put a session back in line to run when a complete pipeline is ready."""
-        session.inflight = None
+        """Put a session back in line to run when a complete pipeline is ready (from the tokens every
+        stage holds: steps still in the pipe are void, their answers ignored)."""
+        session.steps = {k: st for k, st in session.steps.items() if st.answered}
+        session.lead = session.pos
         session.waiting_since = _time.monotonic()
         if session not in self._runnable:
             self._runnable.append(session)
@@ -4565,7 +4583,6 @@ class Cluster:
     def _finish(self, session: _Session, error: BaseException | None = None) -> None:
         if self._sessions.pop(session.sid, None) is None:
             return
-        session.inflight = None
         if any(step.answered for step in session.steps.values()):
             # Replicas still owe answers to steps already used: keep them to check agreement.
             session.steps = {k: st for k, st in session.steps.items() if st.answered}
@@ -4794,7 +4811,7 @@ class Cluster:
 
     def _restart_all(self, why: str) -> None:
         for s in list(self._sessions.values()):
-            if s.pos or s.inflight is not None:
+            if s.pos or s.inflight:
                 self._restart(s, why)
 
     def _drop_plan(self) -> None:
@@ -4829,7 +4846,7 @@ class Cluster:
         self._session_view = [
             {"id": s.sid[:8], "prompt": s.prompt_len,
              "generated": s.new_tokens, "max_new_tokens": s.params.max_new_tokens,
-             "state": "running" if s.inflight is not None else "waiting"}
+             "state": "running" if s.inflight else "waiting"}
             for s in _itertools.islice(self._sessions.values(), 50)]
         self._snapshot = (workers, plan)
 

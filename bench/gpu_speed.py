@@ -40,6 +40,7 @@ import distllm  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 32  # prompt tokens
 SESSIONS = 32
+LONG = 2048  # prompt tokens for the time-to-first-token figures (8 chunks of 256)
 
 
 def log(*args) -> None:
@@ -186,6 +187,16 @@ def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, 
 
         row[f"tok_s_{SESSIONS}"] = SESSIONS * 1e3 / decode_ms(many, tokens)
         row["direct_steps"] = cluster.stats()["direct"]
+        long = torch.randint(1000, 120000, (LONG,), generator=torch.Generator().manual_seed(2)).tolist()
+        for pipelined in (False, True):  # prompt chunks one after another through all stages, or overlapped
+            cluster.config.pipeline_prefill = pipelined
+            cluster.generate(long, max_new_tokens=1)  # warm-up: caches grown, kernels loaded
+            times = []
+            for _ in range(3):
+                t1 = time.perf_counter()
+                cluster.generate(long, max_new_tokens=1)
+                times.append(time.perf_counter() - t1)
+            row["ttft_pipelined" if pipelined else "ttft_serial"] = statistics.median(times)
         log(f"distllm {len(devices)} workers x {stages} stages: {row}")
         return row
     finally:
@@ -238,17 +249,19 @@ def main() -> int:
     lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {args.layers} layers ({gpus} x {card})", "",
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
-             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | ms per extra stage | tokens = reference |",
-             "|---|---:|---:|---:|---|",
+             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | ms per extra stage | first token after "
+             f"{LONG} prompt tokens, s: chunks in series / pipelined | tokens = reference |",
+             "|---|---:|---:|---:|---:|---|",
              f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | {plain['tok_s_1']:.1f} | "
-             f"{plain[f'tok_s_{SESSIONS}']:.1f} | – | – |"]
+             f"{plain[f'tok_s_{SESSIONS}']:.1f} | – | – | – |"]
     one_ms = 1e3 / rows[0]["tok_s_1"]
     for r in rows:
         # The same 32 layers run split S ways: what S stages cost over one, per stage added.
         extra = f"{(1e3 / r['tok_s_1'] - one_ms) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
         lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s){route} | "
-                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | {extra} | {r['identical']} |")
+                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | {extra} | "
+                     f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f} | {r['identical']} |")
     if no_replica:
         lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
                   f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "

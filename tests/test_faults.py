@@ -237,3 +237,29 @@ def test_diverging_replica_is_flagged_and_dropped(tmp_path):
         cluster.close()
         for w in workers:
             w.leave(timeout=5)
+
+
+def test_long_prompt_prefills_in_pipelined_chunks_and_survives_a_kill_midway(model8):
+    """A prompt of many chunks: stage 0 takes the next chunk while the last one moves on, so all stages
+    work at once; the middle stage's worker is SIGKILLed mid-prefill and the standby replays its part."""
+    from conftest import reference_generate, reference_model
+
+    prompt = prompt_of(240)
+    want = reference_generate(reference_model(model8), prompt, 12)
+    slow = {**FAST, "test_step_delay_ms": 3.0}  # a chunk takes ~10 ms per stage: the kill lands mid-prefill
+    with distllm.local(model8, workers=4, stages=3, **slow) as cluster:
+        assert cluster.generate(prompt, max_new_tokens=12) == want
+        chunks = cluster.stats()["pipelined_chunks"]
+        assert chunks >= 240 // 8 - 1, cluster.stats()  # every chunk after the first went in ahead
+
+        victim = _holder_of(cluster, 4)
+        got: list = []
+        run = threading.Thread(target=lambda: got.extend(cluster.generate(prompt, max_new_tokens=12)))
+        run.start()
+        wait_for(lambda: cluster.stats()["pipelined_chunks"] >= chunks + 10, what="the prefill under way")
+        os.kill(victim.pid, signal.SIGKILL)
+        run.join(120)
+        stats = cluster.stats()
+    assert got == want
+    assert stats["failures"] == 1 and stats["restarts"] == 0, stats
+    assert stats["replays"] + stats["warmups"] >= 1, stats  # the standby got the lost stage's inputs
