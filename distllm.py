@@ -2105,7 +2105,7 @@ class Worker:
         self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
         self._welcomed = _threading.Event()
         self._stopped = _threading.Event()
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=2)  # the host's link and the direct links encrypt apart
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
         self._shard: StageShard | None = None
         self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
@@ -2702,6 +2702,7 @@ def _handshake_failure(event: int, info: JoinInfo) -> str:
             f"{info.endpoint} (or that host runs with secure=False)")
 
 
+_PREFILL_AHEAD = 3  # prompt chunks a session keeps queued at stage 0 while earlier ones move on
 _LINK_BACKOFF_S = 60.0  # seconds a direct link that lost a step goes unused (the host relays meanwhile)
 _PEER_ENDPOINT = _re.compile(r"tcp://[\w.\-\[\]:]+:\d{1,5}")
 
@@ -3317,7 +3318,9 @@ class Cluster:
         store = None
         if self.config.store:  # opened before anything is bound: a bad URI fails here
             store = open_store(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
-        self._ctx = zmq.Context()
+        # CURVE runs in ZeroMQ's I/O threads: several, so workers' connections (prompt chunks are MBs)
+        # are encrypted in parallel rather than in turn.
+        self._ctx = zmq.Context(io_threads=4)
         self._router = self._ctx.socket(zmq.ROUTER)
         _set_limits(self._router, self.config)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -4319,11 +4322,8 @@ class Cluster:
                 self._expect(session, step, worker.wid, hidden)
             else:
                 self._send_step(session, step.stage + 1, step.start, hidden, number=step.number)
-            if self.config.pipeline_prefill and step.stage == 0 and session.lead == step.start + n < len(
-                    session.tokens):
-                # Prefill pipelined in chunks: stage 0 takes the next chunk while this one moves on.
-                self._stats["pipelined_chunks"] += 1
-                self._next_step(session)
+            if step.stage == 0:
+                self._feed_prompt(session)
             return
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
@@ -4361,6 +4361,7 @@ class Cluster:
                 s = self._runnable.popleft()
                 if s.sid in self._sessions and not s.inflight:
                     self._next_step(s)
+                    self._feed_prompt(s)
             return
         now = _time.monotonic()
         for s in list(self._runnable):
@@ -4377,6 +4378,15 @@ class Cluster:
         end = min(len(session.tokens), start + self.config.prefill_chunk)
         session.lead = end
         self._send_step(session, 0, start, self.head.embed_tokens(session.tokens[start:end]))
+
+    def _feed_prompt(self, session: _Session) -> None:
+        """Prefill pipelined in chunks: keep the next prompt chunks queued at stage 0 (up to
+        _PREFILL_AHEAD of them), so it computes one while earlier ones move down the stages."""
+        while (self.config.pipeline_prefill and len(self._plan or ()) > 1 and session.sid in self._sessions
+               and session.inflight and session.lead < len(session.tokens)
+               and sum(st.stage == 0 and not st.answered for st in session.steps.values()) < _PREFILL_AHEAD):
+            self._stats["pipelined_chunks"] += 1
+            self._next_step(session)
 
     def _send_step(self, session: _Session, stage: int, start: int, hidden: torch.Tensor,
                    number: int | None = None) -> None:

@@ -226,12 +226,18 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only distllm over every GPU with direct links (its row and time to first token)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()
     card = torch.cuda.get_device_name(0)
     log(f"{gpus} x {card}, torch {torch.__version__}, transformers {__import__('transformers').__version__}")
     path = build_checkpoint(os.path.join(ROOT, ".bench-cache", f"llama3-8b-shape-{args.layers}l"), args.layers)
     log("checkpoint ready")
+    if args.prefill_only:
+        want, _ = reference_tokens(path, args.tokens)
+        distllm_run(path, [f"cuda:{i}" for i in range(gpus)], args.tokens, want, stages=gpus, tag="per-gpu")
+        return 0
     plain = plain_transformers(path, args.tokens)
     want, ref_ms = reference_tokens(path, args.tokens)
     log(f"reference: {len(want)} tokens, {ref_ms:.2f} ms/token in one process")
