@@ -6079,7 +6079,7 @@ def _demo(args: Any) -> int:
         elapsed = _time.perf_counter() - t1
         n = cluster.stats()["tokens"] - before
         print(f"\n{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, "
-              f"{len(cluster.layer_map())} stages over loopback TCP, CURVE on)")
+              f"{len(cluster.layer_map())} stage(s) over loopback TCP, CURVE on)")
         if args.chaos:
             stats = cluster.stats()
             same = "".join(text) == reference
