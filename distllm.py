@@ -1304,10 +1304,7 @@ class StageShard:
         for one position and for many round differently, enough to change a greedy token).
         """
         n = hidden.shape[1]
-        if n == 1:
-            out = self.repeated(sid, hidden, start)
-            if out is not None:
-                return out
+        if n == 1:  # kept: the same step may come again (directly and relayed by the host)
             out = self._run(sid, hidden, start)
             self.last[sid] = (start, hidden, out)
             return out
@@ -2117,7 +2114,6 @@ class Worker:
         self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
         self._peer_auth: Any = None  # admits only this cluster's client key on the direct-link socket
         self._links: dict[str, Any] = {}  # endpoint -> DEALER to a next stage (owned by the compute thread)
-        self.forwarded = 0  # steps whose output this worker sent straight to the next stage
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -2677,7 +2673,6 @@ class Worker:
             sock.send_multipart(encode("forward", header, [raw]), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no connection (yet): the host relays
             return False
-        self.forwarded += 1
         return True
 
     def _close_links(self) -> None:
@@ -4382,8 +4377,8 @@ class Cluster:
     def _feed_prompt(self, session: _Session) -> None:
         """Prefill pipelined in chunks: keep the next prompt chunks queued at stage 0 (up to
         _PREFILL_AHEAD of them), so it computes one while earlier ones move down the stages."""
-        while (self.config.pipeline_prefill and len(self._plan or ()) > 1 and session.sid in self._sessions
-               and session.inflight and session.lead < len(session.tokens)
+        while (self.config.pipeline_prefill and session.lead < len(session.tokens) and len(self._plan or ()) > 1
+               and session.sid in self._sessions and session.inflight
                and sum(st.stage == 0 and not st.answered for st in session.steps.values()) < _PREFILL_AHEAD):
             self._stats["pipelined_chunks"] += 1
             self._next_step(session)
@@ -4453,7 +4448,7 @@ class Cluster:
         wid = step.chain[0]
         w = self._workers.get(wid)
         if w is None or not w.serving:  # gone meanwhile: send it the usual way
-            self._send_step(session, step.stage + 1, step.start, hidden)
+            self._send_step(session, step.stage + 1, step.start, hidden, number=step.number)
             return
         new = _Step(step.number, step.stage + 1, step.start, step.n, hidden, chain=step.chain[1:], via=via)
         new.targets.add(wid)
