@@ -220,6 +220,7 @@ class Config:
 
     quant: str = "nf4"  # decoder-layer weights on workers: "nf4", "int8" or "none"
     dtype: str = "auto"  # compute dtype: "auto" (the checkpoint's) or float32/float16/bfloat16
+    wire_dtype: str = "auto"  # hidden states between stages: "auto" (the compute dtype), bfloat16 or float16
     revision: str | None = None  # Hub revision (branch, tag or commit) of the model
     token: str | None = None  # Hugging Face token for private or gated repos
     hub_endpoint: str | None = None  # Hub URL, e.g. a mirror (None: $HF_ENDPOINT or huggingface.co)
@@ -267,6 +268,8 @@ class Config:
             raise ValueError(f"quant={self.quant!r}: choose one of {', '.join(_QUANTS)}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        if self.wire_dtype not in ("auto", "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype={self.wire_dtype!r}: choose auto, bfloat16 or float16")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: a cluster needs at least one worker")
         if self.replicas < 1:
@@ -2631,6 +2634,7 @@ class Worker:
             return encode("error", {"code": "order", "message": str(exc), **fields})
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
         self.steps_served += 1
+        out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
         raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
         extra = {}
         chain = msg.get("chain", list, [])
@@ -3303,6 +3307,8 @@ class Cluster:
         self.n_layers = int(self.model_config.num_hidden_layers)
         self.device = _default_device()
         self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
+        # Hidden states travel in this dtype; workers answer in the dtype they were sent.
+        self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
         self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
         self.tokenizer = self.head.tokenizer
         self._fingerprint = _fingerprint(self.files)
@@ -4211,7 +4217,7 @@ class Cluster:
         """
         if stage == 0:
             covered = max(session.lead, session.pos) if session.inflight else session.pos
-            inputs = self.head.embed_tokens(session.tokens[:covered if upto is None else upto])
+            inputs = self.head.embed_tokens(session.tokens[:covered if upto is None else upto]).to(self.wire_dtype)
         else:
             chunks = (session.history or {}).get(stage, [])
             if session.history is None or sum(c.shape[1] for c in chunks) < (upto or 0):
@@ -4372,7 +4378,7 @@ class Cluster:
             session.holders.clear()  # a prefill from position 0 rebuilds every cache it passes
         end = min(len(session.tokens), start + self.config.prefill_chunk)
         session.lead = end
-        self._send_step(session, 0, start, self.head.embed_tokens(session.tokens[start:end]))
+        self._send_step(session, 0, start, self.head.embed_tokens(session.tokens[start:end]).to(self.wire_dtype))
 
     def _feed_prompt(self, session: _Session) -> None:
         """Prefill pipelined in chunks: keep the next prompt chunks queued at stage 0 (up to

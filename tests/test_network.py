@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import distllm
 from conftest import prompt_of, reference_generate, reference_model
@@ -124,3 +125,51 @@ def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
     assert cluster._liveness(host, far) == pytest.approx(2 + 40)  # two heartbeats and ten round trips
     assert cluster._grace(host, far) == pytest.approx(0.5 + 32)  # reconnect handshakes take round trips
     assert cluster._step_deadline(host, far, 1) == pytest.approx(0.04 + 40)
+
+
+def test_a_float32_model_can_send_its_hidden_states_in_16_bits(tmp_path):
+    """wire_dtype="bfloat16": a float32 model's hidden states travel in half the bytes, and the tokens equal
+    a single-process run that rounds to bfloat16 at the same places (before each stage and the head)."""
+    from conftest import write_model
+
+    path = write_model(str(tmp_path / "wide"), "llama", hidden=512, layers=4)
+    prompt = prompt_of(12)
+    with distllm.host(path, quant="none", bind="127.0.0.1", workers=2, stages=2, calibrate=False,
+                      wire_dtype="bfloat16", rebalance_s=0) as cluster:
+        port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
+        with LatencyProxy(port) as proxy:
+            procs = [subprocess.Popen([sys.executable, "-m", "distllm", "join", proxy.rewrite(cluster.join_string),
+                                       "--name", f"w{i}", "--no-direct"], stdout=open(tmp_path / f"w{i}.log", "w"),
+                                      stderr=subprocess.STDOUT) for i in range(2)]
+            try:
+                cluster.wait_ready(120)
+                cluster.generate(prompt, max_new_tokens=2)  # warm: joins and first steps out of the count
+                before = sum(proxy.bytes.values())
+                got = cluster.generate(prompt, max_new_tokens=16)
+                positions = len(prompt) + len(got) - 1  # each went through both stages (the last token did not)
+                per_hop = (sum(proxy.bytes.values()) - before) / positions / 2
+                split = [first for first, _, _ in cluster.layer_map()]
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+    assert per_hop < 2 * 512 * 4, per_hop  # both directions: below the float32 payload alone
+
+    files = distllm._ModelFiles(path)
+    config = distllm._load_config(files)
+    head = distllm.HostHead(files, config, dtype=torch.float32, device=torch.device("cpu"))
+    bounds = split + [config.num_hidden_layers]
+    shards = [distllm.StageShard(files, config, a, b, quant="none", dtype=torch.float32, device=torch.device("cpu"))
+              for a, b in zip(bounds, bounds[1:])]
+
+    def run(ids, start):
+        h = head.embed_tokens(ids).to(torch.bfloat16)
+        for shard in shards:
+            h = shard.forward("ref", h, start).to(torch.bfloat16)
+        return distllm.sample(head.logits(h[0, -1]), distllm.SamplingParams(), start + len(ids))
+
+    ids = list(prompt)
+    ids.append(run(ids, 0))
+    while len(ids) < len(prompt) + 16 and ids[-1] not in head.eos_ids:
+        ids.append(run(ids[-1:], len(ids) - 1))
+    assert got == ids[len(prompt):]
