@@ -2408,8 +2408,9 @@ class Worker:
 
     def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
         try:
-            self._handle_host_message(sock, decode(frames, allowed=_HOST_TO_WORKER,
-                                                   max_elements=self.config.max_message_bytes // 2))
+            msg = decode(frames, allowed=_HOST_TO_WORKER, max_elements=self.config.max_message_bytes // 2)
+            msg.header.pop("direct", None)  # only a direct link sets it, never the wire
+            self._handle_host_message(sock, msg)
         except ProtocolError as exc:
             _log.warning("worker %s: dropped a message from the host: %s", self.name, exc)
 
@@ -3979,8 +3980,7 @@ class Cluster:
         _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name,
                   _time.monotonic() - since, len(owed))
         for session, step in owed:
-            self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid),
-                       [(_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), _tensor_frame(step.hidden))])
+            self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid), [step.hidden])
             step.sent_at = _time.perf_counter()
 
     def _shutdown(self) -> None:
@@ -4494,8 +4494,7 @@ class Cluster:
                 _log.info("no answer from %s to a step %s sent it directly; relaying it, and not using that "
                           "link for %.0f s", w.name, via.name if via else "?", _LINK_BACKOFF_S)
                 self._links_down[(step.via, wid)] = now + _LINK_BACKOFF_S
-                self._send(wid, "forward", self._forward_header(session, step, wid),
-                           [(_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), _tensor_frame(step.hidden))])
+                self._send(wid, "forward", self._forward_header(session, step, wid), [step.hidden])
             step.relayed = True
             self._stats["relayed"] += 1
 

@@ -21,9 +21,9 @@ checkpoint; a float32 row shows the difference in bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distllm  # noqa: E402
-from netem import LatencyProxy, free_port  # noqa: E402
+from netem import LatencyProxy, free_port, join_processes  # noqa: E402
 
 SESSIONS = 16
 
@@ -42,64 +42,54 @@ def run(rtt_ms: float, stages: int, direct: bool, tokens: int, dtype: str, compu
     prompt = list(range(3, 19))
     logs = tempfile.mkdtemp(prefix="distllm-net-")
     net = dict(rtt_ms=rtt_ms, jitter_ms=rtt_ms / 20)
-    threads = max(1, (os.cpu_count() or 1) // stages)
-    with distllm.host("tiny", quant="none", dtype=dtype, bind="127.0.0.1", workers=stages, stages=stages,
-                      calibrate=False, rebalance_s=0) as cluster:
+    cpu_threads = max(1, (os.cpu_count() or 1) // stages)  # the workers share this machine's cores
+    with (distllm.host("tiny", quant="none", dtype=dtype, bind="127.0.0.1", workers=stages, stages=stages,
+                       calibrate=False, rebalance_s=0) as cluster, contextlib.ExitStack() as stack):
         port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
         peer_ports = [free_port() for _ in range(stages)]
-        proxies = [LatencyProxy(port, **net)] + [LatencyProxy(p, seed=i + 1, **net) for i, p in enumerate(peer_ports)]
+        proxies = [stack.enter_context(LatencyProxy(p, seed=i, **net)) for i, p in enumerate([port] + peer_ports)]
         t0 = time.perf_counter()
-        procs = []
-        for i in range(stages):
-            links = (["--bind", "127.0.0.1", "--peer-port", str(peer_ports[i]),
-                      "--peer-address", f"127.0.0.1:{proxies[i + 1].port}"] if direct else ["--no-direct"])
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distllm", "join", proxies[0].rewrite(cluster.join_string), "--name", f"s{i}",
-                 *links], stdout=subprocess.DEVNULL, stderr=open(os.path.join(logs, f"s{i}.log"), "w"),
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)}))  # the workers share this machine's cores
+        stack.enter_context(join_processes(
+            proxies[0].rewrite(cluster.join_string), [f"s{i}" for i in range(stages)], logs,
+            lambda i: (["--bind", "127.0.0.1", "--peer-port", str(peer_ports[i]),
+                        "--peer-address", f"127.0.0.1:{proxies[i + 1].port}"] if direct else ["--no-direct"]),
+            env={**os.environ, "OMP_NUM_THREADS": str(cpu_threads)}))
 
         def wire() -> int:
             return sum(sum(p.bytes.values()) for p in proxies)
 
-        try:
-            cluster.wait_ready(300)
-            ready_s = time.perf_counter() - t0
-            want = cluster.generate(prompt, max_new_tokens=tokens)
-            before = wire()
-            stamps = []
-            for _ in cluster.stream(prompt, max_new_tokens=tokens):
-                stamps.append(time.perf_counter())
-            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-            ms = statistics.median(gaps) * 1e3
-            hop_bytes = (wire() - before) / len(stamps) / stages
+        cluster.wait_ready(300)
+        ready_s = time.perf_counter() - t0
+        want = cluster.generate(prompt, max_new_tokens=tokens)
+        before = wire()
+        stamps = []
+        for _ in cluster.stream(prompt, max_new_tokens=tokens):
+            stamps.append(time.perf_counter())
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        ms = statistics.median(gaps) * 1e3
+        hop_bytes = (wire() - before) / len(stamps) / stages
 
-            def one(i: int) -> None:
-                cluster.generate([3 + i] + prompt, max_new_tokens=tokens)
+        def one(i: int) -> None:
+            cluster.generate([3 + i] + prompt, max_new_tokens=tokens)
 
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(SESSIONS)]
-            t2 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            many = SESSIONS * tokens / (time.perf_counter() - t2)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(SESSIONS)]
+        t2 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        many = SESSIONS * tokens / (time.perf_counter() - t2)
 
-            stamps, got = [], []
-            for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=tokens)):
-                stamps.append(time.perf_counter())
-                got.append(tok)
-                if i == tokens // 3:
-                    for p in proxies:
-                        p.cut()
-            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-            cut_stall = max(gaps) - statistics.median(gaps)
-            stats = cluster.stats()
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-            for p in proxies:
-                p.close()
+        stamps, got = [], []
+        for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=tokens)):
+            stamps.append(time.perf_counter())
+            got.append(tok)
+            if i == tokens // 3:
+                for p in proxies:
+                    p.cut()
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        cut_stall = max(gaps) - statistics.median(gaps)
+        stats = cluster.stats()
     legs = stages + 1 if direct else 2 * stages
     if rtt_ms == 0:
         compute_ms[stages, direct] = ms

@@ -12,12 +12,33 @@ accepted again right after. Used by the tests and by bench/network.py.
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import distllm
+
+
+@contextlib.contextmanager
+def join_processes(join_string: str, names: list[str], log_dir: str, extra=lambda i: [], env: dict | None = None):
+    """Start one `python -m distllm join` worker process per name (its output in log_dir/NAME.log, worker
+    i gets the arguments extra(i)); yield them; SIGKILL them all at the end."""
+    procs = []
+    try:
+        for i, name in enumerate(names):
+            with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", name,
+                                               *extra(i)], stdout=log, stderr=subprocess.STDOUT, env=env))
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def free_port() -> int:

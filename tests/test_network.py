@@ -3,16 +3,15 @@ with a 150 ms round trip, jitter, stalls and cut connections, all on loopback.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import distllm
 from conftest import prompt_of, reference_generate, reference_model
-from netem import LatencyProxy, free_port
+from netem import LatencyProxy, free_port, join_processes
 
 
 @pytest.fixture
@@ -20,17 +19,10 @@ def slow_cluster(tmp_path):
     """A host, a 150 ms proxy in front of it, and two worker processes that dial the proxy."""
     with distllm.host("tiny", quant="none", bind="127.0.0.1", workers=2, stages=2, calibrate=False) as cluster:
         port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
-        with LatencyProxy(port, rtt_ms=150, jitter_ms=10) as proxy:
-            procs = [subprocess.Popen([sys.executable, "-m", "distllm", "join", proxy.rewrite(cluster.join_string),
-                                       "--name", f"far-{i}"], stdout=open(tmp_path / f"far-{i}.log", "w"),
-                                      stderr=subprocess.STDOUT) for i in range(2)]
-            try:
-                cluster.wait_ready(120)
-                yield cluster, proxy
-            finally:
-                for p in procs:
-                    p.kill()
-                    p.wait()
+        with (LatencyProxy(port, rtt_ms=150, jitter_ms=10) as proxy,
+              join_processes(proxy.rewrite(cluster.join_string), ["far-0", "far-1"], str(tmp_path))):
+            cluster.wait_ready(120)
+            yield cluster, proxy
 
 
 def test_150ms_with_stalls_and_a_cut_keeps_tokens_and_workers(slow_cluster, caplog):
@@ -65,13 +57,12 @@ def test_direct_links_carry_the_steps_and_the_host_relays_when_one_stalls(tmp_pa
     with distllm.host("tiny", quant="none", bind="127.0.0.1", workers=3, stages=3, calibrate=False,
                       rebalance_s=0) as cluster:
         ports = [free_port() for _ in range(3)]
-        proxies = [LatencyProxy(port) for port in ports]  # in front of each worker's direct-link socket
-        procs = [subprocess.Popen([sys.executable, "-m", "distllm", "join", cluster.join_string, "--name", f"w{i}",
-                                   "--bind", "127.0.0.1", "--peer-port", str(ports[i]),
-                                   "--peer-address", f"127.0.0.1:{proxies[i].port}"],
-                                  stdout=open(tmp_path / f"w{i}.log", "w"), stderr=subprocess.STDOUT)
-                 for i in range(3)]
-        try:
+        with contextlib.ExitStack() as stack:
+            proxies = [stack.enter_context(LatencyProxy(port)) for port in ports]  # before each direct-link port
+            stack.enter_context(join_processes(
+                cluster.join_string, ["w0", "w1", "w2"], str(tmp_path),
+                lambda i: ["--bind", "127.0.0.1", "--peer-port", str(ports[i]),
+                           "--peer-address", f"127.0.0.1:{proxies[i].port}"]))
             cluster.wait_ready(120)
             assert cluster.generate(prompt, max_new_tokens=24) == want
             stats = cluster.stats()
@@ -91,12 +82,6 @@ def test_direct_links_carry_the_steps_and_the_host_relays_when_one_stalls(tmp_pa
             stats = cluster.stats()
             assert (stats["failures"], stats["replays"], stats["restarts"]) == (0, 0, 0), stats
             assert sorted(w["state"] for w in cluster.workers()) == ["ready"] * 3
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-            for proxy in proxies:
-                proxy.close()
 
 
 def test_unreachable_direct_links_fall_back_to_the_host(model_dir):
@@ -137,22 +122,16 @@ def test_a_float32_model_can_send_its_hidden_states_in_16_bits(tmp_path):
     with distllm.host(path, quant="none", bind="127.0.0.1", workers=2, stages=2, calibrate=False,
                       wire_dtype="bfloat16", rebalance_s=0) as cluster:
         port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
-        with LatencyProxy(port) as proxy:
-            procs = [subprocess.Popen([sys.executable, "-m", "distllm", "join", proxy.rewrite(cluster.join_string),
-                                       "--name", f"w{i}", "--no-direct"], stdout=open(tmp_path / f"w{i}.log", "w"),
-                                      stderr=subprocess.STDOUT) for i in range(2)]
-            try:
-                cluster.wait_ready(120)
-                cluster.generate(prompt, max_new_tokens=2)  # warm: joins and first steps out of the count
-                before = sum(proxy.bytes.values())
-                got = cluster.generate(prompt, max_new_tokens=16)
-                positions = len(prompt) + len(got) - 1  # each went through both stages (the last token did not)
-                per_hop = (sum(proxy.bytes.values()) - before) / positions / 2
-                split = [first for first, _, _ in cluster.layer_map()]
-            finally:
-                for p in procs:
-                    p.kill()
-                    p.wait()
+        with (LatencyProxy(port) as proxy,
+              join_processes(proxy.rewrite(cluster.join_string), ["w0", "w1"], str(tmp_path),
+                             lambda i: ["--no-direct"])):
+            cluster.wait_ready(120)
+            cluster.generate(prompt, max_new_tokens=2)  # warm: joins and first steps out of the count
+            before = sum(proxy.bytes.values())
+            got = cluster.generate(prompt, max_new_tokens=16)
+            positions = len(prompt) + len(got) - 1  # each went through both stages (the last token did not)
+            per_hop = (sum(proxy.bytes.values()) - before) / positions / 2
+            split = [first for first, _, _ in cluster.layer_map()]
     assert per_hop < 2 * 512 * 4, per_hop  # both directions: below the float32 payload alone
 
     files = distllm._ModelFiles(path)
