@@ -109,6 +109,7 @@ import base64 as _base64
 import binascii as _binascii
 import collections as _collections
 import contextlib as _contextlib
+import copy as _copy
 import dataclasses as _dataclasses
 import functools as _functools
 import hashlib as _hashlib
@@ -131,7 +132,7 @@ import tempfile as _tempfile
 import threading as _threading
 import time as _time
 import uuid as _uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import zmq
@@ -244,6 +245,9 @@ class Config:
     max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
     cuda_graphs: bool = True  # CUDA workers replay each session's one-position step as a CUDA graph
+    # Sessions a stage decodes in one step, padded to this many rows so that a session's numbers never
+    # depend on who shares it (None: 16 on CUDA workers, 1 on CPUs; 1: each session alone, fastest for one).
+    decode_batch: int | None = None
     secure: bool = True  # CURVE encryption and client authentication on the wire
     bind: str = "0.0.0.0"  # interface the host listens on (a worker: for direct links from other workers)
     port: int = 0  # TCP port of the host (0: any free port)
@@ -282,6 +286,7 @@ class Config:
             raise ValueError(f"job_concurrency={self.job_concurrency}: must be at least 1")
         if self.store_push_s < 0:
             raise ValueError(f"store_push_s={self.store_push_s}: must be 0 or more")
+        _decode_batch(self.decode_batch, torch.device("cpu"))  # a bad value is refused here, not on workers
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
         if not 0 < self.heartbeat_s < self.liveness_s:
@@ -476,6 +481,10 @@ class Message:
         if not isinstance(value, kind):
             raise ProtocolError(f"field {key!r} of {self.type} has type {type(value).__name__}")
         return value
+
+    def shape(self, index: int = 0) -> tuple[int, ...] | None:
+        """The shape of tensor `index`, or None if the message carries no such tensor."""
+        return self._specs[index][1] if index < len(self._specs) else None
 
     def tensor(self, index: int = 0) -> torch.Tensor:
         """Return tensor `index` as a fresh CPU tensor (one copy out of the frame)."""
@@ -1144,6 +1153,18 @@ def _static_mask(start: int, n: int, window: int | None, capacity: int, device: 
     return mask[None, None]
 
 
+_GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
+
+
+def _decode_batch(batch: int | None, device: torch.device) -> int:
+    """Rows of a stage's batched decode step: `batch`, or by device when None (1: no batching)."""
+    if batch is None:
+        return _GPU_DECODE_BATCH if device.type == "cuda" else 1
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1024:
+        raise ValueError(f"decode_batch={batch!r}: a whole number from 1 to 1024, or None")
+    return batch
+
+
 def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Return the boolean mask (1, 1, n, start + n) for n queries at positions start.. (True = attend).
 
@@ -1205,6 +1226,7 @@ class _StaticKV:
         self.values: list[torch.Tensor] = []
         self.length = 0
         self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # positions update() writes
+        self.span = 0  # positions attention reads this step (a prefill's own extent, or the whole buffers)
         self.graph: Any = None  # (CUDAGraph, input, position ids, masks by window, output) of a decode step
         self.grow(needed)
 
@@ -1225,7 +1247,147 @@ class _StaticKV:
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[layer_idx].index_copy_(2, self.index, key_states)
         self.values[layer_idx].index_copy_(2, self.index, value_states)
+        return self.keys[layer_idx][:, :, :self.span], self.values[layer_idx][:, :, :self.span]
+
+    def crop(self, length: int) -> None:
+        self.length = length
+
+
+def _span(end: int) -> int:
+    """Cached positions a prompt chunk ending at `end` attends over: whole blocks, so the numbers depend on
+    the chunk alone, not on how large the buffers have grown meanwhile."""
+    return -(-end // _StaticKV._GRAIN) * _StaticKV._GRAIN
+
+
+def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of one query position whose numbers depend on nothing but its own row's keys up to its
+    position: not on the other rows of a batch, nor on which row it sits in (torch's fused attention on
+    the CPU gave rows 2 and 3 of 4 other numbers than alone), nor on how many masked positions follow
+    (a pool's buffers grow with its longest session; a replay's grow otherwise than the first pass's).
+
+    Keys go in blocks of `_StaticKV._GRAIN` (buffers are a whole number of blocks, plus a pool's one
+    scratch position), each block with the same shapes, whose partial softmax sums are combined one
+    after another: a block wholly masked adds exactly zero. Several query positions go to sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, n, head_dim = query.shape
+    if n != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kv_heads, block = key.shape[1], _StaticKV._GRAIN
+    q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # a GQA group's heads as rows: no copies
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    lowest = torch.finfo(torch.float32).min
+    top = total = acc = None
+    for at in range(0, key.shape[2], block):
+        scores = (torch.matmul(q, key[:, :, at:at + block].transpose(2, 3)) * scale).float()
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask[..., at:at + block], float("-inf"))
+        peak = scores.amax(-1, keepdim=True).clamp(min=lowest)  # a masked block: exp(-inf - lowest) = 0
+        weights = torch.exp(scores - peak)
+        part = torch.matmul(weights.to(value.dtype), value[:, :, at:at + block]).float()
+        if top is None:
+            top, total, acc = peak, weights.sum(-1, keepdim=True), part
+            continue
+        new_top = torch.maximum(top, peak)
+        old, this = torch.exp(top - new_top), torch.exp(peak - new_top)
+        total = total * old + weights.sum(-1, keepdim=True) * this
+        acc = acc * old + part * this
+        top = new_top
+    out = (acc / total).to(value.dtype).reshape(batch, heads, 1, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_ROW_ATTENTION = "distllm_rows"  # its name among transformers' attention functions (registered on first use)
+
+
+def _use_row_attention(config: Any) -> Any:
+    """A copy of `config` whose layers attend with `_row_attention`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ROW_ATTENTION, _row_attention)
+    config = _copy.deepcopy(config)
+    config._attn_implementation = _ROW_ATTENTION
+    return config
+
+
+class _DecodePool:
+    """The KV caches of up to `rows` sessions of one stage in shared buffers, and their batched decode step.
+
+    Buffers are (rows, kv_heads, capacity + 1, head_dim) per layer; index `capacity` is a
+    scratch position no real query sees. A decode step always runs all `rows` rows: the
+    sessions stepping now at their positions, the others padded at the scratch position.
+    So the shapes, and with them the kernels (nf4 dequantize + GEMM, attention), are the
+    same whoever shares the step, and a row's numbers do not depend on the other rows: a
+    session decoded among 15 others gives the very numbers it gives alone, and a replay
+    after a failure reproduces them.
+    """
+
+    def __init__(self, shard: "StageShard", rows: int, needed: int):
+        cfg = shard.config
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype, self.device, self.n_layers, self.rows = shard.dtype, shard.device, len(shard.layers), rows
+        self.free = list(range(rows - 1, -1, -1))  # rows no session holds (popped from the end: 0 first)
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.inp = torch.zeros(rows, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's position this step
+        self.key_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.graph: Any = None  # (CUDAGraph, output) of the batched step at this capacity
+        self.grow(needed)
+
+    def grow(self, needed: int) -> None:
+        """Make room for `needed` positions in every row (at least double), keeping what is cached."""
+        if needed <= self.capacity:
+            return
+        capacity = -(-max(needed, 2 * self.capacity) // _StaticKV._GRAIN) * _StaticKV._GRAIN
+        shape = (self.rows, self.kv_heads, capacity + 1, self.head_dim)
+        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        for old, new in zip(self.keys + self.values, fresh):
+            new[:, :, :self.capacity].copy_(old[:, :, :self.capacity])
+        self.keys, self.values = fresh[:self.n_layers], fresh[self.n_layers:]
+        self.capacity, self.graph = capacity, None
+        self.key_pos = torch.arange(capacity + 1, device=self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' attention hands over the step's keys and values (rows, kv_heads, 1, head_dim)."""
+        index = self.pos.view(-1, 1, 1, 1).expand(-1, self.kv_heads, 1, self.head_dim)
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def masks(self, windows: Iterable[int | None]) -> dict:
+        """Per window size, the (rows, 1, 1, capacity + 1) mask of this step's positions (True = attend)."""
+        q, k = self.pos[:, None], self.key_pos[None, :]
+        causal = k <= q
+        return {w: (causal if w is None else causal & (q - k < w))[:, None, None, :] for w in windows}
+
+
+class _PoolRow:
+    """One session's row of a `_DecodePool`: its cache as a batch-1 view, for its prompt's chunks."""
+
+    __slots__ = ("pool", "row", "length", "index", "span")
+
+    def __init__(self, pool: _DecodePool, row: int):
+        self.pool, self.row, self.length, self.span = pool, row, 0, 0
+        self.index = torch.zeros(1, dtype=torch.long, device=pool.device)
+
+    def grow(self, needed: int) -> None:
+        self.pool.grow(needed)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.pool.keys[layer_idx][self.row:self.row + 1]
+        values = self.pool.values[layer_idx][self.row:self.row + 1]
+        keys.index_copy_(2, self.index, key_states)
+        values.index_copy_(2, self.index, value_states)
+        return keys[:, :, :self.span], values[:, :, :self.span]
 
     def crop(self, length: int) -> None:
         self.length = length
@@ -1240,17 +1402,24 @@ class StageShard:
 
     def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False,
-                 static_cache: bool | None = None, cuda_graphs: bool | None = None):
+                 static_cache: bool | None = None, cuda_graphs: bool | None = None, batch: int | None = None):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
-        self.config, self.start, self.end = config, start, end
+        self.start, self.end = start, end
         self.dtype, self.device, self.quant = dtype, device, quant
-        self.max_sessions = max_sessions
+        self.batch = _decode_batch(batch, device)  # sessions decoded in one padded step (1: each alone)
         # On a GPU: preallocated caches, and each session's one-position step replayed as a CUDA graph.
-        self.static = device.type == "cuda" if static_cache is None else static_cache
+        self.static = device.type == "cuda" or self.batch > 1 if static_cache is None else static_cache
         self.graphs = self.static and device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.graphs and not self.static:
             raise ValueError("cuda_graphs needs static_cache: a graph replays on fixed buffers")
+        if self.batch > 1 and not self.static:
+            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
+        self.max_sessions = max(max_sessions, self.batch)
+        self.pools: list[_DecodePool] = []
+        # Fixed buffers hold masked positions past a session's end, as many as the buffers' size says:
+        # single positions attend in a way those never change (and batched rows never touch each other).
+        self.config = _use_row_attention(config) if self.static else config
         layer_cls, rotary_cls = _family_classes(config)
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
@@ -1268,8 +1437,19 @@ class StageShard:
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
         _release_freed_memory()
-        self.slots: _collections.OrderedDict[SessionID, _KVSlot] = _collections.OrderedDict()
+        self.slots: _collections.OrderedDict[SessionID, Any] = _collections.OrderedDict()  # _KVSlot, _StaticKV
+        # or _PoolRow
         self.last: dict[SessionID, tuple[int, torch.Tensor, torch.Tensor]] = {}  # sid -> last decode step
+
+    def with_batch(self, batch: int) -> "StageShard":
+        """This stage's loaded layers with caches of their own that decode `batch` sessions per step."""
+        other = _copy.copy(self)
+        other.batch = _decode_batch(batch, self.device)
+        if other.batch > 1 and not self.static:
+            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
+        other.max_sessions = max(self.max_sessions, other.batch)
+        other.slots, other.last, other.pools = _collections.OrderedDict(), {}, []
+        return other
 
     def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], layer_cls: type,
                     i: int) -> torch.nn.Module:
@@ -1328,26 +1508,46 @@ class StageShard:
             return last[2]
         return None
 
-    def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def _slot(self, sid: SessionID, start: int, n: int) -> Any:
+        """The cache a step of `n` positions at `start` runs on: a new one at 0, else the session's, cut
+        back to `start` if the step is a replay."""
         slot = self.slots.get(sid)
         if start == 0 or slot is None:
             if start != 0:
                 raise StepOrderError(f"session {sid}: no cache here, step starts at position {start}")
-            slot = _StaticKV(self, hidden.shape[1]) if self.static else _KVSlot()
-            self.slots[sid] = slot
-            while len(self.slots) > self.max_sessions:
-                evicted, _ = self.slots.popitem(last=False)
-                self.last.pop(evicted, None)
+            if slot is not None:
+                self.drop(sid)
+            while len(self.slots) >= self.max_sessions:
+                evicted = next(iter(self.slots))
+                self.drop(evicted)
                 _log.warning("KV cache of session %s evicted (over %d sessions)", evicted, self.max_sessions)
+            slot = self._new_slot(n)
+            self.slots[sid] = slot
         elif slot.length < start:
             raise StepOrderError(f"session {sid}: cache ends at {slot.length}, step starts at {start}")
         elif slot.length > start:  # a step sent again after a failure downstream: redo it
             slot.crop(start)
         self.slots.move_to_end(sid)
-        n = hidden.shape[1]
-        h = hidden.to(self.device, self.dtype)
         if self.static:
             slot.grow(start + n)
+        return slot
+
+    def _new_slot(self, n: int) -> Any:
+        if self.batch == 1:
+            return _StaticKV(self, n) if self.static else _KVSlot()
+        pool = next((p for p in self.pools if p.free), None)
+        if pool is None:
+            pool = _DecodePool(self, self.batch, n)
+            self.pools.append(pool)
+        return _PoolRow(pool, pool.free.pop())
+
+    def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        n = hidden.shape[1]
+        slot = self._slot(sid, start, n)
+        h = hidden.to(self.device, self.dtype)
+        if isinstance(slot, _PoolRow) and n == 1:
+            h = self._pool_step(slot.pool, [(slot, h, start)])[0]
+        elif self.static:
             h = self._replay(slot, h, start) if n == 1 and self.graphs else self._static_run(slot, h, start)
         else:
             pids = torch.arange(start, start + n, device=self.device)[None]
@@ -1355,6 +1555,77 @@ class StageShard:
                                                    for w in set(self.windows)})
         slot.length = start + n
         return h
+
+    @torch.inference_mode()
+    def decode(self, steps: Sequence[tuple[SessionID, torch.Tensor, int]]) -> list[torch.Tensor | Exception]:
+        """Run one-position steps (sid, hidden (1, 1, H), start) of different sessions together.
+
+        With `batch` > 1, the sessions of each pool go through in one padded step; else one
+        by one. Returns each step's output, or the StepOrderError that refused it.
+        """
+        if len({sid for sid, _, _ in steps}) != len(steps):
+            raise ValueError("two steps of one session in one decode batch")
+        if len(steps) > self.batch > 1:
+            raise ValueError(f"{len(steps)} steps in one decode batch of {self.batch}")
+        results: list[torch.Tensor | Exception] = [StepOrderError("not run")] * len(steps)
+        if self.batch == 1:
+            for i, (sid, hidden, start) in enumerate(steps):
+                try:
+                    results[i] = self.forward(sid, hidden, start)
+                except StepOrderError as exc:
+                    results[i] = exc
+            return results
+        by_pool: dict[int, list] = {}
+        for i, (sid, hidden, start) in enumerate(steps):
+            self.last.pop(sid, None)
+            try:
+                slot = self._slot(sid, start, 1)
+            except StepOrderError as exc:
+                results[i] = exc
+                continue
+            by_pool.setdefault(id(slot.pool), []).append((i, slot, hidden.to(self.device, self.dtype), start))
+        for group in by_pool.values():
+            outs = self._pool_step(group[0][1].pool, [(slot, h, start) for _, slot, h, start in group])
+            for (i, slot, _, start), out in zip(group, outs):
+                slot.length = start + 1
+                results[i] = out
+                self.last[steps[i][0]] = (start, steps[i][1], out)
+        return results
+
+    def _pool_step(self, pool: _DecodePool, steps: Sequence[tuple[_PoolRow, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """One padded step of every row of `pool`: `steps` (row, hidden (1, 1, H), start) at their
+        positions, the other rows at the scratch position. Returns each step's (1, 1, H) output."""
+        pool.grow(max(start for _, _, start in steps) + 1)
+        rows = torch.tensor([slot.row for slot, _, _ in steps], device=self.device)
+        pool.pos.fill_(pool.capacity)
+        pool.pos.index_copy_(0, rows, torch.tensor([start for _, _, start in steps], device=self.device))
+        pool.inp.index_copy_(0, rows, torch.cat([h for _, h, _ in steps]))
+        if not self.graphs:
+            out = self._layers(pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows)))
+        else:
+            if pool.graph is None:
+                pool.graph = self._capture(lambda: self._layers(pool, pool.inp, pool.pos[:, None],
+                                                                pool.masks(set(self.windows))))
+            graph, out = pool.graph
+            with torch.cuda.device(self.device):
+                graph.replay()
+        picked = out.index_select(0, rows)  # a copy: the next replay overwrites `out`
+        return list(picked.split(1))
+
+    def _capture(self, step: Any) -> tuple[Any, torch.Tensor]:
+        """Warm `step` up on a side stream (kernels load, workspaces allocate), then capture it as a CUDA
+        graph; return (graph, its output tensor). The warm-up writes what the first replay rewrites."""
+        with _GRAPH_CAPTURE, torch.cuda.device(self.device):  # on this stage's device, one capture at a time
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
+            # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = step()
+        return graph, out
 
     def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
         """Run `h` at positions `pids` through every layer, with `cache` and a mask per window size."""
@@ -1368,8 +1639,8 @@ class StageShard:
     def _static_run(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
         n = h.shape[1]
         pids = torch.arange(start, start + n, device=self.device)[None]
-        slot.index = pids[0]
-        masks = {w: _static_mask(start, n, w, slot.capacity, self.device) for w in set(self.windows)}
+        slot.index, slot.span = pids[0], _span(start + n)
+        masks = {w: _static_mask(start, n, w, slot.span, self.device) for w in set(self.windows)}
         return self._layers(slot, h, pids, masks)
 
     def _replay(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
@@ -1384,26 +1655,28 @@ class StageShard:
         pids.fill_(start)
         for w, mask in masks.items():
             mask.copy_(_static_mask(start, 1, w, slot.capacity, self.device))
-        slot.index = pids[0]
-        if graph is None:  # warm up on a side stream (kernels load, workspaces allocate), then capture
-            with _GRAPH_CAPTURE, torch.cuda.device(self.device):  # on this stage's device, one capture at a time
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._layers(slot, inp, pids, masks)  # writes this very position: the replay rewrites it
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
-                # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU)
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = self._layers(slot, inp, pids, masks)
+        slot.index, slot.span = pids[0], slot.capacity
+        if graph is None:
+            graph, out = self._capture(lambda: self._layers(slot, inp, pids, masks))
             slot.graph = (graph, inp, pids, masks, out)
         with torch.cuda.device(self.device):
             graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
     def drop(self, sid: SessionID) -> None:
-        self.slots.pop(sid, None)
+        slot = self.slots.pop(sid, None)
         self.last.pop(sid, None)
+        if isinstance(slot, _PoolRow):
+            slot.pool.free.append(slot.row)
+            if len(slot.pool.free) == slot.pool.rows and slot.pool is not self.pools[0]:
+                self.pools.remove(slot.pool)  # an extra pool nobody is in: its memory goes back (the first
+                # stays, with its captured step, for the next sessions)
+
+    def clear(self) -> None:
+        """Forget every session."""
+        self.slots.clear()
+        self.last.clear()
+        self.pools.clear()
 
 
 @torch.inference_mode()
@@ -2454,25 +2727,46 @@ class Worker:
     def _compute_loop(self) -> None:
         out = self._ctx.socket(zmq.PAIR)
         out.connect(self._inproc)
+        held: _collections.deque = _collections.deque()  # a job taken from the queue that did not join a batch
         try:
             while not self._stopping.is_set():
-                msg = self._jobs.get()
+                msg = held.popleft() if held else self._jobs.get()
                 if msg is None:
                     break
+                jobs = [msg]
+                if self._batchable(msg):  # one-position steps of other sessions queued behind it join it
+                    sids = {msg.header.get("sid")}
+                    while len(jobs) < self._shard.batch:
+                        try:
+                            nxt = self._jobs.get_nowait()
+                        except _queue.Empty:
+                            break
+                        if not self._batchable(nxt) or nxt.header.get("sid") in sids:
+                            held.append(nxt)
+                            break
+                        jobs.append(nxt)
+                        sids.add(nxt.header.get("sid"))
                 try:
-                    reply = self._run_job(msg)
+                    replies = self._forward_many(jobs) if len(jobs) > 1 else [self._run_job(msg)]
                 except ProtocolError as exc:
                     _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
-                    reply = encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})
+                    replies = [encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})]
                 except Exception as exc:  # a failed step must not stop the worker: report it, keep serving
                     _log.exception("worker %s: %s step failed", self.name, msg.type)
-                    reply = encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
-                                             **_step_fields(msg)})
-                if reply is not None:
-                    out.send_multipart(reply, copy=False)
+                    replies = [encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
+                                                **_step_fields(job)}) for job in jobs]
+                for reply in replies:
+                    if reply is not None:
+                        out.send_multipart(reply, copy=False)
         finally:
             out.close(0)
             self._close_links()
+
+    def _batchable(self, msg: Any) -> bool:
+        """Whether `msg` is a one-position step that may share a batched decode step."""
+        return (isinstance(msg, Message) and msg.type == "forward" and self._shard is not None
+                and self._shard.batch > 1 and msg.shape(0) is not None and len(msg.shape(0)) == 3
+                and msg.shape(0)[1] == 1)
 
     def _run_job(self, msg: Message | tuple) -> list | None:
         if isinstance(msg, tuple):  # ("staged", epoch, key, shard or error): a background load ended
@@ -2490,8 +2784,7 @@ class Worker:
             return self._calibrate(msg)
         if msg.type == "error":  # "rejoin": forget every session and the assignment's epoch
             if self._shard is not None:
-                self._shard.slots.clear()
-                self._shard.last.clear()
+                self._shard.clear()
             self._epoch = None
             self._close_links()  # a new host may have other keys
             return None
@@ -2535,17 +2828,20 @@ class Worker:
 
     @staticmethod
     def _key(msg: Message) -> tuple:
-        """(model, fingerprint, start, end, quant, dtype) of an assignment: equal keys, same layers."""
+        """(model, fingerprint, start, end, quant, dtype, decode batch) of an assignment: equal keys, same layers."""
         quant, dtype_name = msg.get("quant", str), msg.get("dtype", str)
         if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
+        batch = msg.get("batch", (int, type(None)), None)
+        if batch is not None and not 1 <= batch <= 1024:
+            raise ProtocolError(f"assign with batch={batch}")
         return (msg.get("model", str), msg.get("fingerprint", str, ""), msg.get("start", int), msg.get("end", int),
-                quant, dtype_name)
+                quant, dtype_name, batch)
 
     def _build(self, msg: Message) -> tuple[tuple, StageShard]:
         """Load the layer range an assignment names (unless it is loaded); return (its key, the shard)."""
         key = self._key(msg)
-        _, _, start, end, quant, dtype_name = key
+        _, _, start, end, quant, dtype_name, batch = key
         if self._shard is not None and self._shard_key == key:
             return key, self._shard
         files = self._files(msg)
@@ -2553,7 +2849,8 @@ class Worker:
         dtype = _compute_dtype(config, dtype_name, self.device)
         return key, StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
                                max_sessions=self.config.max_sessions_per_worker, progress=True,
-                               cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda")
+                               cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda",
+                               batch=batch)
 
     def _load_staged(self, msg: Message) -> None:
         """Load a rebalance's new range on the side while the current one keeps serving (make before break)."""
@@ -2608,7 +2905,71 @@ class Worker:
             "files": list(shard.files_opened),
         })
 
-    def _forward(self, msg: Message) -> list:
+    def _forward(self, msg: Message) -> list | None:
+        return self._forward_many([msg])[0]
+
+    def _forward_many(self, msgs: Sequence[Message]) -> list[list | None]:
+        """Run forward steps, several one-position ones in one batched step; return each one's reply
+        (None: dropped). A refused step gets its error reply and leaves the others be."""
+        shard = self._shard
+        replies: list[list | None] = [None] * len(msgs)
+        runs = []  # (index, fields, hidden, start, msg) of the steps to compute
+        for i, msg in enumerate(msgs):
+            try:
+                checked = self._check_step(msg)
+            except ProtocolError as exc:
+                _log.warning("worker %s: refused a forward message: %s", self.name, exc)
+                replies[i] = encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})
+                continue
+            if isinstance(checked, tuple):
+                runs.append((i, *checked, msg))
+            else:
+                replies[i] = checked
+        if not runs:
+            return replies
+        t0 = _time.perf_counter()
+        if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
+            _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
+        repeats = [shard.repeated(fields["sid"], hidden, start) for _, fields, hidden, start, _ in runs]
+        todo = [k for k, r in enumerate(repeats) if r is None]
+        outs: list[Any] = list(repeats)
+        if len(todo) > 1:
+            done = shard.decode([(runs[k][1]["sid"], runs[k][2], runs[k][3]) for k in todo])
+        else:
+            done = []
+            for k in todo:
+                _, fields, hidden, start, msg = runs[k]
+                try:
+                    done.append(shard.forward(fields["sid"], hidden, start, msg.get("decode_from", int, None)))
+                except StepOrderError as exc:
+                    done.append(exc)
+        for k, out in zip(todo, done):
+            outs[k] = out
+        computed = [o for o in outs if isinstance(o, torch.Tensor)]
+        if computed:  # one copy to the CPU for the batch (it synchronizes: compute_ms is honest)
+            cpu = iter(torch.cat([o.reshape(-1, o.shape[-1]) for o in computed]).cpu().split(
+                [o.shape[0] * o.shape[1] for o in computed]))
+            outs = [next(cpu).view(o.shape) if isinstance(o, torch.Tensor) else o for o in outs]
+        compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
+        for (i, fields, hidden, start, msg), out, repeat in zip(runs, outs, repeats):
+            if isinstance(out, StepOrderError):
+                replies[i] = encode("error", {"code": "order", "message": str(out), **fields})
+                continue
+            self.steps_served += 1
+            out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
+            raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
+            extra: dict = {"batch": len(runs)} if len(runs) > 1 else {}
+            chain = msg.get("chain", list, [])
+            if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
+                extra["forwarded"] = self._send_on(
+                    chain, {**fields, "start": start, "decode_from": msg.get("decode_from", int, None)}, raw)
+            if msg.header.get("direct") is True:
+                extra["direct"] = True
+            replies[i] = encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
+        return replies
+
+    def _check_step(self, msg: Message) -> tuple | list | None:
+        """Check a forward step: (fields, hidden, start) to run it, or the reply it gets instead (None: dropped)."""
         fields = _step_fields(msg)
         shard = self._shard
         if shard is None or msg.get("epoch", int) != self._epoch:
@@ -2624,26 +2985,7 @@ class Worker:
             # stale. Only the host may send a session back to an earlier position.
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
-        t0 = _time.perf_counter()
-        if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
-            _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
-        decode_from = msg.get("decode_from", int, None)
-        repeat = shard.repeated(fields["sid"], hidden, start)  # sent on already, if it had a chain
-        try:
-            out = (repeat if repeat is not None else shard.forward(fields["sid"], hidden, start, decode_from)).cpu()
-        except StepOrderError as exc:  # (.cpu() synchronizes: compute_ms is honest)
-            return encode("error", {"code": "order", "message": str(exc), **fields})
-        compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
-        self.steps_served += 1
-        out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
-        raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
-        extra = {}
-        chain = msg.get("chain", list, [])
-        if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
-            extra["forwarded"] = self._send_on(chain, {**fields, "start": start, "decode_from": decode_from}, raw)
-        if msg.header.get("direct") is True:
-            extra["direct"] = True
-        return encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
+        return fields, hidden, start
 
     def _send_on(self, chain: list, fields: dict, raw: tuple) -> bool:
         """Send a step's output to the next stage's worker, `chain[0]`; return whether it went.
@@ -3384,7 +3726,8 @@ class Cluster:
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
-                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0}
+                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
+                       "batched": 0}
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
         self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
@@ -3480,7 +3823,10 @@ class Cluster:
 
         tokens and steps served; failures (workers lost); replays (a stage's cache rebuilt
         while its session waited); warmups (a cache rebuilt on a worker joining a stage,
-        ahead of need); restarts (sessions prefilled again from position 0).
+        ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
+        (steps sent stage to stage, and those the host relayed after a direct link failed them);
+        pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
+        step with other sessions').
         """
         return dict(self._stats)
 
@@ -4297,6 +4643,8 @@ class Cluster:
             return
         worker.steps += 1
         worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0), n)
+        if msg.get("batch", int, 1) > 1:
+            self._stats["batched"] += 1
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
             self._check_handover(worker)
@@ -4658,7 +5006,8 @@ class Cluster:
     def _model_fields(self) -> dict:
         """What a worker needs to load (or calibrate) layers of this model exactly as the host has it."""
         return {"model": self.model, "revision": self.files.revision, "endpoint": self.config.hub_endpoint,
-                "quant": self.config.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint}
+                "quant": self.config.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
+                "batch": self.config.decode_batch}
 
     def _assign(self, worker: _WorkerState, start: int, end: int) -> None:
         self._epoch += 1
@@ -5644,23 +5993,37 @@ def _spawn_local_workers(cluster: Cluster, n: int, **overrides: Any) -> list:
 ###############################################################################
 
 
-def _in_process_decode(model: str, quant: str, prompt: list[int], tokens: int) -> tuple[list[int], float]:
-    """Greedy-decode with every layer in this process (no network); return tokens and s/token."""
+def _reference_decoder(model: str, quant: str, *, batch: int | None = None) -> Any:
+    """Load every layer into this process (no network); return decode(prompt, tokens, batch=batch) ->
+    (greedy tokens, s/token): the single-process reference a cluster's tokens are held to. `batch` as
+    `Config.decode_batch`: each prompt runs alone through the same padded decode step the workers run."""
     files = _ModelFiles(_resolve_model(model))
     config = _load_config(files)
     device = _default_device()
     dtype = _compute_dtype(config, "auto", device)
     head = HostHead(files, config, dtype=dtype, device=device)
-    shard = StageShard(files, config, 0, config.num_hidden_layers, quant=quant, dtype=dtype, device=device)
-    params = SamplingParams(max_new_tokens=tokens)
-    ids = list(prompt)
-    hidden = shard.forward("bench", head.embed_tokens(ids), 0)
-    ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
-    t0 = _time.perf_counter()
-    for _ in range(tokens - 1):
-        hidden = shard.forward("bench", head.embed_tokens(ids[-1:]), len(ids) - 1)
+    loaded = StageShard(files, config, 0, config.num_hidden_layers, quant=quant, dtype=dtype, device=device,
+                        batch=batch)
+
+    def decode(prompt: Sequence[int], tokens: int, batch: int | None = loaded.batch) -> tuple[list[int], float]:
+        shard = loaded if batch == loaded.batch else loaded.with_batch(batch)
+        params = SamplingParams(max_new_tokens=tokens)
+        ids = list(prompt)
+        hidden = shard.forward("reference", head.embed_tokens(ids), 0)
         ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
-    return ids[len(prompt):], (_time.perf_counter() - t0) / max(1, tokens - 1)
+        t0 = _time.perf_counter()
+        for _ in range(tokens - 1):
+            hidden = shard.forward("reference", head.embed_tokens(ids[-1:]), len(ids) - 1)
+            ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
+        return ids[len(prompt):], (_time.perf_counter() - t0) / max(1, tokens - 1)
+
+    return decode
+
+
+def _in_process_decode(model: str, quant: str, prompt: list[int], tokens: int, *,
+                       batch: int | None = None) -> tuple[list[int], float]:
+    """Greedy-decode with every layer in this process (no network); return tokens and s/token."""
+    return _reference_decoder(model, quant, batch=batch)(prompt, tokens)
 
 
 def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4), quant: str = "none",

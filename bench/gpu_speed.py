@@ -138,12 +138,19 @@ def plain_transformers(path: str, tokens: int) -> dict:
     return {"load_s": load, "tok_s_1": out[1], f"tok_s_{SESSIONS}": out[SESSIONS]}
 
 
-def reference_tokens(path: str, tokens: int) -> tuple[list[int], float]:
-    """The same layers and kernels in one process, no network: what every distllm run must give
-    (and its ms per token: what the pipeline adds is measured against it)."""
-    got, s_per_token = distllm._in_process_decode(path, "nf4", prompts(1)[0], tokens)
+def reference_tokens(path: str, tokens: int, batches: dict[int, int]) -> dict:
+    """The same layers and kernels in one process, no network: what every distllm run must give.
+    For each decode batch, the first n prompts' tokens, each decoded alone (through the padded step
+    of that many rows the workers run); and ms per token of the first."""
+    decode = distllm._reference_decoder(path, "nf4")
+    want = {}
+    for batch, n in batches.items():
+        runs = [decode(p, tokens, batch) for p in prompts(SESSIONS)[:n]]
+        want[batch] = [ids for ids, _ in runs]
+        log(f"reference, decode batch {batch}: {runs[0][1] * 1e3:.2f} ms/token in one process")
+    decode = None
     torch.cuda.empty_cache()
-    return got, s_per_token * 1e3
+    return want
 
 
 def start_workers(join_string: str, devices: list[str], tag: str, direct: bool = True) -> list[subprocess.Popen]:
@@ -155,14 +162,17 @@ def start_workers(join_string: str, devices: list[str], tag: str, direct: bool =
             for i, d in enumerate(devices)]
 
 
-def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, stages: int,
-                replicas: int = 1, kill: bool = False, tag: str = "w", direct: bool = True) -> dict:
+def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, stages: int,
+                replicas: int = 1, kill: bool = False, tag: str = "w", direct: bool = True,
+                batch: int = distllm._GPU_DECODE_BATCH, long_prompt: bool = True) -> dict:
     t0 = time.perf_counter()
     cluster = distllm.host(path, quant="nf4", bind="127.0.0.1", workers=len(devices), stages=stages,
-                           replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0)
+                           replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0, decode_batch=batch)
     procs = start_workers(cluster.join_string, devices, tag, direct)
+    want_all = wanted[batch]
+    want = want_all[0]
     row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas,
-                 "route": "direct" if direct else "relayed"}
+                 "route": "direct" if direct else "relayed", "batch": batch}
     try:
         cluster.wait_ready(600)
         row["ready_s"] = time.perf_counter() - t0
@@ -177,18 +187,30 @@ def distllm_run(path: str, devices: list[str], tokens: int, want: list[int], *, 
         hops = [w["overhead_ms"] for w in cluster.workers() if w.get("overhead_ms") is not None]
         row["hop_ms"] = statistics.median(hops) if hops else float("nan")
 
+        results: dict = {}
+
         def many(n: int) -> None:
-            threads = [threading.Thread(target=cluster.generate, args=(q,), kwargs={"max_new_tokens": n})
-                       for q in p]
+            def one(k: int) -> None:
+                results[k] = cluster.generate(p[k], max_new_tokens=n)
+
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(p))]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
 
+        before = cluster.stats()
         row[f"tok_s_{SESSIONS}"] = SESSIONS * 1e3 / decode_ms(many, tokens)
+        # every session's tokens (the last run: 1 + tokens each) against its prompt decoded alone
+        row["identical_all"] = all(results[k][:tokens] == w for k, w in enumerate(want_all))
+        row["checked"] = len(want_all)
+        after = cluster.stats()
+        row["batched_share"] = (after["batched"] - before["batched"]) / max(1, after["steps"] - before["steps"])
         row["direct_steps"] = cluster.stats()["direct"]
+        row["ttft_serial"] = row["ttft_pipelined"] = float("nan")
         long = torch.randint(1000, 120000, (LONG,), generator=torch.Generator().manual_seed(2)).tolist()
-        for pipelined in (False, True):  # prompt chunks one after another through all stages, or overlapped
+        for pipelined in (False, True) if long_prompt else ():  # chunks one after another through all stages,
+            # or overlapped
             cluster.config.pipeline_prefill = pipelined
             cluster.generate(long, max_new_tokens=1)  # warm-up: caches grown, kernels loaded
             times = []
@@ -235,17 +257,18 @@ def main() -> int:
     path = build_checkpoint(os.path.join(ROOT, ".bench-cache", f"llama3-8b-shape-{args.layers}l"), args.layers)
     log("checkpoint ready")
     if args.prefill_only:
-        want, _ = reference_tokens(path, args.tokens)
+        want = reference_tokens(path, args.tokens, {distllm._GPU_DECODE_BATCH: SESSIONS})
         distllm_run(path, [f"cuda:{i}" for i in range(gpus)], args.tokens, want, stages=gpus, tag="per-gpu")
         return 0
     plain = plain_transformers(path, args.tokens)
-    want, ref_ms = reference_tokens(path, args.tokens)
-    log(f"reference: {len(want)} tokens, {ref_ms:.2f} ms/token in one process")
-    rows = [distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one")]
+    want = reference_tokens(path, args.tokens, {distllm._GPU_DECODE_BATCH: SESSIONS, 1: 4})
     all_gpus = [f"cuda:{i}" for i in range(gpus)]
+    rows = [distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one", long_prompt=False),
+            distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one-b1", batch=1, long_prompt=False)]
     if gpus > 1:
-        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="relayed", direct=False))
         rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu"))
+        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu-b1", batch=1,
+                                long_prompt=False))
         no_replica = distllm_run(path, all_gpus, args.tokens, want, stages=gpus, kill=True, tag="kill")
         with_replica = distllm_run(path, all_gpus, args.tokens, want, stages=max(1, gpus // 2), replicas=2,
                                    kill=True, tag="kill-rep")
@@ -255,19 +278,23 @@ def main() -> int:
     lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {args.layers} layers ({gpus} x {card})", "",
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
-             f"| run | tok/s, 1 stream | tok/s, {SESSIONS} sessions | ms per extra stage | first token after "
-             f"{LONG} prompt tokens, s: chunks in series / pipelined | tokens = reference |",
-             "|---|---:|---:|---:|---:|---|",
-             f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | {plain['tok_s_1']:.1f} | "
-             f"{plain[f'tok_s_{SESSIONS}']:.1f} | – | – | – |"]
-    one_ms = 1e3 / rows[0]["tok_s_1"]
+             f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
+             f"| ms per extra stage | first token after {LONG} prompt tokens, s: chunks in series / pipelined "
+             f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+             f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
+             f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – "
+             f"| – |"]
+    one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
     for r in rows:
         # The same 32 layers run split S ways: what S stages cost over one, per stage added.
-        extra = f"{(1e3 / r['tok_s_1'] - one_ms) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
+        extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
-        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s){route} | "
-                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | {extra} | "
-                     f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f} | {r['identical']} |")
+        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s){route} | {r['batch']} | "
+                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "
+                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | "
+                     f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f} | {r['batched_share']:.0%} | "
+                     f"{r['identical']} / {r['identical_all']} ({r['checked']}) |")
     if no_replica:
         lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
                   f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "

@@ -1,0 +1,133 @@
+"""Sessions decoded together in one padded step per stage (`decode_batch`): each session's numbers are
+the ones it gets alone, so a batched cluster still matches a single-process run token for token, and a
+replay after a SIGKILL reproduces them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+import distllm
+from conftest import prompt_of, wait_for, write_model
+
+FAST = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", prefill_chunk=8, calibrate=False)
+
+
+def _shard(files, config, batch: int) -> distllm.StageShard:
+    return distllm.StageShard(files, config, 1, 4, quant="none", dtype=torch.float32, device=torch.device("cpu"),
+                              batch=batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
+def test_a_session_decoded_with_others_gets_the_numbers_it_gets_alone(family, model_dir, monkeypatch):
+    # Buffers grow every 8 positions here: a session's pool grows with its longest row, so rows also
+    # run at capacities they never would alone (mistral: past its sliding window of 8).
+    monkeypatch.setattr(distllm._StaticKV, "_GRAIN", 8)
+    files = distllm._ModelFiles(model_dir(family))
+    config = distllm._load_config(files)
+    torch.manual_seed(0)
+    hidden = [torch.randn(1, 40, config.hidden_size) for _ in range(6)]
+    prompts = [3, 9, 17, 4, 30, 6]  # 6 sessions, batch 4: two pools
+
+    alone = []
+    for h, p in zip(hidden, prompts):
+        s = _shard(files, config, 4)
+        alone.append(torch.cat([s.forward("x", h[:, :p], 0)]
+                               + [s.forward("x", h[:, i:i + 1], i) for i in range(p, 40)], dim=1))
+
+    s = _shard(files, config, 4)
+    got = {k: [s.forward(f"s{k}", hidden[k][:, :p], 0)] for k, p in enumerate(prompts)}
+    pos = dict(enumerate(prompts))
+    rnd = 0
+    while any(p < 40 for p in pos.values()):  # ever other groups: some sessions sit steps out
+        rnd += 1
+        group = [k for k, p in pos.items() if p < 40 and (k + rnd) % 3 != 0][:4] or [
+            next(k for k, p in pos.items() if p < 40)]
+        outs = s.decode([(f"s{k}", hidden[k][:, pos[k]:pos[k] + 1], pos[k]) for k in group])
+        for k, out in zip(group, outs):
+            got[k].append(out)
+            pos[k] += 1
+    assert len(s.pools) == 2 and s.pools[0].capacity >= 40
+    for k in range(6):
+        assert torch.equal(torch.cat(got[k], dim=1), alone[k]), f"session {k} differs from its run alone"
+
+    # A replay (a fresh stage rebuilding the cache from the inputs) gives the first pass's numbers...
+    replay = _shard(files, config, 4).forward("r", hidden[1], 0, decode_from=prompts[1])
+    assert torch.equal(replay, alone[1])
+    # ... and the padded step computes what the unbatched cache does, to float32 rounding.
+    plain = distllm.StageShard(files, config, 1, 4, quant="none", dtype=torch.float32, device=torch.device("cpu"))
+    ref = torch.cat([plain.forward("x", hidden[4][:, :30], 0)]
+                    + [plain.forward("x", hidden[4][:, i:i + 1], i) for i in range(30, 40)], dim=1)
+    torch.testing.assert_close(alone[4], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(model_dir):
+    files = distllm._ModelFiles(model_dir("llama"))
+    config = distllm._load_config(files)
+    s = _shard(files, config, 2)
+    h = torch.randn(1, 4, config.hidden_size)
+    s.forward("a", h, 0)
+    s.forward("b", h, 0)
+    with pytest.raises(ValueError, match="two steps of one session"):
+        s.decode([("a", h[:, :1], 4), ("a", h[:, :1], 5)])
+    with pytest.raises(ValueError, match="3 steps in one decode batch of 2"):
+        s.decode([("a", h[:, :1], 4), ("b", h[:, :1], 4), ("c", h[:, :1], 0)])
+    ok, gap = s.decode([("a", h[:, :1], 4), ("b", h[:, :1], 9)])  # b's cache ends at 4
+    assert ok.shape == (1, 1, config.hidden_size) and isinstance(gap, distllm.StepOrderError)
+    assert s.slots["a"].length == 5 and s.slots["b"].length == 4
+    with pytest.raises(ValueError, match="decode_batch"):
+        distllm.Config(decode_batch=0)
+
+
+@pytest.fixture(scope="module")
+def model8(tmp_path_factory):
+    return write_model(str(tmp_path_factory.mktemp("llama8")), "llama", layers=8)
+
+
+def _holder_of(cluster, layer: int):
+    for first, last, names in cluster.layer_map():
+        if first <= layer <= last:
+            name = names.split(", ")[0]
+            return next(p for p in cluster.local_processes if p.name == name)
+    raise AssertionError(f"nobody holds layer {layer}")
+
+
+def test_concurrent_sessions_share_decode_steps_and_survive_a_kill(model8):
+    prompts = [prompt_of(5 + 3 * k, seed=k) for k in range(6)]
+    reference = distllm._reference_decoder(model8, "none", batch=4)
+    want = [reference(p, 24)[0] for p in prompts]
+    # A slow step (3 ms a layer) lets the other sessions' steps queue behind it: they go in together.
+    options = {**FAST, "decode_batch": 4, "test_step_delay_ms": 3.0}
+    with distllm.local(model8, workers=3, stages=2, **options) as cluster:
+        got: dict = {}
+
+        def run(k: int) -> None:
+            got[k] = cluster.generate(prompts[k], max_new_tokens=24)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got.get(k) for k in range(6)] == want
+        batched = cluster.stats()["batched"]
+        assert batched >= 6 * 24 // 2, cluster.stats()  # most decode steps shared a step with others
+
+        # Again, and SIGKILL the last stage's worker midway: the standby rebuilds the sessions' caches
+        # by replaying the kept inputs one position at a time through the same padded step.
+        victim = _holder_of(cluster, 7)
+        got.clear()
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: cluster.stats()["batched"] >= batched + 40, what="the batched decode under way")
+        os.kill(victim.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        stats = cluster.stats()
+    assert [got.get(k) for k in range(6)] == want
+    assert stats["failures"] == 1 and stats["restarts"] == 0, stats
