@@ -579,8 +579,23 @@ def _check_hidden(t: torch.Tensor, hidden_size: int, what: str) -> None:
         raise ProtocolError(f"{what}: hidden states of shape {tuple(t.shape)}, want (1, n, {hidden_size})")
     if not t.is_floating_point():
         raise ProtocolError(f"{what}: hidden states of dtype {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise ProtocolError(f"{what}: hidden states hold NaN or Inf")
+
+
+# (integer view, exponent bits) per float dtype: a value is NaN or Inf exactly when all its exponent bits are set
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
+                  torch.bfloat16: (torch.int16, 0x7F80)}
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no NaN or Inf, read from the exponent bits with numpy: torch.isfinite
+    on a bfloat16 message cost the host 0.5 ms (measured on the GPU machines), most of its time per token."""
+    if t.dtype not in _EXPONENT_BITS or t.device.type != "cpu":
+        return bool(torch.isfinite(t).all())
+    int_type, bits = _EXPONENT_BITS[t.dtype]
+    raw = t.contiguous().view(int_type).numpy()
+    return not bool(((raw & bits) == bits).any())
 
 
 ###############################################################################
@@ -1703,6 +1718,9 @@ def calibrate(config: Any, *, quant: str, dtype: torch.dtype, device: torch.devi
     return _median(decode), prefill / prompt
 
 
+_HEAD_ROWS = 16  # a GPU host's LM head runs this many sessions' last positions in one padded GEMM
+
+
 class HostHead:
     """The host's share of a model: tokenizer, embeddings, final norm and LM head."""
 
@@ -1746,12 +1764,45 @@ class HostHead:
 
     @torch.inference_mode()
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        """Return float32 logits (V,) for the last position's hidden state (H,)."""
-        h = self.norm(hidden_last.to(self.device, self.dtype)[None, None])
-        logits = self.lm_head(h)[0, 0].float()
+        """Return float32 logits (V,) on the CPU for the last position's hidden state (H,)."""
+        return self.logits_rows(hidden_last[None])[0].cpu()
+
+    @torch.inference_mode()
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return float32 logits (k, V), on the head's device, for last positions' hidden states (k, H).
+
+        On a GPU the rows go through in blocks of _HEAD_ROWS, padded (one GEMM for up to 16 sessions'
+        tokens, at the cost of one); on a CPU one at a time. Either way a row's logits do not depend
+        on the rows beside it, so a session's tokens do not depend on who decodes beside it.
+        """
+        h = hidden.to(self.device, self.dtype)
+        k = h.shape[0]
+        if self.device.type != "cuda":
+            return torch.cat([self._logits(h[i:i + 1]) for i in range(k)])
+        rows = -(-k // _HEAD_ROWS) * _HEAD_ROWS
+        h = torch.cat([h, h.new_zeros(rows - k, h.shape[1])])
+        return torch.cat([self._logits(h[i:i + _HEAD_ROWS]) for i in range(0, rows, _HEAD_ROWS)])[:k]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(h[:, None]))[:, 0].float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.cpu()
+        return logits
+
+    @torch.inference_mode()
+    def tokens(self, hidden: torch.Tensor, params: Sequence["SamplingParams"], positions: Sequence[int]) -> list[int]:
+        """Pick the next token of each row of `hidden` (k, H): greedy rows by an argmax where the logits
+        are (only k ids cross to the CPU), the others by `sample` on the CPU."""
+        logits = self.logits_rows(hidden)
+        picked = [0] * len(params)
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):  # the first of equal maxima,
+                picked[i] = token  # as sample()'s argmax on the CPU
+        for i, p in enumerate(params):
+            if p.temperature != 0:
+                picked[i] = sample(logits[i].cpu(), p, positions[i])
+        return picked
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
@@ -3710,6 +3761,8 @@ class Cluster:
         self._epoch = 0  # counts assignments; a worker's answers must carry the epoch of its own
         self._sessions: dict[SessionID, _Session] = {}
         self._runnable: _collections.deque[_Session] = _collections.deque()
+        self._to_sample: list[tuple[_Session, torch.Tensor]] = []  # last stage answered: (session, hidden)
+        self._batch_share = 0.0  # 1/batch summed over steps that shared a decode step: how many such steps ran
         self._history_bytes = 0  # stage inputs kept for replay, all sessions
         self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
         self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
@@ -3826,9 +3879,9 @@ class Cluster:
         ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
         (steps sent stage to stage, and those the host relayed after a direct link failed them);
         pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
-        step with other sessions').
+        step with other sessions'), batches (those decode steps: batched / batches is the mean batch).
         """
-        return dict(self._stats)
+        return {**self._stats, "batches": round(self._batch_share)}
 
     def _history_bytes_per_token(self) -> float:
         """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
@@ -4263,6 +4316,7 @@ class Cluster:
                         self._wake_in.recv()
                     if not self._run_commands():
                         break
+                self._sample_pending()
                 now = _time.monotonic()
                 if self._relays:
                     self._check_relays(now)
@@ -4643,8 +4697,10 @@ class Cluster:
             return
         worker.steps += 1
         worker.record_step((_time.perf_counter() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0), n)
-        if msg.get("batch", int, 1) > 1:
+        batch = msg.get("batch", int, 1)
+        if batch > 1:
             self._stats["batched"] += 1
+            self._batch_share += 1 / batch
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
             self._check_handover(worker)
@@ -4679,7 +4735,21 @@ class Cluster:
             if session.lead <= session.pos:  # (else its next chunk is in the pipe already)
                 self._runnable.appendleft(session)
             return
-        token = sample(self.head.logits(hidden[0, -1]), session.params, session.pos)
+        self._to_sample.append((session, hidden[0, -1]))  # sampled with the others answered by now
+
+    def _sample_pending(self) -> None:
+        """Pick the next token of every session whose last stage answered since the last call, with one
+        pass of the LM head for all of them."""
+        pending = [(s, h) for s, h in self._to_sample if self._sessions.get(s.sid) is s]
+        self._to_sample = []
+        if not pending:
+            return
+        tokens = self.head.tokens(torch.stack([h for _, h in pending]), [s.params for s, _ in pending],
+                                  [s.pos for s, _ in pending])
+        for (session, _), token in zip(pending, tokens):
+            self._take_token(session, token)
+
+    def _take_token(self, session: _Session, token: int) -> None:
         session.tokens.append(token)
         self._stats["tokens"] += 1
         if session.record is not None and self._ckpt is not None:  # serialised later, in the writer thread
@@ -6010,11 +6080,11 @@ def _reference_decoder(model: str, quant: str, *, batch: int | None = None) -> A
         params = SamplingParams(max_new_tokens=tokens)
         ids = list(prompt)
         hidden = shard.forward("reference", head.embed_tokens(ids), 0)
-        ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
+        ids += head.tokens(hidden[0, -1:], [params], [len(ids)])
         t0 = _time.perf_counter()
         for _ in range(tokens - 1):
             hidden = shard.forward("reference", head.embed_tokens(ids[-1:]), len(ids) - 1)
-            ids.append(sample(head.logits(hidden[0, -1]), params, len(ids)))
+            ids += head.tokens(hidden[0, -1:], [params], [len(ids)])
         return ids[len(prompt):], (_time.perf_counter() - t0) / max(1, tokens - 1)
 
     return decode

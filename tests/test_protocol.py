@@ -25,6 +25,21 @@ def test_tensors_round_trip_bit_exact(dtype):
     assert torch.equal(msg.tensor(1), t[:, :2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hidden_states_with_nan_or_inf_are_refused_whatever_their_dtype(dtype):
+    info = torch.finfo(dtype)
+    fine = torch.cat([torch.randn(1, 3, 64) * 100, torch.tensor([info.max, info.min, info.tiny, 0.0, -0.0,
+                                                                 info.eps]).expand(1, 3, 6)], dim=2).to(dtype)
+    distllm._check_hidden(fine, 70, "forward")  # extremes and zeros are finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = fine.clone()
+        t[0, 2, 41] = bad
+        with pytest.raises(ProtocolError, match="NaN or Inf"):
+            distllm._check_hidden(t, 70, "forward")
+        assert not distllm._all_finite(t[:, 1:, 40:])  # a view that is not contiguous too
+    assert distllm._all_finite(fine[:, :, ::2])
+
+
 def test_empty_tensor_round_trips():
     msg = decode(encode("result", {}, [torch.empty(1, 0, 4)]), allowed=ALL)
     assert msg.tensor(0).shape == (1, 0, 4)
