@@ -1637,8 +1637,11 @@ class StageShard:
                 step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
-            # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU).
+            # Captured on our stream of this device: torch's default capture stream is one per process,
+            # made on whichever GPU captured first, and a worker of another GPU captured on it got
+            # other tokens than the reference.
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 out = step()
         return graph, out
 
@@ -5932,12 +5935,6 @@ def join(join_string: str | None = None, *, name: str | None = None, device: str
         join_string = _find_host(cfg)
     gpus = torch.cuda.device_count() if device is None else 0
     devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [device]
-    if len(devices) > 1 and cfg.cuda_graphs:
-        # Measured on 4 x H100: graphs captured by several workers' threads in one process gave other
-        # tokens than the single-process reference (one worker per process gives the same ones).
-        _log.warning("one worker per GPU in this process: without CUDA graphs (for them, start one "
-                     "`python -m distllm join --device cuda:N` per GPU)")
-        cfg = _dataclasses.replace(cfg, cuda_graphs=False)
     base = name or f"{_socket.gethostname()}-{_os.getpid()}"
     workers = [Worker(join_string, name=base if len(devices) == 1 else f"{base}-gpu{i}", device=d, config=cfg)
                for i, d in enumerate(devices)]

@@ -6,12 +6,14 @@ all greedy decoding of token-id prompts:
 
 - plain transformers `generate` with bitsandbytes nf4 on GPU 0, batch 1 and batch 32;
 - distllm with 1 worker (host and worker on GPU 0), and with one worker per GPU
-  (worker processes joined over loopback TCP with the real protocol, CURVE on);
-  1 stream and 32 concurrent sessions each;
+  (worker processes joined over loopback TCP with the real protocol, CURVE on; and once
+  all in one `distllm join` process); 1 stream and 32 concurrent sessions each, with
+  sessions decoded 16 to a step (the CUDA default) and one at a time (`decode_batch=1`);
 - per-hop overhead (a step's round trip minus the worker's compute, the host's median);
 - the stall when a worker is SIGKILLed mid-stream, without and with a replica;
 - tokens of every distllm run against a single-process reference (the same layers and
-  kernels in one process).
+  kernels in one process, each prompt decoded alone): one stream, and every one of the 32
+  concurrent sessions (the first 4 for decode batch 1).
 
 Decode time per token is (time for 1 + N new tokens - time for 1) / N, so prefill stays
 out. Prints one table and appends it, with the card's name, to docs/BENCHMARKS.md.
@@ -153,9 +155,15 @@ def reference_tokens(path: str, tokens: int, batches: dict[int, int]) -> dict:
     return want
 
 
-def start_workers(join_string: str, devices: list[str], tag: str, direct: bool = True) -> list[subprocess.Popen]:
+def start_workers(join_string: str, devices: list[str], tag: str, direct: bool = True,
+                  one_process: bool = False) -> list[subprocess.Popen]:
+    """One `distllm join` process per GPU; or, with one_process, one for them all (a worker per GPU in it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     links = ["--bind", "127.0.0.1"] if direct else ["--no-direct"]
+    if one_process:
+        return [subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", tag, *links],
+                                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=open(os.path.join(ROOT, ".bench-cache", f"{tag}.log"), "w"))]
     return [subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", f"{tag}-{i}",
                               "--device", d, *links], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(ROOT, ".bench-cache", f"{tag}-{i}.log"), "w"))
@@ -164,15 +172,15 @@ def start_workers(join_string: str, devices: list[str], tag: str, direct: bool =
 
 def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, stages: int,
                 replicas: int = 1, kill: bool = False, tag: str = "w", direct: bool = True,
-                batch: int = distllm._GPU_DECODE_BATCH, long_prompt: bool = True) -> dict:
+                batch: int = distllm._GPU_DECODE_BATCH, long_prompt: bool = True, one_process: bool = False) -> dict:
     t0 = time.perf_counter()
     cluster = distllm.host(path, quant="nf4", bind="127.0.0.1", workers=len(devices), stages=stages,
                            replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0, decode_batch=batch)
-    procs = start_workers(cluster.join_string, devices, tag, direct)
+    procs = start_workers(cluster.join_string, devices, tag, direct, one_process)
     want_all = wanted[batch]
     want = want_all[0]
     row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas,
-                 "route": "direct" if direct else "relayed", "batch": batch}
+                 "route": "direct" if direct else "relayed", "batch": batch, "processes": len(procs)}
     try:
         cluster.wait_ready(600)
         row["ready_s"] = time.perf_counter() - t0
@@ -269,6 +277,8 @@ def main() -> int:
         rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu"))
         rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu-b1", batch=1,
                                 long_prompt=False))
+        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="one-process",
+                                long_prompt=False, one_process=True))
         no_replica = distllm_run(path, all_gpus, args.tokens, want, stages=gpus, kill=True, tag="kill")
         with_replica = distllm_run(path, all_gpus, args.tokens, want, stages=max(1, gpus // 2), replicas=2,
                                    kill=True, tag="kill-rep")
@@ -279,21 +289,23 @@ def main() -> int:
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
              f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
-             f"| ms per extra stage | first token after {LONG} prompt tokens, s: chunks in series / pipelined "
+             f"| ms per extra stage | hop ms | first token after {LONG} prompt tokens, s: chunks in series / pipelined "
              f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
              f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
-             f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – "
+             f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – | – "
              f"| – |"]
     one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
     for r in rows:
         # The same 32 layers run split S ways: what S stages cost over one, per stage added.
         extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
-        lines.append(f"| distllm, {r['workers']} worker(s), {r['stages']} stage(s){route} | {r['batch']} | "
+        where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
+        ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
+        lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
                      f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "
-                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | "
-                     f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f} | {r['batched_share']:.0%} | "
+                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | {r['hop_ms']:.2f} | "
+                     f"{ttft} | {r['batched_share']:.0%} | "
                      f"{r['identical']} / {r['identical_all']} ({r['checked']}) |")
     if no_replica:
         lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
