@@ -1452,8 +1452,8 @@ class StageShard:
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
         _release_freed_memory()
-        self.slots: _collections.OrderedDict[SessionID, Any] = _collections.OrderedDict()  # _KVSlot, _StaticKV
-        # or _PoolRow
+        # sid -> its cache here: a _KVSlot, a _StaticKV, or a _PoolRow (decode batch > 1)
+        self.slots: _collections.OrderedDict[SessionID, Any] = _collections.OrderedDict()
         self.last: dict[SessionID, tuple[int, torch.Tensor, torch.Tensor]] = {}  # sid -> last decode step
 
     def with_batch(self, batch: int) -> "StageShard":
@@ -2804,7 +2804,8 @@ class Worker:
                     replies = self._forward_many(jobs) if len(jobs) > 1 else [self._run_job(msg)]
                 except ProtocolError as exc:
                     _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
-                    replies = [encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})]
+                    replies = [encode("error", {"code": "protocol", "message": str(exc), **_step_fields(job)})
+                               for job in jobs]
                 except Exception as exc:  # a failed step must not stop the worker: report it, keep serving
                     _log.exception("worker %s: %s step failed", self.name, msg.type)
                     replies = [encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
@@ -2999,6 +3000,7 @@ class Worker:
                     done.append(exc)
         for k, out in zip(todo, done):
             outs[k] = out
+        shared = sum(isinstance(o, torch.Tensor) for o in done) if len(todo) > 1 else 1  # rows of the batch
         computed = [o for o in outs if isinstance(o, torch.Tensor)]
         if computed:  # one copy to the CPU for the batch (it synchronizes: compute_ms is honest)
             cpu = iter(torch.cat([o.reshape(-1, o.shape[-1]) for o in computed]).cpu().split(
@@ -3012,7 +3014,7 @@ class Worker:
             self.steps_served += 1
             out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
             raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
-            extra: dict = {"batch": len(runs)} if len(runs) > 1 else {}
+            extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
             chain = msg.get("chain", list, [])
             if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
                 extra["forwarded"] = self._send_on(
@@ -3033,6 +3035,7 @@ class Worker:
             raise ProtocolError(f"negative start position {start}")
         hidden = msg.tensor(0)
         _check_hidden(hidden, shard.config.hidden_size, "forward")
+        msg.get("decode_from", int, None), msg.get("chain", list, [])  # of the right types, if present
         slot = shard.slots.get(fields["sid"])
         if msg.header.get("direct") is True and slot is not None and slot.length > start + hidden.shape[1]:
             # A direct step held up on its link until the session moved on (the host relayed it meanwhile):

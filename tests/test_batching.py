@@ -131,3 +131,40 @@ def test_concurrent_sessions_share_decode_steps_and_survive_a_kill(model8):
         stats = cluster.stats()
     assert [got.get(k) for k in range(6)] == want
     assert stats["failures"] == 1 and stats["restarts"] == 0, stats
+
+
+def test_a_worker_answers_each_step_of_a_batch_on_its_own(model_dir):
+    # The compute thread's batch path, without sockets: good steps run together, a step out of order
+    # and one of an old epoch get their own error replies, a malformed one its protocol error.
+    files = distllm._ModelFiles(model_dir("llama"))
+    config = distllm._load_config(files)
+    worker = distllm.Worker(_join_string())
+    worker._shard, worker._epoch = _shard(files, config, 4), 7
+    h = torch.randn(1, 3, config.hidden_size)
+    for sid in "abc":
+        worker._shard.forward(sid, h, 0)
+
+    def step(sid, start, epoch=7, **extra):
+        frames = distllm.encode("forward", {"sid": sid, "step": 1, "stage": 0, "start": start, "epoch": epoch,
+                                            **extra}, [h[:, :1]])
+        return distllm.decode(frames, allowed={"forward"})
+
+    replies = worker._forward_many([step("a", 3), step("b", 9), step("c", 3), step("d", 0, epoch=6),
+                                    step("e", 0, decode_from="x")])
+    got = [distllm.decode(r, allowed={"result", "error"}) for r in replies]
+    assert [m.type for m in got] == ["result", "error", "result", "error", "error"]
+    assert got[0].get("batch", int) == 2 and got[2].get("batch", int) == 2  # a and c went through together
+    assert [m.get("code", str) for m in got[1:] if m.type == "error"] == ["order", "stale", "protocol"]
+    assert worker._shard.slots["a"].length == 4 and worker._shard.slots["b"].length == 3
+    alone = _shard(files, config, 4)
+    alone.forward("a", h, 0)
+    assert torch.equal(got[0].tensor(0), alone.forward("a", h[:, :1], 3))  # the numbers it gets alone
+
+
+def _join_string() -> str:
+    import zmq
+
+    server_public, _ = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return distllm.JoinInfo("tcp://127.0.0.1:9", server_public.decode(), client_public.decode(),
+                            client_secret.decode()).encode()
