@@ -1362,7 +1362,15 @@ class _DecodePool:
             return
         capacity = -(-max(needed, 2 * self.capacity) // _StaticKV._GRAIN) * _StaticKV._GRAIN
         shape = (self.rows, self.kv_heads, capacity + 1, self.head_dim)
-        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        try:
+            fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):  # the CPU's way
+                raise
+            raise DistllmError(
+                f"no memory on {self.device} for the KV buffers of {self.rows} sessions x {capacity} positions "
+                f"(a pool's rows are as long as its longest session): set decode_batch lower, or 1 for a cache "
+                f"per session") from None
         for old, new in zip(self.keys + self.values, fresh):
             new[:, :, :self.capacity].copy_(old[:, :, :self.capacity])
         self.keys, self.values = fresh[:self.n_layers], fresh[self.n_layers:]

@@ -81,6 +81,9 @@ def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(m
     assert s.slots["a"].length == 5 and s.slots["b"].length == 4
     with pytest.raises(ValueError, match="decode_batch"):
         distllm.Config(decode_batch=0)
+    with pytest.raises(distllm.DistllmError, match="no memory on cpu for the KV buffers of 2 sessions"):
+        s.slots["a"].pool.grow(1 << 44)  # 2 rows x 2^44 positions: petabytes, past any address space
+    assert s.decode([("a", h[:, :1], 5)])[0].shape == (1, 1, config.hidden_size)  # and it serves on
 
 
 @pytest.fixture(scope="module")
