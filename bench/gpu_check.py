@@ -1,9 +1,12 @@
 """Correctness and overhead of distllm on a CUDA machine, in one run.
 
 For every supported family, float32 and nf4, with 1 and 3 local workers sharing the
-GPU: tokens must equal transformers' generate() on the whole model on the same GPU
-(quantized by the same code path). Then `bench_overhead` on the tiny model and on a
-wider model. Prints a table; run as `python bench/gpu_check.py` from the repo root.
+GPU: tokens must equal the same layers run in one process on the same GPU (quantized by
+the same code path, each prompt alone), which it also compares with transformers'
+generate() (close, not required: different attention kernels). Then `bench_overhead` on
+the tiny model and on a wider model. Prints a table; run as `python bench/gpu_check.py`
+from the repo root; `--graphs` checks CUDA-graph decode against eager, `--multi` one
+join() driving every GPU of the machine.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import distllm  # noqa: E402
 from conftest import FAMILIES, prompt_of, write_model  # noqa: E402
 
 
-def reference(path: str, quant: str, prompt: list[int], tokens: int) -> list[int]:
+def transformers_reference(path: str, quant: str, prompt: list[int], tokens: int) -> list[int]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -58,7 +61,12 @@ def main() -> int:
         path = write_model(os.path.join(root, family), family)
         for quant in ("none", "nf4"):
             prompts = [prompt_of(n) for n in (1, 30, 64)]
-            want = [reference(path, quant, p, 24) for p in prompts]
+            # The same layers and kernels in one process, each prompt alone (workers decode 16 sessions to
+            # a padded step on GPUs, so their numbers are those, not transformers' own generate()'s).
+            decode = distllm._reference_decoder(path, quant)
+            want = [decode(p, 24)[0] for p in prompts]
+            close = sum(w == transformers_reference(path, quant, p, 24) for w, p in zip(want, prompts))
+            print(f"{family:<8} {quant:<5} reference = transformers generate for {close}/3 prompts", flush=True)
             for workers in (1, 3):
                 t0 = time.perf_counter()
                 with distllm.local(path, workers=workers, quant=quant, prefill_chunk=16) as cluster:
@@ -81,7 +89,8 @@ def main() -> int:
 
 def graphs_check() -> int:
     """Per family, bf16 and nf4: a stage's CUDA-graph decode against the same stage run eagerly on its fixed
-    buffers (must be bit-equal: the same kernels) and on a growing cache (close), with prefill, decode and a replay."""
+    buffers (must be bit-equal: the same kernels), one session per step and in a padded step of 16 rows, and
+    against a growing cache (close), with prefill, decode and a replay."""
     root = tempfile.mkdtemp()
     failures = 0
     for family in FAMILIES:
@@ -103,18 +112,22 @@ def graphs_check() -> int:
 def _graphs_case(files, config, quant: str) -> tuple[bool, bool, float]:
     """(ok, graph == eager, relative distance of graph to dynamic) for one family and quantization."""
     outs = {}
-    for name, static, graphs in (("graph", True, True), ("eager", True, False), ("dynamic", False, False)):
+    for name, static, graphs, batch in (("graph", True, True, 16), ("eager", True, False, 16),
+                                        ("graph1", True, True, 1), ("eager1", True, False, 1),
+                                        ("dynamic", False, False, 1)):
         shard = distllm.StageShard(files, config, 1, 4, quant=quant, dtype=torch.bfloat16,
-                                   device=torch.device("cuda"), static_cache=static, cuda_graphs=graphs)
+                                   device=torch.device("cuda"), static_cache=static, cuda_graphs=graphs, batch=batch)
         torch.manual_seed(0)
         h = torch.randn(1, 300, config.hidden_size)
         got = [shard.forward("a", h[:, :40], 0)]
         got += [shard.forward("a", h[:, i:i + 1], i) for i in range(40, 290)]  # past the first 256 positions
         got.append(shard.forward("a", h[:, 280:300], 280, decode_from=250))  # a replay
         outs[name] = torch.cat(got, dim=1).float()
-    equal = torch.equal(outs["graph"], outs["eager"])
+    equal = torch.equal(outs["graph"], outs["eager"]) and torch.equal(outs["graph1"], outs["eager1"])
     err = ((outs["graph"] - outs["dynamic"]).norm() / outs["dynamic"].norm()).item()
-    return equal and err < 2e-2, equal, err
+    err1 = ((outs["graph1"] - outs["dynamic"]).norm() / outs["dynamic"].norm()).item()
+    print(f"  padded 16 rows against the growing cache {err:.2e}, one session per step {err1:.2e}", flush=True)
+    return equal and max(err, err1) < 3e-2, equal, err
 
 def multi_gpu_check(**options) -> int:
     """One join() on a machine with several GPUs: one worker per GPU, one stage each, same tokens as one process."""
@@ -134,7 +147,7 @@ def multi_gpu_check(**options) -> int:
             for w in workers:
                 w.stop()
     ok = got == want and len(workers) == gpus and names == [f"box-gpu{i}" for i in range(gpus)]
-    # (in one process the workers run without CUDA graphs: with them the tokens differed, cause not found)
+    # (with CUDA graphs: each capture on its own GPU's stream; see StageShard._capture)
     print("multi-GPU join:", "ok" if ok else "FAIL", flush=True)
     return 0 if ok else 1
 
