@@ -97,6 +97,21 @@ def prompt_of(length: int, seed: int = 0) -> list[int]:
     return torch.randint(3, 98, (length,), generator=g).tolist()
 
 
+@pytest.fixture(scope="session")
+def model8(tmp_path_factory):
+    """An 8-layer tiny llama: enough layers for three stages and a standby."""
+    return write_model(str(tmp_path_factory.mktemp("llama8")), "llama", layers=8)
+
+
+def holder_of(cluster, layer: int):
+    """The live local worker process holding `layer` (its first replica)."""
+    for first, last, names in cluster.layer_map():
+        if first <= layer <= last:
+            name = names.split(", ")[0]
+            return next(p for p in cluster.local_processes if p.name == name)
+    raise AssertionError(f"nobody holds layer {layer}")
+
+
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll `predicate` until it holds; fail the test naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

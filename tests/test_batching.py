@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import distllm
-from conftest import prompt_of, wait_for, write_model
+from conftest import holder_of, prompt_of, wait_for
 
 FAST = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", prefill_chunk=8, calibrate=False)
 
@@ -86,19 +86,6 @@ def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(m
     assert s.decode([("a", h[:, :1], 5)])[0].shape == (1, 1, config.hidden_size)  # and it serves on
 
 
-@pytest.fixture(scope="module")
-def model8(tmp_path_factory):
-    return write_model(str(tmp_path_factory.mktemp("llama8")), "llama", layers=8)
-
-
-def _holder_of(cluster, layer: int):
-    for first, last, names in cluster.layer_map():
-        if first <= layer <= last:
-            name = names.split(", ")[0]
-            return next(p for p in cluster.local_processes if p.name == name)
-    raise AssertionError(f"nobody holds layer {layer}")
-
-
 def test_concurrent_sessions_share_decode_steps_and_survive_a_kill(model8):
     prompts = [prompt_of(5 + 3 * k, seed=k) for k in range(6)]
     reference = distllm._reference_decoder(model8, "none", batch=4)
@@ -122,7 +109,7 @@ def test_concurrent_sessions_share_decode_steps_and_survive_a_kill(model8):
 
         # Again, and SIGKILL the last stage's worker midway: the standby rebuilds the sessions' caches
         # by replaying the kept inputs one position at a time through the same padded step.
-        victim = _holder_of(cluster, 7)
+        victim = holder_of(cluster, 7)
         got.clear()
         threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
         for t in threads:

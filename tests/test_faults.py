@@ -12,25 +12,11 @@ import time
 import pytest
 
 import distllm
-from conftest import prompt_of, wait_for, write_model
+from conftest import holder_of, prompt_of, wait_for, write_model
 
 # No calibration: on a busy 2-core box its noise can look like a 1.5x speed gap, which drops requested
 # replicas; these tests are about failover, calibration is tested in test_balance.py.
 FAST = dict(heartbeat_s=0.2, liveness_s=1.0, quant="none", prefill_chunk=8, calibrate=False)
-
-
-@pytest.fixture(scope="module")
-def model8(tmp_path_factory):
-    return write_model(str(tmp_path_factory.mktemp("llama8")), "llama", layers=8)
-
-
-def _holder_of(cluster, layer: int):
-    """The live local process holding `layer` (first replica)."""
-    for first, last, names in cluster.layer_map():
-        if first <= layer <= last:
-            name = names.split(", ")[0]
-            return next(p for p in cluster.local_processes if p.name == name)
-    raise AssertionError(f"nobody holds layer {layer}")
 
 
 def _stream_and_kill(cluster, prompt, at: int, kill, **params) -> list[int]:
@@ -47,7 +33,7 @@ def test_killed_stage_moves_to_a_standby_by_replay(model8):
     with distllm.local(model8, workers=4, stages=3, **FAST) as cluster:
         assert [w["state"] for w in cluster.workers()].count("standby") == 1
         want = cluster.generate(prompt, max_new_tokens=40)
-        victim = _holder_of(cluster, 4)
+        victim = holder_of(cluster, 4)
         got = _stream_and_kill(cluster, prompt, 10, lambda: os.kill(victim.pid, signal.SIGKILL), max_new_tokens=40)
         stats = cluster.stats()
         plan = cluster.layer_map()
@@ -61,7 +47,7 @@ def test_killed_stage_without_standby_replans_and_replays(model8):
     prompt = prompt_of(30)
     with distllm.local(model8, workers=3, stages=3, **FAST) as cluster:
         want = cluster.generate(prompt, max_new_tokens=40, temperature=0.8, seed=3)
-        victim = _holder_of(cluster, 0)
+        victim = holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(victim.pid, signal.SIGKILL),
                                max_new_tokens=40, temperature=0.8, seed=3)
         plan = cluster.layer_map()
@@ -74,7 +60,7 @@ def test_hot_replica_failover_needs_no_replay(model8):
     with distllm.local(model8, workers=4, stages=2, replicas=2, **FAST) as cluster:
         assert all(len(names.split(", ")) == 2 for *_, names in cluster.layer_map())
         want = cluster.generate(prompt, max_new_tokens=40)
-        victim = _holder_of(cluster, 0)
+        victim = holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 8, lambda: os.kill(victim.pid, signal.SIGKILL), max_new_tokens=40)
         wait_for(lambda: cluster.stats()["failures"] == 1, what="the death to be noticed")
         after = cluster.generate(prompt, max_new_tokens=40)
@@ -89,7 +75,7 @@ def test_stuck_worker_is_caught_by_the_step_deadline_and_rejoins_harmlessly(mode
     options = {**FAST, "liveness_s": 60.0, "step_timeout_s": 1.5}
     with distllm.local(model8, workers=3, stages=3, **options) as cluster:
         want = cluster.generate(prompt, max_new_tokens=30)
-        victim = _holder_of(cluster, 7)
+        victim = holder_of(cluster, 7)
         t0 = time.monotonic()
         got = _stream_and_kill(cluster, prompt, 6, lambda: os.kill(victim.pid, signal.SIGSTOP), max_new_tokens=30)
         stalled = time.monotonic() - t0
@@ -108,7 +94,7 @@ def test_graceful_leave_hands_over_to_a_warm_standby_without_replay(model8):
     prompt = prompt_of(16)
     with distllm.local(model8, workers=3, stages=2, **FAST) as cluster:
         want = cluster.generate(prompt, max_new_tokens=30)
-        leaver = _holder_of(cluster, 0)
+        leaver = holder_of(cluster, 0)
         got = _stream_and_kill(cluster, prompt, 5, lambda: os.kill(leaver.pid, signal.SIGTERM), max_new_tokens=30)
         leaver.join(10)
         states = {w["name"]: w["state"] for w in cluster.workers()}
@@ -252,7 +238,7 @@ def test_long_prompt_prefills_in_pipelined_chunks_and_survives_a_kill_midway(mod
         chunks = cluster.stats()["pipelined_chunks"]
         assert chunks >= 240 // 8 - 1, cluster.stats()  # every chunk after the first went in ahead
 
-        victim = _holder_of(cluster, 4)
+        victim = holder_of(cluster, 4)
         got: list = []
         run = threading.Thread(target=lambda: got.extend(cluster.generate(prompt, max_new_tokens=12)))
         run.start()
