@@ -6498,7 +6498,8 @@ def _demo(args: Any) -> int:
     options = dict(liveness_s=1.0, heartbeat_s=0.2) if args.chaos else {}
     with local(args.model, workers=args.workers, quant=args.quant, **options) as cluster:
         print(f"cluster ready in {_time.perf_counter() - t0:.1f} s: {cluster.n_layers} layers of "
-              f"{args.model!r} ({args.quant}) on {len(cluster.layer_map())} workers")
+              f"{args.model!r} ({args.quant}) in {len(cluster.layer_map())} stage(s); "
+              f"{len(cluster.workers())} workers joined")
         for first, last, name in cluster.layer_map():
             print(f"  layers {first:>3}..{last:<3} {name}")
         if args.chaos:
