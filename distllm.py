@@ -668,9 +668,18 @@ def _advertised_host(config: Config) -> str:
         return config.advertise
     if config.bind not in ("0.0.0.0", "*", "::"):
         return config.bind
+    return _primary_address()
+
+
+def _primary_address() -> str:
+    """This machine's IPv4 address on its default route, found without a name lookup: a worker's
+    I/O thread asks this before its join clock starts, and where no resolver answers a lookup of the
+    host name (not in /etc/hosts) hangs for seconds. A UDP connect consults the routing table only."""
     try:
-        return _socket.gethostbyname(_socket.gethostname())
-    except OSError:
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1 (never a real host); nothing is sent
+            return probe.getsockname()[0]
+    except OSError:  # no route at all
         return "127.0.0.1"
 
 

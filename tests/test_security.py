@@ -145,3 +145,22 @@ def test_direct_link_socket_admits_only_the_cluster_key_and_drops_junk(cluster):
     prompt = prompt_of(6)
     assert cluster.generate(prompt, max_new_tokens=4) == cluster.generate(prompt, max_new_tokens=4)
     assert cluster.workers()[0]["state"] == "ready"
+
+
+def test_the_advertised_address_is_found_without_a_name_lookup(monkeypatch):
+    # A lookup of the host name hangs where no resolver answers (a fresh VM whose name is not in
+    # /etc/hosts); the guess must come from the routing table alone.
+    import ipaddress
+    import socket
+
+    def no_dns(*args):
+        raise AssertionError("a name lookup")
+
+    monkeypatch.setattr(socket, "gethostbyname", no_dns)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.monotonic()
+    guess = distllm._advertised_host(distllm.Config())
+    assert time.monotonic() - t0 < 1.0
+    assert isinstance(ipaddress.ip_address(guess), ipaddress.IPv4Address)
+    assert distllm._advertised_host(distllm.Config(bind="10.1.2.3")) == "10.1.2.3"
+    assert distllm._advertised_host(distllm.Config(advertise="example.org")) == "example.org"
