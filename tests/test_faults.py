@@ -105,9 +105,11 @@ def test_graceful_leave_hands_over_to_a_warm_standby_without_replay(model8):
     assert stats["replays"] == 0 and stats["restarts"] == 0, stats
 
 
-def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_chaos_concurrent_requests_survive_kills_and_joins(model8, batch):
     """16 concurrent requests (greedy and seeded sampling) on 5 workers while workers are
-    killed at random moments (one mid-prefill, two at once) and new ones join."""
+    killed at random moments (one mid-prefill, two at once) and new ones join; one session per
+    decode step, and up to 4 sessions sharing one."""
     rng = random.Random(1234)
     requests = []
     for i in range(16):
@@ -116,10 +118,10 @@ def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
             params.update(temperature=0.9, top_p=0.95, seed=100 + i)
         requests.append((prompt_of(rng.randint(1, 64), seed=i), params))
 
-    with distllm.local(model8, workers=2, stages=2, **FAST) as reference:
-        want = [list(reference.stream(p, **kw)) for p, kw in requests]
+    with distllm.local(model8, workers=2, stages=2, **FAST, decode_batch=batch) as reference:
+        want = [list(reference.stream(p, **kw)) for p, kw in requests]  # one request at a time
 
-    with distllm.local(model8, workers=5, stages=5, **FAST) as cluster:
+    with distllm.local(model8, workers=5, stages=5, **FAST, decode_batch=batch) as cluster:
         results: list = [None] * len(requests)
 
         def run(i):
@@ -157,6 +159,7 @@ def test_chaos_concurrent_requests_survive_kills_and_joins(model8):
     for i, (got, exp) in enumerate(zip(results, want)):
         assert got == exp, f"request {i} {requests[i][1]}"
     assert stats["failures"] >= 4, stats
+    assert (stats["batched"] > 0) == (batch > 1), stats
 
 
 def test_requests_wait_for_a_worker_then_finish_or_time_out_with_the_reason(model8):
