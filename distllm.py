@@ -1230,42 +1230,65 @@ class _KVSlot:
 _GRAPH_CAPTURE = _threading.Lock()  # two captures at once in one process fail (workers of several GPUs)
 
 
-class _StaticKV:
-    """One session's KV cache on one stage in preallocated buffers (what a CUDA graph replays on).
+_GRAIN = 256  # preallocated KV buffers grow in multiples of this many positions; attention reads blocks of it
 
-    Positions past `length` hold stale values that the attention mask hides, so a replay
-    just moves `length` back. The buffers double when a session outgrows them (the
-    captured graph is dropped then). transformers' attention calls only `update()`.
-    """
 
-    _GRAIN = 256  # capacity grows in multiples of this many positions
+def _whole_blocks(n: int) -> int:
+    """`n` rounded up to a whole number of _GRAIN blocks."""
+    return -(-n // _GRAIN) * _GRAIN
 
-    def __init__(self, shard: "StageShard", needed: int):
+
+class _KVBuffers:
+    """Preallocated keys and values of one stage's layers: (rows, kv_heads, capacity + scratch, head_dim)
+    each, growing (at least doubling, in whole blocks) when a session outgrows them."""
+
+    scratch = 0  # positions past `capacity` that no real query sees
+
+    def __init__(self, shard: "StageShard", rows: int, needed: int):
         cfg = shard.config
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype, self.device, self.n_layers = shard.dtype, shard.device, len(shard.layers)
+        self.dtype, self.device, self.n_layers, self.rows = shard.dtype, shard.device, len(shard.layers), rows
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.length = 0
-        self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # positions update() writes
-        self.span = 0  # positions attention reads this step (a prefill's own extent, or the whole buffers)
-        self.graph: Any = None  # (CUDAGraph, input, position ids, masks by window, output) of a decode step
+        self.graph: Any = None  # the captured decode step; dropped when the buffers move
         self.grow(needed)
 
     def grow(self, needed: int) -> None:
-        """Make room for `needed` positions (at least double), keeping what is cached."""
+        """Make room for `needed` positions in every row, keeping what is cached."""
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
-        capacity = -(-capacity // self._GRAIN) * self._GRAIN
-        shape = (1, self.kv_heads, capacity, self.head_dim)
-        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        capacity = _whole_blocks(max(needed, 2 * self.capacity))
+        shape = (self.rows, self.kv_heads, capacity + self.scratch, self.head_dim)
+        try:
+            fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):  # the CPU's way
+                raise
+            shared = (" (a pool's rows are as long as its longest session): set decode_batch lower, or 1 for "
+                      "a cache per session" if self.rows > 1 else "")
+            raise DistllmError(f"no memory on {self.device} for the KV buffers of {self.rows} "
+                               f"session{'s' if self.rows > 1 else ''} x {capacity} positions{shared}") from None
         for old, new in zip(self.keys + self.values, fresh):
-            new[:, :, :self.capacity].copy_(old)
+            new[:, :, :self.capacity].copy_(old[:, :, :self.capacity])
         self.keys, self.values = fresh[:self.n_layers], fresh[self.n_layers:]
         self.capacity, self.graph = capacity, None
+
+
+class _StaticKV(_KVBuffers):
+    """One session's KV cache on one stage in preallocated buffers (what a CUDA graph replays on).
+
+    Positions past `length` hold stale values that the attention mask hides, so a replay
+    just moves `length` back. The graph, (CUDAGraph, input, position ids, masks by window,
+    output), is captured again when the buffers grow. transformers' attention calls only `update()`.
+    """
+
+    def __init__(self, shard: "StageShard", needed: int):
+        self.length = 0
+        self.index = torch.zeros(1, dtype=torch.long, device=shard.device)  # positions update() writes
+        self.span = 0  # positions attention reads this step (a prefill's own extent, or the whole buffers)
+        super().__init__(shard, 1, needed)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1280,7 +1303,7 @@ class _StaticKV:
 def _span(end: int) -> int:
     """Cached positions a prompt chunk ending at `end` attends over: whole blocks, so the numbers depend on
     the chunk alone, not on how large the buffers have grown meanwhile."""
-    return -(-end // _StaticKV._GRAIN) * _StaticKV._GRAIN
+    return _whole_blocks(end)
 
 
 def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -1291,7 +1314,7 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     the CPU gave rows 2 and 3 of 4 other numbers than alone), nor on how many masked positions follow
     (a pool's buffers grow with its longest session; a replay's grow otherwise than the first pass's).
 
-    Keys go in blocks of `_StaticKV._GRAIN` (buffers are a whole number of blocks, plus a pool's one
+    Keys go in blocks of `_GRAIN` (buffers are a whole number of blocks, plus a pool's one
     scratch position), each block with the same shapes, whose partial softmax sums are combined one
     after another: a block wholly masked adds exactly zero. Several query positions go to sdpa.
     """
@@ -1301,7 +1324,7 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     if n != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    kv_heads, block = key.shape[1], _StaticKV._GRAIN
+    kv_heads, block = key.shape[1], _GRAIN
     q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # a GQA group's heads as rows: no copies
     scale = head_dim ** -0.5 if scaling is None else scaling
     lowest = torch.finfo(torch.float32).min
@@ -1338,7 +1361,7 @@ def _use_row_attention(config: Any) -> Any:
     return config
 
 
-class _DecodePool:
+class _DecodePool(_KVBuffers):
     """The KV caches of up to `rows` sessions of one stage in shared buffers, and their batched decode step.
 
     Buffers are (rows, kv_heads, capacity + 1, head_dim) per layer; index `capacity` is a
@@ -1350,41 +1373,13 @@ class _DecodePool:
     after a failure reproduces them.
     """
 
-    def __init__(self, shard: "StageShard", rows: int, needed: int):
-        cfg = shard.config
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype, self.device, self.n_layers, self.rows = shard.dtype, shard.device, len(shard.layers), rows
-        self.free = list(range(rows - 1, -1, -1))  # rows no session holds (popped from the end: 0 first)
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.inp = torch.zeros(rows, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's position this step
-        self.key_pos = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.graph: Any = None  # (CUDAGraph, output) of the batched step at this capacity
-        self.grow(needed)
+    scratch = 1
 
-    def grow(self, needed: int) -> None:
-        """Make room for `needed` positions in every row (at least double), keeping what is cached."""
-        if needed <= self.capacity:
-            return
-        capacity = -(-max(needed, 2 * self.capacity) // _StaticKV._GRAIN) * _StaticKV._GRAIN
-        shape = (self.rows, self.kv_heads, capacity + 1, self.head_dim)
-        try:
-            fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.n_layers)]
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):  # the CPU's way
-                raise
-            raise DistllmError(
-                f"no memory on {self.device} for the KV buffers of {self.rows} sessions x {capacity} positions "
-                f"(a pool's rows are as long as its longest session): set decode_batch lower, or 1 for a cache "
-                f"per session") from None
-        for old, new in zip(self.keys + self.values, fresh):
-            new[:, :, :self.capacity].copy_(old[:, :, :self.capacity])
-        self.keys, self.values = fresh[:self.n_layers], fresh[self.n_layers:]
-        self.capacity, self.graph = capacity, None
-        self.key_pos = torch.arange(capacity + 1, device=self.device)
+    def __init__(self, shard: "StageShard", rows: int, needed: int):
+        self.free = list(range(rows - 1, -1, -1))  # rows no session holds (popped from the end: 0 first)
+        self.inp = torch.zeros(rows, 1, shard.config.hidden_size, dtype=shard.dtype, device=shard.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=shard.device)  # each row's position this step
+        super().__init__(shard, rows, needed)  # the graph: (CUDAGraph, output) of the batched step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1396,7 +1391,7 @@ class _DecodePool:
 
     def masks(self, windows: Iterable[int | None]) -> dict:
         """Per window size, the (rows, 1, 1, capacity + 1) mask of this step's positions (True = attend)."""
-        q, k = self.pos[:, None], self.key_pos[None, :]
+        q, k = self.pos[:, None], torch.arange(self.capacity + self.scratch, device=self.device)[None, :]
         causal = k <= q
         return {w: (causal if w is None else causal & (q - k < w))[:, None, None, :] for w in windows}
 
@@ -1439,16 +1434,14 @@ class StageShard:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
         self.start, self.end = start, end
         self.dtype, self.device, self.quant = dtype, device, quant
-        self.batch = _decode_batch(batch, device)  # sessions decoded in one padded step (1: each alone)
+        batch = _decode_batch(batch, device)
         # On a GPU: preallocated caches, and each session's one-position step replayed as a CUDA graph.
-        self.static = device.type == "cuda" or self.batch > 1 if static_cache is None else static_cache
+        self.static = device.type == "cuda" or batch > 1 if static_cache is None else static_cache
         self.graphs = self.static and device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.graphs and not self.static:
             raise ValueError("cuda_graphs needs static_cache: a graph replays on fixed buffers")
-        if self.batch > 1 and not self.static:
-            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
-        self.max_sessions = max(max_sessions, self.batch)
-        self.pools: list[_DecodePool] = []
+        self.max_sessions = max_sessions
+        self._fresh_caches(batch)
         # Fixed buffers hold masked positions past a session's end, as many as the buffers' size says:
         # single positions attend in a way those never change (and batched rows never touch each other).
         self.config = _use_row_attention(config) if self.static else config
@@ -1469,18 +1462,22 @@ class StageShard:
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
         _release_freed_memory()
+
+    def _fresh_caches(self, batch: int) -> None:
+        """No session cached yet; `batch` sessions decoded per padded step (1: each alone)."""
+        if batch > 1 and not self.static:
+            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
+        self.batch = batch
+        self.max_sessions = max(self.max_sessions, batch)
         # sid -> its cache here: a _KVSlot, a _StaticKV, or a _PoolRow (decode batch > 1)
         self.slots: _collections.OrderedDict[SessionID, Any] = _collections.OrderedDict()
         self.last: dict[SessionID, tuple[int, torch.Tensor, torch.Tensor]] = {}  # sid -> last decode step
+        self.pools: list[_DecodePool] = []
 
     def with_batch(self, batch: int) -> "StageShard":
         """This stage's loaded layers with caches of their own that decode `batch` sessions per step."""
         other = _copy.copy(self)
-        other.batch = _decode_batch(batch, self.device)
-        if other.batch > 1 and not self.static:
-            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
-        other.max_sessions = max(self.max_sessions, other.batch)
-        other.slots, other.last, other.pools = _collections.OrderedDict(), {}, []
+        other._fresh_caches(_decode_batch(batch, self.device))
         return other
 
     def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], layer_cls: type,
@@ -1709,9 +1706,7 @@ class StageShard:
 
     def clear(self) -> None:
         """Forget every session."""
-        self.slots.clear()
-        self.last.clear()
-        self.pools.clear()
+        self._fresh_caches(self.batch)
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ def _shard(files, config, batch: int) -> distllm.StageShard:
 def test_a_session_decoded_with_others_gets_the_numbers_it_gets_alone(family, model_dir, monkeypatch):
     # Buffers grow every 8 positions here: a session's pool grows with its longest row, so rows also
     # run at capacities they never would alone (mistral: past its sliding window of 8).
-    monkeypatch.setattr(distllm._StaticKV, "_GRAIN", 8)
+    monkeypatch.setattr(distllm, "_GRAIN", 8)
     files = distllm._ModelFiles(model_dir(family))
     config = distllm._load_config(files)
     torch.manual_seed(0)
