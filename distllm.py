@@ -2980,7 +2980,7 @@ class Worker:
         (None: dropped). A refused step gets its error reply and leaves the others be."""
         shard = self._shard
         replies: list[list | None] = [None] * len(msgs)
-        runs = []  # (index, fields, hidden, start, msg) of the steps to compute
+        runs = []  # (index, fields, hidden, start, decode_from, chain, direct) of the steps to compute
         for i, msg in enumerate(msgs):
             try:
                 checked = self._check_step(msg)
@@ -2989,7 +2989,7 @@ class Worker:
                 replies[i] = encode("error", {"code": "protocol", "message": str(exc), **_step_fields(msg)})
                 continue
             if isinstance(checked, tuple):
-                runs.append((i, *checked, msg))
+                runs.append((i, *checked))
             else:
                 replies[i] = checked
         if not runs:
@@ -2997,19 +2997,19 @@ class Worker:
         t0 = _time.perf_counter()
         if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
             _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
-        repeats = [shard.repeated(fields["sid"], hidden, start) for _, fields, hidden, start, _ in runs]
+        repeats = [shard.repeated(fields["sid"], hidden, start) for _, fields, hidden, start, *_ in runs]
         todo = [k for k, r in enumerate(repeats) if r is None]
         outs: list[Any] = list(repeats)
-        if len(todo) > 1:
+        if len(todo) > 1:  # one-position steps of several sessions: one padded step
             done = shard.decode([(runs[k][1]["sid"], runs[k][2], runs[k][3]) for k in todo])
+        elif todo:  # one step, maybe a prompt chunk or a replay
+            _, fields, hidden, start, decode_from, *_ = runs[todo[0]]
+            try:
+                done = [shard.forward(fields["sid"], hidden, start, decode_from)]
+            except StepOrderError as exc:
+                done = [exc]
         else:
             done = []
-            for k in todo:
-                _, fields, hidden, start, msg = runs[k]
-                try:
-                    done.append(shard.forward(fields["sid"], hidden, start, msg.get("decode_from", int, None)))
-                except StepOrderError as exc:
-                    done.append(exc)
         for k, out in zip(todo, done):
             outs[k] = out
         shared = sum(isinstance(o, torch.Tensor) for o in done) if len(todo) > 1 else 1  # rows of the batch
@@ -3019,7 +3019,7 @@ class Worker:
                 [o.shape[0] * o.shape[1] for o in computed]))
             outs = [next(cpu).view(o.shape) if isinstance(o, torch.Tensor) else o for o in outs]
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
-        for (i, fields, hidden, start, msg), out, repeat in zip(runs, outs, repeats):
+        for (i, fields, hidden, start, decode_from, chain, direct), out, repeat in zip(runs, outs, repeats):
             if isinstance(out, StepOrderError):
                 replies[i] = encode("error", {"code": "order", "message": str(out), **fields})
                 continue
@@ -3027,17 +3027,16 @@ class Worker:
             out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
             raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
-            chain = msg.get("chain", list, [])
             if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
-                extra["forwarded"] = self._send_on(
-                    chain, {**fields, "start": start, "decode_from": msg.get("decode_from", int, None)}, raw)
-            if msg.header.get("direct") is True:
+                extra["forwarded"] = self._send_on(chain, {**fields, "start": start, "decode_from": decode_from}, raw)
+            if direct:
                 extra["direct"] = True
             replies[i] = encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
         return replies
 
     def _check_step(self, msg: Message) -> tuple | list | None:
-        """Check a forward step: (fields, hidden, start) to run it, or the reply it gets instead (None: dropped)."""
+        """Check a forward step: (fields, hidden, start, decode_from, chain, came directly) to run it, or the
+        reply it gets instead (None: dropped)."""
         fields = _step_fields(msg)
         shard = self._shard
         if shard is None or msg.get("epoch", int) != self._epoch:
@@ -3047,14 +3046,15 @@ class Worker:
             raise ProtocolError(f"negative start position {start}")
         hidden = msg.tensor(0)
         _check_hidden(hidden, shard.config.hidden_size, "forward")
-        msg.get("decode_from", int, None), msg.get("chain", list, [])  # of the right types, if present
+        decode_from, chain = msg.get("decode_from", int, None), msg.get("chain", list, [])
+        direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
-        if msg.header.get("direct") is True and slot is not None and slot.length > start + hidden.shape[1]:
+        if direct and slot is not None and slot.length > start + hidden.shape[1]:
             # A direct step held up on its link until the session moved on (the host relayed it meanwhile):
             # stale. Only the host may send a session back to an earlier position.
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
-        return fields, hidden, start
+        return fields, hidden, start, decode_from, chain, direct
 
     def _send_on(self, chain: list, fields: dict, raw: tuple) -> bool:
         """Send a step's output to the next stage's worker, `chain[0]`; return whether it went.
