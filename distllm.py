@@ -248,6 +248,10 @@ class Config:
     # Sessions a stage decodes in one step, padded to this many rows so that a session's numbers never
     # depend on who shares it (None: 16 on CUDA workers, 1 on CPUs; 1: each session alone, fastest for one).
     decode_batch: int | None = None
+    # ms a node keeps polling for its next message before it sleeps (None: 10 on a CUDA node, 0 on a CPU).
+    # A sleeping core takes tens of microseconds to wake, several times on a hop's way; a CPU node
+    # needs its cores for compute. A stream of tokens keeps one core busy per node meanwhile.
+    spin_ms: float | None = None
     secure: bool = True  # CURVE encryption and client authentication on the wire
     bind: str = "0.0.0.0"  # interface the host listens on (a worker: for direct links from other workers)
     port: int = 0  # TCP port of the host (0: any free port)
@@ -287,6 +291,7 @@ class Config:
         if self.store_push_s < 0:
             raise ValueError(f"store_push_s={self.store_push_s}: must be 0 or more")
         _decode_batch(self.decode_batch, torch.device("cpu"))  # a bad value is refused here, not on workers
+        _spin_seconds(self.spin_ms, torch.device("cpu"))
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
         if not 0 < self.heartbeat_s < self.liveness_s:
@@ -1178,6 +1183,7 @@ def _static_mask(start: int, n: int, window: int | None, capacity: int, device: 
 
 
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
+_GPU_SPIN_S = 10e-3  # seconds a CUDA node polls for its next message before sleeping, unless `Config.spin_ms` says
 
 
 def _decode_batch(batch: int | None, device: torch.device) -> int:
@@ -1187,6 +1193,15 @@ def _decode_batch(batch: int | None, device: torch.device) -> int:
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1024:
         raise ValueError(f"decode_batch={batch!r}: a whole number from 1 to 1024, or None")
     return batch
+
+
+def _spin_seconds(spin_ms: float | None, device: torch.device) -> float:
+    """Seconds a node polls for its next message before it sleeps: `spin_ms`, or by device when None."""
+    if spin_ms is None:
+        return _GPU_SPIN_S if device.type == "cuda" else 0.0
+    if isinstance(spin_ms, bool) or not isinstance(spin_ms, (int, float)) or not 0 <= spin_ms <= 1000:
+        raise ValueError(f"spin_ms={spin_ms!r}: a number of milliseconds from 0 to 1000, or None")
+    return spin_ms / 1e3
 
 
 def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -2416,10 +2431,12 @@ class _Checkpointer:
 ###############################################################################
 # Worker ######################################################################
 ###############################################################################
-# Two threads: the I/O thread owns the DEALER socket (joins, heartbeats, routing);
-# the compute thread owns the shard and runs steps. They talk through a queue
-# (I/O -> compute) and an inproc PAIR socket (compute -> I/O), so a long step never
-# delays a heartbeat.
+# Two threads: the I/O thread owns the DEALER socket to the host (joins, heartbeats,
+# routing); the compute thread owns the shard, the direct-link sockets (the ROUTER the
+# previous stage sends to, the DEALERs to the next) and runs steps. They talk through a
+# queue with a bell (I/O -> compute) and an inproc PAIR socket (compute -> I/O), so a
+# long step never delays a heartbeat, and a direct step goes from the wire to the
+# GPU in one thread.
 
 
 class Worker:
@@ -2432,6 +2449,7 @@ class Worker:
         self.name = name or f"{_socket.gethostname()}-{_os.getpid()}"
         self.device = torch.device(device) if device else _default_device()
         self.config = config or Config()
+        self._spin_s = _spin_seconds(self.config.spin_ms, self.device)
         self.state = "connecting"  # connecting -> joined -> loading -> ready; stopped at the end
         self.layers: tuple[int, int] | None = None
         self.steps_served = 0
@@ -2439,7 +2457,13 @@ class Worker:
         self._parent_pid = parent_pid
         self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
         self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
+        # Jobs for the compute thread (host messages, finished background loads, None: stop). Each put
+        # rings the bell, a socket pair the compute thread polls beside the direct-link socket it owns.
         self._jobs: _queue.Queue = _queue.Queue()
+        self._bell, self._ring = _socket.socketpair()
+        self._bell.setblocking(False)
+        self._ring.setblocking(False)
+        self._taken = 0  # jobs the compute thread has taken off the queue and not yet run
         self._stopping = _threading.Event()
         self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
         self._welcomed = _threading.Event()
@@ -2454,6 +2478,7 @@ class Worker:
         self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
         self._panel: Any = None  # the notebook status widget, built on first display
         self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
+        self._peer_sock: zmq.Socket | None = None  # that socket (bound in start(), then the compute thread's)
         self._peer_auth: Any = None  # admits only this cluster's client key on the direct-link socket
         self._links: dict[str, Any] = {}  # endpoint -> DEALER to a next stage (owned by the compute thread)
 
@@ -2475,6 +2500,7 @@ class Worker:
         _fixed_mmap_threshold()
         pair = self._ctx.socket(zmq.PAIR)
         pair.bind(self._inproc)  # bound before the compute thread connects
+        self._peer_sock = self._bind_peer()  # before the join message, which carries its address
         self._threads = [  # compute first: the I/O thread may stop (and join it) at once
             _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
             _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
@@ -2596,22 +2622,9 @@ class Worker:
         expected = (self.join_info.client_public or "").encode()
         return bool(expected) and _hmac.compare_digest(key, expected)
 
-    def _on_peer_message(self, peer: zmq.Socket) -> None:
-        """A step the previous stage sent straight to us: queue it like one from the host."""
-        while peer.poll(0):
-            frames = peer.recv_multipart(copy=False)
-            try:
-                msg = decode(frames[1:], allowed={"forward"}, max_elements=self.config.max_message_bytes // 2)
-            except ProtocolError as exc:
-                _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
-                continue
-            msg.header["direct"] = True  # its answer tells the host it came this way
-            self._jobs.put(msg)
-
     def _io_loop(self, pair: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        peer = self._bind_peer()
         sock = self._connect()
         monitor = sock.get_monitor_socket(_WORKER_EVENTS)
         sock.send_multipart(self._join_message())
@@ -2619,8 +2632,6 @@ class Worker:
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        if peer is not None:
-            poller.register(peer, zmq.POLLIN)
         last_heard = last_join = started = _time.monotonic()
         warned_silent = False
         leave_sent: float | None = None
@@ -2689,8 +2700,6 @@ class Worker:
                         last_heard = _time.monotonic()
                         warned_silent = False
                         self._on_host_message(sock, frames)
-                if peer is not None and peer in events:
-                    self._on_peer_message(peer)
                 silent = _time.monotonic() - last_heard
                 if silent > self.config.liveness_s and _time.monotonic() - last_join > self.config.liveness_s:
                     if not warned_silent:
@@ -2708,7 +2717,7 @@ class Worker:
             self.error = "I/O loop failed"
         finally:
             self._stopping.set()
-            self._jobs.put(None)
+            self._submit(None)
             for t in self._threads:
                 if t is not _threading.current_thread():
                     t.join(5.0)
@@ -2716,10 +2725,10 @@ class Worker:
             monitor.close(0)
             sock.close(linger=1000)  # lets a final leave message out
             pair.close(0)
-            if peer is not None:
-                peer.close(0)
             if self._peer_auth is not None:
                 self._peer_auth.stop()
+            self._bell.close()
+            self._ring.close()
             self._ctx.term()
             self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
@@ -2741,7 +2750,7 @@ class Worker:
         _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
         self.join_info, self.join_string = info, join_string
         self._incarnation = _uuid.uuid4().hex
-        self._jobs.put(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
+        self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
         self.state = "connecting"
         self._welcomed.clear()
 
@@ -2756,20 +2765,21 @@ class Worker:
     def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
         kind = msg.type
         if kind == "ping":
-            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "queue": self._jobs.qsize()}))
+            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0),
+                                              "queue": self._jobs.qsize() + self._taken}))
         elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
             pass
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
             self._welcomed.set()
             _log.info("worker %s joined the cluster", self.name)
-            self._jobs.put(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
+            self._submit(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
         elif kind in ("assign", "activate", "forward", "end"):
-            self._jobs.put(msg)
+            self._submit(msg)
         elif kind == "shutdown" and self.config.store and not self._leaving.is_set():
             # The host closed; with a store a restarted host may come: wait for it, layers loaded.
             _log.warning("worker %s: the host closed; waiting for a new host in %s", self.name, self.config.store)
-            self._jobs.put(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))  # its sessions are over
+            self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))  # its sessions are over
             self.state, self._host_gone = "connecting", True
             self._welcomed.clear()
         elif kind == "shutdown":
@@ -2782,7 +2792,7 @@ class Worker:
             # The host declared us dead (we were stopped or cut off): our caches are void.
             _log.warning("worker %s: the host no longer counts us as a member; joining afresh", self.name)
             self._incarnation = _uuid.uuid4().hex
-            self._jobs.put(msg)  # the compute thread drops every cache, in order with queued steps
+            self._submit(msg)  # the compute thread drops every cache, in order with queued steps
             self.state = "connecting"
             sock.send_multipart(self._join_message())
         elif kind == "error":
@@ -2790,28 +2800,46 @@ class Worker:
 
     # -- compute thread -------------------------------------------------------
 
+    def _submit(self, job: Any) -> None:
+        """Queue a job for the compute thread and wake it (from any thread)."""
+        self._jobs.put(job)
+        try:
+            self._ring.send(b"\0")
+        except (BlockingIOError, OSError):  # the bell is full (it is rung already) or closed (stopping)
+            pass
+
     def _compute_loop(self) -> None:
+        """Run jobs in order; one-position steps of several sessions queued together share one batched step.
+
+        This thread owns the direct-link socket: a step the previous stage sends straight here
+        is read and run by the thread that computes it, with no hand-over between threads on
+        the way (each cost tens of microseconds per hop, more from a sleeping core).
+        """
         out = self._ctx.socket(zmq.PAIR)
         out.connect(self._inproc)
-        held: _collections.deque = _collections.deque()  # a job taken from the queue that did not join a batch
+        poller = zmq.Poller()
+        poller.register(self._bell, zmq.POLLIN)
+        if self._peer_sock is not None:
+            poller.register(self._peer_sock, zmq.POLLIN)
+        pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
         try:
             while not self._stopping.is_set():
-                msg = held.popleft() if held else self._jobs.get()
+                if not pending:
+                    self._wait_for_work(poller)
+                self._gather(pending)
+                if not pending:
+                    continue
+                msg = pending.popleft()
                 if msg is None:
                     break
                 jobs = [msg]
-                if self._batchable(msg):  # one-position steps of other sessions queued behind it join it
+                if self._batchable(msg):  # one-position steps of other sessions right behind it join it
                     sids = {msg.header.get("sid")}
-                    while len(jobs) < self._shard.batch:
-                        try:
-                            nxt = self._jobs.get_nowait()
-                        except _queue.Empty:
-                            break
-                        if not self._batchable(nxt) or nxt.header.get("sid") in sids:
-                            held.append(nxt)
-                            break
-                        jobs.append(nxt)
-                        sids.add(nxt.header.get("sid"))
+                    while (pending and len(jobs) < self._shard.batch and self._batchable(pending[0])
+                           and pending[0].header.get("sid") not in sids):
+                        jobs.append(pending.popleft())
+                        sids.add(jobs[-1].header.get("sid"))
+                self._taken = len(pending)
                 try:
                     replies = self._forward_many(jobs) if len(jobs) > 1 else [self._run_job(msg)]
                 except ProtocolError as exc:
@@ -2827,7 +2855,49 @@ class Worker:
                         out.send_multipart(reply, copy=False)
         finally:
             out.close(0)
+            if self._peer_sock is not None:
+                self._peer_sock.close(0)
             self._close_links()
+
+    def _wait_for_work(self, poller: zmq.Poller) -> None:
+        """Return once the bell rang or a direct step came (or after a while: the caller looks at _stopping).
+
+        With spin_s > 0 it first polls without sleeping that long: a sleeping core takes tens of
+        microseconds to wake, several times over on a hop's way through the kernel and ZeroMQ.
+        """
+        if self._spin_s > 0:
+            until = _time.perf_counter() + self._spin_s
+            while _time.perf_counter() < until:
+                if poller.poll(0):  # (pyzmq lets go of the GIL in every poll: the I/O thread runs meanwhile)
+                    return
+        poller.poll(500)
+
+    def _gather(self, pending: _collections.deque) -> None:
+        """Move every queued job and every direct step that came into `pending`, in that order."""
+        try:
+            while self._bell.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                pending.append(self._jobs.get_nowait())
+            except _queue.Empty:
+                break
+        peer = self._peer_sock
+        while peer is not None:
+            try:
+                frames = peer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg = decode(frames[1:], allowed={"forward"}, max_elements=self.config.max_message_bytes // 2)
+            except ProtocolError as exc:
+                _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
+                continue
+            msg.header["direct"] = True  # its answer tells the host it came this way
+            pending.append(msg)
+        self._taken = len(pending)
 
     def _batchable(self, msg: Any) -> bool:
         """Whether `msg` is a one-position step that may share a batched decode step."""
@@ -2926,9 +2996,9 @@ class Worker:
             key, shard = self._build(msg)
         except Exception as exc:
             _log.exception("worker %s: loading a rebalance's layers failed", self.name)
-            self._jobs.put(("staged", epoch, None, exc))
+            self._submit(("staged", epoch, None, exc))
             return
-        self._jobs.put(("staged", epoch, key, shard))
+        self._submit(("staged", epoch, key, shard))
 
     def _staged_loaded(self, epoch: int, key: tuple | None, shard: Any) -> list:
         if key is None:
@@ -3718,6 +3788,7 @@ class Cluster:
         self.model_config = _load_config(self.files)
         self.n_layers = int(self.model_config.num_hidden_layers)
         self.device = _default_device()
+        self._spin_s = _spin_seconds(self.config.spin_ms, self.device)
         self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
         # Hidden states travel in this dtype; workers answer in the dtype they were sent.
         self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
@@ -4315,7 +4386,7 @@ class Cluster:
         try:
             while True:
                 wake = min(next_beat, self._relays[0][0]) if self._relays else next_beat
-                events = dict(poller.poll(max(0, int((wake - _time.monotonic()) * 1000)) + 1))
+                events = self._poll(poller, max(0, int((wake - _time.monotonic()) * 1000)) + 1)
                 if self._router in events:
                     for _ in range(1000):  # bounded, so commands and timers get their turn
                         try:
@@ -4350,6 +4421,17 @@ class Cluster:
             self._router.disable_monitor()
             monitor.close(0)
             self._shutdown()
+
+    def _poll(self, poller: zmq.Poller, timeout_ms: int) -> dict:
+        """Wait for messages; while requests are running, first poll without sleeping for a while
+        (`Config.spin_ms`): their next answers come within milliseconds, and a sleeping core is slow to wake."""
+        if self._spin_s > 0 and self._sessions:
+            until = _time.perf_counter() + min(self._spin_s, timeout_ms / 1e3)
+            while _time.perf_counter() < until:
+                events = poller.poll(0)
+                if events:
+                    return dict(events)
+        return dict(poller.poll(timeout_ms))
 
     def _on_disconnects(self, monitor: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -6558,7 +6640,8 @@ def _host(args: Any) -> int:
 def _join(args: Any) -> int:
     joined = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
                   store=args.store, token=args.token, hub_endpoint=args.hub_endpoint, bind=args.bind,
-                  direct_links=not args.no_direct, peer_port=args.peer_port, peer_address=args.peer_address)
+                  direct_links=not args.no_direct, peer_port=args.peer_port, peer_address=args.peer_address,
+                  spin_ms=args.spin_ms)
     workers = joined if isinstance(joined, list) else [joined]  # one per GPU on a machine with several
 
     def hand_over(*_: Any) -> None:
@@ -6704,6 +6787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peer-address", default=None,
                    help="host[:port] other workers dial for direct links (default: this machine's address)")
     p.add_argument("--no-direct", action="store_true", help="no direct links: every step goes through the host")
+    p.add_argument("--spin-ms", type=float, default=None,
+                   help="ms to poll for the next step before sleeping (default: 10 on a GPU, 0 on a CPU)")
     p.set_defaults(func=_join)
 
     p = sub.add_parser("map", help="run a JSON-lines file of prompts as a checkpointed batch job")
