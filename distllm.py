@@ -2824,9 +2824,8 @@ class Worker:
         pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
         try:
             while not self._stopping.is_set():
-                if not pending:
-                    self._wait_for_work(poller)
-                self._gather(pending)
+                rung = self._wait_for_work(poller) if not pending else False
+                self._gather(pending, rung)
                 if not pending:
                     continue
                 msg = pending.popleft()
@@ -2859,8 +2858,9 @@ class Worker:
                 self._peer_sock.close(0)
             self._close_links()
 
-    def _wait_for_work(self, poller: zmq.Poller) -> None:
-        """Return once the bell rang or a direct step came (or after a while: the caller looks at _stopping).
+    def _wait_for_work(self, poller: zmq.Poller) -> bool:
+        """Return once the bell rang or a direct step came (or after a while: the caller looks at _stopping);
+        whether the bell rang.
 
         With spin_s > 0 it first polls without sleeping that long: a sleeping core takes tens of
         microseconds to wake, several times over on a hop's way through the kernel and ZeroMQ.
@@ -2868,28 +2868,25 @@ class Worker:
         if self._spin_s > 0:
             until = _time.perf_counter() + self._spin_s
             while _time.perf_counter() < until:
-                if poller.poll(0):  # (pyzmq lets go of the GIL in every poll: the I/O thread runs meanwhile)
-                    return
-        poller.poll(500)
+                events = poller.poll(0)  # (pyzmq lets go of the GIL in every poll: the I/O thread runs meanwhile)
+                if events:
+                    return any(s is self._bell for s, _ in events)
+        return any(s is self._bell for s, _ in poller.poll(500))
 
-    def _gather(self, pending: _collections.deque) -> None:
-        """Move every queued job and every direct step that came into `pending`, in that order."""
-        try:
-            while self._bell.recv(4096):
+    def _gather(self, pending: _collections.deque, rung: bool) -> None:
+        """Move every queued job and every direct step that came into `pending`, in that order.
+        (No exceptions end these loops: on a hop's path each costs microseconds.)"""
+        if rung:  # emptied before the queue is read: a job put after this rings again
+            try:
+                while self._bell.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
                 pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while True:
-            try:
-                pending.append(self._jobs.get_nowait())
-            except _queue.Empty:
-                break
+        while not self._jobs.empty():  # (the one reader: not empty stays so)
+            pending.append(self._jobs.get_nowait())
         peer = self._peer_sock
-        while peer is not None:
-            try:
-                frames = peer.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        while peer is not None and peer.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = peer.recv_multipart(copy=False)
             try:
                 msg = decode(frames[1:], allowed={"forward"}, max_elements=self.config.max_message_bytes // 2)
             except ProtocolError as exc:
@@ -3050,7 +3047,7 @@ class Worker:
         (None: dropped). A refused step gets its error reply and leaves the others be."""
         shard = self._shard
         replies: list[list | None] = [None] * len(msgs)
-        runs = []  # (index, fields, hidden, start, decode_from, chain, direct) of the steps to compute
+        runs = []  # (index, fields, hidden, start, decode_from, link, direct) of the steps to compute
         for i, msg in enumerate(msgs):
             try:
                 checked = self._check_step(msg)
@@ -3089,24 +3086,26 @@ class Worker:
                 [o.shape[0] * o.shape[1] for o in computed]))
             outs = [next(cpu).view(o.shape) if isinstance(o, torch.Tensor) else o for o in outs]
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
-        for (i, fields, hidden, start, decode_from, chain, direct), out, repeat in zip(runs, outs, repeats):
+        for (i, fields, hidden, start, decode_from, link, direct), out, repeat in zip(runs, outs, repeats):
             if isinstance(out, StepOrderError):
                 replies[i] = encode("error", {"code": "order", "message": str(out), **fields})
                 continue
             self.steps_served += 1
             out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
-            raw = (_DTYPE_NAMES[out.dtype], list(out.shape), _tensor_frame(out))
+            frame = _tensor_frame(out)
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
-            if chain and repeat is None:  # the host asked for our output to go straight to the next stage too
-                extra["forwarded"] = self._send_on(chain, {**fields, "start": start, "decode_from": decode_from}, raw)
+            if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
+                extra["forwarded"] = self._send_on(link, frame)
+            raw = (_DTYPE_NAMES[out.dtype], list(out.shape), frame)
             if direct:
                 extra["direct"] = True
             replies[i] = encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
         return replies
 
     def _check_step(self, msg: Message) -> tuple | list | None:
-        """Check a forward step: (fields, hidden, start, decode_from, chain, came directly) to run it, or the
-        reply it gets instead (None: dropped)."""
+        """Check a forward step: (fields, hidden, start, decode_from, link, came directly) to run it, or the
+        reply it gets instead (None: dropped). `link`: where our output goes on, with the message's header
+        made ready before the compute, or None."""
         fields = _step_fields(msg)
         shard = self._shard
         if shard is None or msg.get("epoch", int) != self._epoch:
@@ -3124,14 +3123,12 @@ class Worker:
             # stale. Only the host may send a session back to an earlier position.
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
-        return fields, hidden, start, decode_from, chain, direct
+        link = self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden) if chain else None
+        return fields, hidden, start, decode_from, link, direct
 
-    def _send_on(self, chain: list, fields: dict, raw: tuple) -> bool:
-        """Send a step's output to the next stage's worker, `chain[0]`; return whether it went.
-
-        Only over a link that is up (ZMQ_IMMEDIATE): a peer we cannot reach, or not yet,
-        makes the send fail at once, and the host relays the copy it gets anyway.
-        """
+    def _link(self, chain: list, fields: dict, hidden: torch.Tensor) -> tuple[zmq.Socket, bytes]:
+        """The socket to the next stage's worker, `chain[0]`, and the header of the step our output makes
+        there (it answers in the dtype and shape it was sent)."""
         link = chain[0]
         if len(chain) > 64 or not isinstance(link, dict):
             raise ProtocolError("bad chain in a forward message")
@@ -3155,8 +3152,19 @@ class Worker:
             sock.connect(endpoint)
             self._links[endpoint] = sock
         header = {**fields, "stage": fields["stage"] + 1, "epoch": epoch, "chain": chain[1:]}
+        head, _ = encode("forward", header, [(_DTYPE_NAMES[hidden.dtype], list(hidden.shape), b"")])
+        return sock, head
+
+    @staticmethod
+    def _send_on(link: tuple[zmq.Socket, bytes], frame: memoryview) -> bool:
+        """Send a step's output over a link from _link(); return whether it went.
+
+        Only over a link that is up (ZMQ_IMMEDIATE): a peer we cannot reach, or not yet,
+        makes the send fail at once, and the host relays the copy it gets anyway.
+        """
+        sock, head = link
         try:
-            sock.send_multipart(encode("forward", header, [raw]), flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart([head, frame], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no connection (yet): the host relays
             return False
         return True
@@ -4389,10 +4397,9 @@ class Cluster:
                 events = self._poll(poller, max(0, int((wake - _time.monotonic()) * 1000)) + 1)
                 if self._router in events:
                     for _ in range(1000):  # bounded, so commands and timers get their turn
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
+                        if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # (no zmq.Again: raising costs)
                             break
+                        frames = self._router.recv_multipart(copy=False)
                         wid = frames[0].bytes
                         self._fds[frames[-1].get(zmq.SRCFD)] = wid
                         self._on_worker_message(wid, frames[1:])
