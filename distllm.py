@@ -1183,6 +1183,7 @@ def _static_mask(start: int, n: int, window: int | None, capacity: int, device: 
 
 
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
+_SPIN_SWITCH_S = 50e-6  # the interpreter's switch interval on a node that spins (see _fair_gil_for_spinning)
 _GPU_SPIN_S = 10e-3  # seconds a CUDA node polls for its next message before sleeping, unless `Config.spin_ms` says
 
 
@@ -1202,6 +1203,13 @@ def _spin_seconds(spin_ms: float | None, device: torch.device) -> float:
     if isinstance(spin_ms, bool) or not isinstance(spin_ms, (int, float)) or not 0 <= spin_ms <= 1000:
         raise ValueError(f"spin_ms={spin_ms!r}: a number of milliseconds from 0 to 1000, or None")
     return spin_ms / 1e3
+
+
+def _fair_gil_for_spinning() -> None:
+    """Make a thread that waits for the GIL get it within 50 us instead of 5 ms. A spinning thread lets
+    go of the GIL in every poll but takes it straight back, before a woken waiter can: the waiter
+    gets it only when the switch interval runs out, and the I/O thread's hand-overs stalled for ms."""
+    _sys.setswitchinterval(min(_sys.getswitchinterval(), _SPIN_SWITCH_S))
 
 
 def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -1243,6 +1251,25 @@ class _KVSlot:
 
 
 _GRAPH_CAPTURE = _threading.Lock()  # two captures at once in one process fail (workers of several GPUs)
+
+
+def _capture_graph(device: torch.device, step: Any) -> tuple[Any, Any]:
+    """Warm `step` up on a side stream (kernels load, workspaces allocate), then capture it as a CUDA
+    graph on `device`; return (graph, what it returns). The warm-up writes what the first replay rewrites."""
+    with _GRAPH_CAPTURE, torch.cuda.device(device):  # one capture at a time
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
+        # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU).
+        # Captured on our stream of this device: torch's default capture stream is one per process,
+        # made on whichever GPU captured first, and a worker of another GPU captured on it got
+        # other tokens than the reference.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            out = step()
+    return graph, out
 
 
 _GRAIN = 256  # preallocated KV buffers grow in multiples of this many positions; attention reads blocks of it
@@ -1295,8 +1322,8 @@ class _StaticKV(_KVBuffers):
     """One session's KV cache on one stage in preallocated buffers (what a CUDA graph replays on).
 
     Positions past `length` hold stale values that the attention mask hides, so a replay
-    just moves `length` back. The graph, (CUDAGraph, input, position ids, masks by window,
-    output), is captured again when the buffers grow. transformers' attention calls only `update()`.
+    just moves `length` back. The graph, (CUDAGraph, input, position ids, output; the masks are
+    made inside it), is captured again when the buffers grow. transformers' attention calls only `update()`.
     """
 
     def __init__(self, shard: "StageShard", needed: int):
@@ -1588,11 +1615,15 @@ class StageShard:
     def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
         n = hidden.shape[1]
         slot = self._slot(sid, start, n)
+        if self.static and n == 1 and self.graphs and not isinstance(slot, _PoolRow):
+            h = self._replay(slot, hidden, start)
+            slot.length = start + n
+            return h
         h = hidden.to(self.device, self.dtype)
         if isinstance(slot, _PoolRow) and n == 1:
             h = self._pool_step(slot.pool, [(slot, h, start)])[0]
         elif self.static:
-            h = self._replay(slot, h, start) if n == 1 and self.graphs else self._static_run(slot, h, start)
+            h = self._static_run(slot, h, start)
         else:
             pids = torch.arange(start, start + n, device=self.device)[None]
             h = self._layers(slot.cache, h, pids, {w: _attention_mask(start, n, w, self.device)
@@ -1656,23 +1687,8 @@ class StageShard:
         picked = out.index_select(0, rows)  # a copy: the next replay overwrites `out`
         return list(picked.split(1))
 
-    def _capture(self, step: Any) -> tuple[Any, torch.Tensor]:
-        """Warm `step` up on a side stream (kernels load, workspaces allocate), then capture it as a CUDA
-        graph; return (graph, its output tensor). The warm-up writes what the first replay rewrites."""
-        with _GRAPH_CAPTURE, torch.cuda.device(self.device):  # on this stage's device, one capture at a time
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()  # its own memory pool: a shared one dies with its last graph
-            # thread_local: other threads may use the GPU meanwhile (a staged load, a worker per GPU).
-            # Captured on our stream of this device: torch's default capture stream is one per process,
-            # made on whichever GPU captured first, and a worker of another GPU captured on it got
-            # other tokens than the reference.
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                out = step()
-        return graph, out
+    def _capture(self, step: Any) -> tuple[Any, Any]:
+        return _capture_graph(self.device, step)
 
     def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
         """Run `h` at positions `pids` through every layer, with `cache` and a mask per window size."""
@@ -1690,22 +1706,26 @@ class StageShard:
         masks = {w: _static_mask(start, n, w, slot.span, self.device) for w in set(self.windows)}
         return self._layers(slot, h, pids, masks)
 
-    def _replay(self, slot: _StaticKV, h: torch.Tensor, start: int) -> torch.Tensor:
-        """One position through the stage as a CUDA graph, captured on the session's first decode step."""
+    def _replay(self, slot: _StaticKV, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """One position through the stage as a CUDA graph, captured on the session's first decode step.
+        `hidden` may still be on the CPU: it is copied straight into the graph's input. The masks are
+        made in the graph from the position, so a step costs two copies, a fill and the replay."""
         if slot.graph is None:
-            inp, pids = torch.empty_like(h), torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            masks = {w: torch.zeros(1, 1, 1, slot.capacity, dtype=torch.bool, device=self.device)
-                     for w in set(self.windows)}
-            slot.graph = (None, inp, pids, masks, None)
-        graph, inp, pids, masks, out = slot.graph
-        inp.copy_(h)
+            inp = torch.empty(hidden.shape, dtype=self.dtype, device=self.device)
+            slot.graph = (None, inp, torch.zeros(1, 1, dtype=torch.long, device=self.device), None)
+        graph, inp, pids, out = slot.graph
+        inp.copy_(hidden)
         pids.fill_(start)
-        for w, mask in masks.items():
-            mask.copy_(_static_mask(start, 1, w, slot.capacity, self.device))
         slot.index, slot.span = pids[0], slot.capacity
         if graph is None:
-            graph, out = self._capture(lambda: self._layers(slot, inp, pids, masks))
-            slot.graph = (graph, inp, pids, masks, out)
+            def step() -> torch.Tensor:
+                k = torch.arange(slot.capacity, device=self.device)[None, :]
+                causal = k <= pids
+                masks = {w: (causal if w is None else causal & (pids - k < w))[None, None] for w in set(self.windows)}
+                return self._layers(slot, inp, pids, masks)
+
+            graph, out = self._capture(step)
+            slot.graph = (graph, inp, pids, out)
         with torch.cuda.device(self.device):
             graph.replay()
         return out.clone()  # the next replay overwrites `out`
@@ -1778,6 +1798,7 @@ class HostHead:
         if hasattr(self.embed, "scalar_embed_scale"):  # Gemma: a non-persistent sqrt(hidden) buffer
             self.embed.embed_scale = torch.tensor(self.embed.scalar_embed_scale)
         head.to(device).eval()
+        self._graph: Any = None  # on a GPU: (CUDAGraph, input rows, logits, argmax ids) of one padded block
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         eos = getattr(config, "eos_token_id", None)
@@ -1805,13 +1826,33 @@ class HostHead:
         tokens, at the cost of one); on a CPU one at a time. Either way a row's logits do not depend
         on the rows beside it, so a session's tokens do not depend on who decodes beside it.
         """
-        h = hidden.to(self.device, self.dtype)
-        k = h.shape[0]
         if self.device.type != "cuda":
-            return torch.cat([self._logits(h[i:i + 1]) for i in range(k)])
-        rows = -(-k // _HEAD_ROWS) * _HEAD_ROWS
-        h = torch.cat([h, h.new_zeros(rows - k, h.shape[1])])
-        return torch.cat([self._logits(h[i:i + _HEAD_ROWS]) for i in range(0, rows, _HEAD_ROWS)])[:k]
+            h = hidden.to(self.device, self.dtype)
+            return torch.cat([self._logits(h[i:i + 1]) for i in range(h.shape[0])])
+        return torch.cat([logits.clone() for logits, _ in self._blocks(hidden)])
+
+    def _blocks(self, hidden: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, argmax ids) of each block of _HEAD_ROWS rows of `hidden` (k, H), on a GPU: one replay
+        of a CUDA graph per block, the rows past k zero. Views into the graph's buffers: read each
+        before taking the next."""
+        if self._graph is None:
+            rows = torch.zeros(_HEAD_ROWS, self.config.hidden_size, dtype=self.dtype, device=self.device)
+
+            def step() -> tuple[torch.Tensor, torch.Tensor]:
+                logits = self._logits(rows)
+                return logits, logits.argmax(-1)
+
+            graph, (logits, ids) = _capture_graph(self.device, step)
+            self._graph = (graph, rows, logits, ids)
+        graph, rows, logits, ids = self._graph
+        for i in range(0, hidden.shape[0], _HEAD_ROWS):
+            block = hidden[i:i + _HEAD_ROWS]
+            n = block.shape[0]
+            if n < _HEAD_ROWS:
+                rows[n:].zero_()
+            rows[:n].copy_(block)
+            graph.replay()
+            yield logits[:n], ids[:n]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(h[:, None]))[:, 0].float()
@@ -1823,16 +1864,19 @@ class HostHead:
     def tokens(self, hidden: torch.Tensor, params: Sequence["SamplingParams"], positions: Sequence[int]) -> list[int]:
         """Pick the next token of each row of `hidden` (k, H): greedy rows by an argmax where the logits
         are (only k ids cross to the CPU), the others by `sample` on the CPU."""
+        if self.device.type == "cuda":  # argmax in the head's graph: the first of equal maxima, as sample()'s
+            picked = []
+            for logits, ids in self._blocks(hidden):
+                base = len(picked)
+                picked += ids.tolist()
+                for i in range(logits.shape[0]):
+                    p = params[base + i]
+                    if p.temperature != 0:
+                        picked[base + i] = sample(logits[i].cpu(), p, positions[base + i])
+            return picked
         logits = self.logits_rows(hidden)
-        picked = [0] * len(params)
-        greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-        if greedy:
-            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):  # the first of equal maxima,
-                picked[i] = token  # as sample()'s argmax on the CPU
-        for i, p in enumerate(params):
-            if p.temperature != 0:
-                picked[i] = sample(logits[i].cpu(), p, positions[i])
-        return picked
+        return [int(logits[i].argmax()) if p.temperature == 0 else sample(logits[i].cpu(), p, positions[i])
+                for i, p in enumerate(params)]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
@@ -2501,6 +2545,8 @@ class Worker:
         pair = self._ctx.socket(zmq.PAIR)
         pair.bind(self._inproc)  # bound before the compute thread connects
         self._peer_sock = self._bind_peer()  # before the join message, which carries its address
+        if self._spin_s > 0:
+            _fair_gil_for_spinning()
         self._threads = [  # compute first: the I/O thread may stop (and join it) at once
             _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
             _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
@@ -3797,6 +3843,8 @@ class Cluster:
         self.n_layers = int(self.model_config.num_hidden_layers)
         self.device = _default_device()
         self._spin_s = _spin_seconds(self.config.spin_ms, self.device)
+        if self._spin_s > 0:
+            _fair_gil_for_spinning()
         self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
         # Hidden states travel in this dtype; workers answer in the dtype they were sent.
         self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)

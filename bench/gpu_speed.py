@@ -9,7 +9,9 @@ all greedy decoding of token-id prompts:
   (worker processes joined over loopback TCP with the real protocol, CURVE on; and once
   all in one `distllm join` process); 1 stream and 32 concurrent sessions each, with
   sessions decoded 16 to a step (the CUDA default) and one at a time (`decode_batch=1`);
-- per-hop overhead (a step's round trip minus the worker's compute, the host's median);
+- per-hop overhead: for each stage fed straight by the previous one, the arrival of its answer at
+  the host less the arrival of the previous stage's copy less its compute (the host's median); and
+  the first stage's round trip through the host less its compute;
 - the stall when a worker is SIGKILLed mid-stream, without and with a replica;
 - tokens of every distllm run against a single-process reference (the same layers and
   kernels in one process, each prompt decoded alone): one stream, and every one of the 32
@@ -192,8 +194,14 @@ def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, sta
             return row
         ms = decode_ms(lambda n: cluster.generate(p[0], max_new_tokens=n), tokens)
         row["tok_s_1"] = 1e3 / ms
-        hops = [w["overhead_ms"] for w in cluster.workers() if w.get("overhead_ms") is not None]
+        # A stage fed straight by the previous one: its answer's arrival at the host, less the arrival of
+        # the previous stage's copy, less its compute: the time one stage-to-stage hop adds. The first
+        # stage's is a round trip through the host (two legs), reported apart.
+        first = set(cluster.layer_map()[0][2].split(", "))
+        times = {w["name"]: w["overhead_ms"] for w in cluster.workers() if w.get("overhead_ms") is not None}
+        hops = [ms for name, ms in times.items() if name not in first]
         row["hop_ms"] = statistics.median(hops) if hops else float("nan")
+        row["first_ms"] = statistics.median([times[n] for n in first if n in times] or [float("nan")])
 
         results: dict = {}
 
@@ -289,22 +297,24 @@ def main() -> int:
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
              f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
-             f"| ms per extra stage | hop ms | first token after {LONG} prompt tokens, s: chunks in series / pipelined "
+             f"| ms per extra stage | hop ms | host round trip ms "
+             f"| first token after {LONG} prompt tokens, s: chunks in series / pipelined "
              f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
              f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
              f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – | – "
-             f"| – |"]
+             f"| – | – |"]
     one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
     for r in rows:
         # The same 32 layers run split S ways: what S stages cost over one, per stage added.
         extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
         where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
+        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['hop_ms']:.2f}"
         ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
         lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
                      f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "
-                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | {r['hop_ms']:.2f} | "
+                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | {hop} | {r['first_ms']:.2f} | "
                      f"{ttft} | {r['batched_share']:.0%} | "
                      f"{r['identical']} / {r['identical_all']} ({r['checked']}) |")
     if no_replica:

@@ -96,6 +96,29 @@ def test_unreachable_direct_links_fall_back_to_the_host(model_dir):
         assert stats["direct"] == 0 and stats["relayed"] == 0 and stats["failures"] == 0, stats
 
 
+def test_spinning_nodes_serve_the_same_tokens_over_direct_links(model_dir):
+    """spin_ms > 0 (a CUDA node's default): the host and the workers poll instead of sleeping between
+    messages, the compute thread reading the direct-link socket itself; tokens stay the reference's,
+    the steps go direct, and the host's interpreter hands the GIL over within 50 us."""
+    import sys
+
+    prompt = prompt_of(8)
+    path = model_dir("llama")
+    want = reference_generate(reference_model(path), prompt, 16)
+    interval = sys.getswitchinterval()
+    try:
+        with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False, spin_ms=20) as cluster:
+            assert sys.getswitchinterval() <= 50e-6
+            assert cluster.generate(prompt, max_new_tokens=16) == want
+            assert cluster.generate(prompt, max_new_tokens=16) == want  # again, with warm (spinning) nodes
+            stats = cluster.stats()
+            assert stats["direct"] >= 16 and stats["failures"] == 0, stats
+    finally:
+        sys.setswitchinterval(interval)
+    with pytest.raises(ValueError, match="spin_ms"):
+        distllm.Config(spin_ms=-1)
+
+
 def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
     from types import SimpleNamespace
 
