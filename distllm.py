@@ -1183,7 +1183,7 @@ def _static_mask(start: int, n: int, window: int | None, capacity: int, device: 
 
 
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
-_SPIN_SWITCH_S = 50e-6  # the interpreter's switch interval on a node that spins (see _fair_gil_for_spinning)
+_SPIN_SWITCH_S = 50e-6  # the interpreter's switch interval while a node of the process spins (see _claim_spin)
 _GPU_SPIN_S = 10e-3  # seconds a CUDA node polls for its next message before sleeping, unless `Config.spin_ms` says
 
 
@@ -1206,34 +1206,39 @@ def _spin_seconds(spin_ms: float | None, device: torch.device) -> float:
 
 
 _SPIN_LOCK = _threading.Lock()
-_SPINNING: set[int] = set()  # ids of this process's nodes that spin by default (one at most)
+_SPINNERS: dict[int, bool] = {}  # id of each node of this process that may spin -> whether spin_ms was given
+_BASE_SWITCH_S = _sys.getswitchinterval()
 
 
 def _claim_spin(node: Any, spin_ms: float | None, device: torch.device) -> float:
-    """Seconds `node` polls before it sleeps: `spin_ms` as given; by default (a CUDA node) only while
-    no other node of this process spins by default. Two spinning threads in one process fight over
-    the GIL: a 2-GPU join() in one process fell from 40 to 18 tokens/s with both spinning."""
+    """Seconds `node` polls before it sleeps (see _spinning). A spinning thread lets go of the GIL in
+    every poll but takes it straight back, before a woken waiter can, which then waits out the switch
+    interval (5 ms): while a node spins, the interval is 50 us."""
     seconds = _spin_seconds(spin_ms, device)
-    if seconds > 0 and spin_ms is None:
-        with _SPIN_LOCK:
-            if _SPINNING:
-                return 0.0
-            _SPINNING.add(id(node))
     if seconds > 0:
-        _fair_gil_for_spinning()
+        with _SPIN_LOCK:
+            _SPINNERS[id(node)] = spin_ms is not None
+            _set_switch_interval()
     return seconds
+
+
+def _spinning(node: Any) -> bool:
+    """Whether `node` may spin now: it asked to (spin_ms), or it spins by default and is the only node of
+    this process that may. Several spinning threads in one process fight over the GIL (2 x H100: a 2-GPU
+    join() in one process fell from 40 to 18 tokens/s with both workers spinning, to worse than that
+    with one)."""
+    return _SPINNERS.get(id(node), False) or len(_SPINNERS) == 1
 
 
 def _release_spin(node: Any) -> None:
     with _SPIN_LOCK:
-        _SPINNING.discard(id(node))
+        _SPINNERS.pop(id(node), None)
+        _set_switch_interval()
 
 
-def _fair_gil_for_spinning() -> None:
-    """Make a thread that waits for the GIL get it within 50 us instead of 5 ms. A spinning thread lets
-    go of the GIL in every poll but takes it straight back, before a woken waiter can: the waiter
-    gets it only when the switch interval runs out, and the I/O thread's hand-overs stalled for ms."""
-    _sys.setswitchinterval(min(_sys.getswitchinterval(), _SPIN_SWITCH_S))
+def _set_switch_interval() -> None:
+    spinning = any(_SPINNERS.values()) or len(_SPINNERS) == 1
+    _sys.setswitchinterval(min(_BASE_SWITCH_S, _SPIN_SWITCH_S) if spinning else _BASE_SWITCH_S)
 
 
 def _attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -2935,7 +2940,7 @@ class Worker:
         With spin_s > 0 it first polls without sleeping that long: a sleeping core takes tens of
         microseconds to wake, several times over on a hop's way through the kernel and ZeroMQ.
         """
-        if self._spin_s > 0:
+        if self._spin_s > 0 and _spinning(self):
             until = _time.perf_counter() + self._spin_s
             while _time.perf_counter() < until:
                 events = poller.poll(0)  # (pyzmq lets go of the GIL in every poll: the I/O thread runs meanwhile)
@@ -4504,7 +4509,7 @@ class Cluster:
     def _poll(self, poller: zmq.Poller, timeout_ms: int) -> dict:
         """Wait for messages; while requests are running, first poll without sleeping for a while
         (`Config.spin_ms`): their next answers come within milliseconds, and a sleeping core is slow to wake."""
-        if self._spin_s > 0 and self._sessions:
+        if self._spin_s > 0 and self._sessions and _spinning(self):
             until = _time.perf_counter() + min(self._spin_s, timeout_ms / 1e3)
             while _time.perf_counter() < until:
                 events = poller.poll(0)

@@ -53,6 +53,12 @@ def outputs_of(cell) -> tuple[str, list[dict]]:
     return text, data
 
 
+def stdout_of(cell) -> str:
+    """What a cell printed to stdout alone (log lines go to stderr: a rebalance under load may say so)."""
+    return "".join(out.text for out in cell.get("outputs", [])
+                   if out.output_type == "stream" and out.get("name") == "stdout")
+
+
 if __name__ == "__main__":
     source, target, *assignments = sys.argv[1:]
     notebook = prepare(source, **dict(a.split("=", 1) for a in assignments))

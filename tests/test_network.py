@@ -119,24 +119,30 @@ def test_spinning_nodes_serve_the_same_tokens_over_direct_links(model_dir):
         distllm.Config(spin_ms=-1)
 
 
-def test_only_one_node_of_a_process_spins_by_default():
-    """Two spinning threads in one process fight over the GIL: a second CUDA node (a worker per GPU in one
-    join(), a host and a worker in one notebook) sleeps between messages unless spin_ms asks otherwise."""
+def test_a_cuda_node_spins_by_default_only_while_alone_in_its_process():
+    """Two spinning threads in one process fight over the GIL: CUDA nodes sharing a process (a worker per
+    GPU in one join(), a host and a worker in one notebook) sleep between messages unless spin_ms asks
+    otherwise; the interpreter's switch interval is short only while something spins."""
     import sys
 
-    first, second, interval = object(), object(), sys.getswitchinterval()
+    first, second, third, base = object(), object(), object(), sys.getswitchinterval()
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     try:
         assert distllm._claim_spin(first, None, cuda) == distllm._GPU_SPIN_S
-        assert distllm._claim_spin(second, None, cuda) == 0.0
-        assert distllm._claim_spin(second, 5, cuda) == 0.005  # asked for explicitly: it spins
-        assert distllm._claim_spin(second, None, torch.device("cpu")) == 0.0  # a CPU node needs its cores
-        distllm._release_spin(first)
+        assert distllm._spinning(first) and sys.getswitchinterval() <= 50e-6
         assert distllm._claim_spin(second, None, cuda) == distllm._GPU_SPIN_S
-    finally:
-        distllm._release_spin(first)
+        assert not distllm._spinning(first) and not distllm._spinning(second)
+        assert sys.getswitchinterval() == base
+        assert distllm._claim_spin(third, 5, cuda) == 0.005  # asked for explicitly: it spins, the others not
+        assert distllm._spinning(third) and not distllm._spinning(first) and sys.getswitchinterval() <= 50e-6
+        distllm._release_spin(third)
         distllm._release_spin(second)
-        sys.setswitchinterval(interval)
+        assert distllm._spinning(first) and sys.getswitchinterval() <= 50e-6  # alone again
+        assert distllm._claim_spin(object(), None, torch.device("cpu")) == 0.0  # a CPU node needs its cores
+    finally:
+        for node in (first, second, third):
+            distllm._release_spin(node)
+    assert sys.getswitchinterval() == base
 
 
 def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():

@@ -19,7 +19,7 @@ import sys
 import nbformat
 
 from conftest import reference_text, wait_for
-from nbrun import ROOT, client, outputs_of, prepare
+from nbrun import ROOT, client, outputs_of, prepare, stdout_of
 
 import distllm
 
@@ -59,7 +59,7 @@ def test_host_worker_and_kaggle_notebooks_run_a_cluster_on_loopback(tmp_path):
             for i, cell in cells:
                 runner.execute_cell(cell, i)
                 if cell.cell_type == "code":
-                    printed[i] = outputs_of(cell)[0]
+                    printed[i] = (stdout_of(cell), outputs_of(cell)[0])  # (answer, all it printed)
         finally:
             for p in workers:
                 try:
@@ -68,8 +68,8 @@ def test_host_worker_and_kaggle_notebooks_run_a_cluster_on_loopback(tmp_path):
                     p.kill()
     tiny = distllm._tiny_model_dir()
     answers = list(printed.values())
-    assert answers[0] == reference_text(tiny, "Why is the sky blue?", 64, "nf4") + "\n"
-    assert answers[1] == "".join(repr(reference_text(tiny, p, 48, "nf4")) + "\n" for p in HAIKU)
+    assert answers[0][0] == reference_text(tiny, "Why is the sky blue?", 64, "nf4") + "\n", answers[0][1]
+    assert answers[1][0] == "".join(repr(reference_text(tiny, p, 48, "nf4")) + "\n" for p in HAIKU), answers[1][1]
 
     for p, out in zip(workers, ("worker.ipynb", "kaggle.ipynb")):
         log = p.stdout.read()
