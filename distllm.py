@@ -1182,6 +1182,14 @@ def _static_mask(start: int, n: int, window: int | None, capacity: int, device: 
     return mask[None, None]
 
 
+def _position_masks(q: torch.Tensor, keys: int, windows: Iterable[int | None]) -> dict:
+    """Per window size, the (rows, 1, 1, keys) masks of one query per row at positions `q` (rows, 1), a
+    tensor (so a CUDA graph makes them from its position buffer): True = attend."""
+    k = torch.arange(keys, device=q.device)[None, :]
+    causal = k <= q
+    return {w: (causal if w is None else causal & (q - k < w))[:, None, None, :] for w in windows}
+
+
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
 _SPIN_SWITCH_S = 50e-6  # the interpreter's switch interval while a node of the process spins (see _claim_spin)
 _GPU_SPIN_S = 10e-3  # seconds a CUDA node polls for its next message before sleeping, unless `Config.spin_ms` says
@@ -1462,9 +1470,7 @@ class _DecodePool(_KVBuffers):
 
     def masks(self, windows: Iterable[int | None]) -> dict:
         """Per window size, the (rows, 1, 1, capacity + 1) mask of this step's positions (True = attend)."""
-        q, k = self.pos[:, None], torch.arange(self.capacity + self.scratch, device=self.device)[None, :]
-        causal = k <= q
-        return {w: (causal if w is None else causal & (q - k < w))[:, None, None, :] for w in windows}
+        return _position_masks(self.pos[:, None], self.capacity + self.scratch, windows)
 
 
 class _PoolRow:
@@ -1708,16 +1714,13 @@ class StageShard:
             out = self._layers(pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows)))
         else:
             if pool.graph is None:
-                pool.graph = self._capture(lambda: self._layers(pool, pool.inp, pool.pos[:, None],
-                                                                pool.masks(set(self.windows))))
+                pool.graph = _capture_graph(self.device, lambda: self._layers(
+                    pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows))))
             graph, out = pool.graph
             with torch.cuda.device(self.device):
                 graph.replay()
         picked = out.index_select(0, rows)  # a copy: the next replay overwrites `out`
         return list(picked.split(1))
-
-    def _capture(self, step: Any) -> tuple[Any, Any]:
-        return _capture_graph(self.device, step)
 
     def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
         """Run `h` at positions `pids` through every layer, with `cache` and a mask per window size."""
@@ -1738,7 +1741,7 @@ class StageShard:
     def _replay(self, slot: _StaticKV, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """One position through the stage as a CUDA graph, captured on the session's first decode step.
         `hidden` may still be on the CPU: it is copied straight into the graph's input. The masks are
-        made in the graph from the position, so a step costs two copies, a fill and the replay."""
+        made in the graph from the position: a step costs a copy in, a fill, the replay and a copy out."""
         if slot.graph is None:
             inp = torch.empty(hidden.shape, dtype=self.dtype, device=self.device)
             slot.graph = (None, inp, torch.zeros(1, 1, dtype=torch.long, device=self.device), None)
@@ -1747,13 +1750,8 @@ class StageShard:
         pids.fill_(start)
         slot.index, slot.span = pids[0], slot.capacity
         if graph is None:
-            def step() -> torch.Tensor:
-                k = torch.arange(slot.capacity, device=self.device)[None, :]
-                causal = k <= pids
-                masks = {w: (causal if w is None else causal & (pids - k < w))[None, None] for w in set(self.windows)}
-                return self._layers(slot, inp, pids, masks)
-
-            graph, out = self._capture(step)
+            graph, out = _capture_graph(self.device, lambda: self._layers(
+                slot, inp, pids, _position_masks(pids, slot.capacity, set(self.windows))))
             slot.graph = (graph, inp, pids, out)
         with torch.cuda.device(self.device):
             graph.replay()
