@@ -18,7 +18,8 @@ all greedy decoding of token-id prompts:
   concurrent sessions (the first 4 for decode batch 1).
 
 Decode time per token is (time for 1 + N new tokens - time for 1) / N, so prefill stays
-out. Prints one table and appends it, with the card's name, to docs/BENCHMARKS.md.
+out: the median of three such measurements. Prints one table and appends it, with the
+card's name, to docs/BENCHMARKS.md.
 
     python bench/gpu_speed.py [--layers 32] [--tokens 64] [--no-write]
 """
@@ -105,15 +106,19 @@ def prompts(n: int) -> list[list[int]]:
     return torch.randint(1000, 120000, (n, PROMPT), generator=g).tolist()
 
 
-def decode_ms(run, tokens: int) -> float:
-    """ms per decoded token: (run(1 + tokens) - run(1)) / tokens, after a warm-up."""
+def decode_ms(run, tokens: int, repeats: int = 3) -> float:
+    """ms per decoded token: (run(1 + tokens) - run(1)) / tokens, after a warm-up; the median of `repeats`
+    such pairs (one pair swung 30% between runs, and a stall in run(1) made a row look twice as fast)."""
     run(2)
-    t0 = time.perf_counter()
-    run(1)
-    t1 = time.perf_counter()
-    run(1 + tokens)
-    t2 = time.perf_counter()
-    return ((t2 - t1) - (t1 - t0)) * 1e3 / tokens
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(1 + tokens)
+        t2 = time.perf_counter()
+        samples.append(((t2 - t1) - (t1 - t0)) * 1e3 / tokens)
+    return statistics.median(samples)
 
 
 def plain_transformers(path: str, tokens: int) -> dict:
