@@ -45,6 +45,7 @@ __all__ = [
     "local",
     "main",
     "bench_overhead",
+    "trace_hops",
     "bench_failover",
     "simulate",
     "SwarmSimulator",
@@ -269,6 +270,9 @@ class Config:
     calibrate: bool = True  # workers time one layer when they join, so the first plan knows their speed
     rebalance_s: float = 30.0  # seconds between checks whether moving layers would pay (0: never rebalance)
     rebalance_gain: float = 0.2  # predicted speed-up a rebalance must promise (hysteresis against thrashing)
+    # File prefix: each worker writes PREFIX-<pid>-<n>.jsonl, when each step's compute started and ended
+    # (see _Tracer, trace_hops); None: off.
+    trace: str | None = None
     test_step_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer per step (a slow node)
 
     def __post_init__(self) -> None:
@@ -383,6 +387,55 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Tracer:
+    """A worker's step timeline, written to PREFIX-<pid>-<n>.jsonl as [seconds, event, sid, stage, start]
+    rows: when each step's compute started and ended. The seconds are CLOCK_MONOTONIC, one clock
+    for every process of a Linux machine, so on loopback the gap between one stage's compute end and
+    the next stage's compute start (a hop: wire, protocol, both workers' Python) reads off exactly;
+    trace_hops() does. Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest)."""
+
+    _count = _itertools.count()
+
+    def __init__(self, prefix: str):
+        self.path = f"{prefix}-{_os.getpid()}-{next(self._count)}.jsonl"
+        self._rows: list = []
+        self._lock = _threading.Lock()
+
+    def add(self, event: str, sid: str, stage: int, start: int) -> None:
+        with self._lock:
+            self._rows.append([_time.monotonic(), event, sid, stage, start])
+            full = len(self._rows) >= 4096
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if rows:
+            with open(self.path, "a") as f:
+                f.writelines(_json.dumps(row) + "\n" for row in rows)
+
+
+def trace_hops(prefix: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
+    """Seconds from each step's compute end on one stage to its compute start on the next, read from the
+    traces workers of one machine wrote with `Config.trace=prefix` (steps whose compute started within
+    [since, until] on the time.monotonic() clock). A step computed twice (a replay) counts its first run."""
+    import glob
+
+    ends, starts = {}, {}
+    for path in glob.glob(f"{glob.escape(prefix)}-*.jsonl"):
+        with open(path) as f:
+            for line in f:
+                t, event, sid, stage, start = _json.loads(line)
+                key = (sid, stage, start)
+                if event == "compute_end":
+                    ends.setdefault(key, t)
+                elif event == "compute_start" and since <= t <= until:
+                    starts.setdefault(key, t)
+    return [t - ends[(sid, stage - 1, start)] for (sid, stage, start), t in starts.items()
+            if (sid, stage - 1, start) in ends and t >= ends[(sid, stage - 1, start)]]
 
 
 def _available_memory(device: torch.device) -> int:
@@ -2521,6 +2574,7 @@ class Worker:
         self.device = torch.device(device) if device else _default_device()
         self.config = config or Config()
         self._spin_s = 0.0  # seconds the compute thread polls before sleeping: set in start()
+        self._tracer = _Tracer(self.config.trace) if self.config.trace else None
         self.state = "connecting"  # connecting -> joined -> loading -> ready; stopped at the end
         self.layers: tuple[int, int] | None = None
         self.steps_served = 0
@@ -2802,6 +2856,8 @@ class Worker:
             self._bell.close()
             self._ring.close()
             _release_spin(self)
+            if self._tracer is not None:
+                self._tracer.flush()
             self._ctx.term()
             self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
@@ -3135,6 +3191,9 @@ class Worker:
         if not runs:
             return replies
         t0 = _time.perf_counter()
+        if self._tracer is not None:
+            for _, fields, *_ in runs:
+                self._tracer.add("compute_start", fields["sid"], fields["stage"], fields["start"])
         if self.config.test_step_delay_ms:  # tests only: play a slow (or busy) node
             _time.sleep(self.config.test_step_delay_ms * len(shard.layers) / 1e3)
         repeats = [shard.repeated(fields["sid"], hidden, start) for _, fields, hidden, start, *_ in runs]
@@ -3159,6 +3218,9 @@ class Worker:
                 [o.shape[0] * o.shape[1] for o in computed]))
             outs = [next(cpu).view(o.shape) if isinstance(o, torch.Tensor) else o for o in outs]
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
+        if self._tracer is not None:
+            for _, fields, *_ in runs:
+                self._tracer.add("compute_end", fields["sid"], fields["stage"], fields["start"])
         for (i, fields, hidden, start, decode_from, link, direct), out, repeat in zip(runs, outs, repeats):
             if isinstance(out, StepOrderError):
                 replies[i] = encode("error", {"code": "order", "message": str(out), **fields})
@@ -6278,34 +6340,44 @@ def bench_overhead(model: str = "tiny", *, workers: Sequence[int] = (1, 2, 3, 4)
 
     "hop ms" is the median of (step round trip at the host - compute time the worker
     reports): what the network, the protocol and both event loops add per stage.
+    "traced" is the median of one stage's compute end to the next stage's compute start,
+    from the workers' own clocks (`Config.trace`, `trace_hops`): what a stage-to-stage hop adds.
     """
+    import tempfile
+
     out = out or _sys.stdout
     prompt = list(range(3, 19))
     ref_tokens, ref_s = _in_process_decode(model, quant, prompt, tokens)
     rows = [{"setup": "one process", "stages": 0, "ms_per_token": ref_s * 1e3, "ratio": 1.0,
-             "hop_ms": 0.0, "identical": True}]
+             "hop_ms": 0.0, "traced_ms": float("nan"), "identical": True}]
     for n in workers:
-        with local(model, workers=n, quant=quant, secure=secure) as cluster:
-            stages = len(cluster.layer_map())
-            cluster.generate(prompt, max_new_tokens=4)  # warm-up
-            first = None
-            got = []
-            for tok in cluster.stream(prompt, max_new_tokens=tokens):
-                got.append(tok)
-                if first is None:
-                    first = _time.perf_counter()
-            per_token = (_time.perf_counter() - first) / max(1, len(got) - 1)
-            _time.sleep(cluster.config.heartbeat_s)  # let the medians refresh
-            hops = [w["overhead_ms"] for w in cluster.workers() if w["overhead_ms"] is not None]
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = _os.path.join(tmp, "trace")
+            with local(model, workers=n, quant=quant, secure=secure, trace=prefix) as cluster:
+                stages = len(cluster.layer_map())
+                cluster.generate(prompt, max_new_tokens=4)  # warm-up
+                first = None
+                got = []
+                since = _time.monotonic()
+                for tok in cluster.stream(prompt, max_new_tokens=tokens):
+                    got.append(tok)
+                    if first is None:
+                        first = _time.perf_counter()
+                per_token = (_time.perf_counter() - first) / max(1, len(got) - 1)
+                until = _time.monotonic()
+                _time.sleep(cluster.config.heartbeat_s)  # let the medians refresh
+                hops = [w["overhead_ms"] for w in cluster.workers() if w["overhead_ms"] is not None]
+            traced = trace_hops(prefix, since, until)  # (the workers wrote their traces as they stopped)
         rows.append({"setup": f"{n} local workers", "stages": stages, "ms_per_token": per_token * 1e3,
                      "ratio": per_token / ref_s, "hop_ms": _median(hops),
+                     "traced_ms": _median(traced) * 1e3 if traced else float("nan"),
                      "identical": got == ref_tokens[:len(got)]})
     print(f"model={model} quant={quant} secure={secure} tokens={tokens} device={_default_device()}", file=out)
-    print(f"{'setup':<18} {'stages':>6} {'ms/token':>9} {'x 1-proc':>9} {'hop ms':>7} {'same tokens':>11}",
-          file=out)
+    print(f"{'setup':<18} {'stages':>6} {'ms/token':>9} {'x 1-proc':>9} {'hop ms':>7} {'traced':>7} "
+          f"{'same tokens':>11}", file=out)
     for r in rows:
         print(f"{r['setup']:<18} {r['stages']:>6} {r['ms_per_token']:>9.2f} {r['ratio']:>9.2f} "
-              f"{r['hop_ms']:>7.2f} {str(r['identical']):>11}", file=out)
+              f"{r['hop_ms']:>7.2f} {r['traced_ms']:>7.2f} {str(r['identical']):>11}", file=out)
     return rows
 
 
@@ -6723,7 +6795,7 @@ def _join(args: Any) -> int:
     joined = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
                   store=args.store, token=args.token, hub_endpoint=args.hub_endpoint, bind=args.bind,
                   direct_links=not args.no_direct, peer_port=args.peer_port, peer_address=args.peer_address,
-                  spin_ms=args.spin_ms)
+                  spin_ms=args.spin_ms, trace=args.trace)
     workers = joined if isinstance(joined, list) else [joined]  # one per GPU on a machine with several
 
     def hand_over(*_: Any) -> None:
@@ -6871,6 +6943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-direct", action="store_true", help="no direct links: every step goes through the host")
     p.add_argument("--spin-ms", type=float, default=None,
                    help="ms to poll for the next step before sleeping (default: 10 on a GPU, 0 on a CPU)")
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="write when each step's compute started and ended to PREFIX-<pid>-<n>.jsonl")
     p.set_defaults(func=_join)
 
     p = sub.add_parser("map", help="run a JSON-lines file of prompts as a checkpointed batch job")

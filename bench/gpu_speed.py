@@ -9,9 +9,10 @@ all greedy decoding of token-id prompts:
   (worker processes joined over loopback TCP with the real protocol, CURVE on; and once
   all in one `distllm join` process); 1 stream and 32 concurrent sessions each, with
   sessions decoded 16 to a step (the CUDA default) and one at a time (`decode_batch=1`);
-- per-hop overhead: for each stage fed straight by the previous one, the arrival of its answer at
-  the host less the arrival of the previous stage's copy less its compute (the host's median); and
-  the first stage's round trip through the host less its compute;
+- per-hop overhead: one stage's compute end to the next stage's compute start, from the workers'
+  traces (`--trace`, one clock on one machine; median over the one-stream steps); as the host
+  sees it, the arrival of a stage's answer less the arrival of the previous stage's copy less its
+  compute; and the first stage's round trip through the host less its compute;
 - the stall when a worker is SIGKILLed mid-stream, without and with a replica;
 - tokens of every distllm run against a single-process reference (the same layers and
   kernels in one process, each prompt decoded alone): one stream, and every one of the 32
@@ -33,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -163,10 +165,10 @@ def reference_tokens(path: str, tokens: int, batches: dict[int, int]) -> dict:
 
 
 def start_workers(join_string: str, devices: list[str], tag: str, direct: bool = True,
-                  one_process: bool = False) -> list[subprocess.Popen]:
+                  one_process: bool = False, trace: str | None = None) -> list[subprocess.Popen]:
     """One `distllm join` process per GPU; or, with one_process, one for them all (a worker per GPU in it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    links = ["--bind", "127.0.0.1"] if direct else ["--no-direct"]
+    links = (["--bind", "127.0.0.1"] if direct else ["--no-direct"]) + (["--trace", trace] if trace else [])
     if one_process:
         return [subprocess.Popen([sys.executable, "-m", "distllm", "join", join_string, "--name", tag, *links],
                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -183,7 +185,8 @@ def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, sta
     t0 = time.perf_counter()
     cluster = distllm.host(path, quant="nf4", bind="127.0.0.1", workers=len(devices), stages=stages,
                            replicas=replicas, liveness_s=2.0, heartbeat_s=0.25, rebalance_s=0, decode_batch=batch)
-    procs = start_workers(cluster.join_string, devices, tag, direct, one_process)
+    trace = os.path.join(tempfile.mkdtemp(), "trace")
+    procs = start_workers(cluster.join_string, devices, tag, direct, one_process, trace)
     want_all = wanted[batch]
     want = want_all[0]
     row: dict = {"workers": len(devices), "stages": stages, "replicas": replicas,
@@ -197,7 +200,9 @@ def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, sta
         if kill:
             row.update(stall(cluster, procs, p[0], tokens, want))
             return row
+        since = time.monotonic()
         ms = decode_ms(lambda n: cluster.generate(p[0], max_new_tokens=n), tokens)
+        row["trace_window"] = (since, time.monotonic())
         row["tok_s_1"] = 1e3 / ms
         # A stage fed straight by the previous one: its answer's arrival at the host, less the arrival of
         # the previous stage's copy, less its compute: the time one stage-to-stage hop adds. The first
@@ -244,9 +249,16 @@ def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, sta
         return row
     finally:
         cluster.close()
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        for proc in procs:  # the shutdown stops them, and they write their traces as they stop
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # Each one-stream step's compute end on one stage to its compute start on the next, from the
+        # workers' own clocks (one machine): what a stage-to-stage hop adds, exactly.
+        hops = distllm.trace_hops(trace, *row.pop("trace_window", (0.0, -1.0)))
+        row["traced_ms"] = statistics.median(hops) * 1e3 if hops else float("nan")
         torch.cuda.empty_cache()
 
 
@@ -302,7 +314,7 @@ def main() -> int:
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
              f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
-             f"| ms per extra stage | hop ms | host round trip ms "
+             f"| ms per extra stage | hop ms: traced / host-measured | host round trip ms "
              f"| first token after {LONG} prompt tokens, s: chunks in series / pipelined "
              f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -315,7 +327,7 @@ def main() -> int:
         extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
         where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
-        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['hop_ms']:.2f}"
+        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['traced_ms']:.2f} / {r['hop_ms']:.2f}"
         ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
         lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
                      f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "

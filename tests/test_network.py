@@ -145,6 +145,34 @@ def test_a_cuda_node_spins_by_default_only_while_alone_in_its_process():
     assert sys.getswitchinterval() == base
 
 
+def test_workers_trace_their_steps_and_the_hops_read_off_the_traces(model_dir, tmp_path):
+    """Config.trace: each worker writes when each step's compute started and ended (one clock for the
+    processes of a machine); trace_hops() gives one stage's compute end to the next one's start."""
+    import glob
+    import json
+    import time
+
+    prompt = prompt_of(8)
+    path = model_dir("llama")
+    want = reference_generate(reference_model(path), prompt, 12)
+    prefix = str(tmp_path / "run")
+    with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False, trace=prefix) as cluster:
+        since = time.monotonic()
+        assert cluster.generate(prompt, max_new_tokens=12) == want
+        until = time.monotonic()
+    files = glob.glob(prefix + "-*.jsonl")
+    assert len(files) == 2, files  # one per worker, written as it stopped
+    rows = [json.loads(line) for f in files for line in open(f)]
+    starts = {(sid, stage, start): t for t, event, sid, stage, start in rows if event == "compute_start"}
+    ends = {(sid, stage, start): t for t, event, sid, stage, start in rows if event == "compute_end"}
+    assert starts.keys() == ends.keys() and all(starts[k] <= ends[k] for k in starts)
+    assert {stage for _, stage, _ in starts} == {0, 1}
+    hops = distllm.trace_hops(prefix, since, until)
+    assert len(hops) >= 12  # the prompt's chunk and every decoded token's step crossed from stage 0 to 1
+    assert all(0 < h < until - since for h in hops)
+    assert distllm.trace_hops(prefix, until + 1) == []  # nothing computed after the run
+
+
 def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
     from types import SimpleNamespace
 
