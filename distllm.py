@@ -402,20 +402,30 @@ class _Tracer:
         self.path = f"{prefix}-{_os.getpid()}-{next(self._count)}.jsonl"
         self._rows: list = []
         self._lock = _threading.Lock()
+        self.failed: str | None = None  # why writing stopped (a full disk, a missing folder): tracing is off
 
     def add(self, event: str, sid: str, stage: int, start: int) -> None:
         with self._lock:
+            if self.failed is not None:
+                return
             self._rows.append([_time.monotonic(), event, sid, stage, start])
             full = len(self._rows) >= 4096
         if full:
             self.flush()
 
     def flush(self) -> None:
+        """Write the rows kept so far. A trace that cannot be written stops tracing, with a warning: it
+        must never stop a step (nor a worker stopping)."""
         with self._lock:
             rows, self._rows = self._rows, []
-        if rows:
+        if not rows:
+            return
+        try:
             with open(self.path, "a") as f:
                 f.writelines(_json.dumps(row) + "\n" for row in rows)
+        except OSError as exc:
+            self.failed = str(exc)
+            _log.warning("cannot write the step trace %s (%s): tracing stops", self.path, exc)
 
 
 def trace_hops(prefix: str, since: float = 0.0, until: float = float("inf")) -> list[float]:

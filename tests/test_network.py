@@ -173,6 +173,26 @@ def test_workers_trace_their_steps_and_the_hops_read_off_the_traces(model_dir, t
     assert distllm.trace_hops(prefix, until + 1) == []  # nothing computed after the run
 
 
+def test_a_trace_that_cannot_be_written_stops_tracing_not_the_worker(model_dir, tmp_path, caplog):
+    """A full disk or a missing folder under Config.trace: a warning, tracing off, every step served."""
+    tracer = distllm._Tracer(str(tmp_path / "no-such-folder" / "run"))
+    with caplog.at_level(logging.WARNING, logger="distllm"):
+        tracer.add("compute_start", "s", 0, 0)
+        tracer.flush()
+    assert tracer.failed and "cannot write the step trace" in caplog.text
+    tracer.add("compute_end", "s", 0, 0)  # off now: nothing kept, nothing raised
+    tracer.flush()
+
+    prompt = prompt_of(8)
+    path = model_dir("llama")
+    want = reference_generate(reference_model(path), prompt, 8)
+    with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False,
+                       trace=str(tmp_path / "no-such-folder" / "run")) as cluster:
+        assert cluster.generate(prompt, max_new_tokens=8) == want
+        assert cluster.stats()["failures"] == 0
+    assert not (tmp_path / "no-such-folder").exists()
+
+
 def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
     from types import SimpleNamespace
 
