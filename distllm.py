@@ -1237,20 +1237,21 @@ def _cache_keyword(layer_cls: type) -> str:
 def _static_mask(start: int, n: int, window: int | None, capacity: int, device: torch.device) -> torch.Tensor:
     """The boolean mask (1, 1, n, capacity) for n queries at positions start.. over `capacity` cached
     positions (True = attend): earlier and own positions, within the window."""
-    q_pos = torch.arange(start, start + n, device=device)[:, None]
-    k_pos = torch.arange(capacity, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) < window
-    return mask[None, None]
+    return _window_mask(torch.arange(start, start + n, device=device)[:, None], capacity, window)[None, None]
 
 
 def _position_masks(q: torch.Tensor, keys: int, windows: Iterable[int | None]) -> dict:
     """Per window size, the (rows, 1, 1, keys) masks of one query per row at positions `q` (rows, 1), a
     tensor (so a CUDA graph makes them from its position buffer): True = attend."""
+    return {w: _window_mask(q, keys, w)[:, None, None, :] for w in windows}
+
+
+def _window_mask(q: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
+    """(queries, keys) booleans for queries at positions `q` (queries, 1) over key positions 0..keys-1:
+    earlier and own positions, within the window."""
     k = torch.arange(keys, device=q.device)[None, :]
-    causal = k <= q
-    return {w: (causal if w is None else causal & (q - k < w))[:, None, None, :] for w in windows}
+    mask = k <= q
+    return mask if window is None else mask & (q - k < window)
 
 
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
@@ -1305,6 +1306,19 @@ def _release_spin(node: Any) -> None:
     with _SPIN_LOCK:
         _SPINNERS.pop(id(node), None)
         _set_switch_interval()
+
+
+def _poll_spinning(poller: zmq.Poller, spin_s: float, timeout_ms: int) -> list:
+    """poller.poll(timeout_ms), but first `spin_s` seconds of polls that do not sleep (pyzmq lets go of the
+    GIL in each: the process's other threads run meanwhile). A sleeping core takes tens of microseconds
+    to wake, several times over on a hop's way through the kernel and ZeroMQ."""
+    if spin_s > 0:
+        until = _time.perf_counter() + min(spin_s, timeout_ms / 1e3)
+        while _time.perf_counter() < until:
+            events = poller.poll(0)
+            if events:
+                return events
+    return poller.poll(timeout_ms)
 
 
 def _set_switch_interval() -> None:
@@ -1713,19 +1727,16 @@ class StageShard:
     def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
         n = hidden.shape[1]
         slot = self._slot(sid, start, n)
-        if self.static and n == 1 and self.graphs and not isinstance(slot, _PoolRow):
-            h = self._replay(slot, hidden, start)
-            slot.length = start + n
-            return h
-        h = hidden.to(self.device, self.dtype)
         if isinstance(slot, _PoolRow) and n == 1:
-            h = self._pool_step(slot.pool, [(slot, h, start)])[0]
+            h = self._pool_step(slot.pool, [(slot, hidden.to(self.device, self.dtype), start)])[0]
+        elif self.static and n == 1 and self.graphs:
+            h = self._replay(slot, hidden, start)  # (copies `hidden` into its graph's input itself)
         elif self.static:
-            h = self._static_run(slot, h, start)
+            h = self._static_run(slot, hidden.to(self.device, self.dtype), start)
         else:
             pids = torch.arange(start, start + n, device=self.device)[None]
-            h = self._layers(slot.cache, h, pids, {w: _attention_mask(start, n, w, self.device)
-                                                   for w in set(self.windows)})
+            h = self._layers(slot.cache, hidden.to(self.device, self.dtype), pids,
+                             {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)})
         slot.length = start + n
         return h
 
@@ -1916,15 +1927,17 @@ class HostHead:
         tokens, at the cost of one); on a CPU one at a time. Either way a row's logits do not depend
         on the rows beside it, so a session's tokens do not depend on who decodes beside it.
         """
-        if self.device.type != "cuda":
-            h = hidden.to(self.device, self.dtype)
-            return torch.cat([self._logits(h[i:i + 1]) for i in range(h.shape[0])])
         return torch.cat([logits.clone() for logits, _ in self._blocks(hidden)])
 
     def _blocks(self, hidden: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, argmax ids) of each block of _HEAD_ROWS rows of `hidden` (k, H), on a GPU: one replay
-        of a CUDA graph per block, the rows past k zero. Views into the graph's buffers: read each
-        before taking the next."""
+        """(logits, argmax ids) of each block of rows of `hidden` (k, H): on a GPU _HEAD_ROWS rows, one
+        replay of a CUDA graph per block with the rows past k zero (views into the graph's buffers:
+        read each before taking the next); on a CPU one row at a time."""
+        if self.device.type != "cuda":
+            for i in range(hidden.shape[0]):
+                logits = self._logits(hidden[i:i + 1].to(self.device, self.dtype))
+                yield logits, logits.argmax(-1)
+            return
         if self._graph is None:
             rows = torch.zeros(_HEAD_ROWS, self.config.hidden_size, dtype=self.dtype, device=self.device)
 
@@ -1953,20 +1966,16 @@ class HostHead:
     @torch.inference_mode()
     def tokens(self, hidden: torch.Tensor, params: Sequence["SamplingParams"], positions: Sequence[int]) -> list[int]:
         """Pick the next token of each row of `hidden` (k, H): greedy rows by an argmax where the logits
-        are (only k ids cross to the CPU), the others by `sample` on the CPU."""
-        if self.device.type == "cuda":  # argmax in the head's graph: the first of equal maxima, as sample()'s
-            picked = []
-            for logits, ids in self._blocks(hidden):
-                base = len(picked)
-                picked += ids.tolist()
-                for i in range(logits.shape[0]):
-                    p = params[base + i]
-                    if p.temperature != 0:
-                        picked[base + i] = sample(logits[i].cpu(), p, positions[base + i])
-            return picked
-        logits = self.logits_rows(hidden)
-        return [int(logits[i].argmax()) if p.temperature == 0 else sample(logits[i].cpu(), p, positions[i])
-                for i, p in enumerate(params)]
+        are (in the head's graph on a GPU: only k ids cross to the CPU; the first of equal maxima, as
+        sample()'s), the others by `sample` on the CPU."""
+        picked: list[int] = []
+        for logits, ids in self._blocks(hidden):
+            base = len(picked)
+            picked += ids.tolist()
+            for i in range(logits.shape[0]):
+                if params[base + i].temperature != 0:
+                    picked[base + i] = sample(logits[i].cpu(), params[base + i], positions[base + i])
+        return picked
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
@@ -2998,19 +3007,10 @@ class Worker:
             self._close_links()
 
     def _wait_for_work(self, poller: zmq.Poller) -> bool:
-        """Return once the bell rang or a direct step came (or after a while: the caller looks at _stopping);
-        whether the bell rang.
-
-        With spin_s > 0 it first polls without sleeping that long: a sleeping core takes tens of
-        microseconds to wake, several times over on a hop's way through the kernel and ZeroMQ.
-        """
-        if self._spin_s > 0 and _spinning(self):
-            until = _time.perf_counter() + self._spin_s
-            while _time.perf_counter() < until:
-                events = poller.poll(0)  # (pyzmq lets go of the GIL in every poll: the I/O thread runs meanwhile)
-                if events:
-                    return any(s is self._bell for s, _ in events)
-        return any(s is self._bell for s, _ in poller.poll(500))
+        """Return once the bell rang or a direct step came (or after half a second: the caller looks at
+        _stopping), spinning first if this node may; whether the bell rang."""
+        events = _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500)
+        return any(s is self._bell for s, _ in events)
 
     def _gather(self, pending: _collections.deque, rung: bool) -> None:
         """Move every queued job and every direct step that came into `pending`, in that order.
@@ -3033,7 +3033,6 @@ class Worker:
                 continue
             msg.header["direct"] = True  # its answer tells the host it came this way
             pending.append(msg)
-        self._taken = len(pending)
 
     def _batchable(self, msg: Any) -> bool:
         """Whether `msg` is a one-position step that may share a batched decode step."""
@@ -4540,7 +4539,9 @@ class Cluster:
         try:
             while True:
                 wake = min(next_beat, self._relays[0][0]) if self._relays else next_beat
-                events = self._poll(poller, max(0, int((wake - _time.monotonic()) * 1000)) + 1)
+                # While requests run their answers come within milliseconds: spin first (`Config.spin_ms`).
+                spin = self._spin_s if self._spin_s and self._sessions and _spinning(self) else 0.0
+                events = dict(_poll_spinning(poller, spin, max(0, int((wake - _time.monotonic()) * 1000)) + 1))
                 if self._router in events:
                     for _ in range(1000):  # bounded, so commands and timers get their turn
                         if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # (no zmq.Again: raising costs)
@@ -4575,17 +4576,6 @@ class Cluster:
             self._router.disable_monitor()
             monitor.close(0)
             self._shutdown()
-
-    def _poll(self, poller: zmq.Poller, timeout_ms: int) -> dict:
-        """Wait for messages; while requests are running, first poll without sleeping for a while
-        (`Config.spin_ms`): their next answers come within milliseconds, and a sleeping core is slow to wake."""
-        if self._spin_s > 0 and self._sessions and _spinning(self):
-            until = _time.perf_counter() + min(self._spin_s, timeout_ms / 1e3)
-            while _time.perf_counter() < until:
-                events = poller.poll(0)
-                if events:
-                    return dict(events)
-        return dict(poller.poll(timeout_ms))
 
     def _on_disconnects(self, monitor: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
