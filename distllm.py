@@ -114,7 +114,6 @@ import copy as _copy
 import dataclasses as _dataclasses
 import functools as _functools
 import hashlib as _hashlib
-import hmac as _hmac
 import heapq as _heapq
 import inspect as _inspect
 import itertools as _itertools
@@ -144,7 +143,7 @@ _log = _logging.getLogger("distllm")
 # Constants ###################################################################
 ###############################################################################
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: direct links over sealed TCP (1: ZeroMQ with CURVE)
 JOIN_PREFIX = "dllm1."
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -2572,11 +2571,238 @@ class _Checkpointer:
 
 
 ###############################################################################
+# Direct links ################################################################
+###############################################################################
+# A stage sends its output straight to the next stage's worker over a plain TCP
+# connection that the compute threads at both ends read and write themselves: no
+# ZeroMQ I/O thread on the way, whose wake-up from an idle core cost ~90 us on each
+# side of a hop (bench/wire.py: 8 KB one way, paced like decode steps, 270 us through
+# ZeroMQ with CURVE, 89 us over plain TCP, on an H100 machine's CPUs).
+#
+# Each message is sealed with ChaCha20-Poly1305. The listening worker makes a random
+# 32-byte link key and tells the host (over the host's CURVE channel), which hands it
+# only to the workers it asks to send there. Per connection both ends send a fresh
+# 16-byte salt, the receiver's first, and the connection's key is keyed BLAKE2b of the
+# two: a recorded connection replayed later fails, and a nonce (a counter per
+# connection) never repeats under a key. Frames: 4-byte little-endian length, then the
+# sealed message (the length is its associated data); a message is the parts of an
+# encoded one, each with its 4-byte length. A frame that fails to open ends the
+# connection: the host relays what did not come.
+
+_LINK_SALT = 16
+_LINK_TAG = 16  # Poly1305 tag bytes per frame
+_LINK_KEY_RE = _re.compile(r"[0-9a-f]{64}")
+_LINK_CONNECTIONS = 64  # incoming connections a worker keeps at most
+_LINK_OPEN_S = 10.0  # an incoming connection that has not sent a valid frame by then is closed
+_LINK_DIAL_S = 5.0  # a dial (connect and salts) gives up after this long
+_NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)  # a peer gone mid-send: an error, not SIGPIPE
+
+
+def _link_cipher(key: bytes, receiver_salt: bytes, sender_salt: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    mixed = _hashlib.blake2b(receiver_salt + sender_salt, key=key, digest_size=32, person=b"distllm-link-v2")
+    return ChaCha20Poly1305(mixed.digest())
+
+
+def _link_nonce(counter: int) -> bytes:
+    return counter.to_bytes(12, "little")
+
+
+def _link_address(endpoint: str) -> tuple[str, int]:
+    """("host", port) of a "tcp://host:port" endpoint (an IPv6 host in brackets)."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def _listen(bind: str, port: int) -> _socket.socket:
+    """A non-blocking TCP listening socket on `bind` ("0.0.0.0" and "*": every IPv4 interface)."""
+    host = "" if bind in ("*", "0.0.0.0") else bind
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    sock = _socket.create_server((host, port), family=family, backlog=_LINK_CONNECTIONS)
+    sock.setblocking(False)
+    return sock
+
+
+class _LinkOut:
+    """The sending end of a direct link, written by the compute thread.
+
+    A background thread dials it (the compute thread never waits on a connect or a
+    name lookup); until that is done, and for a back-off after a failed dial, send()
+    says no at once and the host relays the step's copy.
+    """
+
+    def __init__(self, endpoint: str, key: bytes):
+        self.endpoint, self.key = endpoint, key
+        self.sock: _socket.socket | None = None  # set by the dialler once the salts are exchanged
+        self._cipher: Any = None
+        self._sent = 0
+        self._closed = False
+        self._dialling = False
+        self._retry_at = 0.0
+        self._backoff = 0.1
+        self._lock = _threading.Lock()
+
+    def send(self, parts: Sequence[Any]) -> bool:
+        """Send one message of `parts` without blocking; whether it went whole."""
+        sock = self.sock
+        if sock is None:
+            self._dial_if_due()
+            return False
+        plain = b"".join(p for part in parts for p in (len(part).to_bytes(4, "little"), part))
+        size = (len(plain) + _LINK_TAG).to_bytes(4, "little")
+        sealed = self._cipher.encrypt(_link_nonce(self._sent), plain, size)
+        try:
+            n = sock.sendmsg([size, sealed], [], _NOSIGNAL)
+        except BlockingIOError:  # nothing went (its buffer is full: the peer reads no more): the host relays
+            return False
+        except OSError as exc:
+            self._drop(f"send failed: {exc}")
+            return False
+        if n < len(size) + len(sealed):  # half a frame went: this connection cannot carry another one
+            self._drop("the peer stopped reading mid-frame")
+            return False
+        self._sent += 1
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+    def _drop(self, why: str) -> None:
+        _log.info("direct link to %s closed: %s", self.endpoint, why)
+        with self._lock:
+            sock, self.sock = self.sock, None
+            self._retry_at = _time.monotonic() + self._backoff
+        if sock is not None:
+            sock.close()
+
+    def _dial_if_due(self) -> None:
+        with self._lock:
+            if self._closed or self._dialling or _time.monotonic() < self._retry_at:
+                return
+            self._dialling = True
+        _threading.Thread(target=self._dial, name=f"distllm-dial-{self.endpoint}", daemon=True).start()
+
+    def _dial(self) -> None:
+        sock = None
+        try:
+            sock = _socket.create_connection(_link_address(self.endpoint), timeout=_LINK_DIAL_S)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            receiver_salt = b""
+            while len(receiver_salt) < _LINK_SALT:
+                got = sock.recv(_LINK_SALT - len(receiver_salt))
+                if not got:
+                    raise ConnectionError("closed before its salt")
+                receiver_salt += got
+            sender_salt = _os.urandom(_LINK_SALT)
+            sock.sendall(sender_salt)
+            sock.setblocking(False)
+            cipher = _link_cipher(self.key, receiver_salt, sender_salt)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            with self._lock:
+                self._dialling = False
+                self._retry_at = _time.monotonic() + self._backoff
+                self._backoff = min(5.0, self._backoff * 2)
+            _log.debug("direct link to %s: dial failed: %s", self.endpoint, exc)
+            return
+        with self._lock:
+            self._dialling = False
+            if self._closed:
+                sock.close()
+                return
+            self._cipher, self._sent, self._backoff = cipher, 0, 0.1
+            self.sock = sock  # last: the compute thread sends once it sees it
+
+
+class _LinkIn:
+    """The receiving end of one direct-link connection, read by the compute thread."""
+
+    def __init__(self, sock: _socket.socket, key: bytes, max_bytes: int):
+        self.sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        self._salt = _os.urandom(_LINK_SALT)
+        sock.send(self._salt)  # 16 bytes into an empty buffer: they go at once
+        self._key, self._max = key, max_bytes
+        self._cipher: Any = None
+        self._buf = bytearray()
+        self._opened = 0
+        self.since = _time.monotonic()
+
+    @property
+    def trusted(self) -> bool:
+        """Whether a frame sealed with our key came: the sender holds the link key."""
+        return self._opened > 0
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """(the messages that came whole, whether the connection is still open). Raises ProtocolError
+        for a frame that does not open or is too large: the caller closes the connection."""
+        from cryptography.exceptions import InvalidTag
+
+        is_open = True
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            except OSError:
+                is_open = False
+                break
+            if not data:
+                is_open = False
+                break
+            self._buf += data
+        messages = []
+        if self._cipher is None:
+            if len(self._buf) < _LINK_SALT:
+                return messages, is_open
+            self._cipher = _link_cipher(self._key, self._salt, bytes(self._buf[:_LINK_SALT]))
+            del self._buf[:_LINK_SALT]
+        while len(self._buf) >= 4:
+            n = int.from_bytes(self._buf[:4], "little")
+            if not _LINK_TAG <= n <= self._max + MAX_HEADER_BYTES + 1024:
+                raise ProtocolError(f"a frame of {n} bytes")
+            if len(self._buf) < 4 + n:
+                break
+            size, sealed = bytes(self._buf[:4]), bytes(self._buf[4:4 + n])
+            del self._buf[:4 + n]
+            try:
+                messages.append(self._cipher.decrypt(_link_nonce(self._opened), sealed, size))
+            except InvalidTag:
+                raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
+            self._opened += 1
+        return messages, is_open
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _link_parts(message: bytes) -> list[memoryview]:
+    """The parts of an opened link message (raises ProtocolError if they do not add up)."""
+    view, parts, at = memoryview(message), [], 0
+    while at < len(view):
+        if at + 4 > len(view):
+            raise ProtocolError("a message ends inside a part's length")
+        n = int.from_bytes(view[at:at + 4], "little")
+        if at + 4 + n > len(view) or len(parts) >= 8:
+            raise ProtocolError("a message's parts do not add up")
+        parts.append(view[at + 4:at + 4 + n])
+        at += 4 + n
+    return parts
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 # Two threads: the I/O thread owns the DEALER socket to the host (joins, heartbeats,
-# routing); the compute thread owns the shard, the direct-link sockets (the ROUTER the
-# previous stage sends to, the DEALERs to the next) and runs steps. They talk through a
+# routing); the compute thread owns the shard, the direct links (the connections the
+# previous stage sends on, those to the next) and runs steps. They talk through a
 # queue with a bell (I/O -> compute) and an inproc PAIR socket (compute -> I/O), so a
 # long step never delays a heartbeat, and a direct step goes from the wire to the
 # GPU in one thread.
@@ -2612,7 +2838,7 @@ class Worker:
         self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
         self._welcomed = _threading.Event()
         self._stopped = _threading.Event()
-        self._ctx = zmq.Context(io_threads=2)  # the host's link and the direct links encrypt apart
+        self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
         self._shard: StageShard | None = None
         self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
@@ -2622,9 +2848,11 @@ class Worker:
         self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
         self._panel: Any = None  # the notebook status widget, built on first display
         self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
-        self._peer_sock: zmq.Socket | None = None  # that socket (bound in start(), then the compute thread's)
-        self._peer_auth: Any = None  # admits only this cluster's client key on the direct-link socket
-        self._links: dict[str, Any] = {}  # endpoint -> DEALER to a next stage (owned by the compute thread)
+        self._peer_sock: _socket.socket | None = None  # that listener (bound in start(), then the compute thread's)
+        self._link_key = _os.urandom(32)  # seals what comes over our direct links: only the host passes it on
+        # The compute thread's direct links: to next stages by endpoint, and from previous ones by socket.
+        self._links: dict[str, _LinkOut] = {}
+        self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -2723,49 +2951,26 @@ class Worker:
             "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
         })
 
-    def _bind_peer(self) -> zmq.Socket | None:
+    def _bind_peer(self) -> _socket.socket | None:
         """Listen for direct links: the previous stage may send its output here instead of through the host.
 
-        CURVE with this worker's own key pair (the host passes its public key on to the
-        previous stage); the authenticator admits only the join string's client key.
-        Nothing may reach this port (a Colab VM): then the previous stage finds no
-        connection and the host relays as before.
+        Messages come sealed with this worker's link key, which goes to the host in the
+        join message (over its CURVE channel) and from there only to the workers asked
+        to send here. Nothing may reach this port (a Colab VM): then the previous stage
+        finds no connection and the host relays as before.
         """
         if not self.config.direct_links:
             return None
-        sock = self._ctx.socket(zmq.ROUTER)
-        _set_limits(sock, self.config)
-        public = None
-        if self.join_info.server_key:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._peer_auth = ThreadAuthenticator(self._ctx)
-            self._peer_auth.start()
-            self._peer_auth.configure_curve_callback(domain="*", credentials_provider=self)
-            public, secret = zmq.curve_keypair()
-            sock.curve_server = True
-            sock.curve_publickey, sock.curve_secretkey = public, secret
-        address = f"tcp://{self.config.bind}"
         try:
-            if self.config.peer_port:
-                sock.bind(f"{address}:{self.config.peer_port}")
-                port = self.config.peer_port
-            else:
-                port = sock.bind_to_random_port(address)
-        except zmq.ZMQError as exc:  # a taken port: serve without direct links, say so
-            _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, address, exc)
-            sock.close(0)
+            sock = _listen(self.config.bind, self.config.peer_port)
+        except OSError as exc:  # a taken port: serve without direct links, say so
+            _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, self.config.bind, exc)
             return None
         where = self.config.peer_address or _advertised_host(self.config)
         if not _re.search(r":\d+$", where):  # a host name or IPv4 address without a port: the bound one
-            where = f"{where}:{port}"
-        self._peer = {"endpoint": f"tcp://{where}", "key": public.decode() if public else ""}
+            where = f"{where}:{sock.getsockname()[1]}"
+        self._peer = {"endpoint": f"tcp://{where}", "key": self._link_key.hex()}
         return sock
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP check of the direct-link socket: admit only the client key of our cluster's join string."""
-        expected = (self.join_info.client_public or "").encode()
-        return bool(expected) and _hmac.compare_digest(key, expected)
 
     def _io_loop(self, pair: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -2870,8 +3075,6 @@ class Worker:
             monitor.close(0)
             sock.close(linger=1000)  # lets a final leave message out
             pair.close(0)
-            if self._peer_auth is not None:
-                self._peer_auth.stop()
             self._bell.close()
             self._ring.close()
             _release_spin(self)
@@ -2959,21 +3162,21 @@ class Worker:
     def _compute_loop(self) -> None:
         """Run jobs in order; one-position steps of several sessions queued together share one batched step.
 
-        This thread owns the direct-link socket: a step the previous stage sends straight here
-        is read and run by the thread that computes it, with no hand-over between threads on
-        the way (each cost tens of microseconds per hop, more from a sleeping core).
+        This thread owns the direct links: a step the previous stage sends straight here is
+        read off its TCP connection and run by the thread that computes it, and our output
+        goes on to the next stage from here, with no hand-over between threads on the way
+        (each cost tens of microseconds per hop, more from a sleeping core).
         """
         out = self._ctx.socket(zmq.PAIR)
         out.connect(self._inproc)
-        poller = zmq.Poller()
-        poller.register(self._bell, zmq.POLLIN)
+        poller = zmq.Poller()  # (it gives file descriptors back for the plain sockets)
+        poller.register(self._bell.fileno(), zmq.POLLIN)
         if self._peer_sock is not None:
-            poller.register(self._peer_sock, zmq.POLLIN)
+            poller.register(self._peer_sock.fileno(), zmq.POLLIN)
         pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
         try:
             while not self._stopping.is_set():
-                rung = self._wait_for_work(poller) if not pending else False
-                self._gather(pending, rung)
+                self._gather(pending, self._wait_for_work(poller, idle=not pending), poller)
                 if not pending:
                     continue
                 msg = pending.popleft()
@@ -3003,36 +3206,93 @@ class Worker:
         finally:
             out.close(0)
             if self._peer_sock is not None:
-                self._peer_sock.close(0)
+                self._peer_sock.close()
+            for link in self._links_in.values():
+                link.close()
             self._close_links()
 
-    def _wait_for_work(self, poller: zmq.Poller) -> bool:
-        """Return once the bell rang or a direct step came (or after half a second: the caller looks at
-        _stopping), spinning first if this node may; whether the bell rang."""
-        events = _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500)
-        return any(s is self._bell for s, _ in events)
+    def _wait_for_work(self, poller: zmq.Poller, idle: bool) -> list:
+        """What is ready to read: at once when not `idle`; else once the bell rang or a direct step came
+        (or after half a second: the caller looks at _stopping), spinning first if this node may."""
+        if not idle:
+            return poller.poll(0)
+        return _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500)
 
-    def _gather(self, pending: _collections.deque, rung: bool) -> None:
-        """Move every queued job and every direct step that came into `pending`, in that order.
-        (No exceptions end these loops: on a hop's path each costs microseconds.)"""
-        if rung:  # emptied before the queue is read: a job put after this rings again
-            try:
-                while self._bell.recv(4096):
+    def _gather(self, pending: _collections.deque, ready: list, poller: zmq.Poller) -> None:
+        """Move every queued job and every direct step that came into `pending`, in that order; take
+        new direct-link connections. (No exceptions on a hop's path: each costs microseconds.)"""
+        if not ready:
+            self._close_idle_links(poller)
+            return
+        links = []
+        for fd, _ in ready:
+            if fd == self._bell.fileno():  # emptied before the queue is read: a job put after this rings again
+                try:
+                    while self._bell.recv(4096):
+                        pass
+                except (BlockingIOError, InterruptedError):
                     pass
-            except (BlockingIOError, InterruptedError):
-                pass
+            elif self._peer_sock is not None and fd == self._peer_sock.fileno():
+                self._accept_links(poller)
+            else:
+                links.append(fd)
         while not self._jobs.empty():  # (the one reader: not empty stays so)
             pending.append(self._jobs.get_nowait())
-        peer = self._peer_sock
-        while peer is not None and peer.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = peer.recv_multipart(copy=False)
+        for fd in links:
+            link = self._links_in[fd]
             try:
-                msg = decode(frames[1:], allowed={"forward"}, max_elements=self.config.max_message_bytes // 2)
+                messages, is_open = link.read()
+                for message in messages:
+                    self._take_direct(pending, message)
             except ProtocolError as exc:
-                _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
+                _log.warning("worker %s: closed a direct link that sent what cannot be read: %s", self.name, exc)
+                is_open = False
+            if not is_open:
+                self._drop_link_in(poller, fd)
+
+    def _take_direct(self, pending: _collections.deque, message: bytes) -> None:
+        try:
+            msg = decode(_link_parts(message), allowed={"forward"},
+                         max_elements=self.config.max_message_bytes // 2)
+        except ProtocolError as exc:  # sealed with our key, so from a member: its message is refused, not its link
+            _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
+            return
+        msg.header["direct"] = True  # its answer tells the host it came this way
+        pending.append(msg)
+
+    def _accept_links(self, poller: zmq.Poller) -> None:
+        while True:
+            try:
+                sock, _ = self._peer_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the host relays meanwhile
+                _log.warning("worker %s: cannot take a direct link: %s", self.name, exc)
+                return
+            if len(self._links_in) >= _LINK_CONNECTIONS:
+                self._close_idle_links(poller, every_untrusted=True)
+            if len(self._links_in) >= _LINK_CONNECTIONS:
+                _log.warning("worker %s: refused a direct link: %d open", self.name, len(self._links_in))
+                sock.close()
                 continue
-            msg.header["direct"] = True  # its answer tells the host it came this way
-            pending.append(msg)
+            try:
+                link = _LinkIn(sock, self._link_key, self.config.max_message_bytes)
+            except OSError:  # gone already
+                sock.close()
+                continue
+            self._links_in[sock.fileno()] = link
+            poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _close_idle_links(self, poller: zmq.Poller, every_untrusted: bool = False) -> None:
+        """Close incoming connections that sent no valid frame within _LINK_OPEN_S (or at all)."""
+        now = _time.monotonic()
+        for fd, link in list(self._links_in.items()):
+            if not link.trusted and (every_untrusted or now - link.since > _LINK_OPEN_S):
+                self._drop_link_in(poller, fd)
+
+    def _drop_link_in(self, poller: zmq.Poller, fd: int) -> None:
+        poller.unregister(fd)  # before the close: the number may come back for the next socket
+        self._links_in.pop(fd).close()
 
     def _batchable(self, msg: Any) -> bool:
         """Whether `msg` is a one-position step that may share a batched decode step."""
@@ -3270,52 +3530,36 @@ class Worker:
         link = self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden) if chain else None
         return fields, hidden, start, decode_from, link, direct
 
-    def _link(self, chain: list, fields: dict, hidden: torch.Tensor) -> tuple[zmq.Socket, bytes]:
-        """The socket to the next stage's worker, `chain[0]`, and the header of the step our output makes
+    def _link(self, chain: list, fields: dict, hidden: torch.Tensor) -> tuple[_LinkOut, bytes]:
+        """The link to the next stage's worker, `chain[0]`, and the header of the step our output makes
         there (it answers in the dtype and shape it was sent)."""
         link = chain[0]
         if len(chain) > 64 or not isinstance(link, dict):
             raise ProtocolError("bad chain in a forward message")
         endpoint, key, epoch = link.get("to"), link.get("key"), link.get("epoch")
         if (not isinstance(endpoint, str) or not _PEER_ENDPOINT.fullmatch(endpoint)
-                or not isinstance(key, str) or not isinstance(epoch, int) or isinstance(epoch, bool)):
+                or not isinstance(key, str) or not _LINK_KEY_RE.fullmatch(key)
+                or not isinstance(epoch, int) or isinstance(epoch, bool)):
             raise ProtocolError(f"bad link {link!r} in a forward message")
-        sock = self._links.get(endpoint)
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            _set_limits(sock, self.config)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a finished connection (and handshake)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-            if self.join_info.server_key:
-                if len(key) != 40:
-                    raise ProtocolError(f"bad CURVE key in a link to {endpoint}")
-                sock.curve_serverkey = key.encode()
-                sock.curve_publickey = self.join_info.client_public.encode()
-                sock.curve_secretkey = self.join_info.client_secret.encode()
-            sock.connect(endpoint)
-            self._links[endpoint] = sock
+        out = self._links.get(endpoint)
+        if out is None or out.key.hex() != key:  # new, or a worker there with a new key (restarted)
+            if out is not None:
+                out.close()
+            out = self._links[endpoint] = _LinkOut(endpoint, bytes.fromhex(key))
         header = {**fields, "stage": fields["stage"] + 1, "epoch": epoch, "chain": chain[1:]}
         head, _ = encode("forward", header, [(_DTYPE_NAMES[hidden.dtype], list(hidden.shape), b"")])
-        return sock, head
+        return out, head
 
     @staticmethod
-    def _send_on(link: tuple[zmq.Socket, bytes], frame: memoryview) -> bool:
-        """Send a step's output over a link from _link(); return whether it went.
-
-        Only over a link that is up (ZMQ_IMMEDIATE): a peer we cannot reach, or not yet,
-        makes the send fail at once, and the host relays the copy it gets anyway.
-        """
-        sock, head = link
-        try:
-            sock.send_multipart([head, frame], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no connection (yet): the host relays
-            return False
-        return True
+    def _send_on(link: tuple[_LinkOut, bytes], frame: memoryview) -> bool:
+        """Send a step's output over a link from _link(); return whether it went. A link not up (yet),
+        or whose peer reads no more, says no at once: the host relays the copy it gets anyway."""
+        out, head = link
+        return out.send((head, frame))
 
     def _close_links(self) -> None:
-        for sock in self._links.values():
-            sock.close(0)
+        for out in self._links.values():
+            out.close()
         self._links.clear()
 
 
@@ -3823,7 +4067,7 @@ class _WorkerState:
     hazard: float = 0.0  # expected failures per hour (its stability: see Cluster._hazard)
     draining: bool = False  # asked to hand its layers over and leave
     peer: str | None = None  # endpoint where the previous stage may reach it directly, if it listens
-    peer_key: str = ""  # the CURVE public key of that endpoint
+    link_key: str = ""  # the key what goes there is sealed with (hex): secret, never shown
 
     _rate_mark: tuple[float, int] = (0.0, 0)  # (time, tokens) the rate was last measured from
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
@@ -3863,6 +4107,7 @@ class _WorkerState:
     def public(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
         d.pop("wid")
+        d.pop("link_key")
         d["alive"] = self.alive
         return d
 
@@ -4722,8 +4967,8 @@ class Cluster:
         peer = msg.get("peer", dict, {})
         endpoint, key = peer.get("endpoint"), peer.get("key")
         if (isinstance(endpoint, str) and _PEER_ENDPOINT.fullmatch(endpoint) and isinstance(key, str)
-                and len(key) == (40 if self.config.secure else 0)):
-            w.peer, w.peer_key = endpoint, key
+                and _LINK_KEY_RE.fullmatch(key)):
+            w.peer, w.link_key = endpoint, key
         self._workers[wid] = w
         self._node_event(w, "joins")
         fields = self._model_fields() if self.config.calibrate else {"quant": self.config.quant}
@@ -5192,7 +5437,7 @@ class Cluster:
         header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": step.number,
                   "stage": step.stage, "start": step.start, "decode_from": session.prompt_len}
         if step.chain:
-            header["chain"] = [{"to": w.peer, "key": w.peer_key, "epoch": w.epoch}
+            header["chain"] = [{"to": w.peer, "key": w.link_key, "epoch": w.epoch}
                                for w in (self._workers[c] for c in step.chain)]
         return header
 

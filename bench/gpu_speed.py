@@ -283,6 +283,8 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only distllm over every GPU with direct links (its row and time to first token)")
+    ap.add_argument("--hop-only", action="store_true",
+                    help="only 2+ stages at decode batch 1, direct links (two workers share the GPU if there is one)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()
     card = torch.cuda.get_device_name(0)
@@ -292,6 +294,15 @@ def main() -> int:
     if args.prefill_only:
         want = reference_tokens(path, args.tokens, {distllm._GPU_DECODE_BATCH: SESSIONS})
         distllm_run(path, [f"cuda:{i}" for i in range(gpus)], args.tokens, want, stages=gpus, tag="per-gpu")
+        return 0
+    if args.hop_only:
+        want = reference_tokens(path, args.tokens, {1: 4})
+        devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else ["cuda:0", "cuda:0"]
+        row = distllm_run(path, devices, args.tokens, want, stages=len(devices), tag="hop", batch=1,
+                          long_prompt=False)
+        print(f"\nhop ms at decode batch 1, {len(devices)} stages: traced {row['traced_ms']:.3f}, host-measured "
+              f"{row['hop_ms']:.3f}; host round trip {row['first_ms']:.3f}; {row['tok_s_1']:.1f} tok/s; "
+              f"tokens = reference {row['identical']} / {row['identical_all']}", flush=True)
         return 0
     plain = plain_transformers(path, args.tokens)
     want = reference_tokens(path, args.tokens, {distllm._GPU_DECODE_BATCH: SESSIONS, 1: 4})

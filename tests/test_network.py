@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import pytest
 import torch
@@ -249,3 +250,164 @@ def test_a_float32_model_can_send_its_hidden_states_in_16_bits(tmp_path):
     while len(ids) < len(prompt) + 16 and ids[-1] not in head.eos_ids:
         ids.append(run(ids[-1:], len(ids) - 1))
     assert got == ids[len(prompt):]
+
+
+# -- the direct-link transport --------------------------------------------------
+
+
+def _link_pair(key: bytes = b"k" * 32, max_bytes: int = 1 << 20):
+    """A receiving end on a real TCP listener and a sending end dialled to it (by its background thread)."""
+    import socket
+
+    listener = distllm._listen("127.0.0.1", 0)
+    out = distllm._LinkOut(f"tcp://127.0.0.1:{listener.getsockname()[1]}", key)
+    assert out.send([b"too early"]) is False  # not dialled yet: says no at once (the host relays)
+    listener.setblocking(True)
+    listener.settimeout(10)
+    sock, _ = listener.accept()
+    listener.close()
+    incoming = distllm._LinkIn(sock, key, max_bytes)
+    deadline = time.monotonic() + 10
+    while out.sock is None:  # the dialler reads our salt and answers with its own
+        assert time.monotonic() < deadline, "the link was never dialled"
+        time.sleep(0.01)
+    return out, incoming, socket
+
+
+def _read_all(incoming, want: int, timeout: float = 10.0) -> tuple[list, bool]:
+    import select
+
+    got, is_open, deadline = [], True, time.monotonic() + timeout
+    while len(got) < want and is_open and time.monotonic() < deadline:
+        select.select([incoming.sock], [], [], 0.1)
+        messages, is_open = incoming.read()
+        got += messages
+    return got, is_open
+
+
+def test_a_direct_link_carries_sealed_messages_whole_and_in_order():
+    out, incoming, _ = _link_pair()
+    try:
+        sent = [distllm.encode("forward", {"sid": f"s{i}", "step": i}, [torch.randn(1, 1, 8)]) for i in range(50)]
+        for frames in sent:
+            assert out.send(frames)
+        got, is_open = _read_all(incoming, len(sent))
+        assert is_open and incoming.trusted
+        assert [[bytes(p) for p in distllm._link_parts(m)] for m in got] == [[bytes(f) for f in s] for s in sent]
+        msg = distllm.decode(distllm._link_parts(got[7]), allowed={"forward"})
+        assert msg.header["sid"] == "s7" and torch.equal(msg.tensor(0), distllm.decode(sent[7], allowed={
+            "forward"}).tensor(0))
+    finally:
+        out.close()
+        incoming.close()
+
+
+def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_frames():
+    """Whatever does not open under this connection's key ends the connection with a ProtocolError."""
+    import socket
+
+    # another key
+    out, incoming, _ = _link_pair()
+    incoming._key = b"x" * 32  # the sender holds another key than the receiver
+    try:
+        assert out.send([b"hello"])
+        with pytest.raises(distllm.ProtocolError, match="failed to open"):
+            _read_all(incoming, 1)
+    finally:
+        out.close()
+        incoming.close()
+
+    # a recorded connection played again to a new one: the receiver's fresh salt makes another key
+    listener = distllm._listen("127.0.0.1", 0)
+    listener.setblocking(True)
+    port = listener.getsockname()[1]
+    key = b"k" * 32
+    first = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    incoming = distllm._LinkIn(conn, key, 1 << 20)
+    receiver_salt = first.recv(16)
+    sender_salt = b"s" * 16
+    cipher = distllm._link_cipher(key, receiver_salt, sender_salt)
+    size = (5 + 4 + 16).to_bytes(4, "little")
+    recorded = sender_salt + size + cipher.encrypt(distllm._link_nonce(0), b"\x05\0\0\0hello", size)
+    first.sendall(recorded)
+    got, _ = _read_all(incoming, 1)
+    assert [bytes(p) for p in distllm._link_parts(got[0])] == [b"hello"]  # the original opens
+    replay = socket.create_connection(("127.0.0.1", port))
+    conn2, _ = listener.accept()
+    incoming2 = distllm._LinkIn(conn2, key, 1 << 20)
+    replay.recv(16)
+    replay.sendall(recorded)
+    with pytest.raises(distllm.ProtocolError, match="failed to open"):
+        _read_all(incoming2, 1)
+
+    # one bit flipped on the way
+    third = socket.create_connection(("127.0.0.1", port))
+    conn3, _ = listener.accept()
+    incoming3 = distllm._LinkIn(conn3, key, 1 << 20)
+    cipher = distllm._link_cipher(key, third.recv(16), sender_salt)
+    sealed = bytearray(cipher.encrypt(distllm._link_nonce(0), b"\x05\0\0\0hello", size))
+    sealed[3] ^= 1
+    third.sendall(sender_salt + size + bytes(sealed))
+    with pytest.raises(distllm.ProtocolError, match="failed to open"):
+        _read_all(incoming3, 1)
+
+    # a length over the cap is refused before anything that large is read
+    fourth = socket.create_connection(("127.0.0.1", port))
+    conn4, _ = listener.accept()
+    incoming4 = distllm._LinkIn(conn4, key, 1024)
+    fourth.recv(16)
+    fourth.sendall(sender_salt + (1 << 30).to_bytes(4, "little"))
+    with pytest.raises(distllm.ProtocolError, match="a frame of"):
+        _read_all(incoming4, 1)
+    for s in (first, replay, third, fourth, listener):
+        s.close()
+    for link in (incoming, incoming2, incoming3, incoming4):
+        link.close()
+
+
+def test_a_sending_end_whose_peer_died_says_no_and_dials_again():
+    out, incoming, _ = _link_pair()
+    try:
+        assert out.send([b"one"])
+        assert _read_all(incoming, 1)[0]
+        incoming.close()  # the next stage is gone
+        deadline = time.monotonic() + 10
+        while out.send([b"x" * 4096]):  # the first sends may still go into the kernel's buffers
+            assert time.monotonic() < deadline, "sends kept succeeding to a closed peer"
+            time.sleep(0.01)
+        assert out.sock is None  # dropped: the next sends say no until a dial succeeds
+        assert out.send([b"two"]) is False
+    finally:
+        out.close()
+
+
+def _thread_cpu_s(thread) -> float:
+    """CPU seconds a thread of this process has used (Linux: /proc)."""
+    import os
+
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_worker_sleeps_between_steps(model_dir):
+    """A CPU worker (no spinning) uses next to no CPU while no step comes, after it served some: its compute
+    thread sleeps in poll() until the bell rings or a direct step comes (the bell is emptied each time)."""
+    with distllm.host(model_dir("llama"), quant="none", bind="127.0.0.1", workers=2, stages=2,
+                      calibrate=False) as cluster:
+        workers = [distllm.Worker(cluster.join_string, name=f"idle-{i}", device="cpu",
+                                  config=distllm.Config(spin_ms=0)).start() for i in range(2)]
+        try:
+            cluster.wait_ready(60)
+            cluster.generate(prompt_of(6), max_new_tokens=8)
+            assert cluster.stats()["direct"] > 0
+            threads = [t for w in workers for t in w._threads if t.name.startswith("distllm-compute")]
+            assert len(threads) == 2
+            before = [_thread_cpu_s(t) for t in threads]
+            time.sleep(1.0)  # idle on purpose: the measure is of a second with nothing to do
+            used = [_thread_cpu_s(t) - b for t, b in zip(threads, before)]
+            assert max(used) < 0.2, used
+        finally:
+            for w in workers:
+                w.stop()

@@ -121,9 +121,9 @@ def test_host_survives_garbage_from_an_authenticated_peer(model_dir):
         rogue.connect(info.endpoint)
         junk = [
             [b"\x80\x04pickle"], [b"{}"], _frames({**BASE, "type": "result"}),
-            _frames({"v": 1, "type": "result", "sid": "x", "step": 1, "stage": 0, "epoch": 1,
+            _frames({"v": distllm.PROTOCOL_VERSION, "type": "result", "sid": "x", "step": 1, "stage": 0, "epoch": 1,
                      "tensors": [{"dtype": "float32", "shape": [1, 1, 64]}]}, b"\0" * 256),
-            _frames({"v": 1, "type": "join", "name": 5}),
+            _frames({"v": distllm.PROTOCOL_VERSION, "type": "join", "name": 5}),
         ]
         for frames in junk:
             rogue.send_multipart(frames)

@@ -113,38 +113,48 @@ def test_plain_cluster_works_and_refuses_encrypted_workers(model_dir):
         _refused(encrypted, "secure=False")  # by a handshake event, or (without one) by the timeout
 
 
-def test_direct_link_socket_admits_only_the_cluster_key_and_drops_junk(cluster):
-    """A worker's direct-link port: a stranger's key fails the handshake; a member's junk is dropped
-    with a reason, and the worker serves on."""
-    from zmq.utils.monitor import recv_monitor_message
+def test_direct_link_port_admits_only_its_key_and_drops_junk(cluster):
+    """A worker's direct-link port: frames sealed with another key end the connection; a key holder's junk
+    is dropped with a reason, and the worker serves on. The key itself is never shown."""
+    import socket
 
-    worker = cluster.workers()[0]
-    info = distllm.JoinInfo.parse(cluster.join_string)
-    ctx = zmq.Context()
-    try:
-        def dial(public: bytes, secret: bytes) -> tuple[zmq.Socket, zmq.Socket]:
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.curve_serverkey = worker["peer_key"].encode()
-            sock.curve_publickey, sock.curve_secretkey = public, secret
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-            sock.connect(worker["peer"])
-            assert monitor.poll(5000), "no handshake outcome within 5 s"
-            return sock, recv_monitor_message(monitor)["event"]
+    public = cluster.workers()[0]
+    assert "link_key" not in public and public["peer"].startswith("tcp://127.0.0.1:")
+    key = bytes.fromhex(next(iter(cluster._workers.values())).link_key)  # what only the host hands out
+    address = distllm._link_address(public["peer"])
 
-        _, event = dial(*zmq.curve_keypair())
-        assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        member, event = dial(info.client_public.encode(), info.client_secret.encode())
-        assert event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        member.send_multipart([b"not json"])
-        member.send_multipart(distllm.encode("shutdown", {}))  # only steps may come this way
-        member.send_multipart(distllm.encode("forward", {"sid": "x", "step": 1, "stage": 0, "start": 0,
-                                                         "epoch": 10**6}, [torch.zeros(1, 1, 3)]))
-    finally:
-        ctx.destroy(0)
+    def dial(with_key: bytes) -> tuple[socket.socket, distllm._LinkOut]:
+        out = distllm._LinkOut(public["peer"], with_key)
+        out._dial()  # in this thread: the connection and the salts
+        assert out.sock is not None
+        return out.sock, out
+
+    def closed_by_worker(sock: socket.socket) -> bool:
+        sock.setblocking(True)
+        sock.settimeout(10)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    stranger_sock, stranger = dial(b"s" * 32)
+    assert stranger.send(distllm.encode("forward", {"sid": "x"}, [torch.zeros(1, 1, 3)]))
+    assert closed_by_worker(stranger_sock)  # the first frame failed to open
+    silent = socket.create_connection(address)  # connects and sends nothing: holds one of 64 places, no more
+    assert len(silent.recv(16)) == 16  # the worker's salt
+    member_sock, member = dial(key)
+    for frames in ([b"not json"], distllm.encode("shutdown", {}),  # only steps may come this way
+                   distllm.encode("forward", {"sid": "x", "step": 1, "stage": 0, "start": 0, "epoch": 10**6},
+                                  [torch.zeros(1, 1, 3)])):
+        assert member.send(frames)
     prompt = prompt_of(6)
     assert cluster.generate(prompt, max_new_tokens=4) == cluster.generate(prompt, max_new_tokens=4)
     assert cluster.workers()[0]["state"] == "ready"
+    member_sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # the member's connection is still open: its messages were refused,
+        member_sock.recv(1)  # not its link
+    for sock in (member_sock, silent):
+        sock.close()
 
 
 def test_the_advertised_address_is_found_without_a_name_lookup(monkeypatch):
