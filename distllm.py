@@ -46,6 +46,7 @@ __all__ = [
     "main",
     "bench_overhead",
     "trace_hops",
+    "trace_hop_parts",
     "bench_failover",
     "simulate",
     "SwarmSimulator",
@@ -390,10 +391,12 @@ def _rss_bytes() -> int:
 
 class _Tracer:
     """A worker's step timeline, written to PREFIX-<pid>-<n>.jsonl as [seconds, event, sid, stage, start]
-    rows: when each step's compute started and ended. The seconds are CLOCK_MONOTONIC, one clock
-    for every process of a Linux machine, so on loopback the gap between one stage's compute end and
-    the next stage's compute start (a hop: wire, protocol, both workers' Python) reads off exactly;
-    trace_hops() does. Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest)."""
+    rows: when each step's compute started and ended, and for a step over a direct link when its
+    sender sent it ("link_sent") and its receiver began to read it ("link_read"), both under the
+    receiving stage. The seconds are CLOCK_MONOTONIC, one clock for every process of a Linux
+    machine, so on loopback the gap between one stage's compute end and the next stage's compute
+    start (a hop: wire, protocol, both workers' Python) reads off exactly; trace_hops() does.
+    Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest)."""
 
     _count = _itertools.count()
 
@@ -403,11 +406,12 @@ class _Tracer:
         self._lock = _threading.Lock()
         self.failed: str | None = None  # why writing stopped (a full disk, a missing folder): tracing is off
 
-    def add(self, event: str, sid: str, stage: int, start: int) -> None:
+    def add(self, event: str, sid: str, stage: int, start: int, at: float | None = None) -> None:
+        """Note `event` of a step now (or at `at`, a time.monotonic())."""
         with self._lock:
             if self.failed is not None:
                 return
-            self._rows.append([_time.monotonic(), event, sid, stage, start])
+            self._rows.append([_time.monotonic() if at is None else at, event, sid, stage, start])
             full = len(self._rows) >= 4096
         if full:
             self.flush()
@@ -431,20 +435,38 @@ def trace_hops(prefix: str, since: float = 0.0, until: float = float("inf")) -> 
     """Seconds from each step's compute end on one stage to its compute start on the next, read from the
     traces workers of one machine wrote with `Config.trace=prefix` (steps whose compute started within
     [since, until] on the time.monotonic() clock). A step computed twice (a replay) counts its first run."""
+    return [sum(parts) for parts in trace_hop_parts(prefix, since, until, whole=True)]
+
+
+def trace_hop_parts(prefix: str, since: float = 0.0, until: float = float("inf"), *,
+                    whole: bool = False) -> list[tuple[float, ...]]:
+    """trace_hops() in parts, for the steps that went over a direct link: (the sender's compute end to its
+    send, the send to the receiver's read, that read to its compute start), in seconds. With `whole`,
+    every hop as a 1-tuple instead (relayed ones too)."""
     import glob
 
-    ends, starts = {}, {}
+    first: dict[tuple, float] = {}
     for path in glob.glob(f"{glob.escape(prefix)}-*.jsonl"):
         with open(path) as f:
             for line in f:
                 t, event, sid, stage, start = _json.loads(line)
-                key = (sid, stage, start)
                 if event == "compute_end":
-                    ends.setdefault(key, t)
-                elif event == "compute_start" and since <= t <= until:
-                    starts.setdefault(key, t)
-    return [t - ends[(sid, stage - 1, start)] for (sid, stage, start), t in starts.items()
-            if (sid, stage - 1, start) in ends and t >= ends[(sid, stage - 1, start)]]
+                    stage += 1  # the hop it begins is the next stage's
+                first.setdefault((event, sid, stage, start), t)
+    hops = []
+    for (event, sid, stage, start), began in first.items():
+        if event != "compute_start" or not since <= began <= until:
+            continue
+        ended = first.get(("compute_end", sid, stage, start))
+        if ended is None or began < ended:
+            continue
+        if whole:
+            hops.append((began - ended,))
+            continue
+        sent, read = first.get(("link_sent", sid, stage, start)), first.get(("link_read", sid, stage, start))
+        if sent is not None and read is not None and ended <= sent <= read <= began:
+            hops.append((sent - ended, read - sent, began - read))
+    return hops
 
 
 def _available_memory(device: torch.device) -> int:
@@ -2731,7 +2753,8 @@ class _LinkIn:
         sock.send(self._salt)  # 16 bytes into an empty buffer: they go at once
         self._key, self._max = key, max_bytes
         self._cipher: Any = None
-        self._buf = bytearray()
+        self._buf = bytearray()  # bytes read and not yet opened
+        self._chunk = bytearray(1 << 18)  # what each recv_into() fills: no allocation per read
         self._opened = 0
         self.since = _time.monotonic()
 
@@ -2745,19 +2768,21 @@ class _LinkIn:
         for a frame that does not open or is too large: the caller closes the connection."""
         from cryptography.exceptions import InvalidTag
 
-        is_open = True
+        is_open, chunk = True, self._chunk
         while True:
             try:
-                data = self.sock.recv(1 << 20)
+                n = self.sock.recv_into(chunk)
             except BlockingIOError:
                 break
             except OSError:
                 is_open = False
                 break
-            if not data:
+            if not n:
                 is_open = False
                 break
-            self._buf += data
+            self._buf += memoryview(chunk)[:n]
+            if n < len(chunk):  # the socket had no more: no further call (and no BlockingIOError) needed
+                break
         messages = []
         if self._cipher is None:
             if len(self._buf) < _LINK_SALT:
@@ -2770,12 +2795,12 @@ class _LinkIn:
                 raise ProtocolError(f"a frame of {n} bytes")
             if len(self._buf) < 4 + n:
                 break
-            size, sealed = bytes(self._buf[:4]), bytes(self._buf[4:4 + n])
+            with memoryview(self._buf) as view:  # opened where it lies (released before the buffer shrinks)
+                try:
+                    messages.append(self._cipher.decrypt(_link_nonce(self._opened), view[4:4 + n], view[:4]))
+                except InvalidTag:
+                    raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
             del self._buf[:4 + n]
-            try:
-                messages.append(self._cipher.decrypt(_link_nonce(self._opened), sealed, size))
-            except InvalidTag:
-                raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
             self._opened += 1
         return messages, is_open
 
@@ -3240,17 +3265,18 @@ class Worker:
             pending.append(self._jobs.get_nowait())
         for fd in links:
             link = self._links_in[fd]
+            began = _time.monotonic()
             try:
                 messages, is_open = link.read()
                 for message in messages:
-                    self._take_direct(pending, message)
+                    self._take_direct(pending, message, began)
             except ProtocolError as exc:
                 _log.warning("worker %s: closed a direct link that sent what cannot be read: %s", self.name, exc)
                 is_open = False
             if not is_open:
                 self._drop_link_in(poller, fd)
 
-    def _take_direct(self, pending: _collections.deque, message: bytes) -> None:
+    def _take_direct(self, pending: _collections.deque, message: bytes, began: float) -> None:
         try:
             msg = decode(_link_parts(message), allowed={"forward"},
                          max_elements=self.config.max_message_bytes // 2)
@@ -3259,6 +3285,10 @@ class Worker:
             return
         msg.header["direct"] = True  # its answer tells the host it came this way
         pending.append(msg)
+        if self._tracer is not None:
+            h = msg.header
+            if isinstance(h.get("sid"), str) and isinstance(h.get("stage"), int) and isinstance(h.get("start"), int):
+                self._tracer.add("link_read", h["sid"], h["stage"], h["start"], at=began)
 
     def _accept_links(self, poller: zmq.Poller) -> None:
         while True:
@@ -3500,6 +3530,8 @@ class Worker:
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
             if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
                 extra["forwarded"] = self._send_on(link, frame)
+                if self._tracer is not None and extra["forwarded"]:
+                    self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start)
             raw = (_DTYPE_NAMES[out.dtype], list(out.shape), frame)
             if direct:
                 extra["direct"] = True

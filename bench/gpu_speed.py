@@ -6,11 +6,13 @@ all greedy decoding of token-id prompts:
 
 - plain transformers `generate` with bitsandbytes nf4 on GPU 0, batch 1 and batch 32;
 - distllm with 1 worker (host and worker on GPU 0), and with one worker per GPU
-  (worker processes joined over loopback TCP with the real protocol, CURVE on; and once
+  (worker processes joined over loopback TCP with the real protocol, CURVE on, direct links sealed; and once
   all in one `distllm join` process); 1 stream and 32 concurrent sessions each, with
   sessions decoded 16 to a step (the CUDA default) and one at a time (`decode_batch=1`);
 - per-hop overhead: one stage's compute end to the next stage's compute start, from the workers'
-  traces (`--trace`, one clock on one machine; median over the one-stream steps); as the host
+  traces (`--trace`, one clock on one machine; median over the one-stream steps), and in parts for
+  the steps over a direct link (sender's compute end to its send; to the receiver's read; to its
+  compute start); as the host
   sees it, the arrival of a stage's answer less the arrival of the previous stage's copy less its
   compute; and the first stage's round trip through the host less its compute;
 - the stall when a worker is SIGKILLed mid-stream, without and with a replica;
@@ -257,8 +259,13 @@ def distllm_run(path: str, devices: list[str], tokens: int, wanted: dict, *, sta
                 proc.wait()
         # Each one-stream step's compute end on one stage to its compute start on the next, from the
         # workers' own clocks (one machine): what a stage-to-stage hop adds, exactly.
-        hops = distllm.trace_hops(trace, *row.pop("trace_window", (0.0, -1.0)))
+        window = row.pop("trace_window", (0.0, -1.0))
+        hops = distllm.trace_hops(trace, *window)
         row["traced_ms"] = statistics.median(hops) * 1e3 if hops else float("nan")
+        # ... and of those over a direct link, in parts: sender's compute end to its send, to the receiver's
+        # read (the wire and the wake-up), to its compute start (open, decode, check)
+        parts = distllm.trace_hop_parts(trace, *window)
+        row["parts_ms"] = [statistics.median(p) * 1e3 for p in zip(*parts)] if parts else []
         torch.cuda.empty_cache()
 
 
@@ -300,7 +307,8 @@ def main() -> int:
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else ["cuda:0", "cuda:0"]
         row = distllm_run(path, devices, args.tokens, want, stages=len(devices), tag="hop", batch=1,
                           long_prompt=False)
-        print(f"\nhop ms at decode batch 1, {len(devices)} stages: traced {row['traced_ms']:.3f}, host-measured "
+        print(f"\nhop ms at decode batch 1, {len(devices)} stages: traced {row['traced_ms']:.3f} "
+              f"(send, wire, receive: {', '.join(f'{p:.3f}' for p in row['parts_ms'])}), host-measured "
               f"{row['hop_ms']:.3f}; host round trip {row['first_ms']:.3f}; {row['tok_s_1']:.1f} tok/s; "
               f"tokens = reference {row['identical']} / {row['identical_all']}", flush=True)
         return 0
@@ -325,7 +333,7 @@ def main() -> int:
              f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
              f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
              f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
-             f"| ms per extra stage | hop ms: traced / host-measured | host round trip ms "
+             f"| ms per extra stage | hop ms: traced (send + wire + receive) / host-measured | host round trip ms "
              f"| first token after {LONG} prompt tokens, s: chunks in series / pipelined "
              f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -338,7 +346,8 @@ def main() -> int:
         extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
         route = f", {r['route']}" if r["stages"] > 1 else ""
         where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
-        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['traced_ms']:.2f} / {r['hop_ms']:.2f}"
+        parts = f" ({' + '.join(f'{p:.2f}' for p in r['parts_ms'])})" if r["parts_ms"] else ""
+        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['traced_ms']:.2f}{parts} / {r['hop_ms']:.2f}"
         ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
         lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
                      f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "

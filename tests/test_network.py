@@ -172,6 +172,12 @@ def test_workers_trace_their_steps_and_the_hops_read_off_the_traces(model_dir, t
     assert len(hops) >= 12  # the prompt's chunk and every decoded token's step crossed from stage 0 to 1
     assert all(0 < h < until - since for h in hops)
     assert distllm.trace_hops(prefix, until + 1) == []  # nothing computed after the run
+    # The steps that took the direct link, in parts: sender's compute end to its send, the wire and the
+    # receiver's wait for it, the receiver's read to its compute start. The first token's step was relayed
+    # (the link was being dialled) and so were the prompt's chunks.
+    parts = distllm.trace_hop_parts(prefix, since, until)
+    assert 8 <= len(parts) < len(hops) and all(len(p) == 3 and min(p) >= 0 for p in parts)
+    assert all(any(abs(sum(p) - h) < 1e-9 for h in hops) for p in parts)  # each adds up to its whole hop
 
 
 def test_a_trace_that_cannot_be_written_stops_tracing_not_the_worker(model_dir, tmp_path, caplog):
