@@ -586,6 +586,24 @@ class Message:
         return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
+def _host_bytes(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> list[memoryview]:
+    """The raw bytes of each tensor in its dtype of `dtypes`, on the CPU: one copy from the device (and one
+    synchronization) for all of them where they share a dtype, views of it with no per-tensor work after."""
+    if not tensors:
+        return []
+    same = len(set(dtypes)) == 1
+    groups = [list(zip(tensors, dtypes))] if same else [[pair] for pair in zip(tensors, dtypes)]
+    views = []
+    for group in groups:
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t, dtype in group]).cpu()
+        raw, at = memoryview(flat.view(torch.uint8).numpy()), 0
+        for t, dtype in group:
+            n = t.numel() * dtype.itemsize
+            views.append(raw[at:at + n])
+            at += n
+    return views
+
+
 def _frame_bytes(frame: Any) -> memoryview | bytes:
     return frame.buffer if isinstance(frame, zmq.Frame) else frame
 
@@ -662,14 +680,18 @@ def decode(frames: Sequence[Any], *, allowed: set[str], max_elements: int = 1 <<
     return Message(header, frames[1:], specs)
 
 
-def _check_hidden(t: torch.Tensor, hidden_size: int, what: str) -> None:
-    """Refuse a hidden-state tensor of the wrong shape, dtype or with NaN/Inf in it."""
+def _check_hidden(t: torch.Tensor, hidden_size: int, what: str, *, finite: bool = True) -> None:
+    """Refuse a hidden-state tensor of the wrong shape, dtype or (unless `finite` is False: the caller
+    checks that itself, later) with NaN/Inf in it."""
     if t.dim() != 3 or t.shape[0] != 1 or t.shape[2] != hidden_size:
         raise ProtocolError(f"{what}: hidden states of shape {tuple(t.shape)}, want (1, n, {hidden_size})")
     if not t.is_floating_point():
         raise ProtocolError(f"{what}: hidden states of dtype {t.dtype}")
-    if not _all_finite(t):
-        raise ProtocolError(f"{what}: hidden states hold NaN or Inf")
+    if finite and not _all_finite(t):
+        raise ProtocolError(_NOT_FINITE.format(what))
+
+
+_NOT_FINITE = "{}: hidden states hold NaN or Inf"
 
 
 # (integer view, exponent bits) per float dtype: a value is NaN or Inf exactly when all its exponent bits are set
@@ -684,7 +706,7 @@ def _all_finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t).all())
     int_type, bits = _EXPONENT_BITS[t.dtype]
     raw = t.contiguous().view(int_type).numpy()
-    return not bool(((raw & bits) == bits).any())
+    return int((raw & bits).max(initial=0)) < bits  # every exponent below all ones: finite
 
 
 ###############################################################################
@@ -1851,6 +1873,18 @@ class StageShard:
         with torch.cuda.device(self.device):
             graph.replay()
         return out.clone()  # the next replay overwrites `out`
+
+    def undo(self, sid: SessionID, start: int) -> None:
+        """Forget what a step at `start` wrote: the session's cache ends at `start` again (one that began
+        with the step is dropped)."""
+        slot = self.slots.get(sid)
+        self.last.pop(sid, None)
+        if slot is None:
+            return
+        if start == 0:
+            self.drop(sid)
+        elif slot.length > start:
+            slot.crop(start)
 
     def drop(self, sid: SessionID) -> None:
         slot = self.slots.pop(sid, None)
@@ -3511,35 +3545,46 @@ class Worker:
         for k, out in zip(todo, done):
             outs[k] = out
         shared = sum(isinstance(o, torch.Tensor) for o in done) if len(todo) > 1 else 1  # rows of the batch
-        computed = [o for o in outs if isinstance(o, torch.Tensor)]
-        if computed:  # one copy to the CPU for the batch (it synchronizes: compute_ms is honest)
-            cpu = iter(torch.cat([o.reshape(-1, o.shape[-1]) for o in computed]).cpu().split(
-                [o.shape[0] * o.shape[1] for o in computed]))
-            outs = [next(cpu).view(o.shape) if isinstance(o, torch.Tensor) else o for o in outs]
+        # While the device computes (off a hop's path): the inputs' NaN/Inf check. A step whose input
+        # fails it is refused, and what it wrote to its session's cache is undone.
+        for k, (_, fields, hidden, start, *_) in enumerate(runs):
+            if not _all_finite(hidden):
+                if repeats[k] is None and isinstance(outs[k], torch.Tensor):
+                    shard.undo(fields["sid"], start)
+                outs[k] = ProtocolError(_NOT_FINITE.format("forward"))
+        computed = [k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)]
+        # The answers in the dtype each step came in (the host's choice), as bytes on the CPU: one copy
+        # for the batch (it synchronizes: compute_ms is honest).
+        frames = _host_bytes([outs[k] for k in computed], [runs[k][2].dtype for k in computed])
         compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
         if self._tracer is not None:
             for _, fields, *_ in runs:
                 self._tracer.add("compute_end", fields["sid"], fields["stage"], fields["start"])
-        for (i, fields, hidden, start, decode_from, link, direct), out, repeat in zip(runs, outs, repeats):
-            if isinstance(out, StepOrderError):
-                replies[i] = encode("error", {"code": "order", "message": str(out), **fields})
+        frame_of = dict(zip(computed, frames))
+        for k, ((i, fields, hidden, start, decode_from, link, direct), out, repeat) in enumerate(
+                zip(runs, outs, repeats)):
+            if isinstance(out, Exception):
+                code = "protocol" if isinstance(out, ProtocolError) else "order"
+                if code == "protocol":
+                    _log.warning("worker %s: refused a forward message: %s", self.name, out)
+                replies[i] = encode("error", {"code": code, "message": str(out), **fields})
                 continue
             self.steps_served += 1
-            out = out.to(hidden.dtype)  # the wire's dtype is the host's choice: answer in the one we were sent
-            frame = _tensor_frame(out)
+            frame = frame_of[k]
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
             if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
                 extra["forwarded"] = self._send_on(link, frame)
                 if self._tracer is not None and extra["forwarded"]:
                     self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start)
-            raw = (_DTYPE_NAMES[out.dtype], list(out.shape), frame)
+            raw = (_DTYPE_NAMES[hidden.dtype], list(out.shape), frame)
             if direct:
                 extra["direct"] = True
             replies[i] = encode("result", {**fields, "start": start, "compute_ms": compute_ms, **extra}, [raw])
         return replies
 
     def _check_step(self, msg: Message) -> tuple | list | None:
-        """Check a forward step: (fields, hidden, start, decode_from, link, came directly) to run it, or the
+        """Check a forward step (all but its input's NaN/Inf: _forward_many looks for those while the device
+        computes): (fields, hidden, start, decode_from, link, came directly) to run it, or the
         reply it gets instead (None: dropped). `link`: where our output goes on, with the message's header
         made ready before the compute, or None."""
         fields = _step_fields(msg)
@@ -3550,7 +3595,7 @@ class Worker:
         if start < 0:
             raise ProtocolError(f"negative start position {start}")
         hidden = msg.tensor(0)
-        _check_hidden(hidden, shard.config.hidden_size, "forward")
+        _check_hidden(hidden, shard.config.hidden_size, "forward", finite=False)  # (NaN/Inf: while it computes)
         decode_from, chain = msg.get("decode_from", int, None), msg.get("chain", list, [])
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])

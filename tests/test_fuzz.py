@@ -164,3 +164,29 @@ def test_worker_still_computes_right_after_fuzzing(fake_host):
     result = _ask(router, wid, "forward", {"epoch": 10**6, "sid": "check", "step": 1, "stage": 0, "start": 0},
                   [hidden])
     assert torch.equal(result.tensor(0), shard.forward("check", hidden, 0))
+
+
+def test_a_step_with_nan_in_it_is_refused_and_leaves_no_trace_in_the_cache(fake_host):
+    """The NaN/Inf check runs while the device computes: a refused step's cache entries are undone, so the
+    same position sent again with good numbers gives what it gives in a single process."""
+    router, wid, worker, path = fake_host
+    _drain(router)
+    _ask(router, wid, "assign", {"epoch": 7, "model": path, "start": 0, "end": 2, "quant": "none",
+                                 "dtype": "float32"}, want="ready")
+    files = distllm._ModelFiles(path)
+    shard = distllm.StageShard(files, distllm._load_config(files), 0, 2, quant="none", dtype=torch.float32,
+                               device=torch.device("cpu"))
+    prompt, good = torch.randn(1, 4, 64), torch.randn(1, 1, 64)
+    bad = good.clone()
+    bad[0, 0, 5] = float("nan")
+    head = {"epoch": 7, "sid": "nan", "stage": 0}
+    _ask(router, wid, "forward", {**head, "step": 1, "start": 0}, [prompt])
+    refused = _ask(router, wid, "forward", {**head, "step": 2, "start": 4}, [bad], want="error")
+    assert refused.get("code", str) == "protocol" and "NaN or Inf" in refused.get("message", str)
+    assert worker._shard.slots["nan"].length == 4  # the refused position was taken back out
+    result = _ask(router, wid, "forward", {**head, "step": 3, "start": 4}, [good])
+    shard.forward("nan", prompt, 0)
+    assert torch.equal(result.tensor(0), shard.forward("nan", good, 4))
+    refused = _ask(router, wid, "forward", {**head, "step": 4, "sid": "new", "start": 0}, [prompt * float("inf")],
+                   want="error")
+    assert "NaN or Inf" in refused.get("message", str) and "new" not in worker._shard.slots  # begun and undone
