@@ -2654,6 +2654,17 @@ _LINK_DIAL_S = 5.0  # a dial (connect and salts) gives up after this long
 _NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)  # a peer gone mid-send: an error, not SIGPIPE
 
 
+def _can_seal(name: str) -> bool:
+    """Whether direct links can be sealed here (the cryptography package); says why not once."""
+    try:
+        import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+    except ImportError:
+        _log.warning("worker %s: no direct links without the cryptography package (pip install cryptography): "
+                     "its steps go through the host", name)
+        return False
+    return True
+
+
 def _link_cipher(key: bytes, receiver_salt: bytes, sender_salt: bytes) -> Any:
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -2758,7 +2769,7 @@ class _LinkOut:
             sock.sendall(sender_salt)
             sock.setblocking(False)
             cipher = _link_cipher(self.key, receiver_salt, sender_salt)
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # refused, unreachable, no such name, port > 65535
             if sock is not None:
                 sock.close()
             with self._lock:
@@ -2780,6 +2791,9 @@ class _LinkIn:
     """The receiving end of one direct-link connection, read by the compute thread."""
 
     def __init__(self, sock: _socket.socket, key: bytes, max_bytes: int):
+        from cryptography.exceptions import InvalidTag
+
+        self._invalid_tag = InvalidTag  # (imported once per connection, not per read on a hop's path)
         self.sock = sock
         sock.setblocking(False)
         sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
@@ -2800,8 +2814,6 @@ class _LinkIn:
     def read(self) -> tuple[list[bytes], bool]:
         """(the messages that came whole, whether the connection is still open). Raises ProtocolError
         for a frame that does not open or is too large: the caller closes the connection."""
-        from cryptography.exceptions import InvalidTag
-
         is_open, chunk = True, self._chunk
         while True:
             try:
@@ -2832,7 +2844,7 @@ class _LinkIn:
             with memoryview(self._buf) as view:  # opened where it lies (released before the buffer shrinks)
                 try:
                     messages.append(self._cipher.decrypt(_link_nonce(self._opened), view[4:4 + n], view[:4]))
-                except InvalidTag:
+                except self._invalid_tag:
                     raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
             del self._buf[:4 + n]
             self._opened += 1
@@ -2887,7 +2899,7 @@ class Worker:
         self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
         self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
         # Jobs for the compute thread (host messages, finished background loads, None: stop). Each put
-        # rings the bell, a socket pair the compute thread polls beside the direct-link socket it owns.
+        # rings the bell, a socket pair the compute thread polls beside the direct links it owns.
         self._jobs: _queue.Queue = _queue.Queue()
         self._bell, self._ring = _socket.socketpair()
         self._bell.setblocking(False)
@@ -2911,6 +2923,7 @@ class Worker:
         self._link_key = _os.urandom(32)  # seals what comes over our direct links: only the host passes it on
         # The compute thread's direct links: to next stages by endpoint, and from previous ones by socket.
         self._links: dict[str, _LinkOut] = {}
+        self._links_on = self.config.direct_links and _can_seal(self.name)  # direct links both ways, or none
         self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
 
     def __repr__(self) -> str:
@@ -3018,7 +3031,7 @@ class Worker:
         to send here. Nothing may reach this port (a Colab VM): then the previous stage
         finds no connection and the host relays as before.
         """
-        if not self.config.direct_links:
+        if not self._links_on:
             return None
         try:
             sock = _listen(self.config.bind, self.config.peer_port)
@@ -3298,7 +3311,9 @@ class Worker:
         while not self._jobs.empty():  # (the one reader: not empty stays so)
             pending.append(self._jobs.get_nowait())
         for fd in links:
-            link = self._links_in[fd]
+            link = self._links_in.get(fd)
+            if link is None:  # closed by _accept_links just now, to make room
+                continue
             began = _time.monotonic()
             try:
                 messages, is_open = link.read()
@@ -3604,7 +3619,8 @@ class Worker:
             # stale. Only the host may send a session back to an earlier position.
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
-        link = self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden) if chain else None
+        link = (self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden)
+                if chain and self._links_on else None)
         return fields, hidden, start, decode_from, link, direct
 
     def _link(self, chain: list, fields: dict, hidden: torch.Tensor) -> tuple[_LinkOut, bytes]:

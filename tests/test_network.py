@@ -99,7 +99,7 @@ def test_unreachable_direct_links_fall_back_to_the_host(model_dir):
 
 def test_spinning_nodes_serve_the_same_tokens_over_direct_links(model_dir):
     """spin_ms > 0 (a CUDA node's default): the host and the workers poll instead of sleeping between
-    messages, the compute thread reading the direct-link socket itself; tokens stay the reference's,
+    messages, the compute thread reading its direct links itself; tokens stay the reference's,
     the steps go direct, and the host's interpreter hands the GIL over within 50 us."""
     import sys
 
@@ -419,3 +419,25 @@ def test_an_idle_worker_sleeps_between_steps(model_dir):
         finally:
             for w in workers:
                 w.stop()
+
+
+def test_workers_without_the_cryptography_package_serve_through_the_host(model_dir, monkeypatch, caplog):
+    """No cipher for direct links (distllm.py copied alone onto a machine): a warning, the host relays
+    every step, the tokens are the reference's."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)  # import fails
+    caplog.set_level(logging.WARNING, logger="distllm")
+    prompt = prompt_of(6)
+    path = model_dir("llama")
+    want = reference_generate(reference_model(path), prompt, 8)
+    with distllm.host(path, quant="none", bind="127.0.0.1", workers=2, stages=2, calibrate=False) as cluster:
+        workers = [distllm.Worker(cluster.join_string, name=f"plain-{i}", device="cpu").start() for i in range(2)]
+        try:
+            cluster.wait_ready(60)
+            assert cluster.generate(prompt, max_new_tokens=8) == want
+            assert cluster.stats()["direct"] == 0 and all(w["peer"] is None for w in cluster.workers())
+        finally:
+            for w in workers:
+                w.stop()
+    assert "no direct links without the cryptography package" in caplog.text
