@@ -1642,6 +1642,7 @@ class StageShard:
         # Fixed buffers hold masked positions past a session's end, as many as the buffers' size says:
         # single positions attend in a way those never change (and batched rows never touch each other).
         self.config = _use_row_attention(config) if self.static else config
+        self.hidden_size = int(config.hidden_size)  # (read per step: a config's attributes cost microseconds)
         layer_cls, rotary_cls = _family_classes(config)
         self._cache_kw = _cache_keyword(layer_cls)
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
@@ -3610,7 +3611,7 @@ class Worker:
         if start < 0:
             raise ProtocolError(f"negative start position {start}")
         hidden = msg.tensor(0)
-        _check_hidden(hidden, shard.config.hidden_size, "forward", finite=False)  # (NaN/Inf: while it computes)
+        _check_hidden(hidden, shard.hidden_size, "forward", finite=False)  # (NaN/Inf: while it computes)
         decode_from, chain = msg.get("decode_from", int, None), msg.get("chain", list, [])
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
@@ -4277,6 +4278,7 @@ class Cluster:
                                  endpoint=self.config.hub_endpoint)
         self.model_config = _load_config(self.files)
         self.n_layers = int(self.model_config.num_hidden_layers)
+        self._hidden_size = int(self.model_config.hidden_size)  # (read per message: cheaper than the config's)
         self.device = _default_device()
         self._spin_s = 0.0  # seconds the loop polls before sleeping while requests run: set when it starts
         self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
@@ -5271,7 +5273,7 @@ class Cluster:
         n = step.n
         try:
             hidden = msg.tensor(0)
-            _check_hidden(hidden, self.model_config.hidden_size, f"result from {worker.name}")
+            _check_hidden(hidden, self._hidden_size, f"result from {worker.name}")
             if hidden.shape[1] != n:
                 raise ProtocolError(f"result for {hidden.shape[1]} positions, the step had {n}")
         except ProtocolError as exc:
