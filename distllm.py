@@ -392,8 +392,8 @@ def _rss_bytes() -> int:
 class _Tracer:
     """A worker's step timeline, written to PREFIX-<pid>-<n>.jsonl as [seconds, event, sid, stage, start]
     rows: when each step's compute started and ended, and for a step over a direct link when its
-    sender sent it ("link_sent") and its receiver began to read it ("link_read"), both under the
-    receiving stage. The seconds are CLOCK_MONOTONIC, one clock for every process of a Linux
+    sender began to send it ("link_sent") and its receiver began to read it ("link_read"), both
+    under the receiving stage. The seconds are CLOCK_MONOTONIC, one clock for every process of a Linux
     machine, so on loopback the gap between one stage's compute end and the next stage's compute
     start (a hop: wire, protocol, both workers' Python) reads off exactly; trace_hops() does.
     Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest)."""
@@ -435,37 +435,35 @@ def trace_hops(prefix: str, since: float = 0.0, until: float = float("inf")) -> 
     """Seconds from each step's compute end on one stage to its compute start on the next, read from the
     traces workers of one machine wrote with `Config.trace=prefix` (steps whose compute started within
     [since, until] on the time.monotonic() clock). A step computed twice (a replay) counts its first run."""
-    return [sum(parts) for parts in trace_hop_parts(prefix, since, until, whole=True)]
+    return [began - ended for ended, _, _, began in _traced_hops(prefix, since, until)]
 
 
-def trace_hop_parts(prefix: str, since: float = 0.0, until: float = float("inf"), *,
-                    whole: bool = False) -> list[tuple[float, ...]]:
+def trace_hop_parts(prefix: str, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, float, float]]:
     """trace_hops() in parts, for the steps that went over a direct link: (the sender's compute end to its
-    send, the send to the receiver's read, that read to its compute start), in seconds. With `whole`,
-    every hop as a 1-tuple instead (relayed ones too)."""
+    send, the link (sealing, sending, delivery, the receiver noticing) to the receiver's read, that read to
+    its compute start), in seconds."""
+    return [(sent - ended, read - sent, began - read) for ended, sent, read, began in _traced_hops(prefix, since, until)
+            if sent is not None and read is not None and ended <= sent <= read <= began]
+
+
+def _traced_hops(prefix: str, since: float, until: float) -> list[tuple[float, Any, Any, float]]:
+    """(compute end, link send or None, link read or None, next stage's compute start) of each traced hop."""
     import glob
 
-    first: dict[tuple, float] = {}
+    first: dict[tuple, float] = {}  # (event, sid, stage of the hop's end, start) -> its first time
     for path in glob.glob(f"{glob.escape(prefix)}-*.jsonl"):
         with open(path) as f:
             for line in f:
                 t, event, sid, stage, start = _json.loads(line)
                 if event == "compute_end":
-                    stage += 1  # the hop it begins is the next stage's
+                    stage += 1  # the hop it begins ends on the next stage
                 first.setdefault((event, sid, stage, start), t)
     hops = []
     for (event, sid, stage, start), began in first.items():
-        if event != "compute_start" or not since <= began <= until:
-            continue
         ended = first.get(("compute_end", sid, stage, start))
-        if ended is None or began < ended:
-            continue
-        if whole:
-            hops.append((began - ended,))
-            continue
-        sent, read = first.get(("link_sent", sid, stage, start)), first.get(("link_read", sid, stage, start))
-        if sent is not None and read is not None and ended <= sent <= read <= began:
-            hops.append((sent - ended, read - sent, began - read))
+        if event == "compute_start" and since <= began <= until and ended is not None and began >= ended:
+            link = first.get(("link_sent", sid, stage, start)), first.get(("link_read", sid, stage, start))
+            hops.append((ended, *link, began))
     return hops
 
 
@@ -3589,9 +3587,10 @@ class Worker:
             frame = frame_of[k]
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
             if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
+                sending = _time.monotonic()
                 extra["forwarded"] = self._send_on(link, frame)
                 if self._tracer is not None and extra["forwarded"]:
-                    self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start)
+                    self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start, at=sending)
             raw = (_DTYPE_NAMES[hidden.dtype], list(out.shape), frame)
             if direct:
                 extra["direct"] = True
