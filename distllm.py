@@ -3247,7 +3247,10 @@ class Worker:
         pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
         try:
             while not self._stopping.is_set():
-                self._gather(pending, self._wait_for_work(poller, idle=not pending), poller)
+                ready = self._wait_for_work(poller, idle=not pending)
+                if not ready and not pending:  # half a second with nothing to do: sweep stale connections
+                    self._close_idle_links(poller)
+                self._gather(pending, ready, poller)
                 if not pending:
                     continue
                 msg = pending.popleft()
@@ -3293,7 +3296,6 @@ class Worker:
         """Move every queued job and every direct step that came into `pending`, in that order; take
         new direct-link connections. (No exceptions on a hop's path: each costs microseconds.)"""
         if not ready:
-            self._close_idle_links(poller)
             return
         links = []
         for fd, _ in ready:
@@ -3574,9 +3576,8 @@ class Worker:
         if self._tracer is not None:
             for _, fields, *_ in runs:
                 self._tracer.add("compute_end", fields["sid"], fields["stage"], fields["start"])
-        frame_of = dict(zip(computed, frames))
-        for k, ((i, fields, hidden, start, decode_from, link, direct), out, repeat) in enumerate(
-                zip(runs, outs, repeats)):
+        frames_in_order = iter(frames)  # (one per computed answer, in the order of `runs`)
+        for (i, fields, hidden, start, decode_from, link, direct), out, repeat in zip(runs, outs, repeats):
             if isinstance(out, Exception):
                 code = "protocol" if isinstance(out, ProtocolError) else "order"
                 if code == "protocol":
@@ -3584,10 +3585,10 @@ class Worker:
                 replies[i] = encode("error", {"code": code, "message": str(out), **fields})
                 continue
             self.steps_served += 1
-            frame = frame_of[k]
+            frame = next(frames_in_order)
             extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
             if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
-                sending = _time.monotonic()
+                sending = _time.monotonic() if self._tracer is not None else 0.0
                 extra["forwarded"] = self._send_on(link, frame)
                 if self._tracer is not None and extra["forwarded"]:
                     self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start, at=sending)

@@ -265,8 +265,6 @@ def test_a_float32_model_can_send_its_hidden_states_in_16_bits(tmp_path):
 
 def _link_pair(key: bytes = b"k" * 32, max_bytes: int = 1 << 20):
     """A receiving end on a real TCP listener and a sending end dialled to it (by its background thread)."""
-    import socket
-
     listener = distllm._listen("127.0.0.1", 0)
     out = distllm._LinkOut(f"tcp://127.0.0.1:{listener.getsockname()[1]}", key)
     assert out.send([b"too early"]) is False  # not dialled yet: says no at once (the host relays)
@@ -279,7 +277,7 @@ def _link_pair(key: bytes = b"k" * 32, max_bytes: int = 1 << 20):
     while out.sock is None:  # the dialler reads our salt and answers with its own
         assert time.monotonic() < deadline, "the link was never dialled"
         time.sleep(0.01)
-    return out, incoming, socket
+    return out, incoming
 
 
 def _read_all(incoming, want: int, timeout: float = 10.0) -> tuple[list, bool]:
@@ -294,7 +292,7 @@ def _read_all(incoming, want: int, timeout: float = 10.0) -> tuple[list, bool]:
 
 
 def test_a_direct_link_carries_sealed_messages_whole_and_in_order():
-    out, incoming, _ = _link_pair()
+    out, incoming = _link_pair()
     try:
         sent = [distllm.encode("forward", {"sid": f"s{i}", "step": i}, [torch.randn(1, 1, 8)]) for i in range(50)]
         for frames in sent:
@@ -315,7 +313,7 @@ def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_fram
     import socket
 
     # another key
-    out, incoming, _ = _link_pair()
+    out, incoming = _link_pair()
     incoming._key = b"x" * 32  # the sender holds another key than the receiver
     try:
         assert out.send([b"hello"])
@@ -375,7 +373,7 @@ def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_fram
 
 
 def test_a_sending_end_whose_peer_died_says_no_and_dials_again():
-    out, incoming, _ = _link_pair()
+    out, incoming = _link_pair()
     try:
         assert out.send([b"one"])
         assert _read_all(incoming, 1)[0]
