@@ -128,6 +128,7 @@ import random as _random
 import re as _re
 import signal as _signal
 import socket as _socket
+import struct as _struct
 import sys as _sys
 import tempfile as _tempfile
 import threading as _threading
@@ -144,7 +145,7 @@ _log = _logging.getLogger("distllm")
 # Constants ###################################################################
 ###############################################################################
 
-PROTOCOL_VERSION = 2  # 2: direct links over sealed TCP (1: ZeroMQ with CURVE)
+PROTOCOL_VERSION = 3  # 3: binary steps on direct links (2: JSON ones; 1: links over ZeroMQ with CURVE)
 JOIN_PREFIX = "dllm1."
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -545,12 +546,14 @@ def _step_seed(seed: int, position: int) -> int:
 class Message:
     """A decoded, validated message: its header and its (lazily built) tensors."""
 
-    __slots__ = ("header", "frames", "_specs")
+    __slots__ = ("header", "frames", "_specs", "_owned")
 
-    def __init__(self, header: dict, frames: Sequence[Any], specs: list[tuple[torch.dtype, tuple[int, ...]]]):
+    def __init__(self, header: dict, frames: Sequence[Any], specs: list[tuple[torch.dtype, tuple[int, ...]]],
+                 owned: bool = False):
         self.header = header
         self.frames = list(frames)  # raw tensor frames, forwardable without a copy
         self._specs = specs
+        self._owned = owned  # whether the frames are this message's own writable buffers (nothing else reads them)
 
     @property
     def type(self) -> str:
@@ -574,11 +577,12 @@ class Message:
         return self._specs[index][1] if index < len(self._specs) else None
 
     def tensor(self, index: int = 0) -> torch.Tensor:
-        """Return tensor `index` as a fresh CPU tensor (one copy out of the frame)."""
+        """Return tensor `index` on the CPU: a fresh one (one copy out of the frame), or a view of the frame
+        where the message owns it (a direct step, opened into its own buffer)."""
         if index >= len(self._specs):
             raise ProtocolError(f"{self.type} message carries {len(self._specs)} tensors, wanted #{index}")
         dtype, shape = self._specs[index]
-        data = bytearray(_frame_bytes(self.frames[index]))
+        data = self.frames[index] if self._owned else bytearray(_frame_bytes(self.frames[index]))
         if not data:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).view(shape)
@@ -2640,9 +2644,14 @@ class _Checkpointer:
 # 16-byte salt, the receiver's first, and the connection's key is keyed BLAKE2b of the
 # two: a recorded connection replayed later fails, and a nonce (a counter per
 # connection) never repeats under a key. Frames: 4-byte little-endian length, then the
-# sealed message (the length is its associated data); a message is the parts of an
-# encoded one, each with its 4-byte length. A frame that fails to open ends the
-# connection: the host relays what did not come.
+# sealed message (the length is its associated data). A frame that fails to open ends
+# the connection: the host relays what did not come.
+#
+# A message is one forward step in binary (_LINK_STEP, then the session id, the rest of
+# the chain as JSON, the hidden states' bytes), opened straight into a buffer that
+# becomes the step's input tensor: on a hop's receiving side every microsecond of
+# Python counts several times over, run on a core that was waiting (a JSON header's
+# decode and checks took ~100 us there, against 8 hot).
 
 _LINK_SALT = 16
 _LINK_TAG = 16  # Poly1305 tag bytes per frame
@@ -2651,15 +2660,21 @@ _LINK_CONNECTIONS = 64  # incoming connections a worker keeps at most
 _LINK_OPEN_S = 10.0  # an incoming connection that has not sent a valid frame by then is closed
 _LINK_DIAL_S = 5.0  # a dial (connect and salts) gives up after this long
 _NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)  # a peer gone mid-send: an error, not SIGPIPE
+# step, start, epoch, decode_from (-1: none), stage, positions, hidden size, chain bytes, session id bytes, dtype
+_LINK_STEP = _struct.Struct("<qqqqiIIIHB")
+_LINK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # hidden states' dtypes, by their code
 
 
 def _can_seal(name: str) -> bool:
-    """Whether direct links can be sealed here (the cryptography package); says why not once."""
+    """Whether direct links can be sealed here (the cryptography package, 47 or newer: it opens a frame
+    into a buffer of ours); says why not once."""
     try:
-        import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
     except ImportError:
-        _log.warning("worker %s: no direct links without the cryptography package (pip install cryptography): "
-                     "its steps go through the host", name)
+        ChaCha20Poly1305 = None
+    if not hasattr(ChaCha20Poly1305, "decrypt_into"):
+        _log.warning("worker %s: no direct links without the cryptography package, 47 or newer (pip install -U "
+                     "cryptography): its steps go through the host", name)
         return False
     return True
 
@@ -2710,12 +2725,12 @@ class _LinkOut:
         self._lock = _threading.Lock()
 
     def send(self, parts: Sequence[Any]) -> bool:
-        """Send one message of `parts` without blocking; whether it went whole."""
+        """Send one message, `parts` joined, without blocking; whether it went whole."""
         sock = self.sock
         if sock is None:
             self._dial_if_due()
             return False
-        plain = b"".join(p for part in parts for p in (len(part).to_bytes(4, "little"), part))
+        plain = b"".join(parts)
         size = (len(plain) + _LINK_TAG).to_bytes(4, "little")
         sealed = self._cipher.encrypt(_link_nonce(self._sent), plain, size)
         try:
@@ -2810,10 +2825,11 @@ class _LinkIn:
         """Whether a frame sealed with our key came: the sender holds the link key."""
         return self._opened > 0
 
-    def read(self) -> tuple[list[bytes], bool]:
-        """(the messages that came whole, whether the connection is still open). Raises ProtocolError
-        for a frame that does not open or is too large: the caller closes the connection."""
-        is_open, chunk = True, self._chunk
+    def read(self) -> tuple[list[bytearray], bool]:
+        """(the messages that came whole, each opened into a buffer of its own; whether the connection is
+        still open). Raises ProtocolError for a frame that does not open or is too large: the caller
+        closes the connection."""
+        is_open, messages, chunk = True, [], self._chunk
         while True:
             try:
                 n = self.sock.recv_into(chunk)
@@ -2825,46 +2841,87 @@ class _LinkIn:
             if not n:
                 is_open = False
                 break
-            self._buf += memoryview(chunk)[:n]
+            self._open(memoryview(chunk)[:n], messages)
             if n < len(chunk):  # the socket had no more: no further call (and no BlockingIOError) needed
                 break
-        messages = []
+        return messages, is_open
+
+    def _open(self, data: memoryview, messages: list) -> None:
+        """Open every whole frame of what came after what was kept from before; keep the rest. (A frame
+        that came in one read, the usual, is opened where it lies: no copy.)"""
+        kept = bool(self._buf)
+        if kept:
+            self._buf += data
+            data = memoryview(self._buf)
+        at = 0
         if self._cipher is None:
-            if len(self._buf) < _LINK_SALT:
-                return messages, is_open
-            self._cipher = _link_cipher(self._key, self._salt, bytes(self._buf[:_LINK_SALT]))
-            del self._buf[:_LINK_SALT]
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "little")
+            if len(data) < _LINK_SALT:
+                if not kept:
+                    self._buf = bytearray(data)
+                return
+            self._cipher = _link_cipher(self._key, self._salt, bytes(data[:_LINK_SALT]))
+            at = _LINK_SALT
+        while len(data) - at >= 4:
+            n = int.from_bytes(data[at:at + 4], "little")
             if not _LINK_TAG <= n <= self._max + MAX_HEADER_BYTES + 1024:
                 raise ProtocolError(f"a frame of {n} bytes")
-            if len(self._buf) < 4 + n:
+            if len(data) - at - 4 < n:
                 break
-            with memoryview(self._buf) as view:  # opened where it lies (released before the buffer shrinks)
-                try:
-                    messages.append(self._cipher.decrypt(_link_nonce(self._opened), view[4:4 + n], view[:4]))
-                except self._invalid_tag:
-                    raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
-            del self._buf[:4 + n]
+            plain = bytearray(n - _LINK_TAG)
+            try:
+                self._cipher.decrypt_into(_link_nonce(self._opened), data[at + 4:at + 4 + n], data[at:at + 4], plain)
+            except self._invalid_tag:
+                raise ProtocolError("a frame failed to open (another key, a replay or tampering)") from None
+            messages.append(plain)
             self._opened += 1
-        return messages, is_open
+            at += 4 + n
+        if not kept or at:  # the start of a frame still to come is kept (nothing opened from _buf: it stays)
+            self._buf = bytearray(data[at:])
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _link_parts(message: bytes) -> list[memoryview]:
-    """The parts of an opened link message (raises ProtocolError if they do not add up)."""
-    view, parts, at = memoryview(message), [], 0
-    while at < len(view):
-        if at + 4 > len(view):
-            raise ProtocolError("a message ends inside a part's length")
-        n = int.from_bytes(view[at:at + 4], "little")
-        if at + 4 + n > len(view) or len(parts) >= 8:
-            raise ProtocolError("a message's parts do not add up")
-        parts.append(view[at + 4:at + 4 + n])
-        at += 4 + n
-    return parts
+def _step_head(fields: dict, chain: list, dtype: torch.dtype, shape: Sequence[int]) -> bytes:
+    """A direct step's message up to its hidden states (see _LINK_STEP): `fields` as _step_fields() gives
+    them with the step's "decode_from"; `chain` the links after the receiver's; the states' dtype and shape."""
+    sid = fields["sid"].encode("utf-8", "replace")
+    rest = _json.dumps(chain, separators=(",", ":")).encode() if chain else b""
+    decode_from = fields.get("decode_from")
+    try:
+        head = _LINK_STEP.pack(fields["step"], fields["start"], fields["epoch"],
+                               -1 if decode_from is None else decode_from, fields["stage"], shape[1], shape[2],
+                               len(rest), len(sid), _LINK_DTYPES.index(dtype))
+    except (_struct.error, ValueError) as exc:  # a number out of range, a dtype hidden states never have
+        raise ProtocolError(f"a step that cannot go over a direct link: {exc}") from None
+    return head + sid + rest
+
+
+def _read_step(plain: bytearray, max_elements: int) -> Message:
+    """The forward step a direct-link message carries, its hidden states a view of `plain` (the message's
+    own buffer); raises ProtocolError if anything is off."""
+    if len(plain) < _LINK_STEP.size:
+        raise ProtocolError(f"a direct step of {len(plain)} bytes")
+    step, start, epoch, decode_from, stage, n, hidden, chain_len, sid_len, code = _LINK_STEP.unpack_from(plain)
+    if code >= len(_LINK_DTYPES):
+        raise ProtocolError(f"a direct step's dtype code {code}")
+    dtype = _LINK_DTYPES[code]
+    at = _LINK_STEP.size + sid_len + chain_len
+    if n * hidden > max_elements or chain_len > MAX_HEADER_BYTES or len(plain) != at + n * hidden * dtype.itemsize:
+        raise ProtocolError(f"a direct step's parts do not add up ({n} x {hidden} states, {len(plain)} bytes)")
+    view = memoryview(plain)
+    try:
+        sid = str(view[_LINK_STEP.size:_LINK_STEP.size + sid_len], "utf-8")
+        chain = _json.loads(bytes(view[at - chain_len:at])) if chain_len else []
+    except ValueError as exc:  # (UnicodeDecodeError is one)
+        raise ProtocolError(f"a direct step's session id or chain does not read: {exc}") from None
+    if not isinstance(chain, list):
+        raise ProtocolError("a direct step's chain is not a list")
+    header = {"v": PROTOCOL_VERSION, "type": "forward", "sid": sid, "step": step, "stage": stage, "start": start,
+              "epoch": epoch, "chain": chain}
+    if decode_from != -1:
+        header["decode_from"] = decode_from
+    return Message(header, [view[at:]], [(dtype, (1, n, hidden))], owned=True)
 
 
 ###############################################################################
@@ -3326,19 +3383,16 @@ class Worker:
             if not is_open:
                 self._drop_link_in(poller, fd)
 
-    def _take_direct(self, pending: _collections.deque, message: bytes, began: float) -> None:
+    def _take_direct(self, pending: _collections.deque, message: bytearray, began: float) -> None:
         try:
-            msg = decode(_link_parts(message), allowed={"forward"},
-                         max_elements=self.config.max_message_bytes // 2)
+            msg = _read_step(message, max_elements=self.config.max_message_bytes // 2)
         except ProtocolError as exc:  # sealed with our key, so from a member: its message is refused, not its link
             _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
             return
         msg.header["direct"] = True  # its answer tells the host it came this way
         pending.append(msg)
         if self._tracer is not None:
-            h = msg.header
-            if isinstance(h.get("sid"), str) and isinstance(h.get("stage"), int) and isinstance(h.get("start"), int):
-                self._tracer.add("link_read", h["sid"], h["stage"], h["start"], at=began)
+            self._tracer.add("link_read", msg.header["sid"], msg.header["stage"], msg.header["start"], at=began)
 
     def _accept_links(self, poller: zmq.Poller) -> None:
         while True:
@@ -3613,6 +3667,8 @@ class Worker:
         hidden = msg.tensor(0)
         _check_hidden(hidden, shard.hidden_size, "forward", finite=False)  # (NaN/Inf: while it computes)
         decode_from, chain = msg.get("decode_from", int, None), msg.get("chain", list, [])
+        if decode_from is not None and decode_from < 0:
+            raise ProtocolError(f"negative decode_from {decode_from}")
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
         if direct and slot is not None and slot.length > start + hidden.shape[1]:
@@ -3625,8 +3681,8 @@ class Worker:
         return fields, hidden, start, decode_from, link, direct
 
     def _link(self, chain: list, fields: dict, hidden: torch.Tensor) -> tuple[_LinkOut, bytes]:
-        """The link to the next stage's worker, `chain[0]`, and the header of the step our output makes
-        there (it answers in the dtype and shape it was sent)."""
+        """The link to the next stage's worker, `chain[0]`, and the head of the step our output makes there,
+        ready before the compute (it answers in the dtype and shape it was sent)."""
         link = chain[0]
         if len(chain) > 64 or not isinstance(link, dict):
             raise ProtocolError("bad chain in a forward message")
@@ -3640,9 +3696,8 @@ class Worker:
             if out is not None:
                 out.close()
             out = self._links[endpoint] = _LinkOut(endpoint, bytes.fromhex(key))
-        header = {**fields, "stage": fields["stage"] + 1, "epoch": epoch, "chain": chain[1:]}
-        head, _ = encode("forward", header, [(_DTYPE_NAMES[hidden.dtype], list(hidden.shape), b"")])
-        return out, head
+        return out, _step_head({**fields, "stage": fields["stage"] + 1, "epoch": epoch}, chain[1:], hidden.dtype,
+                               hidden.shape)
 
     @staticmethod
     def _send_on(link: tuple[_LinkOut, bytes], frame: memoryview) -> bool:

@@ -24,7 +24,10 @@ Decode time per token is (time for 1 + N new tokens - time for 1) / N, so prefil
 out: the median of three such measurements. Prints one table and appends it, with the
 card's name, to docs/BENCHMARKS.md.
 
-    python bench/gpu_speed.py [--layers 32] [--tokens 64] [--no-write]
+    python bench/gpu_speed.py [--layers 32] [--tokens 64] [--no-write] [--rows plain,one,...]
+
+A run longer than one sitting can be split with --rows: each row is kept in --results as it ends,
+and the table is printed (and written) by the run that completes it.
 """
 
 from __future__ import annotations
@@ -283,11 +286,78 @@ def stall(cluster, procs, prompt: list[int], tokens: int, want: list[int]) -> di
     return {"stall_s": max(gaps) - statistics.median(gaps), "identical_after_kill": got == want}
 
 
+ROWS = ("plain", "one", "one-b1", "per-gpu", "per-gpu-b1", "one-process", "kill", "kill-rep")
+
+
+def run_row(tag: str, path: str, tokens: int, want: dict, gpus: int) -> dict:
+    """One row of the table, by its tag (see ROWS)."""
+    if tag == "plain":
+        return plain_transformers(path, tokens)
+    all_gpus = [f"cuda:{i}" for i in range(gpus)]
+    if tag in ("one", "one-b1"):
+        return distllm_run(path, ["cuda:0"], tokens, want, stages=1, tag=tag, long_prompt=False,
+                           batch=1 if tag == "one-b1" else distllm._GPU_DECODE_BATCH)
+    if tag == "per-gpu":
+        return distllm_run(path, all_gpus, tokens, want, stages=gpus, tag=tag)
+    if tag == "per-gpu-b1":
+        return distllm_run(path, all_gpus, tokens, want, stages=gpus, tag=tag, batch=1, long_prompt=False)
+    if tag == "one-process":
+        return distllm_run(path, all_gpus, tokens, want, stages=gpus, tag=tag, long_prompt=False, one_process=True)
+    if tag == "kill":
+        return distllm_run(path, all_gpus, tokens, want, stages=gpus, kill=True, tag=tag)
+    if tag == "kill-rep":
+        return distllm_run(path, all_gpus, tokens, want, stages=max(1, gpus // 2), replicas=2, kill=True, tag=tag)
+    raise SystemExit(f"unknown row {tag!r}: one of {', '.join(ROWS)}")
+
+
+def table(results: dict, layers: int, tokens: int, gpus: int, card: str) -> str:
+    plain = results["plain"]
+    lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {layers} layers ({gpus} x {card})", "",
+             f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
+             f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {tokens} decoded, greedy.", "",
+             f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
+             f"| ms per extra stage | hop ms: traced (send + wire + receive) / host-measured | host round trip ms "
+             f"| first token after {LONG} prompt tokens, s: chunks in series / pipelined "
+             f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+             f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
+             f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – | – "
+             f"| – | – |"]
+    rows = [results[tag] for tag in ROWS[1:6] if tag in results]
+    one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
+    for r in rows:
+        # The same 32 layers run split S ways: what S stages cost over one, per stage added.
+        extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
+        route = f", {r['route']}" if r["stages"] > 1 else ""
+        where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
+        parts = f" ({' + '.join(f'{p:.2f}' for p in r['parts_ms'])})" if r["parts_ms"] else ""
+        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['traced_ms']:.2f}{parts} / {r['hop_ms']:.2f}"
+        ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
+        lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
+                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "
+                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | {hop} | {r['first_ms']:.2f} | "
+                     f"{ttft} | {r['batched_share']:.0%} | "
+                     f"{r['identical']} / {r['identical_all']} ({r['checked']}) |")
+    if "kill" in results and "kill-rep" in results:
+        no_replica, with_replica = results["kill"], results["kill-rep"]
+        lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
+                  f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "
+                  f"{no_replica['identical_after_kill']} |",
+                  f"| {max(1, gpus // 2)} stages x 2 replicas | {with_replica['stall_s']:.2f} | "
+                  f"{with_replica['identical_after_kill']} |"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"the rows to run now, of {', '.join(ROWS)}; each is kept in --results, so a run too long "
+                         "for one sitting can be split (the table is written once every row is there)")
+    ap.add_argument("--results", default=os.path.join(ROOT, ".bench-cache", "gpu_speed.json"),
+                    help="rows measured so far on this machine (JSON), added to by each run")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only distllm over every GPU with direct links (its row and time to first token)")
     ap.add_argument("--hop-only", action="store_true",
@@ -312,59 +382,35 @@ def main() -> int:
               f"{row['hop_ms']:.3f}; host round trip {row['first_ms']:.3f}; {row['tok_s_1']:.1f} tok/s; "
               f"tokens = reference {row['identical']} / {row['identical_all']}", flush=True)
         return 0
-    plain = plain_transformers(path, args.tokens)
-    want = reference_tokens(path, args.tokens, {distllm._GPU_DECODE_BATCH: SESSIONS, 1: 4})
-    all_gpus = [f"cuda:{i}" for i in range(gpus)]
-    rows = [distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one", long_prompt=False),
-            distllm_run(path, ["cuda:0"], args.tokens, want, stages=1, tag="one-b1", batch=1, long_prompt=False)]
-    if gpus > 1:
-        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu"))
-        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="per-gpu-b1", batch=1,
-                                long_prompt=False))
-        rows.append(distllm_run(path, all_gpus, args.tokens, want, stages=gpus, tag="one-process",
-                                long_prompt=False, one_process=True))
-        no_replica = distllm_run(path, all_gpus, args.tokens, want, stages=gpus, kill=True, tag="kill")
-        with_replica = distllm_run(path, all_gpus, args.tokens, want, stages=max(1, gpus // 2), replicas=2,
-                                   kill=True, tag="kill-rep")
-    else:
-        no_replica = with_replica = {}
-
-    lines = [f"### GPU speed: Llama-3-8B-shaped, nf4, {args.layers} layers ({gpus} x {card})", "",
-             f"`python bench/gpu_speed.py` ({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, transformers "
-             f"{__import__('transformers').__version__}); prompt {PROMPT} tokens, {args.tokens} decoded, greedy.", "",
-             f"| run | decode batch | tok/s, 1 stream | tok/s, {SESSIONS} sessions | {SESSIONS} sessions / 1 stream "
-             f"| ms per extra stage | hop ms: traced (send + wire + receive) / host-measured | host round trip ms "
-             f"| first token after {LONG} prompt tokens, s: chunks in series / pipelined "
-             f"| steps batched | tokens = reference: 1 stream / {SESSIONS} sessions (sessions checked) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-             f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
-             f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – | – "
-             f"| – | – |"]
-    one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
-    for r in rows:
-        # The same 32 layers run split S ways: what S stages cost over one, per stage added.
-        extra = f"{(1e3 / r['tok_s_1'] - one_ms[r['batch']]) / (r['stages'] - 1):.2f}" if r["stages"] > 1 else "–"
-        route = f", {r['route']}" if r["stages"] > 1 else ""
-        where = ", all in 1 process" if r["processes"] == 1 and r["workers"] > 1 else ""
-        parts = f" ({' + '.join(f'{p:.2f}' for p in r['parts_ms'])})" if r["parts_ms"] else ""
-        hop = "–" if r["hop_ms"] != r["hop_ms"] else f"{r['traced_ms']:.2f}{parts} / {r['hop_ms']:.2f}"
-        ttft = "–" if r["ttft_serial"] != r["ttft_serial"] else f"{r['ttft_serial']:.3f} / {r['ttft_pipelined']:.3f}"
-        lines.append(f"| distllm, {r['workers']} worker(s){where}, {r['stages']} stage(s){route} | {r['batch']} | "
-                     f"{r['tok_s_1']:.1f} | {r[f'tok_s_{SESSIONS}']:.1f} | "
-                     f"{r[f'tok_s_{SESSIONS}'] / r['tok_s_1']:.1f}x | {extra} | {hop} | {r['first_ms']:.2f} | "
-                     f"{ttft} | {r['batched_share']:.0%} | "
-                     f"{r['identical']} / {r['identical_all']} ({r['checked']}) |")
-    if no_replica:
-        lines += ["", "| SIGKILL of a worker mid-stream | stall s | tokens = reference |", "|---|---:|---|",
-                  f"| {gpus} stages, no replica (re-plan, reload) | {no_replica['stall_s']:.2f} | "
-                  f"{no_replica['identical_after_kill']} |",
-                  f"| {max(1, gpus // 2)} stages x 2 replicas | {with_replica['stall_s']:.2f} | "
-                  f"{with_replica['identical_after_kill']} |"]
-    table = "\n".join(lines)
-    print("\n" + table, flush=True)
+    tags = [t for t in args.rows.split(",") if t and (gpus > 1 or t in ROWS[:3])]
+    setting = {"gpus": gpus, "card": card, "layers": args.layers, "tokens": args.tokens}
+    results: dict = {}
+    if os.path.exists(args.results):
+        with open(args.results) as f:
+            kept = json.load(f)
+        if kept.get("setting") == setting:  # rows of another machine or setting are not mixed in
+            results = kept["rows"]
+    batches = {}  # the reference runs the rows need: decode batch -> prompts
+    for tag in tags:  # (a kill row checks its one stream)
+        if tag != "plain":
+            batch = 1 if tag.endswith("b1") else distllm._GPU_DECODE_BATCH
+            n = 1 if tag.startswith("kill") else 4 if batch == 1 else SESSIONS
+            batches[batch] = max(n, batches.get(batch, 0))
+    want = reference_tokens(path, args.tokens, batches) if batches else {}
+    for tag in tags:
+        results[tag] = run_row(tag, path, args.tokens, want, gpus)
+        os.makedirs(os.path.dirname(args.results), exist_ok=True)
+        with open(args.results, "w") as f:  # after each row: a run cut short keeps what it measured
+            json.dump({"setting": setting, "rows": results}, f, indent=1)
+    missing = [t for t in ROWS if t not in results and (gpus > 1 or t in ROWS[:3])]
+    if missing:
+        log(f"rows still to run: {','.join(missing)} (--rows); kept in {args.results}")
+        return 0
+    text = table(results, args.layers, args.tokens, gpus, card)
+    print("\n" + text, flush=True)
     if not args.no_write:
         with open(os.path.join(ROOT, "docs", "BENCHMARKS.md"), "a") as f:
-            f.write("\n" + table + "\n")
+            f.write("\n" + text + "\n")
     return 0
 
 

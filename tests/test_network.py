@@ -291,21 +291,68 @@ def _read_all(incoming, want: int, timeout: float = 10.0) -> tuple[list, bool]:
     return got, is_open
 
 
+def _direct_step(i: int, hidden: torch.Tensor, chain: list | None = None) -> list:
+    fields = {"sid": f"s{i}", "step": i, "stage": 1, "start": 3 * i, "epoch": 7, "decode_from": i}
+    return [distllm._step_head(fields, chain or [], hidden.dtype, hidden.shape), distllm._tensor_frame(hidden)]
+
+
 def test_a_direct_link_carries_sealed_messages_whole_and_in_order():
     out, incoming = _link_pair()
     try:
-        sent = [distllm.encode("forward", {"sid": f"s{i}", "step": i}, [torch.randn(1, 1, 8)]) for i in range(50)]
-        for frames in sent:
-            assert out.send(frames)
+        sizes = [1, 1, 5, 1, 10000] + [1] * 45  # one of 320 KB: more than a read takes, kept until whole
+        hiddens = [torch.randn(1, n, 8) for n in sizes]
+        sent = [_direct_step(i, h) for i, h in enumerate(hiddens)]
+        for parts in sent:
+            assert out.send(parts)
         got, is_open = _read_all(incoming, len(sent))
         assert is_open and incoming.trusted
-        assert [[bytes(p) for p in distllm._link_parts(m)] for m in got] == [[bytes(f) for f in s] for s in sent]
-        msg = distllm.decode(distllm._link_parts(got[7]), allowed={"forward"})
-        assert msg.header["sid"] == "s7" and torch.equal(msg.tensor(0), distllm.decode(sent[7], allowed={
-            "forward"}).tensor(0))
+        assert [bytes(m) for m in got] == [b"".join(bytes(p) for p in parts) for parts in sent]
+        for i, message in enumerate(got):
+            msg = distllm._read_step(message, max_elements=1 << 20)
+            assert msg.header == {"v": distllm.PROTOCOL_VERSION, "type": "forward", "sid": f"s{i}", "step": i,
+                                  "stage": 1, "start": 3 * i, "epoch": 7, "chain": [], "decode_from": i}
+            assert torch.equal(msg.tensor(0), hiddens[i])
+        hidden = msg.tensor(0)
+        assert hidden.data_ptr() == msg.tensor(0).data_ptr()  # the step's own buffer, not a copy
     finally:
         out.close()
         incoming.close()
+
+
+def test_a_direct_step_reads_back_as_sent_and_refuses_what_does_not_add_up():
+    chain = [{"to": "tcp://10.0.0.2:5555", "key": "ab" * 32, "epoch": 3}]
+    hidden = torch.randn(1, 2, 16, dtype=torch.bfloat16)
+    fields = {"sid": "séance", "step": 2**40, "stage": 2, "start": 17, "epoch": 9}  # no decode_from
+    good = bytearray(distllm._step_head(fields, chain, hidden.dtype, hidden.shape)
+                     + bytes(distllm._tensor_frame(hidden)))
+    msg = distllm._read_step(bytearray(good), max_elements=1 << 20)
+    assert msg.header == {"v": distllm.PROTOCOL_VERSION, "type": "forward", **fields, "chain": chain}
+    assert msg.get("decode_from", int, None) is None and torch.equal(msg.tensor(0), hidden)
+    size = distllm._LINK_STEP.size
+
+    def broken(at: int, value: bytes) -> bytearray:
+        bad = bytearray(good)
+        bad[at:at + len(value)] = value
+        return bad
+
+    for bad, why in [
+        (good[:10], "a direct step of 10 bytes"),
+        (good[:-1], "do not add up"),  # a byte short
+        (good + b"\0", "do not add up"),
+        (broken(size - 1, b"\x07"), "dtype code 7"),
+        (broken(36, (10**6).to_bytes(4, "little")), "do not add up"),  # more positions than bytes
+        (broken(size, b"\xff\xfe"), "session id or chain does not read"),  # not UTF-8
+        (broken(size + len("séance".encode()), b"{"), "session id or chain does not read"),
+    ]:
+        with pytest.raises(distllm.ProtocolError, match=why):
+            distllm._read_step(bad, max_elements=1 << 20)
+    with pytest.raises(distllm.ProtocolError, match="do not add up"):  # over the element cap
+        distllm._read_step(bytearray(good), max_elements=31)
+    not_a_list = distllm._step_head(fields, {"to": "x"}, hidden.dtype, hidden.shape)  # what a sender never makes
+    with pytest.raises(distllm.ProtocolError, match="not a list"):
+        distllm._read_step(bytearray(not_a_list + bytes(distllm._tensor_frame(hidden))), max_elements=1 << 20)
+    with pytest.raises(distllm.ProtocolError, match="cannot go over a direct link"):  # a number out of range
+        distllm._step_head({**fields, "start": 2**70}, [], hidden.dtype, hidden.shape)
 
 
 def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_frames():
@@ -334,11 +381,11 @@ def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_fram
     receiver_salt = first.recv(16)
     sender_salt = b"s" * 16
     cipher = distllm._link_cipher(key, receiver_salt, sender_salt)
-    size = (5 + 4 + 16).to_bytes(4, "little")
-    recorded = sender_salt + size + cipher.encrypt(distllm._link_nonce(0), b"\x05\0\0\0hello", size)
+    size = (5 + 16).to_bytes(4, "little")
+    recorded = sender_salt + size + cipher.encrypt(distllm._link_nonce(0), b"hello", size)
     first.sendall(recorded)
     got, _ = _read_all(incoming, 1)
-    assert [bytes(p) for p in distllm._link_parts(got[0])] == [b"hello"]  # the original opens
+    assert got == [b"hello"]  # the original opens
     replay = socket.create_connection(("127.0.0.1", port))
     conn2, _ = listener.accept()
     incoming2 = distllm._LinkIn(conn2, key, 1 << 20)
@@ -352,7 +399,7 @@ def test_a_direct_link_refuses_another_key_a_replay_tampering_and_oversized_fram
     conn3, _ = listener.accept()
     incoming3 = distllm._LinkIn(conn3, key, 1 << 20)
     cipher = distllm._link_cipher(key, third.recv(16), sender_salt)
-    sealed = bytearray(cipher.encrypt(distllm._link_nonce(0), b"\x05\0\0\0hello", size))
+    sealed = bytearray(cipher.encrypt(distllm._link_nonce(0), b"hello", size))
     sealed[3] ^= 1
     third.sendall(sender_salt + size + bytes(sealed))
     with pytest.raises(distllm.ProtocolError, match="failed to open"):
@@ -438,4 +485,4 @@ def test_workers_without_the_cryptography_package_serve_through_the_host(model_d
         finally:
             for w in workers:
                 w.stop()
-    assert "no direct links without the cryptography package" in caplog.text
+    assert "no direct links without the cryptography package, 47 or newer" in caplog.text

@@ -143,10 +143,10 @@ def test_direct_link_port_admits_only_its_key_and_drops_junk(cluster):
     silent = socket.create_connection(address)  # connects and sends nothing: holds one of 64 places, no more
     assert len(silent.recv(16)) == 16  # the worker's salt
     member_sock, member = dial(key)
-    for frames in ([b"not json"], distllm.encode("shutdown", {}),  # only steps may come this way
-                   distllm.encode("forward", {"sid": "x", "step": 1, "stage": 0, "start": 0, "epoch": 10**6},
-                                  [torch.zeros(1, 1, 3)])):
-        assert member.send(frames)
+    stale = {"sid": "x", "step": 1, "stage": 0, "start": 0, "epoch": 10**6}  # well formed, for no assignment
+    for parts in ([b"not a step"], distllm.encode("shutdown", {}),  # only binary steps come this way
+                  [distllm._step_head(stale, [], torch.float32, (1, 1, 3)), bytes(12)]):
+        assert member.send(parts)
     prompt = prompt_of(6)
     assert cluster.generate(prompt, max_new_tokens=4) == cluster.generate(prompt, max_new_tokens=4)
     assert cluster.workers()[0]["state"] == "ready"
