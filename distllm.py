@@ -397,31 +397,28 @@ class _Tracer:
     under the receiving stage. The seconds are CLOCK_MONOTONIC, one clock for every process of a Linux
     machine, so on loopback the gap between one stage's compute end and the next stage's compute
     start (a hop: wire, protocol, both workers' Python) reads off exactly; trace_hops() does.
-    Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest)."""
+    Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest). Only the compute
+    thread adds rows, most with times it took on a step's way and notes once its output is on its way:
+    the trace costs a hop next to nothing."""
 
     _count = _itertools.count()
 
     def __init__(self, prefix: str):
         self.path = f"{prefix}-{_os.getpid()}-{next(self._count)}.jsonl"
         self._rows: list = []
-        self._lock = _threading.Lock()
         self.failed: str | None = None  # why writing stopped (a full disk, a missing folder): tracing is off
 
     def add(self, event: str, sid: str, stage: int, start: int, at: float | None = None) -> None:
         """Note `event` of a step now (or at `at`, a time.monotonic())."""
-        with self._lock:
-            if self.failed is not None:
-                return
+        if self.failed is None:
             self._rows.append([_time.monotonic() if at is None else at, event, sid, stage, start])
-            full = len(self._rows) >= 4096
-        if full:
-            self.flush()
+            if len(self._rows) >= 4096:
+                self.flush()
 
     def flush(self) -> None:
         """Write the rows kept so far. A trace that cannot be written stops tracing, with a warning: it
         must never stop a step (nor a worker stopping)."""
-        with self._lock:
-            rows, self._rows = self._rows, []
+        rows, self._rows = self._rows, []
         if not rows:
             return
         try:
@@ -1301,6 +1298,7 @@ def _window_mask(q: torch.Tensor, keys: int, window: int | None) -> torch.Tensor
 
 _GPU_DECODE_BATCH = 16  # sessions a CUDA stage decodes in one step unless `Config.decode_batch` says otherwise
 _SPIN_SWITCH_S = 50e-6  # the interpreter's switch interval while a node of the process spins (see _claim_spin)
+_WARM_S = 200e-6  # how often a spinning node runs a step's way on a copy of the last step (see _poll_spinning)
 _GPU_SPIN_S = 10e-3  # seconds a CUDA node polls for its next message before sleeping, unless `Config.spin_ms` says
 
 
@@ -1353,16 +1351,25 @@ def _release_spin(node: Any) -> None:
         _set_switch_interval()
 
 
-def _poll_spinning(poller: zmq.Poller, spin_s: float, timeout_ms: int) -> list:
+def _poll_spinning(poller: zmq.Poller, spin_s: float, timeout_ms: int, warm: Any = None) -> list:
     """poller.poll(timeout_ms), but first `spin_s` seconds of polls that do not sleep (pyzmq lets go of the
     GIL in each: the process's other threads run meanwhile). A sleeping core takes tens of microseconds
-    to wake, several times over on a hop's way through the kernel and ZeroMQ."""
+    to wake, several times over on a hop's way through the kernel and ZeroMQ. While it spins, `warm()`
+    (if given) runs every _WARM_S: code that last ran milliseconds ago runs 5-15x slower than code
+    that ran a moment ago on the VMs' CPUs measured here (bench/cold.py), so a node keeps hot what a
+    step's way runs."""
     if spin_s > 0:
-        until = _time.perf_counter() + min(spin_s, timeout_ms / 1e3)
-        while _time.perf_counter() < until:
+        now = _time.perf_counter()
+        until, warm_at = now + min(spin_s, timeout_ms / 1e3), now + _WARM_S
+        while now < until:
             events = poller.poll(0)
             if events:
                 return events
+            now = _time.perf_counter()
+            if warm is not None and now >= warm_at:
+                warm()
+                now = _time.perf_counter()
+                warm_at = now + _WARM_S
     return poller.poll(timeout_ms)
 
 
@@ -2981,6 +2988,8 @@ class Worker:
         self._links: dict[str, _LinkOut] = {}
         self._links_on = self.config.direct_links and _can_seal(self.name)  # direct links both ways, or none
         self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
+        self._last_direct: bytearray | None = None  # the last direct step, as it came (see _warm)
+        self._warm_copy: tuple | None = None  # (cipher, that step sealed under it, its size's bytes)
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -3347,7 +3356,27 @@ class Worker:
         (or after half a second: the caller looks at _stopping), spinning first if this node may."""
         if not idle:
             return poller.poll(0)
-        return _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500)
+        return _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500, self._warm)
+
+    def _warm(self) -> None:
+        """Run a direct step's way from the wire to its compute start (open, read, check) on a copy of the
+        last one, sealed under a key of its own: nothing of it is kept. Called while the thread spins."""
+        last = self._last_direct
+        if last is None:
+            return
+        if self._warm_copy is None or len(self._warm_copy[1]) != len(last) + _LINK_TAG:
+            from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+            cipher = ChaCha20Poly1305(_os.urandom(32))
+            size = (len(last) + _LINK_TAG).to_bytes(4, "little")
+            self._warm_copy = (cipher, cipher.encrypt(_link_nonce(0), bytes(last), size), size)
+        cipher, sealed, size = self._warm_copy
+        plain = bytearray(len(last))
+        cipher.decrypt_into(_link_nonce(0), sealed, size, plain)
+        msg = _read_step(plain, max_elements=self.config.max_message_bytes // 2)
+        _step_fields(msg)
+        hidden = msg.tensor(0)
+        _check_hidden(hidden, hidden.shape[2], "forward", finite=False)
 
     def _gather(self, pending: _collections.deque, ready: list, poller: zmq.Poller) -> None:
         """Move every queued job and every direct step that came into `pending`, in that order; take
@@ -3391,6 +3420,7 @@ class Worker:
             return
         msg.header["direct"] = True  # its answer tells the host it came this way
         pending.append(msg)
+        self._last_direct = message  # what _warm() runs while waiting for the next one
         if self._tracer is not None:
             self._tracer.add("link_read", msg.header["sid"], msg.header["stage"], msg.header["start"], at=began)
 
@@ -3625,13 +3655,21 @@ class Worker:
         computed = [k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)]
         # The answers in the dtype each step came in (the host's choice), as bytes on the CPU: one copy
         # for the batch (it synchronizes: compute_ms is honest).
-        frames = _host_bytes([outs[k] for k in computed], [runs[k][2].dtype for k in computed])
-        compute_ms = (_time.perf_counter() - t0) * 1e3  # before the sends: compute only
-        if self._tracer is not None:
-            for _, fields, *_ in runs:
-                self._tracer.add("compute_end", fields["sid"], fields["stage"], fields["start"])
-        frames_in_order = iter(frames)  # (one per computed answer, in the order of `runs`)
-        for (i, fields, hidden, start, decode_from, link, direct), out, repeat in zip(runs, outs, repeats):
+        frames = dict(zip(computed, _host_bytes([outs[k] for k in computed], [runs[k][2].dtype for k in computed])))
+        compute_ms = (_time.perf_counter() - t0) * 1e3  # compute only
+        ended = _time.monotonic()
+        sent = {}  # index in runs -> when its output began to go straight on to the next stage (if it went)
+        for k in computed:  # first thing: the next stage waits for these
+            link = runs[k][5]
+            if link is not None and repeats[k] is None:
+                sending = _time.monotonic()
+                if self._send_on(link, frames[k]):
+                    sent[k] = sending
+        for k, ((i, fields, hidden, start, decode_from, link, direct), out) in enumerate(zip(runs, outs)):
+            if self._tracer is not None:
+                self._tracer.add("compute_end", fields["sid"], fields["stage"], start, at=ended)
+                if k in sent:
+                    self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start, at=sent[k])
             if isinstance(out, Exception):
                 code = "protocol" if isinstance(out, ProtocolError) else "order"
                 if code == "protocol":
@@ -3639,13 +3677,10 @@ class Worker:
                 replies[i] = encode("error", {"code": code, "message": str(out), **fields})
                 continue
             self.steps_served += 1
-            frame = next(frames_in_order)
-            extra: dict = {"batch": shared} if shared > 1 and repeat is None else {}
-            if link is not None and repeat is None:  # our output goes straight to the next stage too (first)
-                sending = _time.monotonic() if self._tracer is not None else 0.0
-                extra["forwarded"] = self._send_on(link, frame)
-                if self._tracer is not None and extra["forwarded"]:
-                    self._tracer.add("link_sent", fields["sid"], fields["stage"] + 1, start, at=sending)
+            frame = frames[k]
+            extra: dict = {"batch": shared} if shared > 1 and repeats[k] is None else {}
+            if link is not None and repeats[k] is None:  # our output went straight to the next stage too
+                extra["forwarded"] = k in sent
             raw = (_DTYPE_NAMES[hidden.dtype], list(out.shape), frame)
             if direct:
                 extra["direct"] = True

@@ -120,6 +120,30 @@ def test_spinning_nodes_serve_the_same_tokens_over_direct_links(model_dir):
         distllm.Config(spin_ms=-1)
 
 
+def test_a_spinning_wait_keeps_a_steps_way_warm_and_returns_when_something_comes():
+    """While a node spins it runs its warm-up every _WARM_S (a step's way on a copy: code that ran a moment
+    ago runs several times faster); what comes ends the wait at once, with no warm-up first."""
+    import socket
+
+    import zmq
+
+    bell, ringer = socket.socketpair()
+    poller = zmq.Poller()
+    poller.register(bell.fileno(), zmq.POLLIN)
+    warmed = []
+    try:
+        assert distllm._poll_spinning(poller, 0.02, 20, lambda: warmed.append(time.perf_counter())) == []
+        assert len(warmed) >= 5  # 20 ms of spinning, one every 0.2 ms (fewer on a loaded machine)
+        assert min(b - a for a, b in zip(warmed, warmed[1:])) >= distllm._WARM_S
+        warmed.clear()
+        ringer.send(b"x")
+        assert distllm._poll_spinning(poller, 1.0, 1000, lambda: warmed.append(1)) == [(bell.fileno(), zmq.POLLIN)]
+        assert warmed == []
+    finally:
+        bell.close()
+        ringer.close()
+
+
 def test_a_cuda_node_spins_by_default_only_while_alone_in_its_process():
     """Two spinning threads in one process fight over the GIL: CUDA nodes sharing a process (a worker per
     GPU in one join(), a host and a worker in one notebook) sleep between messages unless spin_ms asks
