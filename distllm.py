@@ -398,8 +398,8 @@ class _Tracer:
     machine, so on loopback the gap between one stage's compute end and the next stage's compute
     start (a hop: wire, protocol, both workers' Python) reads off exactly; trace_hops() does.
     Rows are written every 4096 and when the worker stops (a SIGKILL loses the rest). Only the compute
-    thread adds rows, most with times it took on a step's way and notes once its output is on its way:
-    the trace costs a hop next to nothing."""
+    thread adds rows; the times of a hop's way are taken on it and noted once its output has left, so
+    tracing adds next to nothing to the hops it measures."""
 
     _count = _itertools.count()
 
