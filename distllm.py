@@ -1251,10 +1251,13 @@ def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.d
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
             weight = child.weight.data.to(compute_dtype)
-            if quant == "nf4":
+            if quant == "nf4":  # (no double quantization: each of its matmuls first dequantized the block
+                # scales in two more kernels; transformers' default too, and what the planner counts)
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=q).to(device)
+                                      compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4",
+                                             module=q).to(device)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False, device="meta")
