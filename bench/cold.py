@@ -54,9 +54,10 @@ def main() -> int:
     poller = zmq.Poller()
     poller.register(bell.fileno(), zmq.POLLIN)
 
-    def waits(wait) -> float:
-        """Median time of receive() right after each of --samples arrivals, waited for by wait()."""
-        pid = os.fork()
+    def timed(wait=None) -> float:
+        """Median time of receive(), --samples times: back to back (no `wait`), or as soon as each step
+        another process rings every --wait-ms comes, waited for by wait()."""
+        pid = os.fork() if wait else None
         if pid == 0:  # the previous stage
             for _ in range(args.samples):
                 time.sleep(args.wait_ms / 1e3)
@@ -64,32 +65,25 @@ def main() -> int:
             os._exit(0)
         times = []
         for _ in range(args.samples):
-            wait()
-            bell.recv(1)
+            if wait:
+                wait()
+                bell.recv(1)
             t0 = time.perf_counter()
             receive()
             times.append((time.perf_counter() - t0) * 1e6)
-        os.waitpid(pid, 0)
-        return statistics.median(times)
-
-    def hot() -> float:
-        times = []
-        for _ in range(args.samples):
-            t0 = time.perf_counter()
-            receive()
-            times.append((time.perf_counter() - t0) * 1e6)
+        if pid:
+            os.waitpid(pid, 0)
         return statistics.median(times)
 
     print(f"{os.cpu_count()} CPUs; one direct step's receiving side, median of {args.samples}, microseconds")
-    for label, took in [
-        ("hot (right after the last)", hot),
-        (f"steps {args.wait_ms:g} ms apart, waited for asleep", lambda: waits(lambda: poller.poll(10_000))),
-        (f"steps {args.wait_ms:g} ms apart, waited for spinning",
-         lambda: waits(lambda: distllm._poll_spinning(poller, 10.0, 10_000))),
+    for label, wait in [
+        ("hot (right after the last)", None),
+        (f"steps {args.wait_ms:g} ms apart, waited for asleep", lambda: poller.poll(10_000)),
+        (f"steps {args.wait_ms:g} ms apart, waited for spinning", lambda: distllm._poll_spinning(poller, 10.0, 10_000)),
         (f"... spinning, warmed every {distllm._WARM_S * 1e6:.0f} us (Worker._warm)",
-         lambda: waits(lambda: distllm._poll_spinning(poller, 10.0, 10_000, receive))),
+         lambda: distllm._poll_spinning(poller, 10.0, 10_000, receive)),
     ]:
-        print(f"  {label:58s} {took():8.1f}", flush=True)
+        print(f"  {label:58s} {timed(wait):8.1f}", flush=True)
     return 0
 
 

@@ -315,9 +315,9 @@ def _read_all(incoming, want: int, timeout: float = 10.0) -> tuple[list, bool]:
     return got, is_open
 
 
-def _direct_step(i: int, hidden: torch.Tensor, chain: list | None = None) -> list:
+def _direct_step(i: int, hidden: torch.Tensor) -> list:
     fields = {"sid": f"s{i}", "step": i, "stage": 1, "start": 3 * i, "epoch": 7, "decode_from": i}
-    return [distllm._step_head(fields, chain or [], hidden.dtype, hidden.shape), distllm._tensor_frame(hidden)]
+    return [distllm._step_head(fields, [], hidden.dtype, hidden.shape), distllm._tensor_frame(hidden)]
 
 
 def test_a_direct_link_carries_sealed_messages_whole_and_in_order():
