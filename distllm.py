@@ -2916,6 +2916,8 @@ def _read_step(plain: bytearray, max_elements: int) -> Message:
     if code >= len(_LINK_DTYPES):
         raise ProtocolError(f"a direct step's dtype code {code}")
     dtype = _LINK_DTYPES[code]
+    if sid_len > 256:  # (a session id is 64 characters at most)
+        raise ProtocolError(f"a direct step's session id of {sid_len} bytes")
     at = _LINK_STEP.size + sid_len + chain_len
     if n * hidden > max_elements or chain_len > MAX_HEADER_BYTES or len(plain) != at + n * hidden * dtype.itemsize:
         raise ProtocolError(f"a direct step's parts do not add up ({n} x {hidden} states, {len(plain)} bytes)")
@@ -2992,7 +2994,7 @@ class Worker:
         self._links_on = self.config.direct_links and _can_seal(self.name)  # direct links both ways, or none
         self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
         self._last_direct: bytearray | None = None  # the last direct step, as it came (see _warm)
-        self._warm_copy: tuple | None = None  # (cipher, that step sealed under it, its size's bytes)
+        self._warm_copy: tuple | None = None  # (cipher, the frame's size as sent, that step sealed under it)
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
@@ -3367,13 +3369,13 @@ class Worker:
         last = self._last_direct
         if last is None:
             return
-        if self._warm_copy is None or len(self._warm_copy[1]) != len(last) + _LINK_TAG:
+        size = (len(last) + _LINK_TAG).to_bytes(4, "little")
+        if self._warm_copy is None or self._warm_copy[1] != size:
             from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
             cipher = ChaCha20Poly1305(_os.urandom(32))
-            size = (len(last) + _LINK_TAG).to_bytes(4, "little")
-            self._warm_copy = (cipher, cipher.encrypt(_link_nonce(0), bytes(last), size), size)
-        cipher, sealed, size = self._warm_copy
+            self._warm_copy = (cipher, size, cipher.encrypt(_link_nonce(0), bytes(last), size))
+        cipher, _, sealed = self._warm_copy
         plain = bytearray(len(last))
         cipher.decrypt_into(_link_nonce(0), sealed, size, plain)
         msg = _read_step(plain, max_elements=self.config.max_message_bytes // 2)

@@ -287,6 +287,7 @@ def stall(cluster, procs, prompt: list[int], tokens: int, want: list[int]) -> di
 
 
 ROWS = ("plain", "one", "one-b1", "per-gpu", "per-gpu-b1", "one-process", "kill", "kill-rep")
+ONE_GPU_ROWS = ("plain", "one", "one-b1")  # what a machine of one GPU runs
 
 
 def run_row(tag: str, path: str, tokens: int, want: dict, gpus: int) -> dict:
@@ -323,7 +324,7 @@ def table(results: dict, layers: int, tokens: int, gpus: int, card: str) -> str:
              f"| plain transformers nf4, 1 GPU (generate, batch 1 / {SESSIONS}) | – | {plain['tok_s_1']:.1f} | "
              f"{plain[f'tok_s_{SESSIONS}']:.1f} | {plain[f'tok_s_{SESSIONS}'] / plain['tok_s_1']:.1f}x | – | – | – | – "
              f"| – | – |"]
-    rows = [results[tag] for tag in ROWS[1:6] if tag in results]
+    rows = [results[t] for t in ROWS if t in results and t != "plain" and not t.startswith("kill")]
     one_ms = {r["batch"]: 1e3 / r["tok_s_1"] for r in rows if r["stages"] == 1}
     for r in rows:
         # The same 32 layers run split S ways: what S stages cost over one, per stage added.
@@ -363,6 +364,10 @@ def main() -> int:
     ap.add_argument("--hop-only", action="store_true",
                     help="only 2+ stages at decode batch 1, direct links (two workers share the GPU if there is one)")
     args = ap.parse_args()
+    asked = [t for t in args.rows.split(",") if t]
+    unknown = [t for t in asked if t not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {', '.join(unknown)}: of {', '.join(ROWS)}")
     gpus = torch.cuda.device_count()
     card = torch.cuda.get_device_name(0)
     log(f"{gpus} x {card}, torch {torch.__version__}, transformers {__import__('transformers').__version__}")
@@ -382,7 +387,8 @@ def main() -> int:
               f"{row['hop_ms']:.3f}; host round trip {row['first_ms']:.3f}; {row['tok_s_1']:.1f} tok/s; "
               f"tokens = reference {row['identical']} / {row['identical_all']}", flush=True)
         return 0
-    tags = [t for t in args.rows.split(",") if t and (gpus > 1 or t in ROWS[:3])]
+    wanted = ROWS if gpus > 1 else ONE_GPU_ROWS
+    tags = [t for t in asked if t in wanted]
     setting = {"gpus": gpus, "card": card, "layers": args.layers, "tokens": args.tokens}
     results: dict = {}
     if os.path.exists(args.results):
@@ -402,7 +408,7 @@ def main() -> int:
         os.makedirs(os.path.dirname(args.results), exist_ok=True)
         with open(args.results, "w") as f:  # after each row: a run cut short keeps what it measured
             json.dump({"setting": setting, "rows": results}, f, indent=1)
-    missing = [t for t in ROWS if t not in results and (gpus > 1 or t in ROWS[:3])]
+    missing = [t for t in wanted if t not in results]
     if missing:
         log(f"rows still to run: {','.join(missing)} (--rows); kept in {args.results}")
         return 0

@@ -365,6 +365,7 @@ def test_a_direct_step_reads_back_as_sent_and_refuses_what_does_not_add_up():
         (good + b"\0", "do not add up"),
         (broken(size - 1, b"\x07"), "dtype code 7"),
         (broken(36, (10**6).to_bytes(4, "little")), "do not add up"),  # more positions than bytes
+        (broken(48, (300).to_bytes(2, "little")), "session id of 300 bytes"),
         (broken(size, b"\xff\xfe"), "session id or chain does not read"),  # not UTF-8
         (broken(size + len("séance".encode()), b"{"), "session id or chain does not read"),
     ]:
