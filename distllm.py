@@ -134,7 +134,7 @@ import tempfile as _tempfile
 import threading as _threading
 import time as _time
 import uuid as _uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import zmq
@@ -235,7 +235,10 @@ class Config:
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
     max_step_errors: int = 3  # failed steps (worker errors, not losses) after which a request fails
-    join_timeout_s: float = 30.0  # seconds a worker waits for the host's welcome before giving up
+    join_timeout_s: float = 30.0  # seconds a new worker waits for the host's first welcome before giving up
+    # Seconds a worker that has joined keeps dialling a host it cannot reach (None: until stopped). It
+    # redials with ZeroMQ's back-off, capped at 2 s, and serves again when the host answers.
+    host_timeout_s: float | None = None
     leave_timeout_s: float = 60.0  # seconds a leaving worker serves on while its layers are handed over
     leave_at: float | None = None  # Unix time a worker must be gone by (a Colab/Kaggle session's end)
     prefill_chunk: int = 256  # prompt tokens sent per prefill step
@@ -243,6 +246,10 @@ class Config:
     heartbeat_s: float = 1.0  # seconds between heartbeats, both directions
     liveness_s: float = 5.0  # seconds of silence after which a worker counts as dead
     reconnect_grace_s: float = 0.5  # seconds a worker whose TCP connection closed has to reconnect (a floor)
+    # Seconds an unreachable worker has before its range moves, where moving it means a re-plan (no
+    # replica or standby can take it over): a floor, raised by the round trip and by a flapping link.
+    replan_grace_s: float = 5.0
+    load_stall_s: float = 120.0  # seconds a worker may load without finishing a layer before its assignment is re-sent
     wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
     max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
@@ -275,6 +282,7 @@ class Config:
     # (see _Tracer, trace_hops); None: off.
     trace: str | None = None
     test_step_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer per step (a slow node)
+    test_load_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer it loads (a slow download)
 
     def __post_init__(self) -> None:
         if self.quant not in _QUANTS:
@@ -299,6 +307,11 @@ class Config:
         _spin_seconds(self.spin_ms, torch.device("cpu"))
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
+        if self.host_timeout_s is not None and not self.host_timeout_s > 0:
+            raise ValueError(f"host_timeout_s={self.host_timeout_s}: must be positive, or None (never give up)")
+        if self.reconnect_grace_s < 0 or self.replan_grace_s < 0:
+            raise ValueError(f"reconnect_grace_s={self.reconnect_grace_s}, replan_grace_s={self.replan_grace_s}: "
+                             "must be 0 or more")
         if not 0 < self.heartbeat_s < self.liveness_s:
             raise ValueError(
                 f"heartbeat_s={self.heartbeat_s} must be positive and below liveness_s={self.liveness_s}"
@@ -820,26 +833,66 @@ class BoreTunnel:
         self.server, self.control_port, self.secret, self.remote_port = server, control_port, secret, remote_port
         self._control: _socket.socket | None = None
         self._closed = _threading.Event()
+        self.reopened = 0  # times the control connection was lost and opened again
+        # Called with (host, port) from the tunnel's thread when a reopened tunnel got another public port.
+        self.on_moved: Callable[[str, int], None] | None = None
 
     def open(self, local_port: int) -> tuple[str, int]:
-        """Ask the server for a public port that forwards to `local_port`; return (host, port)."""
+        """Ask the server for a public port that forwards to `local_port`; return (host, port).
+
+        Should the control connection close later (the server restarted, the network
+        dropped), the tunnel opens again on its own, asking for the same port; if it gets
+        another, it calls `on_moved`.
+        """
         self._local_port = local_port
-        self._control = _socket.create_connection((self.server, self.control_port), timeout=10)
-        self._buffer = b""
-        self._authenticate(self._control)
-        self._send(self._control, {"Hello": self.remote_port})
-        first = self._recv()
-        if isinstance(first, dict) and "Challenge" in first:
-            raise DistllmError(f"bore server {self.server} wants a secret: pass bore://SECRET@{self.server}")
-        while first == "Heartbeat":
-            first = self._recv()
-        if not (isinstance(first, dict) and isinstance(first.get("Hello"), int)):
-            raise DistllmError(f"bore server {self.server} refused the tunnel: {first!r}")
-        self.remote_port = first["Hello"]
-        self._control.settimeout(None)
+        self._dial(self.remote_port)
         _threading.Thread(target=self._serve, name="distllm-bore", daemon=True).start()
         _log.info("bore tunnel: %s:%d -> localhost:%d", self.server, self.remote_port, local_port)
         return self.server, self.remote_port
+
+    def _dial(self, port: int) -> None:
+        """Open the control connection and ask for public `port` (0: any)."""
+        control = _socket.create_connection((self.server, self.control_port), timeout=10)
+        try:
+            self._control, self._buffer = control, b""
+            self._authenticate(control)
+            self._send(control, {"Hello": port})
+            first = self._recv()
+            if isinstance(first, dict) and "Challenge" in first:
+                raise DistllmError(f"bore server {self.server} wants a secret: pass bore://SECRET@{self.server}")
+            while first == "Heartbeat":
+                first = self._recv()
+            if not (isinstance(first, dict) and isinstance(first.get("Hello"), int)):
+                raise DistllmError(f"bore server {self.server} refused the tunnel: {first!r}")
+        except BaseException:
+            control.close()
+            raise
+        self.remote_port = first["Hello"]
+        control.settimeout(None)
+
+    def _reopen(self) -> None:
+        """Open the tunnel again after its control connection closed: the same port if the server still
+        grants it, else any (then `on_moved`); with back-off, until it works or the tunnel is closed."""
+        delay, old = 0.5, self.remote_port
+        while not self._closed.wait(delay):
+            try:
+                try:
+                    self._dial(old)
+                except DistllmError:  # that port went to someone else: take another
+                    self._dial(0)
+            except (OSError, DistllmError) as exc:
+                delay = min(2 * delay, 30.0)
+                _log.warning("bore tunnel: cannot open it again yet (%s); next try in %.0f s", exc, delay)
+                continue
+            self.reopened += 1
+            if self.remote_port == old:
+                _log.warning("bore tunnel open again at %s:%d", self.server, old)
+            else:
+                _log.warning("bore tunnel open again at a new address %s:%d (was port %d)", self.server,
+                             self.remote_port, old)
+                if self.on_moved is not None:
+                    self.on_moved(self.server, self.remote_port)
+            return
 
     def close(self) -> None:
         self._closed.set()
@@ -893,17 +946,22 @@ class BoreTunnel:
             raise DistllmError(f"bore server sent a malformed control message: {frame[:80]!r}") from None
 
     def _serve(self) -> None:
-        try:
-            while not self._closed.is_set():
+        while not self._closed.is_set():
+            try:
                 message = self._recv()
-                if isinstance(message, dict) and isinstance(message.get("Connection"), str):
-                    _threading.Thread(target=self._accept, args=(message["Connection"],), daemon=True).start()
-                elif isinstance(message, dict) and "Error" in message:
-                    _log.error("bore server: %s", message["Error"])
+            except (OSError, DistllmError) as exc:
+                if self._closed.is_set():
                     return
-        except (OSError, DistllmError) as exc:
-            if not self._closed.is_set():
-                _log.error("bore tunnel lost its control connection: %s", exc)
+                _log.warning("bore tunnel lost its control connection (%s); opening it again", exc)
+                self._control.close()
+                self._reopen()
+                continue
+            if isinstance(message, dict) and isinstance(message.get("Connection"), str):
+                _threading.Thread(target=self._accept, args=(message["Connection"],), daemon=True).start()
+            elif isinstance(message, dict) and "Error" in message:
+                _log.error("bore server: %s; opening the tunnel again", message["Error"])
+                self._control.close()
+                self._reopen()
 
     def _accept(self, connection_id: str) -> None:
         try:
@@ -1643,7 +1701,8 @@ class StageShard:
 
     def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False,
-                 static_cache: bool | None = None, cuda_graphs: bool | None = None, batch: int | None = None):
+                 static_cache: bool | None = None, cuda_graphs: bool | None = None, batch: int | None = None,
+                 on_layer: Callable[[], None] | None = None):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
         self.start, self.end = start, end
@@ -1673,6 +1732,8 @@ class StageShard:
                 layers.append(self._load_layer(files, weight_map, layer_cls, i))
                 opened.update(files.opened if files is not None else ())
                 bar.update(1)
+                if on_layer is not None:  # (a worker counts them: its host sees a load making progress)
+                    on_layer()
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
         self.rotary = rotary_cls(config=config).to(device)
@@ -2952,8 +3013,17 @@ def _read_step(plain: bytearray, max_elements: int) -> Message:
 # GPU in one thread.
 
 
+_RECONNECT_MAX_MS = 2000  # ZeroMQ's redial back-off stops doubling here: a worker is back <= 2 s after its link
+
+
 class Worker:
-    """One worker's membership in a cluster: it dials the host, loads its layers and serves steps."""
+    """One worker's membership in a cluster: it dials the host, loads its layers and serves steps.
+
+    Once a host has welcomed it, it never gives up on its own: while the host is unreachable
+    it keeps dialling (and says so in `status`), and it stops only when told to (stop(),
+    leave(), the host's shutdown or kick), when its key is refused, or after
+    `Config.host_timeout_s`.
+    """
 
     def __init__(self, join_string: str, *, name: str | None = None, device: str | None = None,
                  config: Config | None = None, parent_pid: int | None = None):
@@ -2967,6 +3037,9 @@ class Worker:
         self.state = "connecting"  # connecting -> joined -> loading -> ready; stopped at the end
         self.layers: tuple[int, int] | None = None
         self.steps_served = 0
+        self.layers_loaded = 0  # decoder layers this process has loaded, all assignments together
+        self._unreachable_since: float | None = None  # monotonic: the host stopped answering (None: it answers)
+        self._joined_once = False  # welcomed by a host once: from then on it never gives up on its own
         self.error: str | None = None
         self._parent_pid = parent_pid
         self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
@@ -3003,7 +3076,15 @@ class Worker:
 
     def __repr__(self) -> str:
         layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
-        return f"<distllm.Worker {self.name} {self.state}, {layers}, {self.steps_served} steps>"
+        return f"<distllm.Worker {self.name} {self.status}, {layers}, {self.steps_served} steps>"
+
+    @property
+    def status(self) -> str:
+        """Its state, or how long the host has been unreachable while it keeps dialling."""
+        since = self._unreachable_since
+        if since is None or self.state in ("stopped", "refused"):
+            return self.state
+        return f"host unreachable for {_time.monotonic() - since:.0f} s, retrying"
 
     def _repr_html_(self) -> str:
         return _worker_html(self)
@@ -3076,7 +3157,7 @@ class Worker:
         _set_limits(sock, self.config)
         sock.setsockopt(zmq.ROUTING_ID, self._ident)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms; doubles per failed try (ZeroMQ's back-off) ...
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # ... up to 5 s
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)  # ... up to this: back soon after a relay is
         info = self.join_info
         if info.server_key:
             sock.curve_serverkey = info.server_key.encode()
@@ -3095,6 +3176,7 @@ class Worker:
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
+            "layers_loaded": self.layers_loaded,
             "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
         })
 
@@ -3129,8 +3211,8 @@ class Worker:
         poller.register(sock, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        last_heard = last_join = started = _time.monotonic()
-        warned_silent = False
+        last_heard = last_join = _time.monotonic()
+        self._dialled_at = last_join  # the join clock: restarts at every (re)join
         leave_sent: float | None = None
         next_look = 0.0  # when to look in the store for a new host next
         self._host_gone = False  # the host closed the connection (or shut down) and has not come back
@@ -3141,7 +3223,7 @@ class Worker:
                 if self.config.store and _time.monotonic() >= next_look:  # often while lost, now and then if not
                     next_look = _time.monotonic() + (2.0 if lost else 30.0)
                     moved = self._look_for_host()
-                    if moved is not None:  # a new host: drop everything of the old one and dial the new
+                    if moved is not None:  # a new host (or this one at a new address): dial it
                         poller.unregister(sock)
                         poller.unregister(monitor)
                         sock.disable_monitor()
@@ -3153,7 +3235,7 @@ class Worker:
                         sock.send_multipart(self._join_message())
                         poller.register(sock, zmq.POLLIN)
                         poller.register(monitor, zmq.POLLIN)
-                        last_heard = last_join = started = _time.monotonic()
+                        last_heard = last_join = self._dialled_at = _time.monotonic()
                         self._host_gone = False
                         continue
                 now = _time.time()
@@ -3179,14 +3261,18 @@ class Worker:
                         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
                             sock.send_multipart(encode("ping", {"t": 0}))
                             self._host_gone = False
-                        elif event == zmq.EVENT_DISCONNECTED:  # the host closed (or died): look for a new one
+                        elif event == zmq.EVENT_DISCONNECTED:  # the host closed, died, or the link dropped
                             self._host_gone, next_look = True, 0.0
+                            self._lost_touch(_time.monotonic())
                         elif self.state == "connecting" and self.config.store:  # maybe a stale string
                             next_look = 0.0
-                        elif self.state == "connecting":  # CURVE refuses silently: the monitor tells us why
-                            self._refuse(_handshake_failure(event, self.join_info))
-                if (self.state == "connecting" and not self.config.store
-                        and _time.monotonic() - started > self.config.join_timeout_s):
+                        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not self._joined_once:
+                            self._refuse(_handshake_failure(event, self.join_info))  # CURVE refuses silently
+                        else:  # a relay or tunnel that broke a handshake off: ZeroMQ dials again
+                            _log.info("worker %s: a handshake with the host failed (%s); dialling again",
+                                      self.name, _handshake_failure(event, self.join_info))
+                if (self.state == "connecting" and not self.config.store and not self._joined_once
+                        and _time.monotonic() - self._dialled_at > self.config.join_timeout_s):
                     self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
                                  f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
                                  f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)? "
@@ -3195,15 +3281,19 @@ class Worker:
                     while sock.poll(0):
                         frames = sock.recv_multipart(copy=False)
                         last_heard = _time.monotonic()
-                        warned_silent = False
+                        self._back_in_touch(last_heard)
                         self._on_host_message(sock, frames)
                 silent = _time.monotonic() - last_heard
-                if silent > self.config.liveness_s and _time.monotonic() - last_join > self.config.liveness_s:
-                    if not warned_silent:
-                        _log.warning("worker %s: no word from the host for %.1f s; knocking again", self.name, silent)
-                        warned_silent = True
-                    sock.send_multipart(self._join_message())  # same incarnation: the host keeps our state
-                    last_join = _time.monotonic()
+                if silent > self.config.liveness_s:
+                    self._lost_touch(last_heard)
+                    if _time.monotonic() - last_join > self.config.liveness_s:
+                        sock.send_multipart(self._join_message())  # same incarnation: the host keeps our state
+                        last_join = _time.monotonic()
+                since = self._unreachable_since
+                timeout = self.config.host_timeout_s
+                if since is not None and timeout is not None and _time.monotonic() - since > timeout:
+                    self._refuse(f"the host at {self.join_info.endpoint} was unreachable for {timeout:.0f} s "
+                                 f"(host_timeout_s)")
                 if self._parent_pid is not None and not _pid_alive(self._parent_pid):
                     _log.warning("worker %s: parent process is gone, stopping", self.name)
                     break
@@ -3231,6 +3321,19 @@ class Worker:
             self.state = "refused" if self.state == "refused" else "stopped"
             self._stopped.set()
 
+    def _lost_touch(self, since: float) -> None:
+        """The host stopped answering (its connection closed, or silence past the liveness)."""
+        if self._unreachable_since is None and self._joined_once and not self._stopping.is_set():
+            self._unreachable_since = since
+            _log.warning("worker %s: the host at %s is unreachable; dialling until it answers%s", self.name,
+                         self.join_info.endpoint, f" (for {self.config.host_timeout_s:.0f} s at most)"
+                         if self.config.host_timeout_s is not None else "")
+
+    def _back_in_touch(self, now: float) -> None:
+        if self._unreachable_since is not None:
+            _log.warning("worker %s: the host answers again after %.1f s", self.name, now - self._unreachable_since)
+            self._unreachable_since = None
+
     def _look_for_host(self) -> str | None:
         """Return the join string of a host the store names, if it is not the one we dial now."""
         try:
@@ -3243,10 +3346,15 @@ class Worker:
         return record["join_string"]
 
     def _follow(self, join_string: str) -> None:
-        """Switch to a new host: its sessions are new, so every cache goes; loaded layers stay."""
+        """Switch to the host the store names: loaded layers stay. The same host at a new address (its
+        tunnel reopened elsewhere) keeps our caches too; a new host's sessions are new, so they go."""
         info = JoinInfo.parse(join_string)
-        _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
+        same_host = info.server_key is not None and info.server_key == self.join_info.server_key
         self.join_info, self.join_string = info, join_string
+        if same_host:
+            _log.warning("worker %s: the host moved to %s; dialling it there", self.name, info.endpoint)
+            return
+        _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
         self._incarnation = _uuid.uuid4().hex
         self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
         self.state = "connecting"
@@ -3263,13 +3371,15 @@ class Worker:
     def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
         kind = msg.type
         if kind == "ping":
-            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0),
-                                              "queue": self._jobs.qsize() + self._taken}))
+            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "state": self.state,
+                                              "queue": self._jobs.qsize() + self._taken,
+                                              "layers_loaded": self.layers_loaded}))
         elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
             pass
         elif kind == "welcome":
             self.state = "joined" if self.state == "connecting" else self.state
             self._welcomed.set()
+            self._joined_once = True
             _log.info("worker %s joined the cluster", self.name)
             self._submit(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
         elif kind in ("assign", "activate", "forward", "end"):
@@ -3292,7 +3402,8 @@ class Worker:
             self._incarnation = _uuid.uuid4().hex
             self._submit(msg)  # the compute thread drops every cache, in order with queued steps
             self.state = "connecting"
-            sock.send_multipart(self._join_message())
+            self._dialled_at = _time.monotonic()
+            sock.send_multipart(self._join_message())  # with the layers we hold: the host may give them back
         elif kind == "error":
             _log.warning("worker %s: host reports: %s", self.name, msg.header.get("message"))
 
@@ -3484,6 +3595,11 @@ class Worker:
         if msg.type == "assign":
             self._next = None
             return self._load(msg)
+        if msg.type == "activate" and msg.get("discard", bool, False):  # a rebalance given up: free its layers
+            if self._next is not None and self._next[0] == msg.get("epoch", int):
+                self._next = None
+                _release_freed_memory()
+            return None
         if msg.type == "activate":
             return self._activate(msg.get("epoch", int))
         if msg.type == "welcome":
@@ -3553,10 +3669,16 @@ class Worker:
         files = self._files(msg)
         config = _load_config(files)
         dtype = _compute_dtype(config, dtype_name, self.device)
-        return key, StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
-                               max_sessions=self.config.max_sessions_per_worker, progress=True,
-                               cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda",
-                               batch=batch)
+        shard = StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
+                           max_sessions=self.config.max_sessions_per_worker, progress=True,
+                           cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda", batch=batch,
+                           on_layer=self._layer_loaded)
+        return key, shard
+
+    def _layer_loaded(self) -> None:
+        self.layers_loaded += 1  # (from the compute thread, or a rebalance's loader: never both at once)
+        if self.config.test_load_delay_ms:
+            _time.sleep(self.config.test_load_delay_ms / 1e3)
 
     def _load_staged(self, msg: Message) -> None:
         """Load a rebalance's new range on the side while the current one keeps serving (make before break)."""
@@ -3608,7 +3730,7 @@ class Worker:
         return encode("ready", {
             "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
             "rss_before": rss_before, "rss_after": _rss_bytes(), "dtype": _DTYPE_NAMES[shard.dtype],
-            "files": list(shard.files_opened),
+            "files": list(shard.files_opened), "layers_loaded": self.layers_loaded,
         })
 
     def _forward(self, msg: Message) -> list | None:
@@ -4244,6 +4366,8 @@ class _WorkerState:
     next_loaded: bool = False
     lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
     lost_why: str | None = None
+    layers_loaded: int = 0  # decoder layers its process has loaded so far (it reports; a reload shows here)
+    load_mark: tuple[float, int] = (0.0, 0)  # (when, layers_loaded) a load it owes last made progress
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
     layers: tuple[int, int] | None = None
     epoch: int = -1
@@ -4302,6 +4426,7 @@ class _WorkerState:
         d = {f.name: getattr(self, f.name) for f in _dataclasses.fields(self) if not f.name.startswith("_")}
         d.pop("wid")
         d.pop("link_key")
+        d.pop("load_mark")
         d["alive"] = self.alive
         return d
 
@@ -4354,6 +4479,7 @@ class _Session:
     history: dict[int, list[torch.Tensor]] | None = _dataclasses.field(default_factory=dict)  # stage -> inputs
     history_bytes: int = 0
     errors: int = 0  # steps a worker ran and failed (not counting lost workers)
+    restarts: int = 0  # times it was prefilled again from position 0 (stage caches from before are void)
     waiting_since: float = 0.0
     wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
@@ -4366,6 +4492,136 @@ class _Session:
     def inflight(self) -> bool:
         """Whether a step of it is in the pipe that nobody has answered yet (prompt chunks: maybe several)."""
         return any(not step.answered for step in self.steps.values())
+
+
+_FLAP_WINDOW_S = 600.0  # outages of a link within this many seconds count towards its flapping
+_FLAP_FACTOR_MAX = 8  # a flapping link's grace grows with its recent outages, up to this many times the base
+
+
+@_dataclasses.dataclass
+class _Link:
+    """One worker's link to the host, as the host has seen it behave."""
+
+    down_since: float | None = None  # monotonic: its connection closed or it went silent (None: it answers)
+    why: str = ""  # how it went down
+    outages: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=64))
+    # Written off (its range may have moved): when, the range it served (start, end, epoch), and for each
+    # session whose cache it held, (restarts, position) as they stood: the cache is exact while they still do.
+    written_off: float | None = None
+    role: tuple[int, int, int] | None = None
+    exact: dict[SessionID, tuple[int, int]] = _dataclasses.field(default_factory=dict)
+
+    def flaps(self, now: float) -> int:
+        """Outages of this link in the last _FLAP_WINDOW_S, the one going on not counted."""
+        recent = sum(now - t < _FLAP_WINDOW_S for t in self.outages)
+        return recent - (self.down_since is not None)
+
+
+class _Membership:
+    """Whose link to the host is down, since when, and how long each may stay away; events in, decisions out.
+
+    It owns no socket and reads no clock: the coordinator tells it what it saw and when
+    (`closed`, `heard`), asks what is due (`due`: workers to write off), records a
+    write-off (`write_off`) and, when a written-off worker speaks again, hands its record
+    back (`returned`) so the coordinator can give it its range back. The grace before a
+    write-off follows the link's round trip and recent history (a flapping link gets more),
+    and whether losing the worker is cheap (a replica or standby takes over by replaying one
+    stage) or dear (a re-plan: every survivor reloads, every session prefills again).
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.links: dict[WorkerID, _Link] = {}
+
+    def link(self, wid: WorkerID) -> _Link:
+        return self.links.setdefault(wid, _Link())
+
+    def down(self, wid: WorkerID) -> bool:
+        link = self.links.get(wid)
+        return link is not None and link.down_since is not None
+
+    # -- events ---------------------------------------------------------------
+
+    def closed(self, wid: WorkerID, now: float, why: str = "its connection closed") -> None:
+        """Its TCP connection closed, or a send to it failed, or it went silent."""
+        link = self.link(wid)
+        if link.down_since is None:
+            link.down_since, link.why = now, why
+            link.outages.append(now)
+
+    def heard(self, wid: WorkerID, now: float) -> tuple[float, str] | None:
+        """A message came from it: return how long its link was down and how it went (None: it was up)."""
+        link = self.links.get(wid)
+        if link is None or link.down_since is None:
+            return None
+        down, link.down_since = now - link.down_since, None
+        return down, link.why
+
+    def anyone_down(self) -> bool:
+        return any(link.down_since is not None for link in self.links.values())
+
+    def write_off(self, wid: WorkerID, now: float, role: tuple[int, int, int] | None,
+                  exact: dict[SessionID, tuple[int, int]]) -> None:
+        link = self.link(wid)
+        link.written_off, link.role, link.exact = now, role, exact
+
+    def returned(self, wid: WorkerID) -> _Link | None:
+        """A written-off worker speaks again: its record (once), to give it its range back if still free."""
+        link = self.links.get(wid)
+        if link is None or link.written_off is None:
+            return None
+        record = _dataclasses.replace(link, exact=dict(link.exact))
+        link.written_off, link.role, link.exact = None, None, {}
+        return record
+
+    # -- policy ---------------------------------------------------------------
+
+    def liveness(self, w: _WorkerState) -> float:
+        """Seconds of silence before a worker's link counts as down: the configured floor, or ten round trips
+        past two heartbeats (a slow link is not a dead one)."""
+        return max(self.config.liveness_s, 2 * self.config.heartbeat_s + 10e-3 * (w.rtt_ms or 0.0))
+
+    def grace(self, w: _WorkerState, now: float, *, covered: bool) -> float:
+        """Seconds a worker whose link is down has to come back before it is written off.
+
+        Covered (a replica or a standby takes its range over by replaying one stage): enough
+        for ZeroMQ's retry, the TCP and CURVE handshakes (four round trips) and its first
+        message. Not covered (only a re-plan moves its range): also one full redial at the
+        capped back-off, and at least `replan_grace_s`. Either grows with the link's recent outages.
+        """
+        rtt = 8e-3 * (w.rtt_ms or 0.0)
+        base = max(self.config.reconnect_grace_s, 0.5 + rtt)
+        if not covered:
+            base = max(base, self.config.replan_grace_s, _RECONNECT_MAX_MS / 1e3 + 0.5 + rtt)
+        link = self.links.get(w.wid)
+        return base * min(_FLAP_FACTOR_MAX, 1 + (link.flaps(now) if link is not None else 0))
+
+    def due(self, workers: Iterable[_WorkerState], now: float,
+            covered: Callable[[_WorkerState], bool]) -> list[tuple[_WorkerState, str]]:
+        """Mark silent workers' links down; return the live workers whose grace ran out, with the reason."""
+        out = []
+        for w in workers:
+            if not w.alive:
+                continue
+            if now - w.last_seen > self.liveness(w):
+                self.closed(w.wid, w.last_seen, "it went silent")
+            link = self.links.get(w.wid)
+            if link is None or link.down_since is None:
+                continue
+            grace = self.grace(w, now, covered=covered(w))
+            if now - link.down_since > grace:
+                out.append((w, f"{link.why} {now - link.down_since:.1f} s ago and it did not come back within "
+                               f"its grace of {grace:.1f} s"))
+        return out
+
+    def view(self, w: _WorkerState, now: float, covered: bool) -> dict:
+        """What the panel shows of its link: unreachable for how long, and the grace it has."""
+        link = self.links.get(w.wid)
+        if link is None:
+            return {"unreachable_s": None, "grace_s": None, "outages": 0}
+        down = now - link.down_since if link.down_since is not None else None
+        return {"unreachable_s": down, "grace_s": self.grace(w, now, covered=covered) if w.alive else None,
+                "outages": len(link.outages)}
 
 
 class Cluster:
@@ -4424,6 +4680,8 @@ class Cluster:
                 self._ctx.term()
                 raise
             endpoint = f"tcp://{public_host}:{public_port}"
+            if hasattr(self._tunnel, "on_moved"):  # a tunnel that reopens elsewhere: tell the workers
+                self._tunnel.on_moved = lambda host, port: self._command("moved", f"tcp://{host}:{port}")
         else:
             endpoint = f"tcp://{_advertised_host(self.config)}:{port}"
         self.join_string = JoinInfo(endpoint, *join_keys).encode()
@@ -4449,7 +4707,8 @@ class Cluster:
         self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
         self._banned: set[WorkerID] = set()  # kicked workers' identities
         self._draining: dict[SessionID, _Session] = {}  # finished, with replicas' answers still due
-        self._disconnected: dict[WorkerID, float] = {}  # worker -> when its connection closed
+        # Whose link is down since when, with what grace; what a written-off worker held (see _Membership).
+        self._members = _Membership(self.config)
         self._status = "waiting for workers"
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
         self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
@@ -4461,7 +4720,7 @@ class Cluster:
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
-                       "batched": 0}
+                       "batched": 0, "replans": 0, "reinstated": 0}
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
         self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
@@ -4469,6 +4728,7 @@ class Cluster:
         self._early: _collections.OrderedDict = _collections.OrderedDict()  # (sid, key) -> (wid, msg, when)
         self._links_down: dict[tuple[WorkerID, WorkerID], float] = {}  # (from, to) -> until (monotonic)
         self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
+        self._replanning = False  # that plan covers layers that lost their holders (see _replan_beside)
         self._last_rebalance = _time.monotonic()
 
         # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
@@ -4992,8 +5252,8 @@ class Cluster:
                         self._on_worker_message(wid, frames[1:])
                 if monitor in events:
                     self._on_disconnects(monitor)
-                if self._disconnected:
-                    self._check_disconnected()
+                if self._members.anyone_down():
+                    self._write_off_due(_time.monotonic())
                 if self._wake_in in events:
                     while self._wake_in.poll(0):
                         self._wake_in.recv()
@@ -5020,52 +5280,48 @@ class Cluster:
     def _on_disconnects(self, monitor: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
+        now = _time.monotonic()
         while monitor.poll(0):
             event = recv_monitor_message(monitor)
             wid = self._fds.pop(int(event["value"]), None)
             w = self._workers.get(wid) if wid is not None else None
             if w is not None and w.alive:
+                self._members.closed(wid, now)
                 _log.info("connection of worker %s closed; it has %.1f s to come back", w.name,
-                          self.config.reconnect_grace_s)
-                self._disconnected[wid] = _time.monotonic()
+                          self._members.grace(w, now, covered=self._covered(w)))
 
-    def _check_disconnected(self) -> None:
-        """Declare dead a worker whose connection closed and that did not reconnect within the grace."""
-        now = _time.monotonic()
-        for wid, since in list(self._disconnected.items()):
-            w = self._workers[wid]
-            if not w.alive or w.last_seen > since:  # gone already, or back (a reconnect after a blip)
-                del self._disconnected[wid]
-            elif now - since > self._grace(w):
-                del self._disconnected[wid]
-                self._lose_worker(w, f"its connection closed and it did not reconnect within {self._grace(w):.1f} s")
+    def _write_off_due(self, now: float) -> None:
+        """Write off every worker whose link has been down past its grace; its range moves on."""
+        for w, why in self._members.due(list(self._workers.values()), now, self._covered):
+            self._lose_worker(w, why)
 
-    def _liveness(self, w: _WorkerState) -> float:
-        """Seconds of silence before a worker counts as dead: the configured floor, or ten round trips past
-        two heartbeats (a slow link is not a dead one)."""
-        return max(self.config.liveness_s, 2 * self.config.heartbeat_s + 10e-3 * (w.rtt_ms or 0.0))
-
-    def _grace(self, w: _WorkerState) -> float:
-        """Seconds to wait for a reconnect: the configured floor, or enough for ZeroMQ's retry, the TCP and
-        CURVE handshakes (four round trips) and the worker's first message, with room to spare."""
-        return max(self.config.reconnect_grace_s, 0.5 + 8e-3 * (w.rtt_ms or 0.0))
+    def _covered(self, w: _WorkerState) -> bool:
+        """Whether losing `w` is cheap: it serves no range, or a replica or a standby can take its range
+        over by replaying one stage. Otherwise only a re-plan moves its layers."""
+        stage = next((st for st in self._plan or () if w.wid in st.workers), None)
+        if stage is None:
+            return True
+        if any(x != w.wid and self._workers[x].serving for x in stage.workers):
+            return True
+        return any(o.state == "standby" and self._capacity(o) >= stage.layers for o in self._live())
 
     def _step_deadline(self, w: _WorkerState, n: int) -> float:
         """Seconds a step of n positions may take before its worker counts as stuck: the configured floor,
         or far more than its usual compute for a step this size plus ten of its round trips."""
         return max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0.0) * n + 10e-3 * (w.rtt_ms or 0.0))
 
-    def _back(self, worker: _WorkerState, arrived: float) -> None:
-        """A worker whose connection dropped speaks again, its state intact: send it again the steps it
-        owes whose messages may have been lost with the connection. No replay: its caches are whole."""
-        since = self._disconnected.pop(worker.wid)
+    def _back(self, worker: _WorkerState, arrived: float, down_s: float) -> None:
+        """A worker whose link dropped speaks again within its grace, its state intact: send it again what
+        it is owed whose messages may have been lost with the connection (steps, an assignment). No
+        replay: its caches are whole."""
         owed = [(s, step) for s in self._sessions.values() for step in s.steps.values()
                 if worker.wid in step.targets and step.sent_at < arrived]
-        _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name,
-                  _time.monotonic() - since, len(owed))
+        _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name, down_s,
+                  len(owed))
         for session, step in owed:
             self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid), [step.hidden])
             step.sent_at = _time.perf_counter()
+        self._resend_assignment(worker)
 
     def _shutdown(self) -> None:
         for wid in list(self._workers):
@@ -5098,6 +5354,14 @@ class Cluster:
                     self._finish(s)
             elif kind == "rebalance":
                 self._maybe_rebalance(_time.monotonic(), force=True)
+            elif kind == "moved":  # the tunnel reopened at another public address
+                info = JoinInfo.parse(self.join_string)
+                self.join_string = JoinInfo(arg, info.server_key, info.client_public, info.client_secret).encode()
+                _log.warning("the host's public address is now %s; the new join string is in the panel%s", arg,
+                             " and the store (workers that follow it find the host there)" if self._ckpt else "")
+                if self._ckpt is not None:
+                    self._write_rendezvous()
+                self._publish()
             elif kind == "drain":
                 for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
                     self._drain(w)
@@ -5120,18 +5384,23 @@ class Cluster:
         try:
             msg = decode(frames, allowed=_WORKER_TO_HOST, max_elements=self.config.max_message_bytes // 2)
             worker = self._workers.get(wid)
+            down = None
             if worker is not None:
                 worker.last_seen = _time.monotonic()
+                down = self._members.heard(wid, worker.last_seen)
             if msg.type == "join":
                 self._on_join(wid, msg)
+            elif worker is not None and not worker.alive and msg.type != "leave" and self._reinstate(worker):
+                getattr(self, f"_on_{msg.type}")(worker, msg)
             elif worker is None or not worker.alive:
-                # Unknown, or declared dead and back: its state is void; it must join afresh.
+                # Unknown, or written off with its range served elsewhere: its caches are void; it joins
+                # afresh (keeping its layers: the host may give it the same range again).
                 if msg.type != "leave":
                     self._send(wid, "error", {"code": "rejoin", "message": "not a member: join again"})
             else:
                 getattr(self, f"_on_{msg.type}")(worker, msg)
-            if wid in self._disconnected and worker is not None and worker.alive and self._workers.get(wid) is worker:
-                self._back(worker, arrived)
+            if down is not None and down[1] != "it went silent" and worker.alive and self._workers.get(wid) is worker:
+                self._back(worker, arrived, down[0])
         except ProtocolError as exc:
             _log.warning("dropped a message from %r: %s", wid, exc)
         except Exception:  # a message must never take the host down; this is a bug, said loudly
@@ -5144,16 +5413,20 @@ class Cluster:
         now = _time.monotonic()
         incarnation = msg.get("incarnation", str, "")[:64]
         old = self._workers.get(wid)
+        if old is not None and old.incarnation == incarnation and (old.alive or self._reinstate(old)):
+            # It lost touch for a while but kept its state (and, if it was written off, got its range back).
+            self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s})
+            return
+        if old is not None and old.incarnation == incarnation:  # written off, its range served elsewhere
+            self._send(wid, "error", {"code": "rejoin", "message": "your range is served elsewhere: join again"})
+            return
         if old is not None and old.alive:
-            if old.incarnation == incarnation:  # it lost touch for a while but kept its state
-                self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s,
-                                            "liveness_s": self.config.liveness_s})
-                return
             self._lose_worker(old, "it joined again with a new incarnation (restarted, state lost)")
         w = _WorkerState(
             wid=wid, name=msg.get("name", str)[:64], device=msg.get("device", str)[:32],
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
-            pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation)
+            pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation,
+            layers_loaded=max(0, msg.get("layers_loaded", int, 0)))
         held = msg.get("held", dict, {})
         if held.get("fingerprint") == self._fingerprint and isinstance(held.get("start"), int):
             w.held_start = held["start"]
@@ -5185,6 +5458,7 @@ class Cluster:
         worker.state = "ready"
         worker.rss_before, worker.rss_after = msg.get("rss_before", int), msg.get("rss_after", int)
         worker.load_s = msg.get("load_s", (int, float))
+        worker.layers_loaded = max(worker.layers_loaded, msg.get("layers_loaded", int, 0))
         worker.files = [f for f in msg.get("files", list, []) if isinstance(f, str)][:1000]
         _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
         warmed = self._warm(worker) if self._sessions else set()
@@ -5322,6 +5596,7 @@ class Cluster:
         if sent is not None:
             worker.rtt_ms = (_time.monotonic() - sent) * 1e3
         worker.queue = max(0, msg.get("queue", int, 0))
+        worker.layers_loaded = max(worker.layers_loaded, msg.get("layers_loaded", int, 0))
 
     def _on_ping(self, worker: _WorkerState, msg: Message) -> None:
         self._send(worker.wid, "pong", {"t": msg.get("t", (int, float), 0)})
@@ -5502,7 +5777,7 @@ class Cluster:
             session.step += 1
             number = session.step
         ready = [w for w in self._plan[stage].workers if self._workers[w].serving]
-        ready = [w for w in ready if w not in self._disconnected] or ready  # one whose link is down: last
+        ready = [w for w in ready if not self._members.down(w)] or ready  # one whose link is down: last
         if not ready:
             self._park(session, f"no ready worker holds layers {self._plan[stage].start}.."
                                 f"{self._plan[stage].end - 1}")
@@ -5544,7 +5819,7 @@ class Cluster:
                 break
             wid = next(iter(holders))
             w = self._workers.get(wid)
-            if (w is None or not w.serving or w.peer is None or wid in self._disconnected
+            if (w is None or not w.serving or w.peer is None or self._members.down(wid)
                     or wid not in self._plan[later].workers or self._links_down.get((previous, wid), 0.0) > now):
                 break
             chain.append(wid)
@@ -5624,7 +5899,7 @@ class Cluster:
             if not self._send(wid, "forward", self._forward_header(session, step, wid), [raw]):
                 # Its connection is down: it may be back within the grace with its state (then the step
                 # is sent again), or be declared dead when the grace ends (then its replicas take over).
-                self._disconnected.setdefault(wid, _time.monotonic())
+                self._members.closed(wid, _time.monotonic(), "a send to it failed")
             step.targets.add(wid)
         step.sent_at = _time.perf_counter()
 
@@ -5677,6 +5952,7 @@ class Cluster:
         session.steps.clear()  # answers to earlier steps are void now
         session.pos = session.lead = 0
         session.holders.clear()
+        session.restarts += 1
         self._stats["restarts"] += 1
         self._forget(session)
         self._park(session, why)
@@ -5712,13 +5988,10 @@ class Cluster:
     # -- membership and placement ---------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
-        for w in list(self._workers.values()):
-            if not w.alive:
-                continue
-            if now - w.last_seen > self._liveness(w):
-                self._lose_worker(w, f"silent for {now - w.last_seen:.1f} s", state="dead")
-            else:
-                self._send(w.wid, "ping", {"t": now})
+        self._write_off_due(now)
+        for w in self._live():
+            self._send(w.wid, "ping", {"t": now})
+            self._check_loading(w, now)
         clock = _time.perf_counter()
         for s in list(self._sessions.values()):
             for step in list(s.steps.values()):
@@ -5733,13 +6006,23 @@ class Cluster:
         self._publish()
 
     def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
-        """Drop a worker; sessions move on to its replicas, a standby, or a new plan."""
+        """Drop a worker; sessions move on to its replicas, a standby, or a new plan.
+
+        A worker lost as "dead" (silent, cut off, stuck) is written off, not forgotten: should
+        it speak again while its range is still unserved, _reinstate gives it back.
+        """
         if not worker.alive:
             return
+        if state == "dead":
+            stage = next((k for k, st in enumerate(self._plan or ()) if worker.wid in st.workers), None)
+            role = (*worker.layers, worker.epoch) if worker.serving and worker.layers else None
+            exact = {s.sid: (s.restarts, s.pos) for s in self._sessions.values()
+                     if stage is not None and worker.wid in s.holders.get(stage, ())}
+            self._members.write_off(worker.wid, _time.monotonic(), role, exact)
         worker.state, worker.lost_at, worker.lost_why = state, _time.monotonic(), why
         _log.warning("worker %s lost: %s", worker.name, why)
-        if self._rebalance is not None:  # the new plan counted on every node it names
-            self._abort_rebalance()
+        if self._rebalance is not None and any(worker.wid in st.workers for st in self._rebalance):
+            self._abort_rebalance()  # the new plan counted on it
         self._node_event(worker, {"left": "leaves", "kicked": "kicks"}.get(state, "failures"))
         self._stats["failures"] += 1
         for stage in self._plan or ():
@@ -5754,6 +6037,63 @@ class Cluster:
                 if worker.wid in step.targets:
                     self._drop_target(s, step, worker.wid)
 
+    def _reinstate(self, worker: _WorkerState) -> bool:
+        """Give a written-off worker that speaks again its range back, if no one else serves it yet.
+
+        It kept its layers and its caches (it was cut off, not restarted): no reload. Sessions
+        whose cache it held and that have not moved since (same position, no restart) keep it
+        there; the others replay that stage alone on their next step. A re-plan loading to
+        cover its loss is abandoned once the plan is whole again. False: it must join afresh.
+        """
+        record = self._members.returned(worker.wid)
+        if record is None or record.role is None or worker.state != "dead" or worker.epoch != record.role[2]:
+            return False
+        start, end, _ = record.role
+        k = next((k for k, st in enumerate(self._plan or ()) if (st.start, st.end) == (start, end)), None)
+        if k is None:
+            return False
+        stage = self._plan[k]
+        if sum(self._workers[x].serving for x in stage.workers) >= self.config.replicas:
+            return False
+        stage.workers.append(worker.wid)
+        worker.state, worker.lost_at, worker.lost_why = "ready", None, None
+        kept = 0
+        for s in self._sessions.values():
+            if record.exact.get(s.sid) == (s.restarts, s.pos):
+                s.holders.setdefault(k, set()).add(worker.wid)
+                kept += 1
+        self._stats["reinstated"] += 1
+        _log.warning("worker %s is back after %.1f s written off: it serves layers %d..%d again (no reload); "
+                     "%d sessions keep its cache, %d replay that stage", worker.name,
+                     _time.monotonic() - record.written_off, start, end - 1, kept, len(self._sessions) - kept)
+        self._update_readiness()  # (abandons a re-plan loading to cover its loss, the plan being whole)
+        return True
+
+    def _resend_assignment(self, worker: _WorkerState) -> None:
+        """Send a worker again the assignment it is loading (or loading beside its range): it may have been
+        lost with its connection. Same epoch, same layers: a worker that has them answers at once."""
+        if worker.state == "loading" and worker.layers is not None:
+            self._send(worker.wid, "assign", {"epoch": worker.epoch, "start": worker.layers[0],
+                                              "end": worker.layers[1], **self._model_fields()})
+        elif worker.next_layers is not None and not worker.next_loaded:
+            self._send(worker.wid, "assign", {"epoch": worker.next_epoch, "start": worker.next_layers[0],
+                                              "end": worker.next_layers[1], "staged": True, **self._model_fields()})
+        else:
+            return
+        worker.load_mark = (_time.monotonic(), worker.layers_loaded)
+
+    def _check_loading(self, w: _WorkerState, now: float) -> None:
+        """A load that finished no layer in `Config.load_stall_s` is reported and its assignment sent again."""
+        if w.state != "loading" and (w.next_layers is None or w.next_loaded):
+            return
+        since, count = w.load_mark
+        if w.layers_loaded != count:
+            w.load_mark = (now, w.layers_loaded)
+        elif now - since > self.config.load_stall_s:
+            _log.warning("worker %s loaded no layer in %.0f s; sending its assignment again", w.name, now - since)
+            self._status = f"worker {w.name} made no loading progress in {now - since:.0f} s: retrying"
+            self._resend_assignment(w)
+
     def _live(self) -> list[_WorkerState]:
         return [w for w in self._workers.values() if w.alive]
 
@@ -5767,6 +6107,7 @@ class Cluster:
         self._epoch += 1
         worker.state, worker.layers, worker.epoch = "loading", (start, end), self._epoch
         worker.next_layers = None
+        worker.load_mark = (_time.monotonic(), worker.layers_loaded)
         worker.forget_timings()
         self._send(worker.wid, "assign", {"epoch": self._epoch, "start": start, "end": end, **self._model_fields()})
 
@@ -5817,6 +6158,8 @@ class Cluster:
                 self._update_readiness()
                 return
             orphaned = [s for s in self._plan if not s.workers]
+            if self._replan_beside(orphaned, live):
+                return
             _log.warning("layers %s have no worker left: re-planning over %d workers",
                          ", ".join(f"{s.start}..{s.end - 1}" for s in orphaned), len(live))
         if len(live) < (self.config.workers if self._epoch == 0 else 1):  # `workers` gates the first plan
@@ -5848,6 +6191,41 @@ class Cluster:
             self._restart_all("the layers were re-planned")
         self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
         self._publish()
+
+    def _replan_beside(self, orphaned: list[Stage], live: list[_WorkerState]) -> bool:
+        """Layers lost their last holder and no standby can take them. Keep the plan: sessions wait, and
+        their kept inputs still fit its stages, so a holder that comes back takes its range up again with
+        no reload and at most one stage replayed (_reinstate). Meanwhile a plan over the survivors loads
+        beside their current layers (make before break) and is abandoned if the plan is whole first.
+
+        False where the survivors lack the memory to load beside what they hold: re-plan the plain way.
+        """
+        names = ", ".join(f"{s.start}..{s.end - 1}" for s in orphaned)
+        self._ready.clear()
+        if self._replanning:
+            return True  # one is loading already
+        survivors = [w for w in live if w.state in ("ready", "standby") and not self._members.down(w.wid)]
+        proposal = self._propose(self._profiles(survivors)) if survivors else None
+        if proposal is None:
+            self._status = (f"waiting for workers: {len(survivors)} of {self.config.workers} reachable, and layers "
+                            f"{names} lost their worker: waiting for it to come back or another to join")
+            _log.warning("layers %s have no worker: holding the plan until one comes back or joins", names)
+            self._publish()
+            return True
+        held = {w.wid: (w.layers[1] - w.layers[0] if w.layers else 0) for w in survivors}
+        for stage in proposal:
+            for wid in stage.workers:
+                held[wid] += stage.layers
+        if any(held[w.wid] > self._capacity(w) for w in survivors):
+            return False
+        self._stats["replans"] += 1
+        self._replanning = True
+        _log.warning("layers %s have no worker: loading %s beside the current plan (abandoned if its holders "
+                     "come back first)", names, self._describe(proposal))
+        self._status = f"re-planning: layers {names} lost their worker; loading a plan over {len(survivors)} workers"
+        self._start_rebalance(proposal)
+        self._publish()
+        return True
 
     # -- rebalancing ----------------------------------------------------------
 
@@ -5882,6 +6260,7 @@ class Cluster:
                     continue
                 self._epoch += 1
                 w.next_layers, w.next_epoch, w.next_loaded = (stage.start, stage.end), self._epoch, False
+                w.load_mark = (_time.monotonic(), w.layers_loaded)
                 self._send(wid, "assign", {"epoch": self._epoch, "start": stage.start, "end": stage.end,
                                            "staged": True, **self._model_fields()})
         self._check_rebalance()
@@ -5903,16 +6282,21 @@ class Cluster:
             if w.wid not in holders:
                 w.layers, w.state = None, "standby"
         self._plan, self._rebalance = plan, None
-        self._stats["rebalances"] += 1
+        if not self._replanning:  # (a re-plan was counted when it began)
+            self._stats["rebalances"] += 1
+        why = "the layers were re-planned" if self._replanning else "the layers were rebalanced"
+        self._replanning = False
         self._last_rebalance = _time.monotonic()
-        self._restart_all("the layers were rebalanced")
+        self._restart_all(why)
         self._update_readiness()
         for w in [w for w in self._live() if w.draining]:
             self._release(w)  # its layers are served elsewhere now
 
     def _abort_rebalance(self) -> None:
-        self._rebalance = None
+        self._rebalance, self._replanning = None, False
         for w in self._workers.values():
+            if w.next_layers is not None and w.alive:  # let it free what it loaded on the side
+                self._send(w.wid, "activate", {"epoch": w.next_epoch, "discard": True})
             w.next_layers, w.next_loaded = None, False
             if w.draining and w.alive:
                 _log.warning("the drain of %s was interrupted; it keeps serving (drain it again)", w.name)
@@ -5937,6 +6321,9 @@ class Cluster:
     def _update_readiness(self) -> None:
         complete = self._plan is not None and all(any(self._workers[w].serving for w in s.workers)
                                                   for s in self._plan)
+        if complete and self._replanning:  # its holders came back (or a standby took over) first
+            _log.warning("the plan is whole again: abandoning the re-plan that was loading")
+            self._abort_rebalance()
         if complete and not self._ready.is_set():
             self._status = f"ready: {len(self._plan)} stages"
             self._ready.set()
@@ -5951,7 +6338,7 @@ class Cluster:
             if w.alive:
                 w.measure_rate(now)
                 w.hazard = self._hazard(w)
-        workers = [w.public() for w in self._workers.values()]
+        workers = [{**w.public(), **self._members.view(w, now, self._covered(w))} for w in self._workers.values()]
         plan = [(s.start, s.end - 1, ", ".join(self._workers[w].name for w in s.workers))
                 for s in (self._plan or [])]
         self._stage_view = [(s.start, s.end - 1, [self._workers[w].name for w in s.workers])
@@ -6054,7 +6441,11 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
             if w.get("next_layers"):
                 layers += f' → {w["next_layers"][0]}–{w["next_layers"][1] - 1}'
             state = w["state"] + (" (draining)" if w.get("draining") and w["state"] == "ready" else "")
-            cls = "bad" if w.get("lost_at") is not None else ("good" if w["state"] == "ready" else "warn")
+            if w.get("unreachable_s") is not None and w.get("alive"):
+                state = (f'unreachable for {w["unreachable_s"]:.0f} s (its range moves after '
+                         f'{w["grace_s"]:.0f} s)')
+            cls = ("bad" if w.get("lost_at") is not None
+                   else "good" if w["state"] == "ready" and w.get("unreachable_s") is None else "warn")
             why = f' <span class="muted">{_esc(w["lost_why"])}</span>' if w.get("lost_why") else ""
             rtt = f'{w["rtt_ms"]:.1f} ms' if w.get("rtt_ms") is not None else "—"
             swatch = f'<span style="color:{color[w["name"]]}">■</span>'
@@ -6227,13 +6618,13 @@ def _show(html: str, widget_factory: Any, owner: Any) -> None:
 
 def _worker_html(worker: "Worker") -> str:
     layers = f"{worker.layers[0]}–{worker.layers[1] - 1}" if worker.layers else "—"
-    cls = {"ready": "good", "stopped": "muted", "refused": "bad"}.get(worker.state, "warn")
+    cls = {"ready": "good", "stopped": "muted", "refused": "bad"}.get(worker.status, "warn")
     memory = _fmt_bytes(_rss_bytes()) + " RAM"
     if worker.device.type == "cuda":
         memory += f" · {_fmt_bytes(torch.cuda.memory_allocated(worker.device))} on {worker.device}"
     error = f' · <span class="bad">{_esc(worker.error)}</span>' if worker.error else ""
     return (f'{_PANEL_CSS}<div class="dllm"><b>distllm worker</b> {_esc(worker.name)} · '
-            f'<span class="{cls}">{_esc(worker.state)}</span> · layers {layers} · '
+            f'<span class="{cls}">{_esc(worker.status)}</span> · layers {layers} · '
             f'{worker.steps_served} steps served · {memory} · host {_esc(worker.join_info.endpoint)}{error}'
             + ('<div class="muted">interrupt the kernel (■) to leave: the host moves the layers first</div>'
                if worker.state not in ("stopped", "refused") else "") + "</div>")
@@ -7235,7 +7626,7 @@ def _join(args: Any) -> int:
     joined = join(args.join_string, name=args.name, device=args.device, background=True,  # raises if refused
                   store=args.store, token=args.token, hub_endpoint=args.hub_endpoint, bind=args.bind,
                   direct_links=not args.no_direct, peer_port=args.peer_port, peer_address=args.peer_address,
-                  spin_ms=args.spin_ms, trace=args.trace)
+                  spin_ms=args.spin_ms, trace=args.trace, host_timeout_s=args.host_timeout)
     workers = joined if isinstance(joined, list) else [joined]  # one per GPU on a machine with several
 
     def hand_over(*_: Any) -> None:
@@ -7385,6 +7776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="ms to poll for the next step before sleeping (default: 10 on a GPU, 0 on a CPU)")
     p.add_argument("--trace", default=None, metavar="PREFIX",
                    help="write when each step's compute started and ended to PREFIX-<pid>-<n>.jsonl")
+    p.add_argument("--host-timeout", type=float, default=None, metavar="S",
+                   help="stop after the host was unreachable this many seconds (default: keep dialling)")
     p.set_defaults(func=_join)
 
     p = sub.add_parser("map", help="run a JSON-lines file of prompts as a checkpointed batch job")

@@ -12,10 +12,18 @@ dial the host through a proxy, and each worker's direct-link port sits behind on
 - bytes per token per hop on the wire (every proxy, both directions);
 - the stall when every connection is cut mid-stream (reconnect, steps sent again).
 
+With --partitions, a partition table instead: three `distllm join` workers (3 stages)
+reach the host through one relay, and while four requests stream (two greedy, two
+seeded) the relay stops (connections refused) for each outage length, then for a flap
+(down 0.5 s every 2 s for 30 s): per row the stall (the longest pause between two tokens
+of a request), whether every request's tokens equal the fault-free run's, layers
+reloaded, re-plans, workers written off and reinstated, sessions prefilled again.
+
 Hidden states travel in the compute dtype: bfloat16 here (`--dtype`), as for a real
 checkpoint; a float32 row shows the difference in bytes.
 
     python bench/network.py [--rtt 0,50,150] [--stages 2,4] [--tokens 24] [--dtype bfloat16]
+    python bench/network.py --partitions [--rtt 0,100] [--outages 1,5,30,120] [--flap 30]
 """
 
 from __future__ import annotations
@@ -101,13 +109,106 @@ def run(rtt_ms: float, stages: int, direct: bool, tokens: int, dtype: str, compu
             "replays": stats["replays"] + stats["restarts"], "lost": stats["failures"]}
 
 
+PARTITION_REQUESTS = [(list(range(3, 12)), {}), (list(range(20, 34)), {}),
+                      (list(range(40, 51)), {"temperature": 0.9, "top_p": 0.95, "seed": 7}),
+                      (list(range(60, 66)), {"temperature": 0.8, "top_k": 20, "seed": 11})]
+
+
+def _stream_all(cluster, tokens: int, fault=None) -> tuple[list[list[int]], float]:
+    """The four requests at once; `fault()` once each has 3 tokens. Return tokens and the longest gap."""
+    got = [[] for _ in PARTITION_REQUESTS]
+    stamps = [[] for _ in PARTITION_REQUESTS]
+
+    def run(i: int) -> None:
+        prompt, params = PARTITION_REQUESTS[i]
+        for tok in cluster.stream(prompt, max_new_tokens=tokens, timeout=600, **params):
+            got[i].append(tok)
+            stamps[i].append(time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(got))]
+    for t in threads:
+        t.start()
+    at = time.monotonic()
+    if fault is not None:
+        while not all(len(g) >= 3 for g in got):
+            time.sleep(0.01)
+        at = time.monotonic()
+        fault()
+    for t in threads:
+        t.join()
+    return got, max((b - a for s in stamps for a, b in zip(s, s[1:]) if b > at), default=0.0)
+
+
+def partitions(rtts: list[float], outages: list[float], flap_s: float) -> list[dict]:
+    rows = []
+    for rtt in rtts:
+        tokens = 32 if rtt else 192  # (on loopback the requests must outlast the moment the relay stops)
+        logs = tempfile.mkdtemp(prefix="distllm-part-")
+        with (distllm.host("tiny", quant="none", bind="127.0.0.1", workers=3, stages=3, calibrate=False,
+                           rebalance_s=0) as cluster, contextlib.ExitStack() as stack):
+            port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
+            relay = stack.enter_context(LatencyProxy(port, rtt_ms=rtt))
+            stack.enter_context(join_processes(
+                relay.rewrite(cluster.join_string), ["w0", "w1", "w2"], logs,
+                lambda i: ["--bind", "127.0.0.1", "--peer-address", "127.0.0.1", "--peer-port", str(free_port())]))
+            cluster.wait_ready(300)
+            want, _ = _stream_all(cluster, tokens)
+
+            def loaded() -> int:
+                return sum(w["layers_loaded"] for w in cluster.workers() if w["alive"])
+
+            flapped = threading.Event()
+
+            def flap() -> None:
+                def loop() -> None:
+                    t_end = time.monotonic() + flap_s
+                    while time.monotonic() < t_end:
+                        relay.outage(0.5).join()
+                        time.sleep(1.5)
+                    flapped.set()
+                threading.Thread(target=loop, daemon=True).start()
+
+            faults = [(f"{o:.0f} s outage", (lambda o=o: relay.outage(o))) for o in outages]
+            faults.append((f"flap 0.5 s / 2 s for {flap_s:.0f} s", flap))
+            for name, fault in faults:
+                before, stats0 = loaded(), cluster.stats()
+                got, stall = _stream_all(cluster, tokens if "flap" not in name else max(tokens, 64), fault)
+                if "flap" in name:
+                    flapped.wait()
+                    want_now, _ = _stream_all(cluster, max(tokens, 64))  # the same requests, undisturbed
+                else:
+                    want_now = want
+                while sum(w["state"] == "ready" and w["alive"] for w in cluster.workers()) < 3:
+                    time.sleep(0.1)
+                stats = cluster.stats()
+                delta = {k: stats[k] - stats0[k] for k in ("replans", "failures", "reinstated", "restarts")}
+                rows.append({"rtt": rtt, "fault": name, "stall": stall, "identical": got == want_now,
+                             "reloaded": loaded() - before, **delta})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rtt", default="0,50,150")
+    ap.add_argument("--rtt", default=None)
     ap.add_argument("--stages", default="2,4")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--partitions", action="store_true", help="the partition table instead (see above)")
+    ap.add_argument("--outages", default="1,5,30,120")
+    ap.add_argument("--flap", type=float, default=30.0)
     args = ap.parse_args()
+    if args.partitions:
+        rows = partitions([float(r) for r in (args.rtt or "0,100").split(",")],
+                          [float(o) for o in args.outages.split(",")], args.flap)
+        print("\n| round trip | fault | stall s | tokens identical | layers reloaded | re-plans | written off | "
+              "reinstated | sessions prefilled again |")
+        print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['rtt']:.0f} ms | {r['fault']} | {r['stall']:.1f} | {r['identical']} | {r['reloaded']} | "
+                  f"{r['replans']} | {r['failures']} | {r['reinstated']} | {r['restarts']} |")
+        return 0
+    args.rtt = args.rtt or "0,50,150"
     compute_ms: dict = {}
     rows = []
     for stages in [int(s) for s in args.stages.split(",")]:

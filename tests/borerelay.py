@@ -6,6 +6,10 @@ told {"Hello": public_port}; each visitor of the public port is announced with
 {"Connection": uuid}; the client answers on a new control connection with
 {"Accept": uuid} and the relay splices the two. With a secret, each control
 connection starts with {"Challenge": uuid} and must answer {"Authenticate": hmac}.
+As bore's server does, it grants a requested public port when it is free, and closes a
+client's public port when that client's control connection closes. `drop_controls()`
+closes every control connection (a relay restart, a network drop); ports in `taken`
+are refused (someone else got the port meanwhile).
 """
 
 from __future__ import annotations
@@ -28,11 +32,29 @@ class BoreRelay:
         self.pending: dict[str, socket.socket] = {}
         self.visitors = 0
         self.refused = 0
+        self.taken: set[int] = set()
+        self.hellos: list[int] = []  # the public port granted to each Hello, in order
+        self._controls: list[tuple[socket.socket, socket.socket]] = []  # (control connection, its public port)
+        self._splices: list[tuple[socket.socket, socket.socket]] = []  # (visitor, client) connections joined
         self._lock = threading.Lock()
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     def close(self) -> None:
         self.listener.close()
+
+    def drop_controls(self) -> None:
+        """Close every client's control connection, its public port and the connections it carried, as a
+        relay restart would."""
+        with self._lock:
+            controls, self._controls = self._controls + self._splices, []
+            self._splices = []
+        for pair in controls:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
 
     @staticmethod
     def _send(sock, message) -> None:
@@ -72,7 +94,18 @@ class BoreRelay:
                 return
         message = self._recv(conn, buffer)
         if isinstance(message, dict) and "Hello" in message:
-            public = socket.create_server(("127.0.0.1", 0))
+            asked = message["Hello"] if isinstance(message["Hello"], int) else 0
+            try:
+                if asked in self.taken:
+                    raise OSError("taken")
+                public = socket.create_server(("127.0.0.1", asked))
+            except OSError:
+                self._send(conn, {"Error": f"port {asked} already in use"})
+                conn.close()
+                return
+            with self._lock:
+                self._controls.append((conn, public))
+                self.hellos.append(public.getsockname()[1])
             self._send(conn, {"Hello": public.getsockname()[1]})
             while True:
                 try:
@@ -90,6 +123,8 @@ class BoreRelay:
             if visitor is None:
                 conn.close()
                 return
+            with self._lock:
+                self._splices.append((visitor, conn))
             if buffer:
                 visitor.sendall(bytes(buffer))
             threading.Thread(target=_pump, args=(visitor, conn), daemon=True).start()

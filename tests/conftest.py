@@ -91,6 +91,18 @@ def reference_generate(model, prompt: list[int], max_new_tokens: int) -> list[in
     return out[0, len(prompt):].tolist()
 
 
+def reference_sampled(model, prompt: list[int], params: distllm.SamplingParams) -> list[int]:
+    """Sample with distllm's sampler on logits of the whole model, recomputed from scratch each step."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(params.max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            ids.append(distllm.sample(logits, params, len(ids)))
+            if ids[-1] == 2:
+                break
+    return ids[len(prompt):]
+
+
 def prompt_of(length: int, seed: int = 0) -> list[int]:
     """A deterministic prompt of `length` printable-character token ids."""
     g = torch.Generator().manual_seed(seed + length)

@@ -3,7 +3,9 @@
 Every byte is delivered in order after half the round trip (plus jitter) in each
 direction; `stall(s)` holds all traffic for s seconds (a relay hiccup), `cut()` drops
 every connection at once (a NAT timeout, a tunnel restart); new connections are
-accepted again right after. Used by the tests and by bench/network.py.
+accepted again right after. `outage(s)` is a relay that stops for s seconds: every
+connection is dropped and new ones are refused until it listens again on the same
+port. Used by the tests and by bench/network.py.
 
     proxy = LatencyProxy(target_port, rtt_ms=150, jitter_ms=10)
     worker_join_string = proxy.rewrite(cluster.join_string)  # workers dial the proxy
@@ -48,6 +50,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_listening(listener: socket.socket) -> None:
+    """Close a listening socket for good: a bare close() from another thread leaves Linux listening
+    (and accepting) until the blocked accept() returns; shutdown() wakes it and stops the listening."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
 class LatencyProxy:
     def __init__(self, target_port: int, *, rtt_ms: float = 0.0, jitter_ms: float = 0.0, seed: int = 0,
                  target_host: str = "127.0.0.1"):
@@ -61,10 +73,12 @@ class LatencyProxy:
         self.cuts = 0
         self._pending = 0  # chunks read and not yet delivered (or dropped by a cut)
         self.bytes = collections.Counter()  # "up" (to the target) and "down"
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        self.outages = 0
         self._closed = threading.Event()
-        threading.Thread(target=self._accept, name="netem-accept", daemon=True).start()
+        self._listener: socket.socket | None = None
+        with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port, kept across outages
+            self.port = probe.getsockname()[1]
+        self._listen()
 
     def rewrite(self, join_string: str) -> str:
         """The join string with its address replaced by this proxy's."""
@@ -98,9 +112,41 @@ class LatencyProxy:
                     pass
                 s.close()
 
+    def outage(self, seconds: float) -> threading.Thread:
+        """Stop the relay: drop every connection and refuse new ones (nothing listens) for `seconds`,
+        then listen on the same port again. Returns at once; the returned thread ends when it is back."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            self.outages += 1
+        _stop_listening(listener)
+        self.cut()
+
+        def restart() -> None:
+            if not self._closed.wait(seconds):
+                self._listen()
+
+        thread = threading.Thread(target=restart, name="netem-outage", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def up(self) -> bool:
+        """Whether the relay listens (not in an outage)."""
+        return self._listener is not None
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="netem-accept", daemon=True).start()
+
     def close(self) -> None:
         self._closed.set()
-        self._listener.close()
+        if self._listener is not None:
+            _stop_listening(self._listener)
         self.cut()
 
     def __enter__(self) -> "LatencyProxy":
@@ -109,11 +155,14 @@ class LatencyProxy:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed.is_set():
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
+                return
+            if self._listener is not listener:  # accepted as an outage began
+                client.close()
                 return
             try:
                 server = socket.create_connection(self.target)

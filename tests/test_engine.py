@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import distllm
-from conftest import FAMILIES, prompt_of, reference_generate, reference_model, write_model
+from conftest import FAMILIES, prompt_of, reference_generate, reference_model, reference_sampled, write_model
 
 PROMPT_LENGTHS = (1, 7, 30, 64)
 NEW_TOKENS = 32
@@ -46,18 +46,6 @@ def test_tokens_identical_to_transformers(family, quant, model_dir):
             assert got[n] == want[n], f"{family}/{quant}, {workers} workers, prompt of {n} tokens"
 
 
-def _reference_sampled(model, prompt: list[int], params: distllm.SamplingParams) -> list[int]:
-    """Sample with distllm's sampler on logits of the whole model, recomputed from scratch each step."""
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(params.max_new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            ids.append(distllm.sample(logits, params, len(ids)))
-            if ids[-1] == 2:
-                break
-    return ids[len(prompt):]
-
-
 def test_seeded_sampling_is_reproducible_and_matches_reference(model_dir):
     path = model_dir("qwen2")
     prompt = prompt_of(12)
@@ -69,7 +57,7 @@ def test_seeded_sampling_is_reproducible_and_matches_reference(model_dir):
     assert first == again
     assert first != other
     params = distllm.SamplingParams(seed=7, **options)
-    assert first == _reference_sampled(reference_model(path), prompt, params)
+    assert first == reference_sampled(reference_model(path), prompt, params)
 
 
 def test_text_in_text_out_and_stream_pieces(model_dir):
