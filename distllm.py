@@ -1126,8 +1126,10 @@ class _ModelFiles:
         with safe_open(self.path("model.safetensors"), "pt") as f:
             return {k: "model.safetensors" for k in f.keys()}
 
-    def load(self, names: Sequence[str], weight_map: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Load just the tensors `names`, opening only the shard files that hold them."""
+    def load(self, names: Sequence[str], weight_map: dict[str, str], dtype: torch.dtype,
+             stored: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
+        """Load just the tensors `names`, opening only the shard files that hold them; floating-point ones
+        in `dtype`, except those `stored` says to keep as stored (a 4-bit weight's quantization state)."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = _collections.defaultdict(list)
@@ -1139,7 +1141,7 @@ class _ModelFiles:
             with safe_open(self.path(filename), "pt", device="cpu") as f:
                 for k in keys:
                     t = f.get_tensor(k)  # may be backed by the file's pages: copy into our memory
-                    out[k] = t.to(dtype if t.is_floating_point() else t.dtype, copy=True)
+                    out[k] = t.to(dtype if t.is_floating_point() and not stored(k) else t.dtype, copy=True)
         return out
 
 
@@ -1156,8 +1158,27 @@ def _load_config(files: _ModelFiles) -> Any:
             f"model type {config.model_type!r} of {files.ref!r} is not supported; distllm splits "
             f"decoder-only models with the Llama layout: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    _prequantized(config)  # refuses what it cannot load, naming what it can
     config._attn_implementation = "sdpa"
     return config
+
+
+def _prequantized(config: Any) -> dict | None:
+    """The bitsandbytes 4-bit settings a checkpoint's layers are stored in (its config.json's
+    quantization_config: {"quant_type": "nf4" | "fp4", "double": bool}), or None for a 16/32-bit one."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method == "bitsandbytes" and qc.get("load_in_4bit"):
+        quant_type = qc.get("bnb_4bit_quant_type", "fp4")
+        if quant_type in ("nf4", "fp4"):
+            return {"quant_type": quant_type, "double": bool(qc.get("bnb_4bit_use_double_quant"))}
+    what = "8-bit bitsandbytes" if qc.get("load_in_8bit") else f"{method!r}"
+    raise UnsupportedModelError(
+        f"this checkpoint is quantized ({what}); distllm loads bitsandbytes 4-bit checkpoints (nf4 or fp4, "
+        f"the *-bnb-4bit repos) as they are, or 16/32-bit ones, which it quantizes itself (quant='nf4', 'int8')")
 
 
 def _family_classes(config: Any) -> tuple[type, type]:
@@ -1190,7 +1211,14 @@ def _layer_params(config: Any) -> int:
 
 
 def _layer_bytes(config: Any, quant: str, dtype: torch.dtype) -> int:
-    """Return the bytes one decoder layer takes on a worker once loaded."""
+    """Return the bytes one decoder layer takes on a worker once loaded (a 4-bit checkpoint: as stored)."""
+    stored = _prequantized(config)
+    if stored is not None:  # 64-weight blocks: a float32 scale each, or an 8-bit one in blocks of 256
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if stored["double"] else 4 / 64)
+        # and per matrix (7 in a layer): its code book (16 floats; 256 more with double quantization) and
+        # the packed state's header; the two norms in float32
+        per_matrix = 16 * 4 + 256 + (256 * 4 + 4 if stored["double"] else 0)
+        return int(_layer_params(config) * per_weight) + 7 * per_matrix + 2 * config.hidden_size * 4
     bytes_per_weight = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}.get(quant, dtype.itemsize)
     return int(_layer_params(config) * bytes_per_weight)
 
@@ -1762,25 +1790,57 @@ class StageShard:
         with torch.device("meta"):
             layer = layer_cls(self.config, i)
         prefix = f"model.layers.{i}."
+        stored = _prequantized(self.config) if files is not None else None
         if files is None:
             state = {k: torch.randn(t.shape, dtype=self.dtype) * 0.02 for k, t in layer.state_dict().items()}
         else:
             names = [k for k in weight_map if k.startswith(prefix)]
-            state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype).items()}
-        missing = set(layer.state_dict()) - set(state)
+            state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype,
+                                                               stored=lambda k: ".weight." in k).items()}
+        if stored is not None:
+            self._place_packed(layer, state, i)  # its Linears become the stored 4-bit ones
+        missing = {n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
+                   if t.device.type == "meta"} - set(state) if stored is not None else set(layer.state_dict()) - set(state)
         if missing:
             raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]} of layer {i}")
-        layer.load_state_dict(state, strict=True, assign=True)
+        layer.load_state_dict(state, strict=stored is None, assign=True)
         del state
         for sub in layer.modules():  # a stage's cache holds its own layers at 0..n-1
             if hasattr(sub, "layer_idx"):
                 sub.layer_idx = i - self.start
-        layer = quantize_linears(layer, self.quant, self.dtype, self.device)
+        layer = quantize_linears(layer, self.quant, self.dtype, self.device) if stored is None else layer.to(self.device)
         leftover = [n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
                     if t.device.type == "meta"]
         if leftover:
             raise UnsupportedModelError(f"tensors {leftover[:4]} of layer {i} were not in the checkpoint")
         return layer
+
+    def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int) -> None:
+        """Replace each Linear of `layer` that the checkpoint stores in 4 bits by a Linear4bit holding the
+        stored packed weight and quantization state (popped from `state`): no 16-bit copy is ever made."""
+        bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+        for name, child in list(layer.named_modules()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            stats = {k[len(name) + len(".weight."):]: state.pop(k) for k in list(state)
+                     if k.startswith(f"{name}.weight.")}
+            if not stats:
+                continue  # stored in 16 bits (a skipped module): loaded as it is
+            if f"{name}.weight" not in state:
+                raise UnsupportedModelError(f"checkpoint has the quantization state of {name} in layer {i} "
+                                            "but not its weight")
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=self.dtype, device="meta")
+            try:
+                q.weight = bnb.nn.Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats,
+                                                               requires_grad=False, device=self.device, module=q)
+            except (ValueError, KeyError, AssertionError) as exc:
+                raise UnsupportedModelError(f"cannot read the 4-bit weight {name} of layer {i}: {exc}") from None
+            q.weight.quant_state.dtype = self.dtype  # dequantize straight into the compute dtype
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(state.pop(f"{name}.bias").to(self.dtype), requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, q.eval())  # eval: see quantize_linears
 
     @torch.inference_mode()
     def forward(self, sid: SessionID, hidden: torch.Tensor, start: int,
@@ -4494,6 +4554,7 @@ class _Session:
         return any(not step.answered for step in self.steps.values())
 
 
+_LOAD_FAILURE_S = 300.0  # seconds a worker that could not load its layers is not asked to load again
 _FLAP_WINDOW_S = 600.0  # outages of a link within this many seconds count towards its flapping
 _FLAP_FACTOR_MAX = 8  # a flapping link's grace grows with its recent outages, up to this many times the base
 
@@ -4643,7 +4704,12 @@ class Cluster:
         self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
         self.tokenizer = self.head.tokenizer
         self._fingerprint = _fingerprint(self.files)
-        self._layer_bytes = _layer_bytes(self.model_config, self.config.quant, self.dtype)
+        # A 4-bit checkpoint's layers are served as stored (the planner counts its bytes); else as `quant` says.
+        self.quant = "nf4" if _prequantized(self.model_config) else self.config.quant
+        if self.quant != self.config.quant:
+            _log.info("%s is stored in 4 bits: its layers are served as stored (quant=%r does not apply)", model,
+                      self.config.quant)
+        self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
         self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
 
         self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
@@ -4729,6 +4795,10 @@ class Cluster:
         self._links_down: dict[tuple[WorkerID, WorkerID], float] = {}  # (from, to) -> until (monotonic)
         self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
         self._replanning = False  # that plan covers layers that lost their holders (see _replan_beside)
+        # Workers that could not load their layers, by name: (why, when); not asked again for a while. When
+        # every worker has failed so, requests fail at once with the reason instead of waiting.
+        self._load_failures: dict[str, tuple[str, float]] = {}
+        self._cannot_load: str | None = None
         self._last_rebalance = _time.monotonic()
 
         # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
@@ -4894,8 +4964,12 @@ class Cluster:
     def wait_ready(self, timeout: float | None = None) -> "Cluster":
         """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
         wait = self.config.wait_timeout_s if timeout is None else timeout
-        if not self._ready.wait(wait):
-            raise ClusterNotReadyError(f"no complete pipeline after {wait:.0f} s: {self._status}")
+        deadline = _time.monotonic() + wait
+        while not self._ready.wait(min(0.1, max(0.0, deadline - _time.monotonic()))):
+            if self._cannot_load is not None:
+                raise ClusterNotReadyError(self._cannot_load)
+            if _time.monotonic() >= deadline:
+                raise ClusterNotReadyError(f"no complete pipeline after {wait:.0f} s: {self._status}")
         return self
 
     def close(self) -> None:
@@ -5346,6 +5420,8 @@ class Cluster:
                 self._sessions[arg.sid] = arg
                 if arg.params.max_new_tokens == 0:
                     self._finish(arg)
+                elif self._cannot_load is not None:
+                    self._finish(arg, error=ClusterNotReadyError(self._cannot_load))
                 else:
                     self._park(arg, self._status)
             elif kind == "cancel":
@@ -5439,7 +5515,7 @@ class Cluster:
             w.peer, w.link_key = endpoint, key
         self._workers[wid] = w
         self._node_event(w, "joins")
-        fields = self._model_fields() if self.config.calibrate else {"quant": self.config.quant}
+        fields = self._model_fields() if self.config.calibrate else {"quant": self.quant}
         if not self.config.calibrate:
             w.layer_ms = 1.0  # all alike until their steps are measured
         self._send(wid, "welcome", {"heartbeat_s": self.config.heartbeat_s, "liveness_s": self.config.liveness_s,
@@ -5490,12 +5566,18 @@ class Cluster:
 
     def _on_failed(self, worker: _WorkerState, msg: Message) -> None:
         if msg.get("staged", bool, False):  # a rebalance's layers failed to load: keep the current plan
-            _log.warning("worker %s could not load layers for a rebalance (%s); keeping the current plan",
-                         worker.name, msg.get("message", str, "")[:500])
+            why = msg.get("message", str, "")[:2000]
+            _log.warning("worker %s could not load layers for a %s (%s); keeping the current plan", worker.name,
+                         "re-plan" if self._replanning else "rebalance", why[:500])
+            replanning = self._replanning
             self._abort_rebalance()
+            if replanning:  # the plan lacks layers still: look again, without asking this worker to load
+                self._load_failures[worker.name] = (why, _time.monotonic())
+                self._place()
             return
         worker.error = msg.get("message", str, "")[:2000]
         _log.error("worker %s could not load its layers: %s", worker.name, worker.error)
+        self._load_failures[worker.name] = (worker.error, _time.monotonic())
         self._lose_worker(worker, f"loading failed: {worker.error}", state="failed")
 
     def _on_leave(self, worker: _WorkerState, msg: Message) -> None:
@@ -6100,7 +6182,7 @@ class Cluster:
     def _model_fields(self) -> dict:
         """What a worker needs to load (or calibrate) layers of this model exactly as the host has it."""
         return {"model": self.model, "revision": self.files.revision, "endpoint": self.config.hub_endpoint,
-                "quant": self.config.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
+                "quant": self.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
                 "batch": self.config.decode_batch}
 
     def _assign(self, worker: _WorkerState, start: int, end: int) -> None:
@@ -6143,7 +6225,14 @@ class Cluster:
 
     def _place(self) -> None:
         """Keep every layer range served: refill stages from standbys, re-plan only when a range is orphaned."""
-        live = self._live()
+        now = _time.monotonic()
+        self._load_failures = {n: f for n, f in self._load_failures.items() if now - f[1] < _LOAD_FAILURE_S}
+        everyone = self._live()
+        live = [w for w in everyone if w.name not in self._load_failures]  # (who failed to load is not asked)
+        if self._load_failures and not live:
+            self._give_up_loading(everyone)
+            return
+        self._cannot_load = None
         if self._plan is not None:
             standbys = [w for w in live if w.layers is None]
             for stage in self._plan:
@@ -6191,6 +6280,18 @@ class Cluster:
             self._restart_all("the layers were re-planned")
         self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
         self._publish()
+
+    def _give_up_loading(self, idle: list[_WorkerState]) -> None:
+        """Every worker failed to load its layers: fail the requests now, with the workers' reason (they
+        would wait `wait_timeout_s` for nothing), until a worker that has not failed joins."""
+        name, (why, _) = max(self._load_failures.items(), key=lambda item: item[1][1])
+        reason = f"no worker could load the model ({name}: {why})"
+        if self._cannot_load != reason:
+            _log.error("%s; requests fail until another worker joins (%d idle)", reason, len(idle))
+        self._cannot_load = self._status = reason
+        self._drop_plan()
+        for s in list(self._sessions.values()):
+            self._finish(s, error=ClusterNotReadyError(reason))
 
     def _replan_beside(self, orphaned: list[Stage], live: list[_WorkerState]) -> bool:
         """Layers lost their last holder and no standby can take them. Keep the plan: sessions wait, and
@@ -6426,7 +6527,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
     status_cls = "good" if ready else "warn"
     out = [_PANEL_CSS, '<div class="dllm">',
            f'<b>distllm</b> · <code>{_esc(cluster.model)}</code> · {cluster.n_layers} layers · '
-           f'{_esc(cluster.config.quant)} · <span class="{status_cls}">{_esc(cluster.status)}</span>']
+           f'{_esc(cluster.quant)} · <span class="{status_cls}">{_esc(cluster.status)}</span>']
     if join_cell:
         cell = _join_cell(cluster.join_string)
         out.append('<div style="margin-top:6px">Run this in each worker notebook '
@@ -7097,8 +7198,14 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
         while not cluster._ready.wait(0.1):
             dead = [p for p in cluster._local_procs if p.exitcode is not None]
             if dead:
+                script = getattr(_sys.modules.get("__main__"), "__file__", None)
+                hint = (f"; if {_os.path.basename(script)} calls distllm.local() outside an `if __name__ == "
+                        f"\"__main__\":` block, put it in one: worker processes start through multiprocessing, "
+                        f"which imports the script again in each of them") if script and dead[0].exitcode == 1 else ""
                 raise ClusterNotReadyError(f"local worker {dead[0].name} exited with code {dead[0].exitcode} "
-                                           f"before the cluster was ready: {cluster.status}")
+                                           f"before the cluster was ready: {cluster.status}{hint}")
+            if cluster._cannot_load is not None:
+                raise ClusterNotReadyError(cluster._cannot_load)
             if _time.monotonic() > deadline:
                 raise ClusterNotReadyError(f"no complete pipeline after {cfg.wait_timeout_s:.0f} s: "
                                            f"{cluster.status}")
