@@ -377,6 +377,23 @@ def _require(module: str, hint: str) -> Any:
         raise ImportError(f"{module} is needed for this: {hint}") from exc
 
 
+class _KernelsHubNotice(_logging.Filter):
+    """Drops bitsandbytes' notice, on importing it on a CPU with AVX512-BF16, that it could not fetch an
+    optional CPU kernel from the Hub ("Failed to load CPU gemm_4bit_forward from kernels-community: No
+    module named 'kernels'"): its built-in CPU path serves (tested), and a worker should not download code."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def _bitsandbytes() -> Any:
+    """Import bitsandbytes (once: quietly, see _KernelsHubNotice)."""
+    quiet = _logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _KernelsHubNotice) for f in quiet.filters):
+        quiet.addFilter(_KernelsHubNotice())
+    return _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+
+
 def _progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar that renders as a widget in notebooks and as text in terminals (none in logs and pipes)."""
     from tqdm.auto import tqdm
@@ -1190,13 +1207,22 @@ def _family_classes(config: Any) -> tuple[type, type]:
     return getattr(module, f"{family.prefix}DecoderLayer"), getattr(module, f"{family.prefix}RotaryEmbedding")
 
 
+def _has_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CPU, or a CUDA GPU of compute capability 8.0 or
+    newer. (torch.cuda.is_bf16_supported() says True on a T4, 7.5, counting emulation, and it asks the
+    current device, not this one.)"""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _compute_dtype(config: Any, choice: str, device: torch.device) -> torch.dtype:
-    if choice != "auto":
-        return getattr(torch, choice)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    """The dtype `device` computes a stage in: `choice` (the host's, or the checkpoint's for "auto"), with
+    bfloat16 turned into float16 on GPUs without it (T4, P100, V100). Stages of different dtypes work
+    together: each casts its input to its own dtype and answers in the dtype it was sent."""
+    dtype = getattr(torch, choice) if choice != "auto" else (
+        getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16  # e.g. a T4
+    if dtype == torch.bfloat16 and not _has_bf16(device):
+        return torch.float16
     return dtype
 
 
@@ -1338,7 +1364,7 @@ def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.d
     """
     if quant == "none":
         return module.to(device)
-    bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+    bnb = _bitsandbytes()
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
             weight = child.weight.data.to(compute_dtype)
@@ -1818,7 +1844,7 @@ class StageShard:
     def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int) -> None:
         """Replace each Linear of `layer` that the checkpoint stores in 4 bits by a Linear4bit holding the
         stored packed weight and quantization state (popped from `state`): no 16-bit copy is ever made."""
-        bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+        bnb = _bitsandbytes()
         for name, child in list(layer.named_modules()):
             if not isinstance(child, torch.nn.Linear):
                 continue
@@ -2066,6 +2092,22 @@ def calibrate(config: Any, *, quant: str, dtype: torch.dtype, device: torch.devi
 _HEAD_ROWS = 16  # a GPU host's LM head runs this many sessions' last positions in one padded GEMM
 
 
+def _eos_ids(config: Any, tokenizer: Any, files: _ModelFiles) -> frozenset[int]:
+    """Every token id a generation stops at: config.json's eos_token_id (one or a list), the tokenizer's,
+    and generation_config.json's (Llama-3.1-Instruct lists three there, Qwen2.5 two)."""
+    found: list = []
+    generation = _os.path.join(files.meta_dir(), "generation_config.json")
+    if _os.path.exists(generation):
+        try:
+            with open(generation) as f:
+                found.append(_json.load(f).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError) as exc:
+            _log.warning("ignored an unreadable generation_config.json of %s: %s", files.ref, exc)
+    found += [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    ids = [e for v in found for e in (v if isinstance(v, list) else [v])]
+    return frozenset(int(e) for e in ids if isinstance(e, int) and not isinstance(e, bool))
+
+
 class HostHead:
     """The host's share of a model: tokenizer, embeddings, final norm and LM head."""
 
@@ -2096,11 +2138,7 @@ class HostHead:
         self._graph: Any = None  # on a GPU: (CUDAGraph, input rows, logits, argmax ids) of one padded block
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
-        eos = getattr(config, "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = frozenset(int(e) for e in eos if e is not None)
+        self.eos_ids = _eos_ids(config, self.tokenizer, files)
 
     @torch.inference_mode()
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
@@ -3680,7 +3718,7 @@ class Worker:
         """Time one random layer of the host's model on this device: the planner's first estimate."""
         quant, dtype_name = msg.get("quant", str, "none"), msg.get("dtype", str, "")
         if quant != "none":
-            _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+            _bitsandbytes()
         if "model" not in msg.header or quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             return None
         key = (msg.get("fingerprint", str, ""), quant, dtype_name)
@@ -3793,6 +3831,19 @@ class Worker:
             "files": list(shard.files_opened), "layers_loaded": self.layers_loaded,
         })
 
+    def _overflow(self, shard: StageShard, wire: torch.dtype) -> str:
+        """Say why this stage's output (computed in its dtype, sent in `wire`) holds Inf or NaN, and what to do."""
+        where = f"layers {shard.start}..{shard.end - 1} on worker {self.name} ({self.device}"
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            where += f", {torch.cuda.get_device_name(self.device)}, compute capability {major}.{minor}"
+        where += ")"
+        if torch.float16 in (shard.dtype, wire):
+            return (f"float16 overflow in {where}: this model's activations exceed float16's range (65504). "
+                    f"Run it with dtype='float32' (slower, twice the KV-cache memory), or on GPUs with bfloat16 "
+                    f"(compute capability 8.0 or newer: A100, L4, A10G, H100)")
+        return f"{where} computed Inf or NaN in {_DTYPE_NAMES[shard.dtype]}: the checkpoint's weights may be broken"
+
     def _forward(self, msg: Message) -> list | None:
         return self._forward_many([msg])[0]
 
@@ -3867,6 +3918,12 @@ class Worker:
                 if code == "protocol":
                     _log.warning("worker %s: refused a forward message: %s", self.name, out)
                 replies[i] = encode("error", {"code": code, "message": str(out), **fields})
+                continue
+            if not _all_finite(torch.frombuffer(frames[k], dtype=hidden.dtype)):  # (after the sends: off the hop)
+                if repeats[k] is None:
+                    shard.undo(fields["sid"], start)
+                replies[i] = encode("error", {"code": "overflow", "message": self._overflow(shard, hidden.dtype),
+                                                 **fields})
                 continue
             self.steps_served += 1
             frame = frames[k]
@@ -5699,6 +5756,9 @@ class Cluster:
         ("failed", "protocol": an exception, NaN, a wrong shape) that repeats fails the request.
         """
         _log.warning("worker %s gave no usable answer for a step of %s: %s", worker.name, session.sid, text)
+        if code == "overflow":  # the same numbers overflow again wherever they run: fail now, say why
+            self._finish(session, error=StepFailedError(text))
+            return
         if code in ("failed", "protocol"):
             session.errors += 1
             if session.errors > self.config.max_step_errors:

@@ -1,0 +1,273 @@
+"""What free-tier users really run: pre-quantized checkpoints, GPUs without bfloat16, real generation
+settings.
+
+Pre-quantized bitsandbytes checkpoints (the `*-bnb-4bit` repos most free-tier users download) are
+served as they are stored: workers read their layers' packed 4-bit weights and quant states into
+`Linear4bit` with no 16-bit copy and fetch only their share of the files; the tokens equal that
+4-bit model's in one process.
+
+The checkpoints are written by transformers + bitsandbytes on the CPU (`save_pretrained` of a model
+loaded with `BitsAndBytesConfig(load_in_4bit=True)`), exactly what such a Hub repo holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+import distllm
+from conftest import prompt_of, reference_generate, write_model
+from fakehub import FakeHub
+
+
+def _write_4bit(tmp_path_factory, *, quant_type: str, double: bool, layers: int = 6) -> str:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    src = write_model(str(tmp_path_factory.mktemp("float")), "llama", layers=layers)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32))
+    out = str(tmp_path_factory.mktemp(f"bnb-{quant_type}-{double}"))
+    model.save_pretrained(out, max_shard_size="60KB")  # several shards: a worker fetches only its own
+    distllm._tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=[("nf4", False), ("nf4", True), ("fp4", False)],
+                ids=["nf4", "nf4-double", "fp4"])
+def bnb_dir(request, tmp_path_factory):
+    quant_type, double = request.param
+    return _write_4bit(tmp_path_factory, quant_type=quant_type, double=double)
+
+
+def _reference(path: str, prompt: list[int], tokens: int) -> list[int]:
+    """The same 4-bit checkpoint loaded by transformers in this process."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return reference_generate(model, prompt, tokens)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_4bit_checkpoint_serves_the_tokens_of_that_model_in_one_process(bnb_dir, workers):
+    prompt = prompt_of(11)
+    want = _reference(bnb_dir, prompt, 20)
+    with distllm.local(bnb_dir, workers=workers, stages=workers, calibrate=False) as cluster:
+        assert cluster.generate(prompt, max_new_tokens=20) == want
+
+
+def test_a_workers_layers_are_the_stored_packed_weights_with_no_16_bit_copy(bnb_dir):
+    files = distllm._ModelFiles(bnb_dir)
+    config = distllm._load_config(files)
+    shard = distllm.StageShard(files, config, 2, 4, quant="nf4", dtype=torch.float32, device=torch.device("cpu"))
+    from safetensors import safe_open
+
+    with open(os.path.join(bnb_dir, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    name = "model.layers.3.mlp.down_proj.weight"
+    with safe_open(os.path.join(bnb_dir, weight_map[name]), "pt") as f:
+        stored = f.get_tensor(name)
+    q = shard.layers[1].mlp.down_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and not q.training
+    assert q.weight.dtype == torch.uint8 and torch.equal(q.weight.data, stored)  # as stored, not re-quantized
+    want_type = json.load(open(os.path.join(bnb_dir, "config.json")))["quantization_config"]["bnb_4bit_quant_type"]
+    assert q.weight.quant_state.quant_type == want_type
+    floats = [n for n, p in shard.layers.named_parameters() if p.is_floating_point() and p.dim() == 2]
+    assert floats == []  # no 16- or 32-bit matrix anywhere in the stage
+
+
+def test_workers_fetch_only_their_share_of_a_4bit_repo_and_the_planner_counts_its_real_bytes(bnb_dir, tmp_path):
+    with FakeHub({"me/tiny-bnb-4bit": bnb_dir}) as hub:
+        files = distllm._ModelFiles("me/tiny-bnb-4bit", endpoint=hub.endpoint, cache_dir=str(tmp_path))
+        config = distllm._load_config(files)
+        distllm.StageShard(files, config, 3, 6, quant="nf4", dtype=torch.float32, device=torch.device("cpu"))
+        fetched = {f for f in hub.downloads("me/tiny-bnb-4bit") if f.endswith(".safetensors")}
+    with open(os.path.join(bnb_dir, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    share = {weight_map[k] for k in weight_map if any(k.startswith(f"model.layers.{i}.") for i in range(3, 6))}
+    assert fetched == share and len(fetched) < len(set(weight_map.values()))
+    # The planner's bytes per layer: what the checkpoint stores for one layer (packed weights and states).
+    estimate = distllm._layer_bytes(config, "nf4", torch.float32)
+    stored = _stored_bytes(bnb_dir, weight_map, "model.layers.0.")
+    assert 0.8 < estimate / stored < 1.25, (estimate, stored)
+
+
+def _stored_bytes(path: str, weight_map: dict, prefix: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(path, file), "pt") as f:
+            total += sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(prefix))
+    return total
+
+
+def test_other_quantized_checkpoints_are_refused_naming_what_works(tmp_path):
+    path = write_model(str(tmp_path / "gptq"), "llama")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(distllm.UnsupportedModelError, match="gptq.*bitsandbytes"):
+        distllm._load_config(distllm._ModelFiles(path))
+
+
+def test_a_checkpoint_no_worker_can_load_fails_within_seconds_with_the_workers_reason(tmp_path):
+    """A checkpoint missing one layer's tensors: the host reads it, every worker fails to load it. Requests
+    and local() fail at once with the workers' reason instead of waiting out wait_timeout_s (600 s)."""
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    path = write_model(str(tmp_path / "broken"), "llama")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    t0 = time.monotonic()
+    with pytest.raises(distllm.ClusterNotReadyError, match="no worker could load the model.*lacks"):
+        distllm.local(path, workers=2, quant="none", calibrate=False)
+    assert time.monotonic() - t0 < 60
+    with distllm.host(path, quant="none", calibrate=False, workers=1) as cluster:
+        cluster.spawn_local(1)
+        with pytest.raises(distllm.ClusterNotReadyError, match="lacks"):
+            cluster.generate(prompt_of(5), max_new_tokens=4)
+        with pytest.raises(distllm.ClusterNotReadyError, match="lacks"):
+            cluster.wait_ready(60)
+        assert "no worker could load the model" in cluster.status
+
+
+# -- precision from each worker's own GPU -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability, want", [((7, 5), torch.float16), ((6, 0), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_the_compute_dtype_follows_the_workers_own_gpu(monkeypatch, capability, want):
+    """A T4 (7.5) or P100 (6.0) computes a bfloat16 model in float16, an A100 (8.0) in bfloat16; the
+    capability asked is the worker's device's, and torch.cuda.is_bf16_supported() (True on a T4) is not."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    config = type("Config", (), {"dtype": "bfloat16"})()
+    device = torch.device("cuda:3")
+    assert distllm._compute_dtype(config, "auto", device) == want
+    assert distllm._compute_dtype(config, "bfloat16", device) == want  # the host's bfloat16 too
+    assert distllm._compute_dtype(config, "float32", device) == torch.float32
+    assert asked and all(d == device for d in asked)
+    assert distllm._compute_dtype(config, "auto", torch.device("cpu")) == torch.bfloat16
+
+
+def _overflowing_model(tmp_path) -> str:
+    """A tiny llama whose layer 1 multiplies the residual stream past float16's 65504 (float32 copes)."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_model(str(tmp_path / "overflow"), "llama")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"] *= 3e4
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_a_float16_overflow_fails_the_request_at_once_naming_the_cause_and_the_fix(tmp_path):
+    path = _overflowing_model(tmp_path)
+    prompt = prompt_of(6)
+    with distllm.local(path, workers=2, stages=2, quant="none", dtype="float32", calibrate=False) as cluster:
+        assert len(cluster.generate(prompt, max_new_tokens=4)) >= 1  # float32: finite
+    with distllm.local(path, workers=2, stages=2, quant="none", dtype="float16", calibrate=False) as cluster:
+        with pytest.raises(distllm.StepFailedError, match=r"float16 overflow in layers 0\.\.1.*dtype='float32'"):
+            cluster.generate(prompt, max_new_tokens=4)
+        assert cluster.stats()["failures"] == 0  # nobody was blamed: the numbers overflow wherever they run
+        with pytest.raises(distllm.StepFailedError, match="float16 overflow"):  # and again, at once
+            cluster.generate(prompt_of(9), max_new_tokens=4, timeout=30)
+
+
+# -- generation settings ---------------------------------------------------------------------------------
+
+
+def test_generation_stops_at_every_eos_id_generation_config_lists(tmp_path):
+    """Llama-3.1-Instruct's generation_config.json lists three end tokens, config.json one: a generation
+    stops at any of them, as transformers' generate (which reads the same file) does."""
+    from conftest import reference_model
+
+    path = write_model(str(tmp_path / "gen"), "llama")
+    prompt = prompt_of(9)
+    free = reference_generate(reference_model(path), prompt, 24)
+    stop = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i] and t != 2)  # a token it makes
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [2, 97, stop]}, f)
+    want = reference_generate(reference_model(path), prompt, 24)
+    assert want == free[:free.index(stop) + 1]  # transformers stops there too
+    with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False) as cluster:
+        assert cluster.head.eos_ids == {2, 97, stop}
+        assert cluster.generate(prompt, max_new_tokens=24) == want
+
+
+# The public chat templates of four families (as their tokenizer_config.json files carry them).
+CHAT_TEMPLATES = {
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+        "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "qwen2.5": (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+        "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You "
+        "are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if "
+        "(message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == "
+        "\"assistant\") %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+        "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+        ["<|im_start|>", "<|im_end|>"]),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+        "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+        "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set "
+        "role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + "
+        "'\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{'<start_of_turn>model\\n'}}{% endif %}",
+        ["<start_of_turn>", "<end_of_turn>"]),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 "
+        "== 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif "
+        "message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only "
+        "user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+        ["[INST]", "[/INST]"]),
+}
+
+
+@pytest.mark.parametrize("style", sorted(CHAT_TEMPLATES))
+def test_chat_prompt_ids_equal_transformers_apply_chat_template(style, tmp_path):
+    from transformers import AutoTokenizer
+
+    template, specials = CHAT_TEMPLATES[style]
+    tokenizer = distllm._tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))  # as a host loads it
+    chat = [{"role": "user", "content": "Why is the sky blue?"},
+            {"role": "assistant", "content": " Rayleigh scattering. "},
+            {"role": "user", "content": "And sunsets?"}]
+    want = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    got = distllm.chat_prompt_ids(tokenizer, chat)
+    assert got == want
+    assert any(tokenizer.convert_ids_to_tokens(i) in specials for i in got)  # the special tokens are single ids
+
+
+def test_bitsandbytes_notice_about_a_hub_kernel_is_not_printed(tmp_path):
+    """On AVX512-BF16 CPUs importing bitsandbytes logged "Failed to load CPU gemm_4bit_forward from
+    kernels-community: No module named 'kernels'" at every worker start; its built-in path serves."""
+    import subprocess
+    import sys
+
+    code = ("import logging, torch, distllm; logging.basicConfig(); distllm.quantize_linears("
+            "torch.nn.Sequential(torch.nn.Linear(64, 64)), 'nf4', torch.float32, torch.device('cpu'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "kernels-community" not in run.stderr + run.stdout
