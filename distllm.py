@@ -394,6 +394,64 @@ def _bitsandbytes() -> Any:
     return _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
 
 
+def _colab() -> Any:
+    """The google.colab package when running in Colab, else None."""
+    try:
+        import google.colab as colab  # (only Colab's runtime has it)
+        import google.colab.drive  # noqa: F401
+    except ImportError:
+        return None
+    return colab
+
+
+def _platform_secret(name: str) -> str | None:
+    """A secret the notebook platform keeps for the user: Colab's (google.colab.userdata) or Kaggle's
+    (kaggle_secrets), or None where there is none, or the notebook may not read it."""
+    colab = _colab()
+    if colab is not None:
+        try:
+            from google.colab import userdata
+
+            value = userdata.get(name)
+        except Exception as exc:  # NotebookAccessError, SecretNotFoundError, TimeoutException: none for us
+            _log.info("no Colab secret %s for this notebook (%s)", name, type(exc).__name__)
+        else:
+            if value:
+                _log.info("using %s from Colab's secrets", name)
+                return str(value)
+    if _os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        try:
+            from kaggle_secrets import UserSecretsClient
+
+            value = UserSecretsClient().get_secret(name)
+        except Exception as exc:  # not attached to this kernel, or the editor's secrets are off
+            _log.info("no Kaggle secret %s for this kernel (%s)", name, type(exc).__name__)
+        else:
+            if value:
+                _log.info("using %s from Kaggle's secrets", name)
+                return str(value)
+    return None
+
+
+# Longest session of each platform, from its documentation: Kaggle notebooks run at most 12 hours a
+# session; Colab's free tier at most 12 (often less: it may reclaim a VM earlier, without notice).
+_SESSION_HOURS = {"kaggle": 12.0, "colab": 12.0}
+
+
+def _session_end() -> tuple[str, float] | None:
+    """(platform, Unix time its session ends at the latest), for Kaggle and Colab; None elsewhere. The
+    session began when the machine did (the kernel's VM is made for it): /proc/stat's btime."""
+    platform = "kaggle" if _os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "colab" if _colab() else None
+    if platform is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            booted = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return platform, booted + _SESSION_HOURS[platform] * 3600
+
+
 def _progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar that renders as a widget in notebooks and as text in terminals (none in logs and pipes)."""
     from tqdm.auto import tqdm
@@ -2548,14 +2606,38 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
+_DRIVE_ROOT = "/content/drive"  # where Colab mounts Google Drive
+
+
+def _drive_path(uri: str) -> str:
+    """The local folder of a Google Drive store: drive://FOLDER is FOLDER in My Drive; a path under
+    /content/drive is itself. In Colab, Drive is mounted first if it is not (google.colab.drive)."""
+    path = _os.path.join(_DRIVE_ROOT, "MyDrive", uri[len("drive://"):].strip("/")) if uri.startswith(
+        "drive://") else uri
+    if _os.path.isdir(_os.path.join(_DRIVE_ROOT, "MyDrive")):
+        return path
+    colab = _colab()
+    if colab is None:
+        if uri.startswith("drive://"):
+            raise StoreError(f"store={uri!r}: drive:// mounts Google Drive in Colab; elsewhere give the folder's "
+                             f"path (a Drive folder synced to this machine works) or hf://user/repo")
+        return path  # a folder that happens to be named so
+    _log.warning("mounting Google Drive at %s for the store %s (Colab asks you to allow it)", _DRIVE_ROOT, uri)
+    colab.drive.mount(_DRIVE_ROOT)
+    return path
+
+
 def open_store(uri: str, *, token: str | None = None, endpoint: str | None = None) -> LocalStore:
-    """Open the store named by `uri`: a directory path, or hf://user/repo (a private dataset repo)."""
+    """Open the store named by `uri`: a directory path, drive://FOLDER (Google Drive, mounted in Colab if
+    needed; so is a /content/drive/... path), or hf://user/repo (a private dataset repo)."""
     if not isinstance(uri, str) or not uri:
-        raise StoreError(f"store={uri!r}: give a directory path or hf://user/repo")
+        raise StoreError(f"store={uri!r}: give a directory path, drive://FOLDER or hf://user/repo")
     if uri.startswith("hf://"):
         return HubStore(uri[len("hf://"):], token=token, endpoint=endpoint)
+    if uri.startswith("drive://") or uri == _DRIVE_ROOT or uri.startswith(_DRIVE_ROOT + "/"):
+        return LocalStore(_drive_path(uri))
     if "://" in uri:
-        raise StoreError(f"store={uri!r}: use a directory path (a mounted Drive folder works) or hf://user/repo")
+        raise StoreError(f"store={uri!r}: use a directory path, drive://FOLDER or hf://user/repo")
     return LocalStore(uri)
 
 
@@ -6771,6 +6853,9 @@ def _show(html: str, widget_factory: Any, owner: Any) -> None:
     except ImportError:  # no ipywidgets: the snapshot is all we can show
         display(HTML(html))
         return
+    colab = _colab()
+    if colab is not None:  # Colab renders ipywidgets 8 only through its custom widget manager, off by default
+        colab.output.enable_custom_widget_manager()
     owner._panel = widget
     display({"application/vnd.jupyter.widget-view+json": {"model_id": widget.widget.model_id,
                                                           "version_major": 2, "version_minor": 0},
@@ -6784,6 +6869,8 @@ def _worker_html(worker: "Worker") -> str:
     if worker.device.type == "cuda":
         memory += f" · {_fmt_bytes(torch.cuda.memory_allocated(worker.device))} on {worker.device}"
     error = f' · <span class="bad">{_esc(worker.error)}</span>' if worker.error else ""
+    if worker.config.leave_at is not None and worker.state not in ("stopped", "refused"):
+        error += f' · session ends in {max(0.0, worker.config.leave_at - _time.time()) / 3600:.1f} h'
     return (f'{_PANEL_CSS}<div class="dllm"><b>distllm worker</b> {_esc(worker.name)} · '
             f'<span class="{cls}">{_esc(worker.status)}</span> · layers {layers} · '
             f'{worker.steps_served} steps served · {memory} · host {_esc(worker.join_info.endpoint)}{error}'
@@ -7146,7 +7233,23 @@ def host(model: str, *, config: Config | None = None, **options: Any) -> Cluster
 
     Workers join with `distllm.join(cluster.join_string)`; options are `Config` fields.
     """
-    return Cluster(model, Config.build(config, **options))
+    return Cluster(model, _platform_defaults(Config.build(config, **options)))
+
+
+def _platform_defaults(cfg: Config, *, worker: bool = False) -> Config:
+    """Fill in what the notebook platform knows and the user did not say: a Hugging Face token from its
+    secrets, and for a worker the end of its session (`leave_at`), so it hands its layers over in time."""
+    if cfg.token is None and not _os.environ.get("HF_TOKEN"):
+        token = _platform_secret("HF_TOKEN")
+        if token is not None:
+            cfg = _dataclasses.replace(cfg, token=token)
+    end = _session_end() if worker and cfg.leave_at is None else None
+    if end is not None:
+        platform, at = end
+        _log.warning("this %s session ends by %s (%.1f h from now): the worker hands its layers over before then",
+                     platform.capitalize(), _time.strftime("%H:%M", _time.localtime(at)), (at - _time.time()) / 3600)
+        cfg = _dataclasses.replace(cfg, leave_at=at)
+    return cfg
 
 
 def join(join_string: str | None = None, *, name: str | None = None, device: str | None = None,
@@ -7161,7 +7264,7 @@ def join(join_string: str | None = None, *, name: str | None = None, device: str
     left out: the worker finds the host there, and follows it when a restarted host
     takes over, keeping its loaded layers.
     """
-    cfg = Config.build(config, **options)
+    cfg = _platform_defaults(Config.build(config, **options), worker=True)
     if join_string is None:
         if not cfg.store:
             raise JoinStringError("give the host's join string, or store= to find the host in its checkpoint store")

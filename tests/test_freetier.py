@@ -271,3 +271,80 @@ def test_bitsandbytes_notice_about_a_hub_kernel_is_not_printed(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "kernels-community" not in run.stderr + run.stdout
+
+
+# -- Colab and Kaggle, against small fakes of their modules (tests/fakecolab.py) ------------------------
+
+
+def test_a_drive_store_mounts_google_drive_in_colab_once_and_lives_in_my_drive(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import fakecolab
+
+    monkeypatch.setattr(distllm, "_DRIVE_ROOT", str(tmp_path / "content" / "drive"))
+    caplog.set_level(logging.WARNING, logger="distllm")
+    with fakecolab.colab() as calls:
+        store = distllm.open_store("drive://distllm-state")
+        store.write("probe.json", b"{}")
+        assert calls["mount"] == [str(tmp_path / "content" / "drive")]
+        assert (tmp_path / "content" / "drive" / "MyDrive" / "distllm-state" / "probe.json").exists()
+        assert "mounting Google Drive" in caplog.text
+        again = distllm.open_store(str(tmp_path / "content" / "drive" / "MyDrive" / "distllm-state"))
+        assert again.read("probe.json") == b"{}" and len(calls["mount"]) == 1  # mounted already: not again
+
+
+def test_a_drive_store_outside_colab_says_what_to_give_instead(monkeypatch, tmp_path):
+    monkeypatch.setattr(distllm, "_DRIVE_ROOT", str(tmp_path / "nothing-mounted"))
+    with pytest.raises(distllm.StoreError, match="drive:// mounts Google Drive in Colab"):
+        distllm.open_store("drive://distllm-state")
+
+
+def test_a_hub_token_comes_from_colab_or_kaggle_secrets_when_none_is_given(monkeypatch):
+    import fakecolab
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    with fakecolab.colab({"HF_TOKEN": "hf_colab"}) as calls:
+        assert distllm._platform_defaults(distllm.Config()).token == "hf_colab"
+        assert distllm._platform_defaults(distllm.Config(token="hf_mine")).token == "hf_mine"  # given: kept
+        assert calls["secret"] == ["HF_TOKEN"]
+    with fakecolab.colab(denied=("HF_TOKEN",)):  # the notebook may not read it: no token, no error
+        assert distllm._platform_defaults(distllm.Config()).token is None
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    with fakecolab.kaggle({"HF_TOKEN": "hf_kaggle"}):
+        assert distllm._platform_defaults(distllm.Config()).token == "hf_kaggle"
+    with fakecolab.kaggle({}):
+        assert distllm._platform_defaults(distllm.Config()).token is None
+    monkeypatch.setenv("HF_TOKEN", "hf_env")  # huggingface_hub reads that one itself
+    with fakecolab.kaggle({"HF_TOKEN": "hf_kaggle"}):
+        assert distllm._platform_defaults(distllm.Config()).token is None
+
+
+def test_a_kaggle_worker_leaves_before_its_session_ends_and_shows_the_time_left(monkeypatch):
+    import time
+
+    with open("/proc/stat") as f:
+        booted = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    cfg = distllm._platform_defaults(distllm.Config(), worker=True)
+    assert cfg.leave_at == booted + 12 * 3600
+    assert distllm._platform_defaults(distllm.Config(leave_at=123.0), worker=True).leave_at == 123.0  # given
+    assert distllm._platform_defaults(distllm.Config()).leave_at is None  # a host has no such deadline
+    worker = distllm.Worker(distllm.JoinInfo("tcp://127.0.0.1:9", None, None, None).encode(), config=cfg)
+    left = (cfg.leave_at - time.time()) / 3600
+    assert f"session ends in {left:.1f} h" in distllm._worker_html(worker)
+
+
+def test_the_panel_turns_on_colabs_widget_manager_before_it_shows(capsys):
+    import fakecolab
+
+    class Owner:
+        _panel = None
+
+        def __repr__(self):
+            return "<owner>"
+
+    widget = type("Panel", (), {"widget": type("W", (), {"model_id": "abc"})()})()
+    with fakecolab.colab() as calls:
+        distllm._show("<b>snapshot</b>", lambda: widget, Owner())
+        assert calls["widget_manager"] == [True]
