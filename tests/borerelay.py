@@ -22,6 +22,7 @@ import threading
 import uuid
 
 from distllm import _pump  # a plain byte copy; the protocol around it is what this relay implements
+from netem import close_pairs
 
 
 class BoreRelay:
@@ -48,13 +49,7 @@ class BoreRelay:
         with self._lock:
             controls, self._controls = self._controls + self._splices, []
             self._splices = []
-        for pair in controls:
-            for s in pair:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+        close_pairs(controls)
 
     @staticmethod
     def _send(sock, message) -> None:

@@ -50,6 +50,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def close_pairs(pairs) -> None:
+    """Shut and close both sockets of every pair (a relay's connections, dropped at once)."""
+    for pair in pairs:
+        for s in pair:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
 def _stop_listening(listener: socket.socket) -> None:
     """Close a listening socket for good: a bare close() from another thread leaves Linux listening
     (and accepting) until the blocked accept() returns; shutdown() wakes it and stops the listening."""
@@ -104,13 +115,7 @@ class LatencyProxy:
         with self._lock:
             links, self._links = self._links, []
             self.cuts += 1
-        for pair in links:
-            for s in pair:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+        close_pairs(links)
 
     def outage(self, seconds: float) -> threading.Thread:
         """Stop the relay: drop every connection and refuse new ones (nothing listens) for `seconds`,
