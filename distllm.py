@@ -554,9 +554,14 @@ def _traced_hops(prefix: str, since: float, until: float) -> list[tuple[float, A
 
 
 def _available_memory(device: torch.device) -> int:
-    """Return the bytes this process could still allocate on `device`."""
+    """Return the bytes this process could still allocate on `device`: on a GPU, within its share of
+    the memory where one is set (`torch.cuda.set_per_process_memory_fraction`: a GPU shared out, or
+    a T4-sized worker emulated on a large card), not the card's free memory alone."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (torch 2.4 lacks it)
+        if share is not None:
+            free = min(free, max(0, int(share(device) * total) - torch.cuda.memory_reserved(device)))
         return int(free)
     try:
         with open("/proc/meminfo") as f:

@@ -348,3 +348,14 @@ def test_the_panel_turns_on_colabs_widget_manager_before_it_shows(capsys):
     with fakecolab.colab() as calls:
         distllm._show("<b>snapshot</b>", lambda: widget, Owner())
         assert calls["widget_manager"] == [True]
+
+
+def test_a_worker_held_to_a_share_of_its_gpu_reports_that_share_not_the_cards_free_memory(monkeypatch):
+    """Four T4-sized workers on one 140 GB card, each held to 15 GB: the planner must see 15 GB each."""
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * gb, 140 * gb))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 15 / 140, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * gb)
+    assert distllm._available_memory(torch.device("cuda:0")) == 14 * gb
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)  # no share set
+    assert distllm._available_memory(torch.device("cuda:0")) == 120 * gb
