@@ -1206,6 +1206,20 @@ class _ModelFiles:
         with safe_open(self.path("model.safetensors"), "pt") as f:
             return {k: "model.safetensors" for k in f.keys()}
 
+    def size(self, filename: str) -> int | None:
+        """Bytes of `filename` (a HEAD request for a Hub repo: nothing is downloaded), or None if unknown."""
+        if self.local:
+            p = _os.path.join(self.ref, filename)
+            return _os.path.getsize(p) if _os.path.exists(p) else None
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        try:
+            url = hf_hub_url(self.ref, filename, revision=self.revision, endpoint=self.endpoint)
+            return get_hf_file_metadata(url, token=self.token).size
+        except Exception as exc:  # the figure is for display: a failed look-up leaves it unknown
+            _log.info("size of %s in %s unknown: %s", filename, self.ref, type(exc).__name__)
+            return None
+
     def load(self, names: Sequence[str], weight_map: dict[str, str], dtype: torch.dtype,
              stored: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
         """Load just the tensors `names`, opening only the shard files that hold them; floating-point ones
@@ -4571,6 +4585,7 @@ class _WorkerState:
     lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
     lost_why: str | None = None
     layers_loaded: int = 0  # decoder layers its process has loaded so far (it reports; a reload shows here)
+    download_bytes: int | None = None  # bytes of the weight files its current range is in (None: unknown)
     load_mark: tuple[float, int] = (0.0, 0)  # (when, layers_loaded) a load it owes last made progress
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
     layers: tuple[int, int] | None = None
@@ -4854,6 +4869,10 @@ class Cluster:
             _log.info("%s is stored in 4 bits: its layers are served as stored (quant=%r does not apply)", model,
                       self.config.quant)
         self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
+        # Bytes of each weight file, looked up in the background: what each worker will download is shown
+        # when its layers are assigned (a Hub repo answers a HEAD request per file).
+        self._file_sizes: dict[str, int | None] = {}
+        _threading.Thread(target=self._look_up_sizes, name="distllm-sizes", daemon=True).start()
         self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
 
         self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
@@ -6332,7 +6351,24 @@ class Cluster:
                 "quant": self.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
                 "batch": self.config.decode_batch}
 
+    def _look_up_sizes(self) -> None:
+        for filename in sorted(set(self.files.weight_map().values())):
+            self._file_sizes[filename] = self.files.size(filename)
+
+    def _share_bytes(self, start: int, end: int) -> int | None:
+        """Bytes of the weight files that hold layers [start, end): what a worker loading them downloads
+        (less what its Hugging Face cache has already), or None while some size is unknown."""
+        layer = _re.compile(r"\.(?:layers|h)\.(\d+)\.")
+        wanted = {f for name, f in self.files.weight_map().items()
+                  if (m := layer.search(name)) and start <= int(m.group(1)) < end}
+        sizes = [self._file_sizes.get(f) for f in wanted]
+        return None if any(size is None for size in sizes) else sum(sizes)
+
     def _assign(self, worker: _WorkerState, start: int, end: int) -> None:
+        worker.download_bytes = self._share_bytes(start, end)
+        if worker.download_bytes is not None:
+            _log.info("worker %s loads layers %d..%d: %.2f GB of weight files (less what its cache holds)",
+                      worker.name, start, end - 1, worker.download_bytes / 1e9)
         self._epoch += 1
         worker.state, worker.layers, worker.epoch = "loading", (start, end), self._epoch
         worker.next_layers = None
@@ -6686,6 +6722,8 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                    "<th>round trip</th><th>tokens/s</th><th>stability</th></tr>")
         for w in workers:
             layers = f'{w["layers"][0]}–{w["layers"][1] - 1}' if w.get("layers") else "—"
+            if w.get("state") == "loading" and w.get("download_bytes") is not None:
+                layers += f' (↓ {_fmt_bytes(w["download_bytes"])})'
             if w.get("next_layers"):
                 layers += f' → {w["next_layers"][0]}–{w["next_layers"][1] - 1}'
             state = w["state"] + (" (draining)" if w.get("draining") and w["state"] == "ready" else "")

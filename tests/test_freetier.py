@@ -359,3 +359,22 @@ def test_a_worker_held_to_a_share_of_its_gpu_reports_that_share_not_the_cards_fr
     assert distllm._available_memory(torch.device("cuda:0")) == 14 * gb
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)  # no share set
     assert distllm._available_memory(torch.device("cuda:0")) == 120 * gb
+
+
+def test_the_host_knows_how_much_each_worker_downloads_for_its_layers(tmp_path):
+    """Before a worker loads, the host has the bytes of the weight files its range is in (the panel shows
+    them while it loads); for a Hub repo the sizes come from HEAD requests, nothing is downloaded."""
+    path = write_model(str(tmp_path / "sharded"), "llama", layers=6, max_shard_size="60KB")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    with distllm.local(path, workers=2, stages=2, quant="none", calibrate=False) as cluster:
+        for w in cluster.workers():
+            start, end = w["layers"]
+            files = {weight_map[k] for k in weight_map if any(k.startswith(f"model.layers.{i}.")
+                                                              for i in range(start, end))}
+            assert w["download_bytes"] == sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    with FakeHub({"me/sharded": path}) as hub:
+        files = distllm._ModelFiles("me/sharded", endpoint=hub.endpoint, cache_dir=str(tmp_path / "cache"))
+        name = sorted(set(weight_map.values()))[0]
+        assert files.size(name) == os.path.getsize(os.path.join(path, name))
+        assert not any(f.endswith(".safetensors") for f in hub.downloads("me/sharded"))  # a HEAD, not a GET
