@@ -386,11 +386,12 @@ class _KernelsHubNotice(_logging.Filter):
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
+# On the logger, not around an import: bitsandbytes is also imported by a local worker's fork server
+# (its preloaded modules) and by transformers, wherever distllm was imported first.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHubNotice())
+
+
 def _bitsandbytes() -> Any:
-    """Import bitsandbytes (once: quietly, see _KernelsHubNotice)."""
-    quiet = _logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _KernelsHubNotice) for f in quiet.filters):
-        quiet.addFilter(_KernelsHubNotice())
     return _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
 
 
