@@ -391,9 +391,6 @@ class _KernelsHubNotice(_logging.Filter):
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHubNotice())
 
 
-def _bitsandbytes() -> Any:
-    return _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
-
 
 def _colab() -> Any:
     """The google.colab package when running in Colab, else None."""
@@ -1442,7 +1439,7 @@ def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.d
     """
     if quant == "none":
         return module.to(device)
-    bnb = _bitsandbytes()
+    bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
             weight = child.weight.data.to(compute_dtype)
@@ -1922,7 +1919,7 @@ class StageShard:
     def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int) -> None:
         """Replace each Linear of `layer` that the checkpoint stores in 4 bits by a Linear4bit holding the
         stored packed weight and quantization state (popped from `state`): no 16-bit copy is ever made."""
-        bnb = _bitsandbytes()
+        bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
         for name, child in list(layer.named_modules()):
             if not isinstance(child, torch.nn.Linear):
                 continue
@@ -3820,7 +3817,7 @@ class Worker:
         """Time one random layer of the host's model on this device: the planner's first estimate."""
         quant, dtype_name = msg.get("quant", str, "none"), msg.get("dtype", str, "")
         if quant != "none":
-            _bitsandbytes()
+            _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
         if "model" not in msg.header or quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             return None
         key = (msg.get("fingerprint", str, ""), quant, dtype_name)
@@ -4753,13 +4750,13 @@ class _Membership:
     def __init__(self, config: Config):
         self.config = config
         self.links: dict[WorkerID, _Link] = {}
+        self._down: set[WorkerID] = set()  # those whose down_since is set (asked on every loop of the host)
 
     def link(self, wid: WorkerID) -> _Link:
         return self.links.setdefault(wid, _Link())
 
     def down(self, wid: WorkerID) -> bool:
-        link = self.links.get(wid)
-        return link is not None and link.down_since is not None
+        return wid in self._down
 
     # -- events ---------------------------------------------------------------
 
@@ -4769,17 +4766,19 @@ class _Membership:
         if link.down_since is None:
             link.down_since, link.why = now, why
             link.outages.append(now)
+            self._down.add(wid)
 
     def heard(self, wid: WorkerID, now: float) -> tuple[float, str] | None:
         """A message came from it: return how long its link was down and how it went (None: it was up)."""
-        link = self.links.get(wid)
-        if link is None or link.down_since is None:
+        if wid not in self._down:
             return None
+        self._down.discard(wid)
+        link = self.links[wid]
         down, link.down_since = now - link.down_since, None
         return down, link.why
 
     def anyone_down(self) -> bool:
-        return any(link.down_since is not None for link in self.links.values())
+        return bool(self._down)
 
     def write_off(self, wid: WorkerID, now: float, role: tuple[int, int, int] | None,
                   exact: dict[SessionID, tuple[int, int]]) -> None:
@@ -4791,7 +4790,7 @@ class _Membership:
         link = self.links.get(wid)
         if link is None or link.written_off is None:
             return None
-        record = _dataclasses.replace(link, exact=dict(link.exact))
+        record = _dataclasses.replace(link)  # (keeps the exact dict: the link gets a new one)
         link.written_off, link.role, link.exact = None, None, {}
         return record
 
@@ -4872,6 +4871,7 @@ class Cluster:
         self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
         # Bytes of each weight file, looked up in the background: what each worker will download is shown
         # when its layers are assigned (a Hub repo answers a HEAD request per file).
+        self._weight_map = self.files.weight_map()
         self._file_sizes: dict[str, int | None] = {}
         _threading.Thread(target=self._look_up_sizes, name="distllm-sizes", daemon=True).start()
         self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
@@ -6353,14 +6353,14 @@ class Cluster:
                 "batch": self.config.decode_batch}
 
     def _look_up_sizes(self) -> None:
-        for filename in sorted(set(self.files.weight_map().values())):
+        for filename in sorted(set(self._weight_map.values())):
             self._file_sizes[filename] = self.files.size(filename)
 
     def _share_bytes(self, start: int, end: int) -> int | None:
         """Bytes of the weight files that hold layers [start, end): what a worker loading them downloads
         (less what its Hugging Face cache has already), or None while some size is unknown."""
         layer = _re.compile(r"\.(?:layers|h)\.(\d+)\.")
-        wanted = {f for name, f in self.files.weight_map().items()
+        wanted = {f for name, f in self._weight_map.items()
                   if (m := layer.search(name)) and start <= int(m.group(1)) < end}
         sizes = [self._file_sizes.get(f) for f in wanted]
         return None if any(size is None for size in sizes) else sum(sizes)
