@@ -1256,8 +1256,9 @@ def _load_config(files: _ModelFiles) -> Any:
 
 
 def _prequantized(config: Any) -> dict | None:
-    """The bitsandbytes 4-bit settings a checkpoint's layers are stored in (its config.json's
-    quantization_config: {"quant_type": "nf4" | "fp4", "double": bool}), or None for a 16/32-bit one."""
+    """The bitsandbytes settings a checkpoint's layers are stored in (its config.json's quantization_config):
+    {"bits": 4, "quant_type": "nf4" | "fp4", "double": bool}, {"bits": 8, "threshold": float} (LLM.int8()),
+    or None for a 16/32-bit one."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
@@ -1266,11 +1267,16 @@ def _prequantized(config: Any) -> dict | None:
     if method == "bitsandbytes" and qc.get("load_in_4bit"):
         quant_type = qc.get("bnb_4bit_quant_type", "fp4")
         if quant_type in ("nf4", "fp4"):
-            return {"quant_type": quant_type, "double": bool(qc.get("bnb_4bit_use_double_quant"))}
-    what = "8-bit bitsandbytes" if qc.get("load_in_8bit") else f"{method!r}"
+            return {"bits": 4, "quant_type": quant_type, "double": bool(qc.get("bnb_4bit_use_double_quant"))}
+    if method == "bitsandbytes" and qc.get("load_in_8bit") and not qc.get("llm_int8_has_fp16_weight"):
+        return {"bits": 8, "threshold": float(qc.get("llm_int8_threshold", 6.0))}
     raise UnsupportedModelError(
-        f"this checkpoint is quantized ({what}); distllm loads bitsandbytes 4-bit checkpoints (nf4 or fp4, "
-        f"the *-bnb-4bit repos) as they are, or 16/32-bit ones, which it quantizes itself (quant='nf4', 'int8')")
+        f"this checkpoint is quantized ({method!r}); distllm loads bitsandbytes checkpoints (4-bit nf4 or fp4, "
+        f"the *-bnb-4bit repos, and 8-bit ones) as they are, or 16/32-bit ones, which it quantizes itself "
+        f"(quant='nf4', 'int8')")
+
+
+_STORED_QUANT = {4: "nf4", 8: "int8"}  # the `quant` a pre-quantized checkpoint's layers are served as
 
 
 def _family_classes(config: Any) -> tuple[type, type]:
@@ -1314,6 +1320,8 @@ def _layer_params(config: Any) -> int:
 def _layer_bytes(config: Any, quant: str, dtype: torch.dtype) -> int:
     """Return the bytes one decoder layer takes on a worker once loaded (a 4-bit checkpoint: as stored)."""
     stored = _prequantized(config)
+    if stored is not None and stored["bits"] == 8:  # an int8 weight, and a float32 scale per output row
+        return _layer_params(config) + 4 * 7 * config.hidden_size + 2 * config.hidden_size * 4
     if stored is not None:  # 64-weight blocks: a float32 scale each, or an 8-bit one in blocks of 256
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if stored["double"] else 4 / 64)
         # and per matrix (7 in a layer): its code book (16 floats; 256 more with double quantization) and
@@ -1896,10 +1904,10 @@ class StageShard:
             state = {k: torch.randn(t.shape, dtype=self.dtype) * 0.02 for k, t in layer.state_dict().items()}
         else:
             names = [k for k in weight_map if k.startswith(prefix)]
-            state = {k[len(prefix):]: t for k, t in files.load(names, weight_map, self.dtype,
-                                                               stored=lambda k: ".weight." in k).items()}
+            state = {k[len(prefix):]: t for k, t in files.load(
+                names, weight_map, self.dtype, stored=lambda k: ".weight." in k or k.endswith(".SCB")).items()}
         if stored is not None:
-            self._place_packed(layer, state, i)  # its Linears become the stored 4-bit ones
+            self._place_packed(layer, state, i, stored)  # its Linears become the stored 4- or 8-bit ones
         missing = {n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
                    if t.device.type == "meta"} - set(state) if stored is not None else set(layer.state_dict()) - set(state)
         if missing:
@@ -1916,32 +1924,60 @@ class StageShard:
             raise UnsupportedModelError(f"tensors {leftover[:4]} of layer {i} were not in the checkpoint")
         return layer
 
-    def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int) -> None:
-        """Replace each Linear of `layer` that the checkpoint stores in 4 bits by a Linear4bit holding the
-        stored packed weight and quantization state (popped from `state`): no 16-bit copy is ever made."""
+    def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int, stored: dict) -> None:
+        """Replace each Linear of `layer` that the checkpoint stores quantized by a bitsandbytes layer holding
+        the stored weight and its quantization state (popped from `state`): a Linear4bit from the packed
+        weight and `weight.*` state, or a Linear8bitLt from the int8 weight and its row scales (`SCB`). No
+        16-bit copy is ever made."""
         bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
         for name, child in list(layer.named_modules()):
             if not isinstance(child, torch.nn.Linear):
                 continue
-            stats = {k[len(name) + len(".weight."):]: state.pop(k) for k in list(state)
-                     if k.startswith(f"{name}.weight.")}
+            if stored["bits"] == 4:
+                stats = {k[len(name) + len(".weight."):]: state.pop(k) for k in list(state)
+                         if k.startswith(f"{name}.weight.")}
+            else:
+                stats = {k[len(name) + 1:]: state.pop(k) for k in (f"{name}.SCB", f"{name}.weight_format")
+                         if k in state}
             if not stats:
                 continue  # stored in 16 bits (a skipped module): loaded as it is
             if f"{name}.weight" not in state:
                 raise UnsupportedModelError(f"checkpoint has the quantization state of {name} in layer {i} "
                                             "but not its weight")
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=self.dtype, device="meta")
-            try:
-                q.weight = bnb.nn.Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats,
-                                                               requires_grad=False, device=self.device, module=q)
-            except (ValueError, KeyError, AssertionError) as exc:
-                raise UnsupportedModelError(f"cannot read the 4-bit weight {name} of layer {i}: {exc}") from None
-            q.weight.quant_state.dtype = self.dtype  # dequantize straight into the compute dtype
+            weight = state.pop(f"{name}.weight")
+            q = (self._packed_4bit if stored["bits"] == 4 else self._packed_8bit)(bnb, child, weight, stats,
+                                                                                  stored, f"{name} of layer {i}")
             if child.bias is not None:
-                q.bias = torch.nn.Parameter(state.pop(f"{name}.bias").to(self.dtype), requires_grad=False)
+                q.bias = torch.nn.Parameter(state.pop(f"{name}.bias").to(self.dtype).to(self.device),
+                                            requires_grad=False)
             parent, _, attr = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, attr, q.eval())  # eval: see quantize_linears
+
+    def _packed_4bit(self, bnb: Any, child: torch.nn.Linear, weight: torch.Tensor, stats: dict, stored: dict,
+                     what: str) -> torch.nn.Module:
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=self.dtype, device="meta")
+        try:
+            q.weight = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False, device=self.device,
+                                                           module=q)
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise UnsupportedModelError(f"cannot read the 4-bit weight {what}: {exc}") from None
+        q.weight.quant_state.dtype = self.dtype  # dequantize straight into the compute dtype
+        return q
+
+    def _packed_8bit(self, bnb: Any, child: torch.nn.Linear, weight: torch.Tensor, stats: dict, stored: dict,
+                     what: str) -> torch.nn.Module:
+        scales, fmt = stats.get("SCB"), stats.get("weight_format")
+        if (weight.dtype != torch.int8 or tuple(weight.shape) != (child.out_features, child.in_features)
+                or scales is None or tuple(scales.shape) != (child.out_features,)
+                or (fmt is not None and int(fmt) != 0)):  # 0: row-major, all bitsandbytes >= 0.45 writes
+            raise UnsupportedModelError(f"cannot read the 8-bit weight {what}: int8 {tuple(weight.shape)} with "
+                                        f"row scales and row-major format expected")
+        q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                has_fp16_weights=False, threshold=stored["threshold"], device="meta")
+        param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scales)
+        q.weight = param.to(self.device)  # int8 data moves as it is, with its scales (not quantized again)
+        return q
 
     @torch.inference_mode()
     def forward(self, sid: SessionID, hidden: torch.Tensor, start: int,
@@ -4863,11 +4899,13 @@ class Cluster:
         self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
         self.tokenizer = self.head.tokenizer
         self._fingerprint = _fingerprint(self.files)
-        # A 4-bit checkpoint's layers are served as stored (the planner counts its bytes); else as `quant` says.
-        self.quant = "nf4" if _prequantized(self.model_config) else self.config.quant
-        if self.quant != self.config.quant:
-            _log.info("%s is stored in 4 bits: its layers are served as stored (quant=%r does not apply)", model,
-                      self.config.quant)
+        # A pre-quantized checkpoint's layers are served as stored (the planner counts its bytes); else as
+        # `quant` says.
+        stored = _prequantized(self.model_config)
+        self.quant = _STORED_QUANT[stored["bits"]] if stored else self.config.quant
+        if stored and self.quant != self.config.quant:
+            _log.info("%s is stored in %d bits: its layers are served as stored (quant=%r does not apply)", model,
+                      stored["bits"], self.config.quant)
         self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
         # Bytes of each weight file, looked up in the background: what each worker will download is shown
         # when its layers are assigned (a Hub repo answers a HEAD request per file).

@@ -1,13 +1,14 @@
 """What free-tier users really run: pre-quantized checkpoints, GPUs without bfloat16, real generation
 settings.
 
-Pre-quantized bitsandbytes checkpoints (the `*-bnb-4bit` repos most free-tier users download) are
-served as they are stored: workers read their layers' packed 4-bit weights and quant states into
-`Linear4bit` with no 16-bit copy and fetch only their share of the files; the tokens equal that
-4-bit model's in one process.
+Pre-quantized bitsandbytes checkpoints (the `*-bnb-4bit` repos most free-tier users download, and
+8-bit ones) are served as they are stored: workers read their layers' packed 4-bit weights and quant
+states into `Linear4bit` (int8 weights and row scales into `Linear8bitLt`) with no 16-bit copy and
+fetch only their share of the files; the tokens equal that model's in one process.
 
 The checkpoints are written by transformers + bitsandbytes on the CPU (`save_pretrained` of a model
-loaded with `BitsAndBytesConfig(load_in_4bit=True)`), exactly what such a Hub repo holds.
+loaded with `BitsAndBytesConfig(load_in_4bit=True)` or `load_in_8bit=True`), exactly what such a Hub
+repo holds.
 """
 
 from __future__ import annotations
@@ -24,28 +25,29 @@ from conftest import prompt_of, reference_generate, write_model
 from fakehub import FakeHub
 
 
-def _write_4bit(tmp_path_factory, *, quant_type: str, double: bool, layers: int = 6) -> str:
+def _write_bnb(tmp_path_factory, *, quant_type: str, double: bool, layers: int = 6) -> str:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     src = write_model(str(tmp_path_factory.mktemp("float")), "llama", layers=layers)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+    bnb_config = BitsAndBytesConfig(load_in_8bit=True) if quant_type == "int8" else BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
-        bnb_4bit_compute_dtype=torch.float32))
+        bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=bnb_config)
     out = str(tmp_path_factory.mktemp(f"bnb-{quant_type}-{double}"))
     model.save_pretrained(out, max_shard_size="60KB")  # several shards: a worker fetches only its own
     distllm._tiny_tokenizer().save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module", params=[("nf4", False), ("nf4", True), ("fp4", False)],
-                ids=["nf4", "nf4-double", "fp4"])
+@pytest.fixture(scope="module", params=[("nf4", False), ("nf4", True), ("fp4", False), ("int8", False)],
+                ids=["nf4", "nf4-double", "fp4", "int8"])
 def bnb_dir(request, tmp_path_factory):
     quant_type, double = request.param
-    return _write_4bit(tmp_path_factory, quant_type=quant_type, double=double)
+    return _write_bnb(tmp_path_factory, quant_type=quant_type, double=double)
 
 
 def _reference(path: str, prompt: list[int], tokens: int) -> list[int]:
-    """The same 4-bit checkpoint loaded by transformers in this process."""
+    """The same 4- or 8-bit checkpoint loaded by transformers in this process."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -53,7 +55,7 @@ def _reference(path: str, prompt: list[int], tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_a_4bit_checkpoint_serves_the_tokens_of_that_model_in_one_process(bnb_dir, workers):
+def test_a_bnb_checkpoint_serves_the_tokens_of_that_model_in_one_process(bnb_dir, workers):
     prompt = prompt_of(11)
     want = _reference(bnb_dir, prompt, 20)
     with distllm.local(bnb_dir, workers=workers, stages=workers, calibrate=False) as cluster:
@@ -72,10 +74,17 @@ def test_a_workers_layers_are_the_stored_packed_weights_with_no_16_bit_copy(bnb_
     with safe_open(os.path.join(bnb_dir, weight_map[name]), "pt") as f:
         stored = f.get_tensor(name)
     q = shard.layers[1].mlp.down_proj
-    assert isinstance(q, bnb.nn.Linear4bit) and not q.training
-    assert q.weight.dtype == torch.uint8 and torch.equal(q.weight.data, stored)  # as stored, not re-quantized
-    want_type = json.load(open(os.path.join(bnb_dir, "config.json")))["quantization_config"]["bnb_4bit_quant_type"]
-    assert q.weight.quant_state.quant_type == want_type
+    quantization = json.load(open(os.path.join(bnb_dir, "config.json")))["quantization_config"]
+    if quantization["load_in_8bit"]:
+        assert isinstance(q, bnb.nn.Linear8bitLt) and not q.training
+        assert q.weight.dtype == torch.int8 and torch.equal(q.weight.data, stored)  # as stored, not re-quantized
+        with safe_open(os.path.join(bnb_dir, weight_map[name]), "pt") as f:
+            assert torch.equal(q.weight.SCB, f.get_tensor(name.replace(".weight", ".SCB")))
+        assert q.state.threshold == quantization["llm_int8_threshold"]
+    else:
+        assert isinstance(q, bnb.nn.Linear4bit) and not q.training
+        assert q.weight.dtype == torch.uint8 and torch.equal(q.weight.data, stored)  # as stored, not re-quantized
+        assert q.weight.quant_state.quant_type == quantization["bnb_4bit_quant_type"]
     floats = [n for n, p in shard.layers.named_parameters() if p.is_floating_point() and p.dim() == 2]
     assert floats == []  # no 16- or 32-bit matrix anywhere in the stage
 
