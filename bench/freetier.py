@@ -227,7 +227,8 @@ def main() -> int:
           "SIGKILL stall s | same tokens after kill |")
     print("|---|---:|---:|---:|---|---:|---|")
     for name, r in (("4 stages, no replica", plain), ("2 stages x 2 replicas", rep)):
-        print(f"| {name} | {r['ready_s']:.0f} | {r['tok_s_1']:.1f} | {r.get('tok_s_16', float('nan')):.1f} | "
+        many = f"{r['tok_s_16']:.1f}" if "tok_s_16" in r else "—"
+        print(f"| {name} | {r['ready_s']:.0f} | {r['tok_s_1']:.1f} | {many} | "
               f"{r['tokens'] == want} | {r['stall_s']:.2f} | {r['identical_after_kill']} |")
     print("\n| worker | layers | load s | GPU GB |")
     print("|---|---|---:|---:|")
