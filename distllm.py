@@ -25,7 +25,7 @@ One machine, no notebooks::
     with distllm.local("tiny", workers=3) as cluster:
         print(cluster.generate("hello", max_new_tokens=20))
 
-CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | map | serve MODEL | simulate | bench``.
+CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | map | serve MODEL | simulate | models | bench``.
 
 Sections, in order (each uses only what stands above it):
 constants · errors · configuration and domain types · utilities · wire protocol ·
@@ -69,6 +69,7 @@ __all__ = [
     "SamplingParams",
     "Stage",
     "SUPPORTED_MODEL_TYPES",
+    "supported_models_table",
     # wire protocol
     "PROTOCOL_VERSION",
     "JOIN_PREFIX",
@@ -162,8 +163,6 @@ _DTYPE_NAMES = {v: k for k, v in _WIRE_DTYPES.items()}
 # Message types and the direction they travel in.
 _HOST_TO_WORKER = {"welcome", "assign", "activate", "forward", "end", "ping", "pong", "shutdown", "error"}
 _WORKER_TO_HOST = {"join", "profile", "ready", "result", "pong", "ping", "leave", "error", "failed"}
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 
 ###############################################################################
 # Errors ######################################################################
@@ -1114,21 +1113,66 @@ def _make_tunnel(spec: Any) -> Any:
 ###############################################################################
 
 
-@_dataclasses.dataclass(frozen=True)
-class _Family:
-    """How one transformers model family names its parts."""
-
-    prefix: str  # class-name prefix in transformers: f"{prefix}DecoderLayer", f"{prefix}RotaryEmbedding"
-
-
-_FAMILIES = {
-    "llama": _Family("Llama"),
-    "mistral": _Family("Mistral"),
-    "qwen2": _Family("Qwen2"),
-    "qwen3": _Family("Qwen3"),
-    "phi3": _Family("Phi3"),
-    "gemma": _Family("Gemma"),
+# Every family distllm splits: one generic layer loop runs them all (the model is built from its config
+# with transformers' own classes, see _skeleton), each tested token for token against transformers'
+# generate() on the whole model. model_type -> (mixture of experts, what is particular to it). The
+# README's table of supported models is made from this (supported_models_table()).
+_SIX = "1-4 workers; float32 and nf4"  # how each family is tested (tests/test_engine.py, test_families.py)
+_BOTH = "1 and 3 workers; float32 and nf4"
+_FLOAT = "1 and 3 workers; float32"
+_TESTED_FAMILIES: dict[str, tuple[bool, str, str]] = {
+    "llama": (False, _SIX, "Llama 2, 3, 3.1, 3.2, 3.3; also internlm3, exaone (Llama classes)"),
+    "mistral": (False, _SIX, "one sliding window for every layer"),
+    "qwen2": (False, _SIX, "Qwen2, Qwen2.5: full and sliding layers mixed"),
+    "qwen3": (False, _SIX, "q/k norms"),
+    "phi3": (False, _SIX, "Phi-3, Phi-3.5, Phi-4"),
+    "gemma": (False, _SIX, "scaled, tied embeddings"),
+    "gemma2": (False, _BOTH, "attention and final logit softcaps; sliding and full layers alternate"),
+    "gemma3_text": (False, _FLOAT, "Gemma 3 (the text model of 4B-27B too): rotary embeddings per layer type"),
+    "olmo2": (False, _FLOAT, "norms after attention and MLP"),
+    "olmo3": (False, _FLOAT, "rotary embeddings per layer type"),
+    "granite": (False, _FLOAT, "embedding multiplier, residual multiplier, logits scaling"),
+    "cohere": (False, _FLOAT, "parallel attention and MLP, LayerNorm, logit scale"),
+    "cohere2": (False, _FLOAT, "Command R7B: sliding layers without rotary"),
+    "phi": (False, _BOTH, "Phi-2: partial rotary, parallel blocks, final_layernorm, lm_head bias"),
+    "starcoder2": (False, _FLOAT, "LayerNorm with bias, biased projections"),
+    "stablelm": (False, _FLOAT, "partial rotary, LayerNorm"),
+    "glm4": (False, _FLOAT, "GLM-4-0414: four norms per layer"),
+    "smollm3": (False, _FLOAT, "layers without rotary (NoPE) among rotary ones"),
+    "exaone4": (False, _FLOAT, "sliding and full layers"),
+    "mixtral": (True, _BOTH, "8 experts, top 2"),
+    "qwen2_moe": (True, _BOTH, "Qwen1.5/2-MoE: a gated shared expert beside the routed ones"),
+    "qwen3_moe": (True, _BOTH, "Qwen3-30B-A3B, Qwen3-235B-A22B"),
+    "gpt_oss": (True, _BOTH, "gpt-oss-20b/120b as 16-bit checkpoints (not MXFP4): attention sinks, clamped "
+                             "SwiGLU experts with biases; nf4 held to distllm's single-process decode"),
 }
+SUPPORTED_MODEL_TYPES = tuple(_TESTED_FAMILIES)
+
+# Decoders the generic loop cannot run, and why (anything else not in _TESTED_FAMILIES is refused too,
+# naming what is supported: an untested family could be silently wrong).
+_REFUSED_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("falcon_h1", "jamba", "bamba", "zamba", "zamba2", "granitemoehybrid", "lfm2", "lfm2_moe",
+                     "qwen3_next", "minimax", "mamba", "mamba2", "falcon_mamba", "nemotron_h", "rwkv", "xlstm"),
+                    "its layers keep recurrent or convolution state (Mamba or linear attention), not a KV cache"),
+    **dict.fromkeys(("llama4", "llama4_text"), "chunked attention layers and interleaved MoE are not supported"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2"),
+                    "multi-head latent attention (MLA) caches compressed latents of two widths, which the "
+                    "stage caches do not hold yet"),
+    **dict.fromkeys(("gemma3n", "gemma3n_text"), "AltUp and per-layer inputs feed every layer from the embeddings"),
+}
+
+
+def supported_models_table() -> str:
+    """The README's table of supported model families, made from the code's own list."""
+    rows = ["| family (`model_type`) | MoE | tested with | notes |", "|---|---|---|---|"]
+    for name, (moe, tested, notes) in _TESTED_FAMILIES.items():
+        rows.append(f"| `{name}` | {'yes' if moe else ''} | {tested} | {notes} |")
+    refused: dict[str, list[str]] = {}
+    for name, why in _REFUSED_FAMILIES.items():
+        refused.setdefault(why, []).append(f"`{name}`")
+    rows += ["", "Refused with an error that says why:", ""]
+    rows += [f"- {', '.join(names)}: {why}." for why, names in refused.items()]
+    return "\n".join(rows)
 
 
 class _ModelFiles:
@@ -1238,21 +1282,108 @@ class _ModelFiles:
 
 
 def _load_config(files: _ModelFiles) -> Any:
-    """Load a model's config and check that distllm can split it."""
+    """Load a model's config and check that distllm can split it: the text decoder's config (a multimodal
+    checkpoint's language model, e.g. Gemma 3 4B-27B, is served as text)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(files.meta_dir())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"cannot read the config of {files.ref!r}: {exc}") from exc
-    if config.model_type not in _FAMILIES:
-        raise UnsupportedModelError(
-            f"model type {config.model_type!r} of {files.ref!r} is not supported; distllm splits "
-            f"decoder-only models with the Llama layout: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    _prequantized(config)  # refuses what it cannot load, naming what it can
-    config._attn_implementation = "sdpa"
-    return config
+    text = config.get_text_config(decoder=True)
+    if text is not config:  # keep the wrapper's quantization settings; checkpoint keys carry its prefixes
+        for name in ("quantization_config",):
+            if getattr(config, name, None) is not None and getattr(text, name, None) is None:
+                setattr(text, name, getattr(config, name))
+        text._distllm_wrapper = config.model_type
+    _check_family(text.model_type, files.ref)
+    _prequantized(text)  # refuses what it cannot load, naming what it can
+    return text
+
+
+def _check_family(model_type: str, ref: str) -> None:
+    if model_type in _TESTED_FAMILIES:
+        return
+    why = _REFUSED_FAMILIES.get(model_type)
+    raise UnsupportedModelError(
+        f"model type {model_type!r} of {ref!r} is not supported"
+        + (f": {why}" if why else "")
+        + f". distllm splits these decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _skeleton(config: Any) -> tuple[Any, Any]:
+    """The whole model built from `config` with transformers' own classes on the meta device (no memory;
+    ~0.1 s for a 70B config), and its decoder (`get_decoder()`: embed_tokens, layers, norm, rotary_emb).
+
+    The layers keep transformers' choice of attention (sdpa, or eager where sdpa would be wrong, as for
+    gemma2 and gpt_oss) unless the caller switches it; see _use_row_attention."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    decoder = model.get_decoder()
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "rotary_emb"):
+        raise UnsupportedModelError(f"{config.model_type}: no decoder with a `layers` list and rotary embeddings")
+    return model, decoder
+
+
+# Where a checkpoint keeps decoder layer N: a causal LM's "model.layers.N.", a multimodal one's language
+# model (5.x and older transformers' layouts); vision towers, which have layers too, never match.
+_LAYER_KEY = _re.compile(r"^(model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\.")
+_WRAPPED_KEY = _re.compile(r"^(model\.language_model\.|language_model\.model\.|language_model\.)")
+
+
+def _layer_keys(weight_map: dict[str, str], i: int) -> list[str]:
+    """The checkpoint's names of layer `i`'s tensors."""
+    return [k for k in weight_map if (m := _LAYER_KEY.match(k)) and int(m.group(2)) == i]
+
+
+def _common_prefix(names: Sequence[str], i: int) -> str:
+    m = _LAYER_KEY.match(names[0])
+    return f"{m.group(1)}layers.{i}."
+
+
+def _model_key(config: Any, key: str) -> str:
+    """A checkpoint key as the text model's skeleton names it (a multimodal checkpoint's language-model
+    prefixes dropped; transformers' own conversion does the rest, e.g. Mixtral's block_sparse_moe)."""
+    if getattr(config, "_distllm_wrapper", None) is None:
+        return key
+    m = _WRAPPED_KEY.match(key)
+    if m is None:
+        return key
+    rest = key[m.end():]
+    return rest if rest.startswith("lm_head.") else "model." + rest
+
+
+def _convert_into(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Load `state` (checkpoint names) into the meta skeleton `model` through transformers' weight conversion
+    (renamed keys; per-expert keys fused into the 3D expert stacks): the tensors it names are materialized,
+    the rest of the model stays on the meta device. Internal API of transformers 5.x (tested 5.17-5.24)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
+    try:
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+        info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    problems = [*info.error_msgs, *(f"{k}: {v}" for k, v in info.conversion_errors.items()),
+                *(f"{k}: shape mismatch" for k in info.mismatched_keys)]
+    if problems:
+        raise UnsupportedModelError(f"cannot load the checkpoint's tensors: {'; '.join(map(str, problems))[:500]}")
+    if info.unexpected_keys:
+        _log.info("checkpoint tensors not used: %s", sorted(info.unexpected_keys)[:8])
+
+
+def _exact_attention_needed(config: Any) -> bool:
+    """Whether `config`'s attention has a part sdpa drops silently: a logit softcap (gemma2) or
+    attention sinks (gpt_oss). Those layers attend through _row_attention, which computes them."""
+    return bool(getattr(config, "attn_logit_softcapping", None)) or config.model_type == "gpt_oss"
 
 
 def _prequantized(config: Any) -> dict | None:
@@ -1279,15 +1410,6 @@ def _prequantized(config: Any) -> dict | None:
 _STORED_QUANT = {4: "nf4", 8: "int8"}  # the `quant` a pre-quantized checkpoint's layers are served as
 
 
-def _family_classes(config: Any) -> tuple[type, type]:
-    """Return the decoder-layer and rotary-embedding classes of `config`'s family."""
-    import importlib
-
-    family = _FAMILIES[config.model_type]
-    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-    return getattr(module, f"{family.prefix}DecoderLayer"), getattr(module, f"{family.prefix}RotaryEmbedding")
-
-
 def _has_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively: a CPU, or a CUDA GPU of compute capability 8.0 or
     newer. (torch.cuda.is_bf16_supported() says True on a T4, 7.5, counting emulation, and it asks the
@@ -1307,29 +1429,63 @@ def _compute_dtype(config: Any, choice: str, device: torch.device) -> torch.dtyp
     return dtype
 
 
+def _layer_shapes(config: Any) -> dict[str, int]:
+    """Weights of an average decoder layer, from the meta skeleton (so every family's layout counts,
+    mixtures of experts and dense first layers included): "dense" in 2D matrices (quantized Linears),
+    "experts" in 3D expert stacks, "active" experts' weights a token runs through, "other" (norms,
+    routers, biases: kept 16-bit)."""
+    key = _json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _LAYER_SHAPES:
+        _, decoder = _skeleton(config)
+        total = _collections.Counter()
+        for layer in decoder.layers:
+            for module in layer.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    quantized = isinstance(module, torch.nn.Linear) and name == "weight" and _quantizable(module)
+                    kind = "experts" if p.dim() == 3 else "dense" if quantized else "other"
+                    total[kind] += p.numel()
+                    if kind == "experts":
+                        total["active"] += p.numel() * _active_experts(config) // p.shape[0]
+        n = len(decoder.layers)
+        _LAYER_SHAPES[key] = {k: v // n for k, v in total.items()}
+    return _LAYER_SHAPES[key]
+
+
+_LAYER_SHAPES: dict[str, dict[str, int]] = {}
+
+
+def _quantizable(linear: torch.nn.Linear) -> bool:
+    """Whether quantize_linears turns this Linear into 4 or 8 bits: all but one-output gates (Qwen2-MoE's
+    shared-expert gate), which stay 16-bit like the routers (those are bare parameters, not Linears)."""
+    return linear.out_features > 1
+
+
+def _active_experts(config: Any) -> int:
+    return int(getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None) or 1)
+
+
 def _layer_params(config: Any) -> int:
-    """Return the number of weights in one decoder layer (attention + MLP)."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    return attention + 3 * hidden * config.intermediate_size
+    """Return the number of weights in one decoder layer (attention, MLP or experts, norms)."""
+    return sum(v for k, v in _layer_shapes(config).items() if k != "active")
 
 
 def _layer_bytes(config: Any, quant: str, dtype: torch.dtype) -> int:
-    """Return the bytes one decoder layer takes on a worker once loaded (a 4-bit checkpoint: as stored)."""
+    """Return the bytes one decoder layer takes on a worker once loaded (a pre-quantized checkpoint: as
+    stored). Expert stacks go into nf4 with `quant="nf4"`, as Linears do; routers and norms stay 16-bit."""
+    shapes = _layer_shapes(config)
     stored = _prequantized(config)
+    dense, experts, other = shapes.get("dense", 0), shapes.get("experts", 0), shapes.get("other", 0)
     if stored is not None and stored["bits"] == 8:  # an int8 weight, and a float32 scale per output row
-        return _layer_params(config) + 4 * 7 * config.hidden_size + 2 * config.hidden_size * 4
+        return dense + 4 * 7 * config.hidden_size + (experts + other) * dtype.itemsize
     if stored is not None:  # 64-weight blocks: a float32 scale each, or an 8-bit one in blocks of 256
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if stored["double"] else 4 / 64)
         # and per matrix (7 in a layer): its code book (16 floats; 256 more with double quantization) and
-        # the packed state's header; the two norms in float32
+        # the packed state's header
         per_matrix = 16 * 4 + 256 + (256 * 4 + 4 if stored["double"] else 0)
-        return int(_layer_params(config) * per_weight) + 7 * per_matrix + 2 * config.hidden_size * 4
-    bytes_per_weight = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}.get(quant, dtype.itemsize)
-    return int(_layer_params(config) * bytes_per_weight)
+        return int(dense * per_weight) + 7 * per_matrix + (experts + other) * dtype.itemsize
+    per_weight = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}.get(quant, dtype.itemsize)
+    expert_weight = 0.5 + 4 / 64 if quant == "nf4" else dtype.itemsize
+    return int(dense * per_weight + experts * expert_weight) + other * dtype.itemsize
 
 
 def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -1435,7 +1591,9 @@ def _fingerprint(files: _ModelFiles) -> str:
 
 def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.dtype,
                      device: torch.device) -> torch.nn.Module:
-    """Replace every nn.Linear inside `module` by a bitsandbytes nf4/int8 layer on `device`.
+    """Replace every nn.Linear inside `module` by a bitsandbytes nf4/int8 layer on `device`, and with
+    nf4 every mixture-of-experts stack by `_Experts4bit` (experts in nf4, each dequantized only when a
+    step routes to it). Routers and one-output gates stay 16-bit.
 
     The same function quantizes a worker's stage and the tests' whole-model reference,
     so both round the weights identically, and it leaves every new layer in eval mode, so
@@ -1449,7 +1607,7 @@ def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.d
         return module.to(device)
     bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
     for name, child in list(module.named_children()):
-        if isinstance(child, torch.nn.Linear):
+        if isinstance(child, torch.nn.Linear) and _quantizable(child):
             weight = child.weight.data.to(compute_dtype)
             if quant == "nf4":  # (no double quantization: each of its matmuls first dequantized the block
                 # scales in two more kernels; transformers' default too, and what the planner counts)
@@ -1465,9 +1623,153 @@ def quantize_linears(module: torch.nn.Module, quant: str, compute_dtype: torch.d
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype).to(device), requires_grad=False)
             setattr(module, name, q.eval())  # new modules start in training mode: see the docstring
+        elif _is_experts(child):
+            if quant == "nf4":
+                setattr(module, name, _Experts4bit(child, compute_dtype, device))
+            else:
+                _warn_once(f"quant={quant!r} leaves the experts of {type(child).__name__} in {compute_dtype} "
+                           "(use quant='nf4' to store them in 4 bits)")
         else:
             quantize_linears(child, quant, compute_dtype, device)
     return module.to(device)
+
+
+def _is_experts(module: torch.nn.Module) -> bool:
+    """A transformers mixture-of-experts stack: fused 3D parameters, one matrix per expert."""
+    return isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and module.down_proj.dim() == 3
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        _log.warning("%s", message)
+
+
+_DENSE_EXPERT_ROWS = 64  # up to this many tokens, a step that routes to more slots than there are experts
+# runs every expert on every token (static shapes; see _Experts4bit.forward)
+
+
+class _Experts4bit(torch.nn.Module):
+    """A mixture-of-experts stack with its experts' matrices in nf4, dequantized only for the experts a
+    step routes to. Routers stay where they were (16-bit, outside this module).
+
+    Each 3D parameter (experts, a, b) is quantized as one flat tensor in 64-weight blocks; a
+    matrix of a x b (a multiple of 64) then never shares a block with another expert, so
+    dequantizing any set of experts gives exactly what dequantizing each alone gives.
+
+    A step of t tokens routed to k experts each (slots = t * k):
+    - slots <= experts (decode): each slot's expert is dequantized and run as one batched
+      matrix-vector product (transformers' `batched_mm` layout): static shapes, no host sync,
+      so a stage's step is still a CUDA graph, and a row's numbers depend only on that row;
+    - more slots, up to _DENSE_EXPERT_ROWS tokens (a padded decode batch of a few-expert model):
+      every expert is dequantized once and run on every token, weighted by its routing weight
+      (zero where not routed; adding a zero changes nothing): static shapes too;
+    - longer steps (prompt chunks): the experts hit are dequantized once each and run on their
+      tokens, as transformers' eager loop does.
+    The gating (gated SwiGLU, or gpt-oss's clamped, interleaved one), biases and layout
+    (transposed or not) are the wrapped module's own (`has_gate`, `has_bias`, `is_transposed`,
+    `_apply_gate`, `act_fn`: transformers' experts interface).
+    """
+
+    def __init__(self, experts: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        bnb = _require("bitsandbytes", "pip install 'bitsandbytes>=0.47'")
+        self._functional = bnb.functional
+        self.dtype = dtype
+        self.num_experts = int(experts.down_proj.shape[0])
+        self.has_gate = getattr(experts, "has_gate", True)
+        self.has_bias = getattr(experts, "has_bias", False)
+        self.is_transposed = getattr(experts, "is_transposed", False)
+        if getattr(experts, "has_post_expert_norm", False) or getattr(experts, "_is_expert_parallel", False):
+            raise UnsupportedModelError(f"{type(experts).__name__}: post-expert norms / expert parallelism "
+                                        "are not supported in 4 bits")
+        # The wrapped module's gating reads its own settings (act_fn; gpt-oss's alpha and limit): copied
+        # here, so that the 16-bit module itself is not kept alive.
+        for key, value in vars(experts).items():
+            if not key.startswith("_") and not isinstance(value, torch.Tensor) and key != "training":
+                setattr(self, key, value)
+        for key, sub in experts.named_children():
+            setattr(self, key, sub)  # activations: no parameters
+        gate = type(experts)._apply_gate if self.has_gate else None
+        self._gate = (lambda h: gate(self, h)) if gate is not None else None
+        self.shapes: dict[str, tuple[int, int]] = {}
+        up = "gate_up_proj" if self.has_gate else "up_proj"
+        self.names = (up, "down_proj")
+        for name in self.names:
+            w = getattr(experts, name).data
+            e, a, b = w.shape
+            if (a * b) % 64:
+                raise UnsupportedModelError(f"{type(experts).__name__}.{name}: {a}x{b} experts do not fill whole "
+                                            "64-weight blocks")
+            packed, state = self._functional.quantize_4bit(w.to(device, dtype).reshape(-1).contiguous(),
+                                                           blocksize=64, quant_type="nf4", compress_statistics=False)
+            self.register_buffer(f"{name}_packed", packed.view(e, -1))
+            self.register_buffer(f"{name}_absmax", state.absmax.view(e, -1))
+            self.register_buffer("code", state.code.to(device))
+            self.shapes[name] = (a, b)
+            if self.has_bias:
+                self.register_buffer(f"{name}_bias", getattr(experts, f"{name}_bias").data.to(device, dtype))
+
+    def weights(self, name: str, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The matrices (len(experts), a, b) of `experts` (ids, any order, repeats allowed), dequantized,
+        and their biases (or None)."""
+        from bitsandbytes.functional import QuantState
+
+        a, b = self.shapes[name]
+        packed = getattr(self, f"{name}_packed").index_select(0, experts)
+        absmax = getattr(self, f"{name}_absmax").index_select(0, experts)
+        state = QuantState(absmax=absmax.reshape(-1), shape=torch.Size((experts.numel() * a * b,)), code=self.code,
+                           blocksize=64, quant_type="nf4", dtype=self.dtype)
+        w = self._functional.dequantize_4bit(packed.reshape(-1, 1), state).view(-1, a, b)
+        return w, getattr(self, f"{name}_bias").index_select(0, experts) if self.has_bias else None
+
+    def _mlp(self, x: torch.Tensor, up: tuple, down: tuple) -> torch.Tensor:
+        """Rows `x` (s, h) each through its own expert: `up` and `down` (weights (s, a, b), biases (s, a) or
+        None), as transformers' batched_mm runs them."""
+        from transformers.integrations.moe import _batched_linear
+
+        h = _batched_linear(x, up[0], bias=up[1], is_transposed=self.is_transposed)
+        h = self._gate(h) if self.has_gate else self.act_fn(h)
+        return _batched_linear(h, down[0], bias=down[1], is_transposed=self.is_transposed)
+
+    def _linear(self, x: torch.Tensor, weight: tuple, row: int = 0) -> torch.Tensor:
+        """Rows `x` (t, in) through expert matrix `row` of `weight` (weights, biases)."""
+        w, bias = weight[0][row], weight[1]
+        out = x @ w if self.is_transposed else torch.nn.functional.linear(x, w)
+        return out if bias is None else out + bias[row]
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = top_k_index.shape
+        x = hidden.to(self.dtype)
+        up, down = self.names
+        if tokens * k <= self.num_experts:
+            slots = top_k_index.reshape(-1)
+            out = self._mlp(x.repeat_interleave(k, dim=0), self.weights(up, slots), self.weights(down, slots))
+            out = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+            return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        if tokens <= _DENSE_EXPERT_ROWS:
+            every = torch.arange(self.num_experts, device=x.device)
+            ups, downs = self.weights(up, every), self.weights(down, every)
+            routed = torch.zeros(tokens, self.num_experts, dtype=top_k_weights.dtype, device=x.device)
+            routed.scatter_(1, top_k_index, top_k_weights)
+            out = torch.zeros_like(x)
+            for e in range(self.num_experts):  # expert by expert, in order, as the eager loop adds them
+                h = self._linear(x, ups, e)
+                y = self._linear(self._gate(h) if self.has_gate else self.act_fn(h), downs, e)
+                out = out + y * routed[:, e:e + 1].to(y.dtype)
+            return out.to(hidden.dtype)
+        out = torch.zeros_like(x)
+        for e in top_k_index.unique().tolist():  # the experts hit, each dequantized once
+            rows, slot = torch.where(top_k_index == e)
+            ids = torch.tensor([e], device=x.device)
+            h = self._linear(x[rows], self.weights(up, ids))
+            h = self._gate(h) if self.has_gate else self.act_fn(h)
+            y = self._linear(h, self.weights(down, ids)) * top_k_weights[rows, slot, None].to(x.dtype)
+            out.index_add_(0, rows, y)
+        return out.to(hidden.dtype)
 
 
 def _cache_keyword(layer_cls: type) -> str:
@@ -1657,7 +1959,7 @@ class _KVBuffers:
 
     def __init__(self, shard: "StageShard", rows: int, needed: int):
         cfg = shard.config
-        self.kv_heads = cfg.num_key_value_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dtype, self.device, self.n_layers, self.rows = shard.dtype, shard.device, len(shard.layers), rows
         self.capacity = 0
@@ -1719,6 +2021,7 @@ def _span(end: int) -> int:
 
 def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   softcap: float | None = None, s_aux: torch.Tensor | None = None,
                    **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention of one query position whose numbers depend on nothing but its own row's keys up to its
     position: not on the other rows of a batch, nor on which row it sits in (torch's fused attention on
@@ -1727,11 +2030,16 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
 
     Keys go in blocks of `_GRAIN` (buffers are a whole number of blocks, plus a pool's one
     scratch position), each block with the same shapes, whose partial softmax sums are combined one
-    after another: a block wholly masked adds exactly zero. Several query positions go to sdpa.
+    after another: a block wholly masked adds exactly zero. Several query positions go to sdpa, or,
+    where the layer has an attention-logit softcap (gemma2) or attention sinks (gpt-oss), which sdpa
+    drops silently, to `_eager_attention`. Both are computed here: the softcap on each score, a sink as
+    a logit of its head that joins the softmax's sum and adds no value.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, n, head_dim = query.shape
+    if n != 1 and (softcap or s_aux is not None):
+        return _eager_attention(query, key, value, attention_mask, scaling, softcap, s_aux)
     if n != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -1740,8 +2048,14 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     scale = head_dim ** -0.5 if scaling is None else scaling
     lowest = torch.finfo(torch.float32).min
     top = total = acc = None
+    if s_aux is not None:  # the sink: a logit exp(sink - top) in the sum, no value
+        top = s_aux.float().reshape(1, kv_heads, heads // kv_heads, 1).expand(batch, -1, -1, -1)
+        total = torch.ones_like(top)
+        acc = torch.zeros(batch, kv_heads, heads // kv_heads, head_dim, dtype=torch.float32, device=query.device)
     for at in range(0, key.shape[2], block):
         scores = (torch.matmul(q, key[:, :, at:at + block].transpose(2, 3)) * scale).float()
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         if attention_mask is not None:
             scores = scores.masked_fill(~attention_mask[..., at:at + block], float("-inf"))
         peak = scores.amax(-1, keepdim=True).clamp(min=lowest)  # a masked block: exp(-inf - lowest) = 0
@@ -1756,6 +2070,32 @@ def _row_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
         acc = acc * old + part * this
         top = new_top
     out = (acc / total).to(value.dtype).reshape(batch, heads, 1, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None, softcap: float | None, s_aux: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    """Attention of several query positions with a softcap and/or sinks, as transformers' eager attention
+    of gemma2 and gpt-oss computes it; `mask` boolean (True = attend), or None for causal over the keys."""
+    batch, heads, n, head_dim = query.shape
+    groups = heads // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)) * (head_dim ** -0.5 if scaling is None else scaling)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        keys = key.shape[2]
+        mask = torch.ones(n, keys, dtype=torch.bool, device=query.device).tril(keys - n)[None, None]
+    scores = scores.masked_fill(~mask[..., :key.shape[2]], torch.finfo(scores.dtype).min)
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(batch, -1, n, -1).to(scores.dtype)
+        scores = torch.cat([scores, sinks], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.to(v.dtype), v)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -1854,11 +2194,19 @@ class StageShard:
         self._fresh_caches(batch)
         # Fixed buffers hold masked positions past a session's end, as many as the buffers' size says:
         # single positions attend in a way those never change (and batched rows never touch each other).
-        self.config = _use_row_attention(config) if self.static else config
+        # Attention: _row_attention where rows must not depend on each other (fixed buffers, padded batches)
+        # or where sdpa would drop a softcap or sinks; else transformers' own choice.
+        self.config = _use_row_attention(config) if self.static or _exact_attention_needed(config) else config
         self.hidden_size = int(config.hidden_size)  # (read per step: a config's attributes cost microseconds)
-        layer_cls, rotary_cls = _family_classes(config)
-        self._cache_kw = _cache_keyword(layer_cls)
+        self._model, decoder = _skeleton(self.config)  # the whole model on the meta device: no memory
+        if self.static and hasattr(self.config, "_experts_implementation"):
+            self.config._experts_implementation = "batched_mm"  # 16-bit experts: static shapes, rows apart
+        self._cache_kw = _cache_keyword(type(decoder.layers[start]))
         self.windows = [_window_of_layer(config, i) for i in range(start, end)]
+        # Rotary embeddings per layer type where the family has several (gemma3, olmo3), else one kind.
+        self.rotary = type(decoder.rotary_emb)(config=self.config).to(device)
+        by_type = "layer_type" in _inspect.signature(self.rotary.forward).parameters
+        self.rope_types = [config.layer_types[i] if by_type else None for i in range(start, end)]
 
         weight_map = files.weight_map() if files is not None else {}  # no files: random weights (calibration)
         layers, opened = [], set()
@@ -1866,14 +2214,14 @@ class StageShard:
                             **({} if progress else {"disable": True}))
         with bar:
             for i in range(start, end):  # one layer at a time: peak memory is one float layer
-                layers.append(self._load_layer(files, weight_map, layer_cls, i))
+                layers.append(self._load_layer(files, weight_map, decoder, i))
                 opened.update(files.opened if files is not None else ())
                 bar.update(1)
                 if on_layer is not None:  # (a worker counts them: its host sees a load making progress)
                     on_layer()
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
-        self.rotary = rotary_cls(config=config).to(device)
+        del self._model  # (its other layers stay on the meta device; ours are in self.layers)
         _release_freed_memory()
 
     def _fresh_caches(self, batch: int) -> None:
@@ -1893,36 +2241,35 @@ class StageShard:
         other._fresh_caches(_decode_batch(batch, self.device))
         return other
 
-    def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], layer_cls: type,
+    def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], decoder: Any,
                     i: int) -> torch.nn.Module:
-        """Build global layer `i` on the meta device, load its weights, quantize, renumber it."""
-        with torch.device("meta"):
-            layer = layer_cls(self.config, i)
-        prefix = f"model.layers.{i}."
+        """Load global layer `i` of the meta skeleton's `decoder`: its weights by the checkpoint's own key names
+        (per-expert keys fused by transformers' conversion), quantized, renumbered."""
+        layer = decoder.layers[i]
         stored = _prequantized(self.config) if files is not None else None
         if files is None:
             state = {k: torch.randn(t.shape, dtype=self.dtype) * 0.02 for k, t in layer.state_dict().items()}
+            layer.load_state_dict(state, strict=True, assign=True)
         else:
-            names = [k for k in weight_map if k.startswith(prefix)]
-            state = {k[len(prefix):]: t for k, t in files.load(
-                names, weight_map, self.dtype, stored=lambda k: ".weight." in k or k.endswith(".SCB")).items()}
-        if stored is not None:
-            self._place_packed(layer, state, i, stored)  # its Linears become the stored 4- or 8-bit ones
-        missing = {n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
-                   if t.device.type == "meta"} - set(state) if stored is not None else set(layer.state_dict()) - set(state)
-        if missing:
-            raise UnsupportedModelError(f"checkpoint lacks {sorted(missing)[:4]} of layer {i}")
-        layer.load_state_dict(state, strict=stored is None, assign=True)
-        del state
-        for sub in layer.modules():  # a stage's cache holds its own layers at 0..n-1
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = i - self.start
-        layer = quantize_linears(layer, self.quant, self.dtype, self.device) if stored is None else layer.to(self.device)
+            names = _layer_keys(weight_map, i)
+            if not names:
+                raise UnsupportedModelError(f"checkpoint lacks every tensor of layer {i}")
+            state = files.load(names, weight_map, self.dtype, stored=lambda k: ".weight." in k or k.endswith(".SCB"))
+            if stored is not None:  # its Linears become the stored 4- or 8-bit ones
+                prefix = _common_prefix(names, i)
+                packed = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+                self._place_packed(layer, packed, i, stored)
+                state.update({prefix + k: v for k, v in packed.items()})  # what stays 16-bit
+            _convert_into(self._model, {_model_key(self.config, k): v for k, v in state.items()}, self.dtype)
+            del state
         leftover = [n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
                     if t.device.type == "meta"]
         if leftover:
-            raise UnsupportedModelError(f"tensors {leftover[:4]} of layer {i} were not in the checkpoint")
-        return layer
+            raise UnsupportedModelError(f"checkpoint lacks {sorted(leftover)[:4]} of layer {i}")
+        for sub in layer.modules():  # a stage's cache holds its own layers at 0..n-1
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = i - self.start
+        return quantize_linears(layer, self.quant, self.dtype, self.device) if stored is None else layer.to(self.device)
 
     def _place_packed(self, layer: torch.nn.Module, state: dict[str, torch.Tensor], i: int, stored: dict) -> None:
         """Replace each Linear of `layer` that the checkpoint stores quantized by a bitsandbytes layer holding
@@ -2116,10 +2463,11 @@ class StageShard:
         return list(picked.split(1))
 
     def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
-        """Run `h` at positions `pids` through every layer, with `cache` and a mask per window size."""
-        cos, sin = self.rotary(h, pids)
-        for layer, window in zip(self.layers, self.windows):
-            out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=(cos, sin),
+        """Run `h` at positions `pids` through every layer, with `cache`, a mask per window size and
+        rotary embeddings per layer type."""
+        rope = {t: self.rotary(h, pids, t) if t else self.rotary(h, pids) for t in set(self.rope_types)}
+        for layer, window, kind in zip(self.layers, self.windows, self.rope_types):
+            out = layer(h, attention_mask=masks[window], position_ids=pids, position_embeddings=rope[kind],
                         use_cache=True, **{self._cache_kw: cache})
             h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
         return h
@@ -2223,28 +2571,39 @@ class HostHead:
     """The host's share of a model: tokenizer, embeddings, final norm and LM head."""
 
     def __init__(self, files: _ModelFiles, config: Any, *, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config, self.dtype, self.device = config, dtype, device
         self.tokenizer = AutoTokenizer.from_pretrained(files.meta_dir())
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        base = skeleton.model
-        self.embed, self.norm = base.embed_tokens, base.norm
-        self.lm_head = skeleton.lm_head
+        skeleton, decoder = _skeleton(config)
+        self.embed = decoder.embed_tokens
+        self.norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)  # phi: the latter
+        self.lm_head = skeleton.get_output_embeddings()
+        if self.norm is None or self.lm_head is None:
+            raise UnsupportedModelError(f"{config.model_type}: no final norm or LM head found")
         head = torch.nn.ModuleDict({"embed": self.embed, "norm": self.norm, "lm_head": self.lm_head})
+        # The host's tensors: everything outside the decoder layers but a multimodal model's other towers.
         weight_map = files.weight_map()
-        wanted = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-                  "lm_head.weight": "lm_head.weight"}
-        present = [k for k in wanted if k in weight_map]
-        state = {wanted[k]: v for k, v in files.load(present, weight_map, dtype).items()}
-        if "lm_head.weight" not in state:
-            if not getattr(config, "tie_word_embeddings", False) or "embed.weight" not in state:
+        wanted = [k for k in weight_map if not _LAYER_KEY.match(k) and not _re.search(
+            r"(^|\.)(vision|visual|audio|multi_modal|mm_|image)", k)]
+        tied = getattr(config, "tie_word_embeddings", False)
+        _convert_into(skeleton, {_model_key(config, k): v for k, v in files.load(wanted, weight_map, dtype).items()},
+                      dtype)
+        if self.lm_head.weight.device.type == "meta":
+            if not tied or self.embed.weight.device.type == "meta":
                 raise UnsupportedModelError("checkpoint has no lm_head.weight and the embeddings are not tied")
-            state["lm_head.weight"] = state["embed.weight"]
-        head.load_state_dict(state, strict=True, assign=True)
+            self.lm_head.weight = self.embed.weight
+        meta = [n for n, t in _itertools.chain(head.named_parameters(), head.named_buffers())
+                if t.device.type == "meta" and not n.endswith("embed_scale")]
+        if meta:
+            raise UnsupportedModelError(f"checkpoint lacks {meta[:4]} of the embeddings, final norm or head")
         if hasattr(self.embed, "scalar_embed_scale"):  # Gemma: a non-persistent sqrt(hidden) buffer
             self.embed.embed_scale = torch.tensor(self.embed.scalar_embed_scale)
+        # Family pieces outside the layers, keyed by config attribute: granite's embedding multiplier and
+        # logits scaling, cohere's logit scale, gemma2/3's final softcap.
+        self.embed_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
+        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self.logits_scaling = float(getattr(config, "logits_scaling", None) or 1.0)
         head.to(device).eval()
         self._graph: Any = None  # on a GPU: (CUDAGraph, input rows, logits, argmax ids) of one padded block
         self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -2255,7 +2614,8 @@ class HostHead:
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         """Return hidden states (1, n, H) for token ids."""
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        return self.embed(t).to(self.dtype)
+        h = self.embed(t)
+        return (h * self.embed_multiplier if self.embed_multiplier != 1.0 else h).to(self.dtype)
 
     @torch.inference_mode()
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -2301,7 +2661,12 @@ class HostHead:
             yield logits[:n], ids[:n]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(h[:, None]))[:, 0].float()
+        logits = self.lm_head(self.norm(h[:, None]))[:, 0]
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
+        logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -8175,6 +8540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--join-min", type=float, default=25.0, help="mean minutes between new notebooks")
     p.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("models", help="print the table of supported model families (as in the README)")
+    p.set_defaults(func=lambda args: print(supported_models_table()) or 0)
 
     p = sub.add_parser("bench", help="decode ms/token: N local workers against one process")
     p.add_argument("--model", default="tiny")
