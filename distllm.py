@@ -1311,7 +1311,7 @@ def _check_family(model_type: str, ref: str) -> None:
         + f". distllm splits these decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def _skeleton(config: Any) -> tuple[Any, Any]:
+def _skeleton(config: Any, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """The whole model built from `config` with transformers' own classes on the meta device (no memory;
     ~0.1 s for a 70B config), and its decoder (`get_decoder()`: embed_tokens, layers, norm, rotary_emb).
 
@@ -1320,7 +1320,7 @@ def _skeleton(config: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)  # (weights are loaded in the dtype they have)
     decoder = model.get_decoder()
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "rotary_emb"):
         raise UnsupportedModelError(f"{config.model_type}: no decoder with a `layers` list and rotary embeddings")
@@ -2198,7 +2198,7 @@ class StageShard:
         # or where sdpa would drop a softcap or sinks; else transformers' own choice.
         self.config = _use_row_attention(config) if self.static or _exact_attention_needed(config) else config
         self.hidden_size = int(config.hidden_size)  # (read per step: a config's attributes cost microseconds)
-        self._model, decoder = _skeleton(self.config)  # the whole model on the meta device: no memory
+        self._model, decoder = _skeleton(self.config, dtype)  # the whole model on the meta device: no memory
         if self.static and hasattr(self.config, "_experts_implementation"):
             self.config._experts_implementation = "batched_mm"  # 16-bit experts: static shapes, rows apart
         self._cache_kw = _cache_keyword(type(decoder.layers[start]))
@@ -2575,7 +2575,7 @@ class HostHead:
 
         self.config, self.dtype, self.device = config, dtype, device
         self.tokenizer = AutoTokenizer.from_pretrained(files.meta_dir())
-        skeleton, decoder = _skeleton(config)
+        skeleton, decoder = _skeleton(config, dtype)
         self.embed = decoder.embed_tokens
         self.norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)  # phi: the latter
         self.lm_head = skeleton.get_output_embeddings()

@@ -6,7 +6,8 @@ the same code path, each prompt alone), which it also compares with transformers
 generate() (close, not required: different attention kernels). Then `bench_overhead` on
 the tiny model and on a wider model. Prints a table; run as `python bench/gpu_check.py`
 from the repo root; `--graphs` checks CUDA-graph decode against eager, `--multi` one
-join() driving every GPU of the machine.
+join() driving every GPU of the machine (`--graphs --all`: every family of
+tests/test_families.py too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ import transformers  # noqa: E402
 
 import distllm  # noqa: E402
 from conftest import FAMILIES, prompt_of, write_model  # noqa: E402
+from test_families import FAMILIES as MORE_FAMILIES, write as write_family  # noqa: E402
+
+
+def _model(root: str, family: str) -> str:
+    """A tiny random model of `family`: the six Llama-layout ones of test_engine, or test_families' others."""
+    path = os.path.join(root, family)
+    return write_family(path, family) if family in MORE_FAMILIES else write_model(path, family)
+
+
+ALL_FAMILIES = (*FAMILIES, *MORE_FAMILIES)
 
 
 def transformers_reference(path: str, quant: str, prompt: list[int], tokens: int) -> list[int]:
@@ -93,8 +104,8 @@ def graphs_check() -> int:
     against a growing cache (close), with prefill, decode and a replay."""
     root = tempfile.mkdtemp()
     failures = 0
-    for family in FAMILIES:
-        path = write_model(os.path.join(root, family), family)
+    for family in ALL_FAMILIES if "--all" in sys.argv else FAMILIES:
+        path = _model(root, family)
         files = distllm._ModelFiles(path)
         config = distllm._load_config(files)
         for quant in ("none", "nf4"):
@@ -127,7 +138,11 @@ def _graphs_case(files, config, quant: str) -> tuple[bool, bool, float]:
     err = ((outs["graph"] - outs["dynamic"]).norm() / outs["dynamic"].norm()).item()
     err1 = ((outs["graph1"] - outs["dynamic"]).norm() / outs["dynamic"].norm()).item()
     print(f"  padded 16 rows against the growing cache {err:.2e}, one session per step {err1:.2e}", flush=True)
-    return equal and max(err, err1) < 3e-2, equal, err
+    # A mixture of experts routes each row to its top experts: a bf16 difference of kernels between the
+    # padded and the growing-cache path can flip a near-tied route, which moves that row far. There the
+    # bitwise check (graph == eager: the same kernels) is the criterion and the distance is reported.
+    moe = distllm._TESTED_FAMILIES.get(config.model_type, (False,))[0]
+    return equal and (moe or max(err, err1) < 3e-2), equal, err
 
 def multi_gpu_check(**options) -> int:
     """One join() on a machine with several GPUs: one worker per GPU, one stage each, same tokens as one process."""

@@ -152,6 +152,20 @@ def test_an_moe_stage_in_nf4_holds_at_most_035x_of_its_16_bit_bytes(family, tmp_
     assert 0.85 < estimate / _stage_bytes(nf4) < 1.15, (estimate, _stage_bytes(nf4))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "mixtral", "gpt_oss"])
+def test_a_stage_and_the_host_hold_their_tensors_in_the_compute_dtype(family, family_dir):
+    files = distllm._ModelFiles(family_dir(family))
+    config = distllm._load_config(files)
+    cpu = torch.device("cpu")
+    for quant in ("none", "nf4"):
+        shard = distllm.StageShard(files, config, 1, 3, quant=quant, dtype=torch.bfloat16, device=cpu)
+        floats = {t.dtype for name, t in [*shard.layers.named_parameters(), *shard.layers.named_buffers()]
+                  if t.is_floating_point() and not name.endswith(("_absmax", ".code"))}  # (nf4 block scales: float32)
+        assert floats <= {torch.bfloat16}, (quant, floats)
+    head = distllm.HostHead(files, config, dtype=torch.bfloat16, device=cpu)
+    assert {p.dtype for p in [head.embed.weight, head.norm.weight, head.lm_head.weight]} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("family", ["falcon_h1", "jamba", "qwen3_next", "llama4_text", "deepseek_v3", "gpt2"])
 def test_a_family_the_loop_cannot_run_is_refused_naming_why_and_what_is_supported(family, tmp_path):
     config_of(family).save_pretrained(str(tmp_path))
@@ -169,3 +183,26 @@ def test_the_readme_table_of_supported_models_is_the_codes_own_list():
     assert distllm.supported_models_table() in readme, "regenerate it: python -m distllm models"
     for family in distllm.SUPPORTED_MODEL_TYPES:
         assert re.search(rf"\| `{family}` \|", readme)
+
+
+def test_a_multimodal_gemma3_checkpoint_is_served_as_its_text_model(tmp_path):
+    """Gemma 3 4B-27B checkpoints are Gemma3ForConditionalGeneration: their language model's layers live
+    under language_model.model.*, beside a vision tower that also has layers. Workers load the text
+    layers only; the tokens equal transformers' own generate() on the whole checkpoint."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    config = tf.Gemma3Config(text_config=config_of("gemma3_text").to_dict(), vision_config=vision.to_dict(),
+                             mm_tokens_per_image=4, boi_token_index=98, eoi_token_index=98, image_token_index=98,
+                             initializer_range=0.2)
+    torch.manual_seed(0)
+    tf.Gemma3ForConditionalGeneration(config).save_pretrained(str(tmp_path))
+    distllm._tiny_tokenizer().save_pretrained(str(tmp_path))
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    want = {n: reference_generate(ref, prompt_of(n), NEW_TOKENS) for n in (7, 30)}
+    assert want[7] != want[30], "the reference does not depend on its prompt: weak test"
+    with distllm.local(str(tmp_path), workers=2, stages=2, quant="none") as cluster:
+        assert cluster.model_config.model_type == "gemma3_text"
+        got = {n: cluster.generate(prompt_of(n), max_new_tokens=NEW_TOKENS) for n in (7, 30)}
+    assert got == want
