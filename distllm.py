@@ -5272,6 +5272,12 @@ class Cluster:
             _log.info("%s is stored in %d bits: its layers are served as stored (quant=%r does not apply)", model,
                       stored["bits"], self.config.quant)
         self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
+        shapes = _layer_shapes(self.model_config)
+        if shapes.get("experts"):  # what a token reads of a layer: its routed experts, not all of them
+            _log.info("%s: a layer holds %.0f MB (%s), %d%% of it experts; a token runs through %d of %d experts",
+                      model, self._layer_bytes / 1e6, self.quant, 100 * shapes["experts"] // _layer_params(
+                          self.model_config), _active_experts(self.model_config),
+                      shapes["experts"] * _active_experts(self.model_config) // max(1, shapes["active"]))
         # Bytes of each weight file, looked up in the background: what each worker will download is shown
         # when its layers are assigned (a Hub repo answers a HEAD request per file).
         self._weight_map = self.files.weight_map()
