@@ -30,8 +30,9 @@ CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | map | serve MODE
 Sections, in order (each uses only what stands above it):
 constants · errors · configuration and domain types · utilities · wire protocol ·
 transport and join strings · model files and families · the built-in tiny model ·
-shard math · worker · coordinator and sessions · cluster handles · shortcuts ·
-CLI.
+shard math · store and checkpoints · direct links · worker · jobs · placement ·
+speculative decoding · coordinator and sessions · notebook panel · OpenAI-compatible
+server · shortcuts · benchmarks · swarm simulator · CLI.
 """
 
 from __future__ import annotations
@@ -232,6 +233,13 @@ class Config:
     replicas: int = 1  # workers holding each layer range; a step goes to all, the first answer wins
     step_timeout_s: float = 30.0  # seconds a step may take before its worker counts as stuck (a floor)
     history_mb: int = 1024  # MB of stage inputs the host keeps for replay (oldest sessions' go first)
+    # Speculative decoding: up to this many drafted tokens checked per trip through the stages (0: off). The
+    # host drafts with `draft`: "lookup" (n-gram matches in the prompt and the text so far), or a small model
+    # with the target's tokenizer (a directory or Hub repo id), run on the host. The number drafted follows
+    # the measured acceptance and round trip (none where it does not pay); the tokens are plain decoding's.
+    speculate: int = 0
+    draft: str = "lookup"
+    speculate_adaptive: bool = True  # False: always draft `speculate` tokens (where the drafter finds them)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
     max_step_errors: int = 3  # failed steps (worker errors, not losses) after which a request fails
     join_timeout_s: float = 30.0  # seconds a new worker waits for the host's first welcome before giving up
@@ -306,6 +314,8 @@ class Config:
         _spin_seconds(self.spin_ms, torch.device("cpu"))
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
+        if isinstance(self.speculate, bool) or not isinstance(self.speculate, int) or not 0 <= self.speculate <= 32:
+            raise ValueError(f"speculate={self.speculate!r}: drafted tokens per step, 0 (off) to 32")
         if self.host_timeout_s is not None and not self.host_timeout_s > 0:
             raise ValueError(f"host_timeout_s={self.host_timeout_s}: must be positive, or None (never give up)")
         if self.reconnect_grace_s < 0 or self.replan_grace_s < 0:
@@ -3656,6 +3666,8 @@ class Worker:
         self._ctx = zmq.Context()
         self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
         self._shard: StageShard | None = None
+        self._newest_step: _collections.OrderedDict[SessionID, int] = _collections.OrderedDict()  # sid -> its
+        # newest step number run here (a direct step older than that is stale)
         self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
         self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
         self._threads: list[_threading.Thread] = []
@@ -4455,11 +4467,19 @@ class Worker:
             raise ProtocolError(f"negative decode_from {decode_from}")
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
-        if direct and slot is not None and slot.length > start + hidden.shape[1]:
+        newest = self._newest_step.get(fields["sid"], -1)
+        if direct and slot is not None and (fields["step"] < newest or fields["step"] == newest
+                                            and slot.length > start + hidden.shape[1]):
             # A direct step held up on its link until the session moved on (the host relayed it meanwhile):
-            # stale. Only the host may send a session back to an earlier position.
+            # stale. A newer step may go back to an earlier position (past a speculative step's rejected
+            # drafts); an older one, or the same one again, may not.
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
+        if fields["step"] > newest:
+            self._newest_step[fields["sid"]] = fields["step"]
+            self._newest_step.move_to_end(fields["sid"])
+            while len(self._newest_step) > 4 * self.config.max_sessions_per_worker:
+                self._newest_step.popitem(last=False)
         link = (self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden)
                 if chain and self._links_on else None)
         return fields, hidden, start, decode_from, link, direct
@@ -4952,6 +4972,148 @@ def worth_rebalancing(old: Sequence[Stage], new: Sequence[Stage], nodes: dict[An
 
 
 ###############################################################################
+# Speculative decoding ########################################################
+###############################################################################
+# Across the internet a token costs a trip through every stage. The host drafts a few
+# tokens, a step carries the last token and the drafts, every stage runs them in one
+# trip (each position on its own, as plain decoding runs it: the same numbers), and the
+# host keeps the longest prefix the target's own picks agree with, plus the pick after
+# it. Greedy and seeded output is exactly plain decoding's. No I/O here: the drafters
+# read tokens, the policy reads timings and counts.
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup: the tokens that followed the latest earlier occurrence of the text's last
+    n tokens (n from `max_ngram` down to 1), in the prompt or in what was generated. No model: it pays
+    where the output repeats its input (rewriting, extraction, code edits)."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            tail = list(tokens[-n:])
+            for i in range(len(tokens) - n - 1, -1, -1):  # the latest occurrence first
+                if list(tokens[i:i + n]) == tail:
+                    return list(tokens[i + n:i + n + k])
+        return []
+
+    def forget(self, sid: SessionID) -> None:
+        pass
+
+
+class DraftModel:
+    """Drafts greedily with a small causal LM held by the host (same tokenizer as the target), each
+    session with a KV cache of its own that follows the accepted text."""
+
+    name = "model"
+
+    def __init__(self, ref: str, *, target_tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                 token: str | None = None, endpoint: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        files = _ModelFiles(_resolve_model(ref), token=token, endpoint=endpoint)
+        path = files.ref if files.local else None
+        if path is None:  # a Hub repo: the whole (small) model, through the Hugging Face cache
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(ref, token=token, endpoint=endpoint,
+                                     allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.get_vocab() != target_tokenizer.get_vocab():
+            raise UnsupportedModelError(f"draft model {ref!r} has another tokenizer than the target's: its tokens "
+                                        "would not mean the same")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self._cache_kw = _cache_keyword(type(self.model))
+        self.device = device
+        self.caches: dict[SessionID, tuple[Any, list[int]]] = {}  # sid -> (cache, the tokens it holds)
+
+    @torch.inference_mode()
+    def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
+        from transformers import DynamicCache
+
+        cache, held = self.caches.get(sid) or (DynamicCache(), [])
+        same = 0
+        while same < min(len(held), len(tokens) - 1) and held[same] == tokens[same]:
+            same += 1
+        _crop_cache(cache, same)
+        feed, out = list(tokens[same:]), []
+        for _ in range(k):
+            logits = self.model(torch.tensor([feed], device=self.device), use_cache=True,
+                                **{self._cache_kw: cache}).logits[0, -1]
+            feed = [int(torch.argmax(logits))]
+            out.append(feed[0])
+        self.caches[sid] = (cache, list(tokens) + out[:-1])  # the last draft was not fed
+        return out
+
+    def forget(self, sid: SessionID) -> None:
+        self.caches.pop(sid, None)
+
+
+def _crop_cache(cache: Any, length: int) -> None:
+    """Keep the first `length` positions of a DynamicCache (done on its layers' tensors: `Cache.crop`'s
+    argument changed meaning across transformers 5.x)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+
+
+def _expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one trip yields with k drafts each accepted with probability `acceptance` (one more always)."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+class _Speculation:
+    """How many tokens to draft for a session's next step: the k (0..k_max) that maximizes tokens per
+    second, E(k) / (trip + (k + 1) x per-position compute), from the measured round trip of the stages,
+    their compute per position, and the session's running acceptance. A session whose drafts keep
+    missing drafts nothing, and tries again (one draft) every `_PROBE_EVERY` tokens."""
+
+    _PROBE_EVERY = 32
+
+    def __init__(self, k_max: int, drafter: Any):
+        self.k_max, self.drafter = k_max, drafter
+        self.acceptance: dict[SessionID, float] = {}  # sid -> running share of drafts accepted
+        self.since_probe: dict[SessionID, int] = {}
+        self.drafted = self.accepted = self.verify_steps = 0
+
+    def k(self, sid: SessionID, trip_ms: float, position_ms: float) -> int:
+        rate = self.acceptance.get(sid, 0.7)
+        best, best_speed = 0, 1.0 / (trip_ms + position_ms)
+        for k in range(1, self.k_max + 1):
+            speed = _expected_tokens(rate, k) / (trip_ms + (k + 1) * position_ms)
+            if speed > best_speed * 1.05:  # a margin: a draft must pay clearly, not by noise
+                best, best_speed = k, speed
+        if best == 0 and sid in self.acceptance:
+            self.since_probe[sid] = self.since_probe.get(sid, 0) + 1
+            if self.since_probe[sid] >= self._PROBE_EVERY:
+                self.since_probe[sid] = 0
+                return 1
+        return best
+
+    def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
+        return self.drafter.draft(sid, tokens, k) if k > 0 else []
+
+    def observe(self, sid: SessionID, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verify_steps += 1
+        share = accepted / drafted if drafted else 0.0
+        old = self.acceptance.get(sid)
+        self.acceptance[sid] = share if old is None else 0.7 * old + 0.3 * share
+
+    def forget(self, sid: SessionID) -> None:
+        self.acceptance.pop(sid, None)
+        self.since_probe.pop(sid, None)
+        self.drafter.forget(sid)
+
+
+###############################################################################
 # Coordinator and sessions ####################################################
 ###############################################################################
 # One I/O thread owns the ROUTER socket and every piece of mutable cluster state:
@@ -5101,6 +5263,7 @@ class _Session:
     waiting_since: float = 0.0
     wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
+    verify: tuple[int, list[int]] | None = None  # (start, drafts) of its speculative step in the pipe
 
     @property
     def new_tokens(self) -> int:
@@ -5263,6 +5426,7 @@ class Cluster:
         self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
         self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
         self.tokenizer = self.head.tokenizer
+        self._speculation = self._speculator() if self.config.speculate else None
         self._fingerprint = _fingerprint(self.files)
         # A pre-quantized checkpoint's layers are served as stored (the planner counts its bytes); else as
         # `quant` says.
@@ -5359,7 +5523,7 @@ class Cluster:
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
-                       "batched": 0, "replans": 0, "reinstated": 0}
+                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0}
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
         self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
@@ -5463,9 +5627,16 @@ class Cluster:
         ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
         (steps sent stage to stage, and those the host relayed after a direct link failed them);
         pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
-        step with other sessions'), batches (those decode steps: batched / batches is the mean batch).
+        step with other sessions'), batches (those decode steps: batched / batches is the mean batch);
+        trips (answers of the last stage that gave tokens) and tokens_per_trip; with speculate: drafted and
+        accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
+        carried drafts).
         """
-        return {**self._stats, "batches": round(self._batch_share)}
+        spec = self._speculation
+        drafts = ({"drafted": spec.drafted, "accepted": spec.accepted, "verify_steps": spec.verify_steps}
+                  if spec is not None else {"drafted": 0, "accepted": 0, "verify_steps": 0})
+        per_trip = self._stats["tokens"] / self._stats["trips"] if self._stats["trips"] else 0.0
+        return {**self._stats, "batches": round(self._batch_share), **drafts, "tokens_per_trip": per_trip}
 
     def _history_bytes_per_token(self) -> float:
         """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
@@ -6347,35 +6518,77 @@ class Cluster:
             if step.stage == 0:
                 self._feed_prompt(session)
             return
+        if session.verify is not None and session.verify[0] == step.start and n == len(session.verify[1]) + 1:
+            self._to_sample.append((session, hidden[0], step.start + 1))  # picks for the drafts and one more
+            return
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
             if session.lead <= session.pos:  # (else its next chunk is in the pipe already)
                 self._runnable.appendleft(session)
             return
-        self._to_sample.append((session, hidden[0, -1]))  # sampled with the others answered by now
+        self._to_sample.append((session, hidden[0, -1:], session.pos))  # sampled with the others answered by now
 
     def _sample_pending(self) -> None:
         """Pick the next token of every session whose last stage answered since the last call, with one
         pass of the LM head for all of them."""
-        pending = [(s, h) for s, h in self._to_sample if self._sessions.get(s.sid) is s]
+        pending = [(s, h, at) for s, h, at in self._to_sample if self._sessions.get(s.sid) is s]
         self._to_sample = []
         if not pending:
             return
-        tokens = self.head.tokens(torch.stack([h for _, h in pending]), [s.params for s, _ in pending],
-                                  [s.pos for s, _ in pending])
-        for (session, _), token in zip(pending, tokens):
-            self._take_token(session, token)
+        params = [s.params for s, h, _ in pending for _ in range(h.shape[0])]
+        positions = [at + i for _, h, at in pending for i in range(h.shape[0])]
+        picked = self.head.tokens(torch.cat([h for _, h, _ in pending]), params, positions)
+        self._stats["trips"] += len(pending)
+        for session, h, at in pending:
+            mine, picked = picked[:h.shape[0]], picked[h.shape[0]:]
+            if h.shape[0] == 1:
+                self._take_tokens(session, mine)
+                continue
+            start, drafts = session.verify
+            session.verify = None
+            agreed = 0
+            while agreed < len(drafts) and mine[agreed] == drafts[agreed]:
+                agreed += 1
+            self._speculation.observe(session.sid, len(drafts), agreed)
+            session.pos = start + 1 + agreed  # the stages' caches are good up to here; the rest is cropped
+            session.lead = session.pos
+            self._crop_history(session, session.pos)
+            self._take_tokens(session, drafts[:agreed] + [mine[agreed]])
 
-    def _take_token(self, session: _Session, token: int) -> None:
-        session.tokens.append(token)
-        self._stats["tokens"] += 1
+    def _crop_history(self, session: _Session, upto: int) -> None:
+        """Drop kept stage inputs past position `upto` (a speculative step's rejected positions)."""
+        for stage, chunks in (session.history or {}).items():
+            covered = sum(c.shape[1] for c in chunks)
+            while chunks and covered > upto:
+                last = chunks.pop()
+                covered -= last.shape[1]
+                size = last.numel() * last.element_size()
+                session.history_bytes -= size
+                self._history_bytes -= size
+                if covered < upto:
+                    kept = last[:, :upto - covered]
+                    chunks.append(kept)
+                    covered += kept.shape[1]
+                    session.history_bytes += kept.numel() * kept.element_size()
+                    self._history_bytes += kept.numel() * kept.element_size()
+
+    def _take_tokens(self, session: _Session, tokens: Sequence[int]) -> None:
+        """The session's next tokens, in order (several from a speculative step): each is streamed, until
+        one ends the request."""
+        for token in tokens:
+            session.tokens.append(token)
+            self._stats["tokens"] += 1
+            session.events.put(("token", token))
+            if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
+                    or len(session.tokens) >= self.head.context):
+                break
+        else:
+            token = None
         if session.record is not None and self._ckpt is not None:  # serialised later, in the writer thread
             key, fields = session.record
             self._ckpt.write(key, _functools.partial(_json_bytes, {
                 **fields, "generated": session.tokens[session.prompt_len:]}))
-        session.events.put(("token", token))
-        if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
-                or len(session.tokens) >= self.head.context):
+        if token is not None:
             self._finish(session)
         else:
             self._runnable.append(session)
@@ -6412,8 +6625,40 @@ class Cluster:
         if start == 0:
             session.holders.clear()  # a prefill from position 0 rebuilds every cache it passes
         end = min(len(session.tokens), start + self.config.prefill_chunk)
-        session.lead = end
-        self._send_step(session, 0, start, self.head.embed_tokens(session.tokens[start:end]).to(self.wire_dtype))
+        drafts = self._drafts(session) if end == len(session.tokens) == start + 1 else []
+        session.verify = (start, drafts) if drafts else None
+        session.lead = end + len(drafts)
+        ids = session.tokens[start:end] + drafts
+        self._send_step(session, 0, start, self.head.embed_tokens(ids).to(self.wire_dtype))
+
+    def _speculator(self) -> _Speculation:
+        if self.config.draft == PromptLookup.name:
+            drafter: Any = PromptLookup()
+        else:
+            drafter = DraftModel(self.config.draft, target_tokenizer=self.tokenizer, device=self.device,
+                                 dtype=self.dtype, token=self.config.token, endpoint=self.config.hub_endpoint)
+        return _Speculation(self.config.speculate, drafter)
+
+    def _drafts(self, session: _Session) -> list[int]:
+        """Tokens to check with the session's next decode step (speculative decoding), maybe none."""
+        spec = self._speculation
+        if spec is None or session.pos < session.prompt_len:
+            return []
+        room = min(session.params.max_new_tokens - session.new_tokens, self.head.context - len(session.tokens)) - 1
+        k = spec.k_max if not self.config.speculate_adaptive else spec.k(session.sid, *self._trip_timing())
+        k = min(k, room)
+        return spec.draft(session.sid, session.tokens, k) if k > 0 else []
+
+    def _trip_timing(self) -> tuple[float, float]:
+        """(ms of one trip through every stage beyond compute, ms of compute per position over all stages),
+        from the fastest holder of each stage."""
+        trip = position = 0.0
+        for stage in self._plan or ():
+            holders = [self._workers[w] for w in stage.workers if self._workers[w].serving] or [
+                self._workers[w] for w in stage.workers]
+            trip += min(w.overhead_ms if w.overhead_ms is not None else (w.rtt_ms or 0.0) for w in holders)
+            position += min(w.compute_ms or 1.0 for w in holders)
+        return trip + 0.5, position  # (and the host's own half millisecond)
 
     def _feed_prompt(self, session: _Session) -> None:
         """Prefill pipelined in chunks: keep the next prompt chunks queued at stage 0 (up to
@@ -6454,8 +6699,9 @@ class Cluster:
                 self._stats["replays"] += 1
                 _log.info("session %s: replaying %d positions into layers %d..%d", session.sid, start,
                           self._plan[stage].start, self._plan[stage].end - 1)
-        # Direct links carry one-position steps; prompt chunks go through the host, which keeps them in order.
-        direct = len(targets) == 1 and hidden.shape[1] == 1
+        # Direct links carry one-position and speculative steps (one in the pipe per session); prompt chunks go
+        # through the host, which keeps them in order.
+        direct = len(targets) == 1 and (hidden.shape[1] == 1 or session.verify is not None and start >= session.prompt_len)
         chain = self._chain(session, stage, next(iter(targets))) if direct else []
         self._dispatch(session, _Step(number, stage, start, hidden.shape[1], hidden, chain=chain), targets)
 
@@ -6608,6 +6854,7 @@ class Cluster:
         """Prefill the session again from position 0: every stage rebuilds its cache."""
         _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
         session.steps.clear()  # answers to earlier steps are void now
+        session.verify = None
         session.pos = session.lead = 0
         session.holders.clear()
         session.restarts += 1
@@ -6620,6 +6867,7 @@ class Cluster:
         stage holds: steps still in the pipe are void, their answers ignored)."""
         session.steps = {k: st for k, st in session.steps.items() if st.answered}
         session.lead = session.pos
+        session.verify = None  # (its drafts were in a step now void; the next step drafts again)
         session.waiting_since = _time.monotonic()
         if session not in self._runnable:
             self._runnable.append(session)
@@ -6629,6 +6877,8 @@ class Cluster:
     def _finish(self, session: _Session, error: BaseException | None = None) -> None:
         if self._sessions.pop(session.sid, None) is None:
             return
+        if self._speculation is not None:
+            self._speculation.forget(session.sid)
         if any(step.answered for step in session.steps.values()):
             # Replicas still owe answers to steps already used: keep them to check agreement.
             session.steps = {k: st for k, st in session.steps.items() if st.answered}

@@ -1,0 +1,135 @@
+"""Speculative decoding through the pipeline: the host drafts tokens, one step carries them through
+every stage, and the host keeps what the target agrees with. The output is exactly plain decoding's.
+
+Real worker processes, float32 tiny models; drafts from prompt lookup and from draft models held by
+the host: a slightly perturbed copy of the target (it agrees often, not always) and an unrelated
+model (it rarely agrees). Every completion is compared token for token with transformers' generate()
+on the whole target (greedy) or with distllm's sampler on the whole model (seeded sampling).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import distllm
+from conftest import prompt_of, reference_generate, reference_model, reference_sampled, wait_for, write_model
+
+PROMPTS = (5, 12, 33)
+NEW = 40
+SPEC = dict(quant="none", speculate=4, speculate_adaptive=False, prefill_chunk=16)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(target, a perturbed copy of it, an unrelated model): the same tokenizer and shape."""
+    from transformers import AutoModelForCausalLM
+
+    target = write_model(str(tmp_path_factory.mktemp("target")), "llama", layers=6)
+    perturbed = str(tmp_path_factory.mktemp("perturbed"))
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * p.std())
+    model.save_pretrained(perturbed)
+    distllm._tiny_tokenizer().save_pretrained(perturbed)
+    unrelated = write_model(str(tmp_path_factory.mktemp("unrelated")), "llama", layers=2, seed=7)
+    return target, perturbed, unrelated
+
+
+def _served(target: str, *, draft: str, prompts: dict, workers: int = 3, **params) -> tuple[dict, dict]:
+    with distllm.local(target, workers=workers, stages=workers, draft=draft, **SPEC) as cluster:
+        streams = {n: cluster.stream(p, max_new_tokens=NEW, **params) for n, p in prompts.items()}
+        got = {n: list(s) for n, s in streams.items()}
+        return got, cluster.stats()
+
+
+@pytest.mark.parametrize("which", ["perturbed", "unrelated", "lookup"])
+def test_greedy_tokens_identical_to_plain_decoding_with_every_drafter(models, which):
+    target, perturbed, unrelated = models
+    draft = {"perturbed": perturbed, "unrelated": unrelated, "lookup": "lookup"}[which]
+    ref = reference_model(target)
+    prompts = {n: prompt_of(n) for n in PROMPTS}
+    prompts["repeat"] = prompt_of(10) * 4  # where prompt lookup finds matches
+    want = {n: reference_generate(ref, p, NEW) for n, p in prompts.items()}
+    assert max(len(v) for v in want.values()) >= 20, "references end early: weak test"
+    got, stats = _served(target, draft=draft, prompts=prompts)
+    assert got == want
+    assert stats["verify_steps"] > 0 and stats["drafted"] >= stats["accepted"]
+    rate = stats["accepted"] / stats["drafted"]
+    print(f"{which}: {stats['accepted']}/{stats['drafted']} drafts accepted, {stats['tokens_per_trip']:.2f} tokens a trip")
+    if which == "perturbed":
+        assert 0.3 < rate < 1.0, rate  # partial acceptance: some drafts kept, some cropped
+        assert stats["tokens_per_trip"] > 1.5, stats
+    if which == "unrelated":
+        assert rate < 0.3, rate
+
+
+def test_seeded_sampling_identical_to_plain_sampling(models):
+    target, perturbed, _ = models
+    params = dict(temperature=0.8, top_p=0.95, seed=11)
+    prompts = {n: prompt_of(n) for n in PROMPTS}
+    got, stats = _served(target, draft=perturbed, prompts=prompts, **params)
+    ref = reference_model(target)
+    for n, p in prompts.items():
+        assert got[n] == reference_sampled(ref, p, distllm.SamplingParams(max_new_tokens=NEW, **params)), n
+    assert stats["accepted"] > 0
+
+
+def test_a_worker_sigkilled_mid_verify_is_replayed_and_the_tokens_stay(models):
+    target, perturbed, _ = models
+    prompt = prompt_of(12)
+    want = reference_generate(reference_model(target), prompt, NEW)
+    with distllm.local(target, workers=4, stages=3, draft=perturbed, heartbeat_s=0.2, liveness_s=1.0,
+                       calibrate=False, **SPEC) as cluster:
+        wait_for(lambda: sum(w["state"] == "standby" for w in cluster.workers()) == 1, what="a standby")
+        victim = next(w for w in cluster.workers() if w["layers"] and w["layers"][0] > 0)
+        got = []
+        for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=NEW)):
+            got.append(tok)
+            if i == 6:  # mid-stream: its verify steps are in the pipe
+                os.kill(victim["pid"], signal.SIGKILL)
+        stats = cluster.stats()
+    assert got == want
+    assert stats["failures"] == 1 and stats["verify_steps"] > 0, stats
+
+
+def test_speculation_drafts_where_a_trip_is_dear_and_stops_where_drafts_keep_missing():
+    spec = distllm._Speculation(8, distllm.PromptLookup())
+    assert spec.k("s", trip_ms=300.0, position_ms=2.0) >= 4  # across the internet: many drafts pay
+    assert spec.k("s", trip_ms=0.5, position_ms=5.0) == 0  # one stage on loopback: compute dominates
+    for _ in range(10):
+        spec.observe("s", 4, 0)  # drafts that keep missing
+    assert spec.k("s", trip_ms=300.0, position_ms=2.0) == 0
+    probes = [spec.k("s", trip_ms=300.0, position_ms=2.0) for _ in range(distllm._Speculation._PROBE_EVERY)]
+    assert probes.count(1) == 1  # it tries again now and then
+    spec.observe("s", 1, 1)
+    spec.observe("s", 4, 4)
+    assert spec.k("s", trip_ms=300.0, position_ms=2.0) > 0
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram():
+    lookup = distllm.PromptLookup()
+    assert lookup.draft("s", [1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]
+    assert lookup.draft("s", [1, 2, 3, 4, 2, 3, 7, 3], 2) == [7, 3]  # the latest match of the longest n-gram
+    assert lookup.draft("s", [1, 2, 3], 3) == []
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    target, _, unrelated = models
+    tok = AutoTokenizer.from_pretrained(unrelated)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(unrelated + "-tok")
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(unrelated, other)
+    tok.save_pretrained(other)
+    with pytest.raises(distllm.UnsupportedModelError, match="tokenizer"):
+        distllm.host(target, workers=1, speculate=4, draft=other)
