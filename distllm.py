@@ -7429,6 +7429,8 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
     stats = cluster.stats()
     out.append(f'<div class="muted">{stats["tokens"]} tokens served · {stats["failures"]} workers lost · '
                f'{stats["replays"]} replays · {stats["rebalances"]} rebalances'
+               + (f' · speculation: {stats["accepted"]}/{stats["drafted"]} drafts accepted, '
+                  f'{stats["tokens_per_trip"]:.2f} tokens a trip' if cluster.config.speculate else "")
                + (f' · store: {_esc(cluster.store_status)}' if cluster.config.store else "") + "</div></div>")
     return "".join(out)
 

@@ -45,7 +45,10 @@ def _served(target: str, *, draft: str, prompts: dict, workers: int = 3, **param
     with distllm.local(target, workers=workers, stages=workers, draft=draft, **SPEC) as cluster:
         streams = {n: cluster.stream(p, max_new_tokens=NEW, **params) for n, p in prompts.items()}
         got = {n: list(s) for n, s in streams.items()}
-        return got, cluster.stats()
+        stats = cluster.stats()
+        panel = distllm._cluster_html(cluster)
+    assert f"speculation: {stats['accepted']}/{stats['drafted']} drafts accepted" in panel
+    return got, stats
 
 
 @pytest.mark.parametrize("which", ["perturbed", "unrelated", "lookup"])
@@ -133,3 +136,20 @@ def test_a_draft_model_with_another_tokenizer_is_refused(models, tmp_path):
     tok.save_pretrained(other)
     with pytest.raises(distllm.UnsupportedModelError, match="tokenizer"):
         distllm.host(target, workers=1, speculate=4, draft=other)
+
+
+def test_the_openai_api_answers_a_seeded_request_as_without_speculation(models):
+    import openai
+
+    target, perturbed, _ = models
+    texts, drafted = [], 0
+    for speculate in (0, 4):
+        with distllm.local(target, workers=2, stages=2, draft=perturbed, **{**SPEC, "speculate": speculate}) as cluster:
+            server = cluster.serve(port=0)
+            client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+            got = client.completions.create(model=cluster.model, prompt="The sky is", max_tokens=24, temperature=0.7,
+                                            seed=5)
+            texts.append(got.choices[0].text)
+            drafted = cluster.stats()["drafted"]
+    assert texts[0] == texts[1] and texts[0]
+    assert drafted > 0
