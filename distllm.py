@@ -5638,6 +5638,19 @@ class Cluster:
         per_trip = self._stats["tokens"] / self._stats["trips"] if self._stats["trips"] else 0.0
         return {**self._stats, "batches": round(self._batch_share), **drafts, "tokens_per_trip": per_trip}
 
+    def set_speculation(self, k: int, *, adaptive: bool = True) -> None:
+        """Change speculative decoding while serving: up to `k` drafts a step (0: off), their number
+        following acceptance and round trip (`adaptive`) or always `k`. The drafter is `Config.draft`'s
+        (a draft model is loaded by the first call that needs it). Steps already in the pipe are not
+        affected."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 32:
+            raise ValueError(f"k={k!r}: drafted tokens per step, 0 (off) to 32")
+        speculation = self._speculation or (self._speculator() if k else None)
+        if speculation is not None:
+            speculation.k_max = k
+        self.config.speculate, self.config.speculate_adaptive = k, adaptive
+        self._speculation = speculation if k else None
+
     def _history_bytes_per_token(self) -> float:
         """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
         stages = len(self._plan or ()) or 1

@@ -19,11 +19,19 @@ seeded) the relay stops (connections refused) for each outage length, then for a
 of a request), whether every request's tokens equal the fault-free run's, layers
 reloaded, re-plans, workers written off and reinstated, sessions prefilled again.
 
+With --speculate, a speculative-decoding table instead: the same proxies on every link,
+2 and 4 stages, one stream without and with speculation (adaptive, up to --k drafts), on two
+workloads: rewriting (the prompt repeats a passage; prompt lookup drafts) and free text (a
+draft model held by the host: a copy of the target with its weights perturbed by --noise,
+which agrees often but not always; and the target itself, which always agrees). Per row: tokens/s, drafts accepted, tokens per trip, and
+whether the tokens equal the plain run's.
+
 Hidden states travel in the compute dtype: bfloat16 here (`--dtype`), as for a real
 checkpoint; a float32 row shows the difference in bytes.
 
     python bench/network.py [--rtt 0,50,150] [--stages 2,4] [--tokens 24] [--dtype bfloat16]
     python bench/network.py --partitions [--rtt 0,100] [--outages 1,5,30,120] [--flap 30]
+    python bench/network.py --speculate [--rtt 0,50,150] [--stages 2,4] [--tokens 48] [--k 6] [--noise 0.002]
 """
 
 from __future__ import annotations
@@ -188,6 +196,83 @@ def partitions(rtts: list[float], outages: list[float], flap_s: float) -> list[d
     return rows
 
 
+def perturbed_copy(path: str, noise: float, out: str) -> str:
+    """`path`'s model with every weight moved by noise x its tensor's std (a draft that often agrees)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.exists(os.path.join(out, "config.json")):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise * p.std())
+        model.save_pretrained(out)
+        distllm._tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+REWRITE = list(range(40, 60)) * 3  # a passage given three times: the text to rewrite repeats it
+FREE = list(range(3, 19))
+
+
+def speculative_run(model: str, rtt_ms: float, stages: int, tokens: int, *, prompt: list[int], draft: str,
+                    k: int) -> dict:
+    logs = tempfile.mkdtemp(prefix="distllm-spec-")
+    net = dict(rtt_ms=rtt_ms, jitter_ms=rtt_ms / 20)
+    cpu_threads = max(1, (os.cpu_count() or 1) // stages)
+    with (distllm.host(model, quant="none", dtype="float32", bind="127.0.0.1", workers=stages, stages=stages,
+                       calibrate=False, rebalance_s=0, speculate=k, draft=draft) as cluster,
+          contextlib.ExitStack() as stack):
+        port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
+        peer_ports = [free_port() for _ in range(stages)]
+        proxies = [stack.enter_context(LatencyProxy(p, seed=i, **net)) for i, p in enumerate([port] + peer_ports)]
+        stack.enter_context(join_processes(
+            proxies[0].rewrite(cluster.join_string), [f"s{i}" for i in range(stages)], logs,
+            lambda i: ["--bind", "127.0.0.1", "--peer-port", str(peer_ports[i]),
+                       "--peer-address", f"127.0.0.1:{proxies[i + 1].port}"],
+            env={**os.environ, "OMP_NUM_THREADS": str(cpu_threads)}))
+        cluster.wait_ready(300)
+        cluster.generate(FREE, max_new_tokens=8)  # warm-up: step timings and round trips are measured
+        before = cluster.stats()
+        stamps, got = [], []
+        for tok in cluster.stream(prompt, max_new_tokens=tokens):
+            stamps.append(time.perf_counter())
+            got.append(tok)
+        after = cluster.stats()
+    delta = {key: after[key] - before[key] for key in ("drafted", "accepted", "trips", "tokens")}
+    return {"tokens": got, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "acceptance": delta["accepted"] / delta["drafted"] if delta["drafted"] else float("nan"),
+            "per_trip": delta["tokens"] / delta["trips"] if delta["trips"] else float("nan"),
+            "drafted": delta["drafted"]}
+
+
+def speculation(rtts: list[float], stage_counts: list[int], tokens: int, k: int, noise: float) -> list[dict]:
+    """The table's rows. The model: a random Llama (hidden 128, 8 layers, weights std 0.2, float32), whose
+    drafts are the target itself (every draft agrees: the upper bound), a copy perturbed by `noise`
+    (agrees about half the time: random weights give flat logits), and prompt lookup."""
+    from conftest import write_model
+
+    root = os.path.join(tempfile.gettempdir(), "distllm-spec-bench")
+    target = os.path.join(root, "target")
+    if not os.path.exists(os.path.join(target, "config.json")):
+        write_model(target, "llama", layers=8, hidden=128, intermediate=256, max_position_embeddings=512)
+    perturbed = perturbed_copy(target, noise, os.path.join(root, f"perturbed-{noise}"))
+    rows = []
+    for stages in stage_counts:
+        for rtt in rtts:
+            for workload, prompt, drafter in (("rewrite, prompt lookup", REWRITE, "lookup"),
+                                              ("free text, the target as draft", FREE, target),
+                                              (f"free text, draft perturbed {noise}", FREE, perturbed)):
+                plain = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=0)
+                spec = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=k)
+                rows.append({"rtt": rtt, "stages": stages, "workload": workload, "plain": plain["tok_s"],
+                             "spec": spec["tok_s"], "acceptance": spec["acceptance"], "per_trip": spec["per_trip"],
+                             "drafted": spec["drafted"], "identical": spec["tokens"] == plain["tokens"]})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rtt", default=None)
@@ -197,7 +282,22 @@ def main() -> int:
     ap.add_argument("--partitions", action="store_true", help="the partition table instead (see above)")
     ap.add_argument("--outages", default="1,5,30,120")
     ap.add_argument("--flap", type=float, default=30.0)
+    ap.add_argument("--speculate", action="store_true", help="the speculative-decoding table instead (see above)")
+    ap.add_argument("--k", type=int, default=6, help="most drafts a step carries (--speculate)")
+    ap.add_argument("--noise", type=float, default=0.002, help="the draft model's weight noise (--speculate)")
     args = ap.parse_args()
+    if args.speculate:
+        rows = speculation([float(r) for r in (args.rtt or "0,50,150").split(",")],
+                           [int(s) for s in args.stages.split(",")], args.tokens if args.tokens != 24 else 48,
+                           args.k, args.noise)
+        print("\n| round trip | stages | workload | tok/s plain | tok/s speculative | x | drafts accepted | "
+              "tokens a trip | drafted | same tokens |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            print(f"| {r['rtt']:.0f} ms | {r['stages']} | {r['workload']} | {r['plain']:.1f} | {r['spec']:.1f} | "
+                  f"{r['spec'] / r['plain']:.2f} | {r['acceptance']:.2f} | {r['per_trip']:.2f} | {r['drafted']} | "
+                  f"{r['identical']} |")
+        return 0
     if args.partitions:
         rows = partitions([float(r) for r in (args.rtt or "0,100").split(",")],
                           [float(o) for o in args.outages.split(",")], args.flap)
