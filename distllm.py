@@ -111,6 +111,7 @@ __all__ = [
 
 import base64 as _base64
 import binascii as _binascii
+import bisect as _bisect
 import collections as _collections
 import contextlib as _contextlib
 import copy as _copy
@@ -3125,11 +3126,17 @@ class _Checkpointer:
         self._last_owner_check = _time.monotonic()  # the caller's first write is our own rendezvous record
         self._busy = False
         self.stats = {"writes": 0, "bytes": 0, "write_s": 0.0, "pushes": 0, "pushed_bytes": 0, "errors": 0}
+        self.last_write = _time.monotonic()  # when a write last completed
         store.owner = owner
         self._thread = _threading.Thread(target=self._run, name="distllm-checkpoints", daemon=True)
         self._thread.start()
 
     # -- called from any thread -----------------------------------------------
+
+    def lag(self) -> float:
+        """Seconds the oldest unwritten checkpoint has waited, roughly: since the last completed write while
+        writes are pending, else 0."""
+        return _time.monotonic() - self.last_write if self._pending or self._busy else 0.0
 
     def write(self, key: str, value: bytes | Any, *, urgent: bool = False) -> None:
         """Store `value` (bytes, or a function returning them, called in the writer thread) under `key`."""
@@ -3247,6 +3254,7 @@ class _Checkpointer:
             return
         self.stats["writes"] += 1
         self.stats["write_s"] += _time.perf_counter() - t0
+        self.last_write = _time.monotonic()
 
     def _requeue(self, key: str, op: tuple[str, Any]) -> None:
         newer = self._pending.get(key)
@@ -5264,6 +5272,7 @@ class _Session:
     wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
     verify: tuple[int, list[int]] | None = None  # (start, drafts) of its speculative step in the pipe
+    last_token_at: float = 0.0  # when its last token came (monotonic)
 
     @property
     def new_tokens(self) -> int:
@@ -5273,6 +5282,90 @@ class _Session:
     def inflight(self) -> bool:
         """Whether a step of it is in the pipe that nobody has answered yet (prompt chunks: maybe several)."""
         return any(not step.answered for step in self.steps.values())
+
+
+_STALL_S = 1.0  # a gap between two tokens of a request longer than this counts as a stall (stats, metrics)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Latencies:
+    """Histograms of time to first token and time between tokens, in seconds: counts per bucket (upper
+    bounds _LATENCY_BUCKETS, then +Inf), sums and totals. Written by the coordinator, read by scrapes."""
+
+    def __init__(self) -> None:
+        self.counts = {"ttft": [0] * (len(_LATENCY_BUCKETS) + 1), "itl": [0] * (len(_LATENCY_BUCKETS) + 1)}
+        self.sums = {"ttft": 0.0, "itl": 0.0}
+
+    def _observe(self, kind: str, seconds: float) -> None:
+        self.counts[kind][_bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.sums[kind] += seconds
+
+    def token(self, now: float, created: float, last: float, first: bool) -> float | None:
+        """A token came at `now`: observe it; return the gap since the request's previous token (None: first)."""
+        if first:
+            self._observe("ttft", now - created)
+            return None
+        self._observe("itl", now - last)
+        return now - last
+
+    def family(self, kind: str, name: str, doc: str) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+
+        counts, total, buckets = self.counts[kind], 0, []
+        for bound, n in zip([*map(str, _LATENCY_BUCKETS), "+Inf"], counts):
+            total += n
+            buckets.append((bound, total))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sums[kind])
+
+
+class _ClusterCollector:
+    """prometheus_client collector: reads a cluster's snapshots at scrape time (no state of its own), so the
+    counters are exactly stats()'s."""
+
+    _COUNTERS = (("tokens", "tokens generated"), ("requests", "requests ended"),
+                 ("request_errors", "requests ended by an error"), ("steps", "stage steps answered"),
+                 ("failures", "workers lost (failovers)"), ("replays", "stage caches rebuilt while a request waited"),
+                 ("restarts", "requests prefilled again from position 0"), ("stalls", "gaps of over 1 s between tokens"),
+                 ("rebalances", "layer moves for speed"), ("replans", "re-plans after a loss"),
+                 ("reinstated", "written-off workers given their range back"), ("relayed", "direct steps relayed"),
+                 ("drafted", "drafted tokens checked"), ("accepted", "drafted tokens accepted"))
+
+    def __init__(self, cluster: "Cluster"):
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.cluster
+        stats = c.stats()
+        for key, doc in self._COUNTERS:
+            family = CounterMetricFamily(f"distllm_{key}", doc)
+            family.add_metric([], stats[key])
+            yield family
+        yield c._latency.family("ttft", "distllm_time_to_first_token_seconds", "time from request to first token")
+        yield c._latency.family("itl", "distllm_inter_token_seconds", "time between two tokens of a request")
+        sessions = list(c._session_view)
+        queue = GaugeMetricFamily("distllm_requests", "requests in flight, by state", labels=["state"])
+        for state in ("running", "waiting"):
+            queue.add_metric([state], sum(s["state"] == state for s in sessions))
+        yield queue
+        workers = c.workers()
+        by_state = GaugeMetricFamily("distllm_workers", "workers by state", labels=["state"])
+        for state in sorted({w["state"] for w in workers} | {"ready", "standby", "loading", "dead"}):
+            by_state.add_metric([state], sum(w["state"] == state for w in workers if w["alive"] or state == "dead"))
+        yield by_state
+        step = GaugeMetricFamily("distllm_worker_step_ms", "median compute of a worker's last steps", labels=["worker"])
+        rtt = GaugeMetricFamily("distllm_worker_round_trip_ms", "a worker's round trip to the host", labels=["worker"])
+        layers = GaugeMetricFamily("distllm_worker_layers", "decoder layers a worker serves", labels=["worker"])
+        for w in workers:
+            if w["alive"]:
+                step.add_metric([w["name"]], w.get("compute_ms") or 0.0)
+                rtt.add_metric([w["name"]], w.get("rtt_ms") or 0.0)
+                layers.add_metric([w["name"]], (w["layers"][1] - w["layers"][0]) if w.get("layers") else 0)
+        yield from (step, rtt, layers)
+        lag = GaugeMetricFamily("distllm_store_lag_seconds", "how long the oldest unwritten checkpoint has waited")
+        lag.add_metric([], c._ckpt.lag() if c._ckpt is not None else 0.0)
+        yield lag
 
 
 _LOAD_FAILURE_S = 300.0  # seconds a worker that could not load its layers is not asked to load again
@@ -5523,7 +5616,10 @@ class Cluster:
         self._local_procs: list[Any] = []
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
-                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0}
+                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
+                       "request_errors": 0, "stalls": 0}
+        self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
+        self._registry: Any = None  # prometheus_client's, made by the first metrics() call
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
         self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
@@ -5628,7 +5724,9 @@ class Cluster:
         (steps sent stage to stage, and those the host relayed after a direct link failed them);
         pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
         step with other sessions'), batches (those decode steps: batched / batches is the mean batch);
-        trips (answers of the last stage that gave tokens) and tokens_per_trip; with speculate: drafted and
+        requests (ended) and request_errors (of those, ended by an error); stalls (gaps of over _STALL_S
+        between two tokens of a request); trips (answers of the last stage that gave tokens) and
+        tokens_per_trip; with speculate: drafted and
         accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
         carried drafts).
         """
@@ -5637,6 +5735,18 @@ class Cluster:
                   if spec is not None else {"drafted": 0, "accepted": 0, "verify_steps": 0})
         per_trip = self._stats["tokens"] / self._stats["trips"] if self._stats["trips"] else 0.0
         return {**self._stats, "batches": round(self._batch_share), **drafts, "tokens_per_trip": per_trip}
+
+    def metrics(self) -> str:
+        """The cluster's numbers in Prometheus' text format (what the API's /metrics serves): the counters of
+        stats(), time-to-first-token and inter-token histograms, requests in flight and waiting, workers by
+        state, each worker's step time, round trip and layers, and the store's lag."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            registry = CollectorRegistry()
+            registry.register(_ClusterCollector(self))
+            self._registry = registry
+        return generate_latest(self._registry).decode()
 
     def set_speculation(self, k: int, *, adaptive: bool = True) -> None:
         """Change speculative decoding while serving: up to `k` drafts a step (0: off), their number
@@ -6588,9 +6698,14 @@ class Cluster:
     def _take_tokens(self, session: _Session, tokens: Sequence[int]) -> None:
         """The session's next tokens, in order (several from a speculative step): each is streamed, until
         one ends the request."""
+        now = _time.monotonic()
         for token in tokens:
             session.tokens.append(token)
             self._stats["tokens"] += 1
+            gap = self._latency.token(now, session.created, session.last_token_at, session.new_tokens == 1)
+            if gap is not None and gap > _STALL_S:
+                self._stats["stalls"] += 1
+            session.last_token_at = now
             session.events.put(("token", token))
             if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
                     or len(session.tokens) >= self.head.context):
@@ -6892,6 +7007,8 @@ class Cluster:
             return
         if self._speculation is not None:
             self._speculation.forget(session.sid)
+        self._stats["requests"] += 1
+        self._stats["request_errors"] += error is not None
         if any(step.answered for step in session.steps.values()):
             # Replicas still owe answers to steps already used: keep them to check agreement.
             session.steps = {k: st for k, st in session.steps.items() if st.answered}
@@ -7753,6 +7870,15 @@ class Server:
             if req.stream:
                 return EventSourceResponse(self._sse(req), ping=15)
             return await run_in_threadpool(self._whole, req)
+
+        @app.get("/metrics")
+        @route
+        async def metrics(request: Request) -> Any:
+            from starlette.responses import Response
+
+            self._check_key(request)
+            text = await run_in_threadpool(self.cluster.metrics)
+            return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
         @app.post("/v1/completions")
         @route
