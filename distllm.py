@@ -71,6 +71,9 @@ __all__ = [
     "Stage",
     "SUPPORTED_MODEL_TYPES",
     "supported_models_table",
+    # speculative decoding: the host's drafters
+    "PromptLookup",
+    "DraftModel",
     # wire protocol
     "PROTOCOL_VERSION",
     "JOIN_PREFIX",
@@ -103,6 +106,8 @@ __all__ = [
     "PromptTooLongError",
     "ClusterNotReadyError",
     "RequestError",
+    "OverloadedError",
+    "DeadlineExceeded",
     "StepFailedError",
     "StepOrderError",
     "StoreError",
@@ -203,6 +208,19 @@ class StepFailedError(DistllmError):
     """A request's steps kept failing on the workers (for example out of memory), not just vanishing."""
 
 
+class OverloadedError(DistllmError):
+    """A request refused because the cluster already runs and queues as many as it may (`max_active`,
+    `max_queued`): try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(DistllmError, TimeoutError):
+    """A request that ran past its deadline (`timeout`): cancelled on every stage."""
+
+
 class RequestError(DistllmError):
     """A request's arguments are invalid."""
 
@@ -259,6 +277,12 @@ class Config:
     replan_grace_s: float = 5.0
     load_stall_s: float = 120.0  # seconds a worker may load without finishing a layer before its assignment is re-sent
     wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
+    # Admission: requests decoded at once (None: all), and requests that may wait for one of those slots
+    # (None: any number; with max_active None, it bounds all requests in flight). Past both, a request is
+    # refused at once (OverloadedError; the API's 429 with Retry-After) instead of queueing without bound.
+    max_active: int | None = None
+    max_queued: int | None = None
+    request_timeout_s: float | None = None  # the API's deadline for a request that names none (None: no deadline)
     max_message_bytes: int = 1 << 28  # bytes; larger ZeroMQ messages are refused
     max_sessions_per_worker: int = 256  # KV caches a worker keeps (least recently used go first)
     cuda_graphs: bool = True  # CUDA workers replay each session's one-position step as a CUDA graph
@@ -315,6 +339,11 @@ class Config:
         _spin_seconds(self.spin_ms, torch.device("cpu"))
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be at least 1")
+        for name in ("max_active", "max_queued"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                                      or name == "max_active" and value == 0):
+                raise ValueError(f"{name}={value!r}: a whole number (max_active at least 1), or None")
         if isinstance(self.speculate, bool) or not isinstance(self.speculate, int) or not 0 <= self.speculate <= 32:
             raise ValueError(f"speculate={self.speculate!r}: drafted tokens per step, 0 (off) to 32")
         if self.host_timeout_s is not None and not self.host_timeout_s > 0:
@@ -3991,7 +4020,8 @@ class Worker:
         if kind == "ping":
             sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "state": self.state,
                                               "queue": self._jobs.qsize() + self._taken,
-                                              "layers_loaded": self.layers_loaded}))
+                                              "layers_loaded": self.layers_loaded,
+                                              "sessions": len(self._shard.slots) if self._shard is not None else 0}))
         elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
             pass
         elif kind == "welcome":
@@ -5147,6 +5177,7 @@ class _WorkerState:
     layer_ms: float | None = None  # one layer's decode step: calibrated at join, then measured from its steps
     prefill_ms: float | None = None  # one layer, per prompt token of a prefill (calibrated)
     queue: int = 0  # steps waiting in its compute queue (reported with each pong)
+    sessions: int = 0  # KV caches it holds (reported with each pong)
     deadline: float | None = None  # Unix time it must be gone by (a notebook session's end), if declared
     next_layers: tuple[int, int] | None = None  # range it is loading for a rebalance, while serving `layers`
     next_epoch: int = -1
@@ -5273,6 +5304,9 @@ class _Session:
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
     verify: tuple[int, list[int]] | None = None  # (start, drafts) of its speculative step in the pipe
     last_token_at: float = 0.0  # when its last token came (monotonic)
+    deadline: float = _math.inf  # monotonic time it is cancelled at, wherever it is
+    slot: bool = False  # it counts under admission (an API or generate() request; a job's prompts do not)
+    admitted: bool = True  # False while it waits for a slot (Config.max_active)
 
     @property
     def new_tokens(self) -> int:
@@ -5282,6 +5316,56 @@ class _Session:
     def inflight(self) -> bool:
         """Whether a step of it is in the pipe that nobody has answered yet (prompt chunks: maybe several)."""
         return any(not step.answered for step in self.steps.values())
+
+
+class _Admission:
+    """How many requests run (hold a slot) and wait (for one), under `max_active` and `max_queued`; the
+    callers' threads enter, the coordinator leaves and hands slots on. Thread-safe (one lock)."""
+
+    def __init__(self, max_active: int | None, max_queued: int | None):
+        self.max_active, self.max_queued = max_active, max_queued
+        self.active = self.queued = 0
+        self._lock = _threading.Lock()
+        self._durations: _collections.deque[float] = _collections.deque(maxlen=64)
+
+    def enter(self) -> bool:
+        """A new request: True if it runs now, False if it waits for a slot; OverloadedError if neither."""
+        with self._lock:
+            if self.max_active is None or self.active < self.max_active and not self.queued:
+                if self.max_active is None and self.max_queued is not None and self.active >= self.max_queued:
+                    raise self._refusal()
+                self.active += 1
+                return True
+            if self.max_queued is not None and self.queued >= self.max_queued:
+                raise self._refusal()
+            self.queued += 1
+            return False
+
+    def _refusal(self) -> OverloadedError:
+        per = _median(self._durations) if self._durations else 1.0
+        slots = self.max_active or self.max_queued or 1
+        wait = max(1.0, per * (self.queued + 1) / slots)
+        return OverloadedError(f"overloaded: {self.active} requests running and {self.queued} waiting "
+                               f"(max_active={self.max_active}, max_queued={self.max_queued}); retry in "
+                               f"{wait:.0f} s", retry_after=wait)
+
+    def leave(self, *, admitted: bool, seconds: float | None = None) -> None:
+        with self._lock:
+            if admitted:
+                self.active -= 1
+                if seconds is not None:
+                    self._durations.append(seconds)
+            else:
+                self.queued -= 1
+
+    def take_slot(self) -> bool:
+        """A waiting request takes a freed slot, if there is one."""
+        with self._lock:
+            if self.queued and (self.max_active is None or self.active < self.max_active):
+                self.queued -= 1
+                self.active += 1
+                return True
+            return False
 
 
 _STALL_S = 1.0  # a gap between two tokens of a request longer than this counts as a stall (stats, metrics)
@@ -5357,12 +5441,14 @@ class _ClusterCollector:
         step = GaugeMetricFamily("distllm_worker_step_ms", "median compute of a worker's last steps", labels=["worker"])
         rtt = GaugeMetricFamily("distllm_worker_round_trip_ms", "a worker's round trip to the host", labels=["worker"])
         layers = GaugeMetricFamily("distllm_worker_layers", "decoder layers a worker serves", labels=["worker"])
+        caches = GaugeMetricFamily("distllm_worker_sessions", "KV caches a worker holds", labels=["worker"])
         for w in workers:
             if w["alive"]:
                 step.add_metric([w["name"]], w.get("compute_ms") or 0.0)
                 rtt.add_metric([w["name"]], w.get("rtt_ms") or 0.0)
                 layers.add_metric([w["name"]], (w["layers"][1] - w["layers"][0]) if w.get("layers") else 0)
-        yield from (step, rtt, layers)
+                caches.add_metric([w["name"]], w.get("sessions", 0))
+        yield from (step, rtt, layers, caches)
         lag = GaugeMetricFamily("distllm_store_lag_seconds", "how long the oldest unwritten checkpoint has waited")
         lag.add_metric([], c._ckpt.lag() if c._ckpt is not None else 0.0)
         yield lag
@@ -5619,6 +5705,8 @@ class Cluster:
                        "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
                        "request_errors": 0, "stalls": 0}
         self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
+        self._admission = _Admission(self.config.max_active, self.config.max_queued)
+        self._waiting: _collections.deque[_Session] = _collections.deque()  # admitted=False, oldest first
         self._registry: Any = None  # prometheus_client's, made by the first metrics() call
         # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
         # else the host relays its copy), answers that came before the copy, links that failed recently.
@@ -5685,7 +5773,11 @@ class Cluster:
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  timeout: float | None = None) -> str | list[int]:
-        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt."""
+        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt.
+
+        `timeout`: seconds the whole request may take; past it the request is cancelled on every stage
+        and DeadlineExceeded (a TimeoutError) is raised. OverloadedError: the cluster runs and queues
+        as many requests as `max_active` and `max_queued` allow."""
         pieces = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, timeout=timeout)
         if isinstance(prompt, str):
@@ -5695,12 +5787,25 @@ class Cluster:
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                timeout: float | None = None) -> Iterator:
-        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt."""
+        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt (`timeout`
+        and errors as generate()'s)."""
+        return self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, timeout=timeout)[1]
+
+    def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, seed: int | None, timeout: float | None) -> tuple[SessionID, Iterator]:
+        """Start a request now (admitted or refused at once); return its id and its stream."""
+        if timeout is not None and not timeout > 0:
+            raise RequestError(f"timeout={timeout!r}: seconds, more than 0")
         session = self._new_session(prompt, SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=_secure_seed() if seed is None else int(seed)))
+            seed=_secure_seed() if seed is None else int(seed)), timeout)
         text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
-        return self._events(session, text, timeout)
+        return session.sid, self._events(session, text, timeout)
+
+    def cancel(self, sid: SessionID) -> None:
+        """End a request now (its slots on every stage are freed); its stream ends."""
+        self._command("cancel", sid)
 
     def workers(self) -> list[dict]:
         """Return a snapshot of every worker the host knows (name, state, layers, memory, ...)."""
@@ -6103,12 +6208,17 @@ class Cluster:
 
     # -- API-side helpers -----------------------------------------------------
 
-    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams) -> _Session:
+    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams,
+                     timeout: float | None = None) -> _Session:
         ids = self._prompt_ids(prompt)
         if self._closed.is_set():
             raise DistllmError("cluster is closed")
-        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), _time.monotonic(),
+        now = _time.monotonic()
+        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), now,
                            wait_timeout=self.config.wait_timeout_s)
+        if timeout is not None:
+            session.deadline = now + timeout
+        session.admitted, session.slot = self._admission.enter(), True
         self._command("submit", session)
         return session
 
@@ -6134,10 +6244,11 @@ class Cluster:
         finished = False
         try:
             while True:
-                try:
-                    kind, value = session.events.get(timeout=timeout)
+                try:  # (the host cancels it at its deadline; this wait is a backstop a second later)
+                    kind, value = session.events.get(timeout=None if timeout is None else max(
+                        0.0, session.deadline + 1.0 - _time.monotonic()))
                 except _queue.Empty:
-                    raise TimeoutError(f"no token for {timeout} s; cluster: {self._status}") from None
+                    raise DeadlineExceeded(f"request not done within {timeout} s; cluster: {self._status}") from None
                 if kind == "token":
                     if text is None:
                         yield value
@@ -6287,6 +6398,9 @@ class Cluster:
                 self._sessions[arg.sid] = arg
                 if arg.params.max_new_tokens == 0:
                     self._finish(arg)
+                elif not arg.admitted:
+                    self._waiting.append(arg)  # until a slot frees (_finish admits the next)
+                    self._admit_waiting()  # (one may have freed before this arrived)
                 elif self._cannot_load is not None:
                     self._finish(arg, error=ClusterNotReadyError(self._cannot_load))
                 else:
@@ -6545,6 +6659,7 @@ class Cluster:
         if sent is not None:
             worker.rtt_ms = (_time.monotonic() - sent) * 1e3
         worker.queue = max(0, msg.get("queue", int, 0))
+        worker.sessions = max(0, msg.get("sessions", int, 0))
         worker.layers_loaded = max(worker.layers_loaded, msg.get("layers_loaded", int, 0))
 
     def _on_ping(self, worker: _WorkerState, msg: Message) -> None:
@@ -7009,6 +7124,12 @@ class Cluster:
             self._speculation.forget(session.sid)
         self._stats["requests"] += 1
         self._stats["request_errors"] += error is not None
+        if session.slot and not session.admitted:
+            self._waiting.remove(session)
+            self._admission.leave(admitted=False)
+        elif session.slot:
+            self._admission.leave(admitted=True, seconds=_time.monotonic() - session.created)
+            self._admit_waiting()
         if any(step.answered for step in session.steps.values()):
             # Replicas still owe answers to steps already used: keep them to check agreement.
             session.steps = {k: st for k, st in session.steps.items() if st.answered}
@@ -7025,7 +7146,25 @@ class Cluster:
 
     # -- membership and placement ---------------------------------------------
 
+    def _admit_waiting(self) -> None:
+        """Give freed slots to the requests waiting longest."""
+        while self._waiting and self._admission.take_slot():
+            session = self._waiting.popleft()
+            session.admitted = True
+            if self._cannot_load is not None:
+                self._finish(session, error=ClusterNotReadyError(self._cannot_load))
+            else:
+                self._park(session, self._status)
+
+    def _check_deadlines(self) -> None:
+        now = _time.monotonic()
+        for s in [s for s in self._sessions.values() if s.deadline < now]:
+            self._finish(s, error=DeadlineExceeded(
+                f"request {s.sid} ran past its deadline ({s.deadline - s.created:.1f} s; {s.new_tokens} tokens "
+                "made): cancelled on every stage"))
+
     def _heartbeat(self, now: float) -> None:
+        self._check_deadlines()
         self._write_off_due(now)
         for w in self._live():
             self._send(w.wid, "ping", {"t": now})
@@ -7753,9 +7892,10 @@ class APIError(DistllmError):
     """A request the OpenAI-compatible server refuses: an HTTP status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -7788,8 +7928,11 @@ class _APIRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    timeout: float | None = None  # seconds the request may take (its deadline), or None
     finish: str | None = None  # "stop" or "length", once generated
     count: int = 0  # tokens generated
+    sid: str | None = None  # its session, once started
+    tokens: Any = None  # its token stream, once started
 
 
 class Server:
@@ -7846,7 +7989,7 @@ class Server:
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, exc: APIError) -> JSONResponse:
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes, methods
@@ -7867,9 +8010,13 @@ class Server:
             except ValueError:
                 raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
             req = await run_in_threadpool(self._parse, body, chat)  # tokenizing is CPU work
+            await run_in_threadpool(self._start, req)  # admitted now, or refused with a 429 before any byte
             if req.stream:
-                return EventSourceResponse(self._sse(req), ping=15)
-            return await run_in_threadpool(self._whole, req)
+                return EventSourceResponse(self._sse_async(req), ping=15)
+            try:
+                return await run_in_threadpool(self._whole, req)
+            finally:
+                self.cluster.cancel(req.sid)  # (a client gone before the answer: its slots free at once)
 
         @app.get("/metrics")
         @route
@@ -7934,7 +8081,9 @@ class Server:
             top_p=float(_api_param(body, "top_p", (int, float), 1.0, ok=lambda v: 0 < v <= 1,
                                    want="a number above 0, at most 1")),
             seed=_api_param(body, "seed", int, None), stop=[stop] if isinstance(stop, str) else list(stop),
-            stream=_api_param(body, "stream", bool, False), include_usage=bool(options.get("include_usage")))
+            stream=_api_param(body, "stream", bool, False), include_usage=bool(options.get("include_usage")),
+            timeout=_api_param(body, "timeout", (int, float), self.cluster.config.request_timeout_s,
+                               ok=lambda v: v > 0, want="seconds, more than 0"))
 
     def _checked(self, ids: Any) -> list[int]:
         try:
@@ -7978,13 +8127,22 @@ class Server:
 
     # -- answers --------------------------------------------------------------
 
+    def _start(self, req: _APIRequest) -> None:
+        """Start the request's session: admitted, or an APIError 429 (with Retry-After) when overloaded."""
+        try:
+            req.sid, req.tokens = self.cluster._open(req.ids, max_new_tokens=req.max_tokens,
+                                                     temperature=req.temperature, top_p=req.top_p, top_k=0,
+                                                     seed=req.seed, timeout=req.timeout)
+        except OverloadedError as exc:
+            raise APIError(429, str(exc), kind="rate_limit_error", code="overloaded",
+                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+
     def _run(self, req: _APIRequest) -> Iterator[tuple[str, int]]:
         """Yield (text piece, tokens so far) as the cluster makes them, cut at the first stop string.
 
         Text that could be the start of a stop string is held back until it is not.
         """
-        tokens = self.cluster.stream(req.ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
-                                     top_p=req.top_p, seed=req.seed)
+        tokens = req.tokens
         text, count, sent, hold = _TextStream(self.cluster.tokenizer, req.ids), 0, 0, max(
             (len(s) for s in req.stop), default=1) - 1
         done = ""
@@ -8023,12 +8181,26 @@ class Server:
     def _whole(self, req: _APIRequest) -> dict:
         try:
             text = "".join(piece for piece, _ in self._run(req))
+        except DeadlineExceeded as exc:
+            raise APIError(504, str(exc), kind="server_error", code="timeout") from None
         except (ClusterNotReadyError, StepFailedError, TimeoutError) as exc:
             raise APIError(503, f"the cluster could not answer: {exc}", kind="server_error",
                            code="cluster_unavailable") from None
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": req.finish}
                   if req.chat else {"index": 0, "text": text, "finish_reason": req.finish, "logprobs": None})
         return {**self._head(req), "choices": [choice], "usage": self._usage(req)}
+
+    async def _sse_async(self, req: _APIRequest) -> Any:
+        """`_sse`'s events, each taken in a worker thread; when the client goes (sse-starlette cancels this),
+        the session is cancelled at once, even before its first token, and its slots on every stage free."""
+        import anyio
+
+        events, end = self._sse(req), object()
+        try:  # (abandon_on_cancel: a hang-up must not wait for the thread's next token)
+            while (event := await anyio.to_thread.run_sync(next, events, end, abandon_on_cancel=True)) is not end:
+                yield event
+        finally:
+            self.cluster.cancel(req.sid)
 
     def _sse(self, req: _APIRequest) -> Iterator[str]:
         """The stream as OpenAI sends it: chunks as JSON events, then [DONE] (sse-starlette frames them)."""
