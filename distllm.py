@@ -5341,6 +5341,14 @@ class _Admission:
             self.queued += 1
             return False
 
+    def refusal(self) -> OverloadedError | None:
+        """The refusal a request arriving now would get (a cheap look, without entering), or None."""
+        with self._lock:
+            full = (self.max_active is not None and self.active >= self.max_active
+                    and self.max_queued is not None and self.queued >= self.max_queued) or (
+                self.max_active is None and self.max_queued is not None and self.active >= self.max_queued)
+            return self._refusal() if full else None
+
     def _refusal(self) -> OverloadedError:
         per = _median(self._durations) if self._durations else 1.0
         slots = self.max_active or self.max_queued or 1
@@ -8005,6 +8013,9 @@ class Server:
 
         async def complete(request: Request, chat: bool) -> Any:
             self._check_key(request)
+            refusal = self.cluster._admission.refusal()  # full: refused before the body is read or tokenized
+            if refusal is not None:
+                raise self._overloaded(refusal)
             try:
                 body = await request.json()
             except ValueError:
@@ -8134,8 +8145,12 @@ class Server:
                                                      temperature=req.temperature, top_p=req.top_p, top_k=0,
                                                      seed=req.seed, timeout=req.timeout)
         except OverloadedError as exc:
-            raise APIError(429, str(exc), kind="rate_limit_error", code="overloaded",
-                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+            raise self._overloaded(exc) from None
+
+    @staticmethod
+    def _overloaded(exc: OverloadedError) -> APIError:
+        return APIError(429, str(exc), kind="rate_limit_error", code="overloaded",
+                        headers={"Retry-After": str(max(1, round(exc.retry_after)))})
 
     def _run(self, req: _APIRequest) -> Iterator[tuple[str, int]]:
         """Yield (text piece, tokens so far) as the cluster makes them, cut at the first stop string.
