@@ -1935,6 +1935,15 @@ def _attention_mask(start: int, n: int, window: int | None, device: torch.device
     return _static_mask(start, n, window, kv, device)
 
 
+def _crop_cache(cache: Any, length: int) -> None:
+    """Keep the first `length` positions of a DynamicCache (done on its layers' tensors: `Cache.crop`'s
+    argument changed meaning across transformers 5.x, a kept length before, tokens to remove in 5.24)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+
+
 class _KVSlot:
     """The KV cache of one session on one stage."""
 
@@ -1949,15 +1958,8 @@ class _KVSlot:
         self.length = 0
 
     def crop(self, length: int) -> None:
-        """Keep the first `length` positions.
-
-        Done on the layers' tensors: `Cache.crop`'s argument changed meaning across
-        transformers 5.x (a kept length before, tokens to remove in 5.24).
-        """
-        for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-                layer.keys = layer.keys[:, :, :length]
-                layer.values = layer.values[:, :, :length]
+        """Keep the first `length` positions."""
+        _crop_cache(self.cache, length)
         self.length = length
 
 
@@ -5088,15 +5090,6 @@ class DraftModel:
 
     def forget(self, sid: SessionID) -> None:
         self.caches.pop(sid, None)
-
-
-def _crop_cache(cache: Any, length: int) -> None:
-    """Keep the first `length` positions of a DynamicCache (done on its layers' tensors: `Cache.crop`'s
-    argument changed meaning across transformers 5.x)."""
-    for layer in getattr(cache, "layers", ()):
-        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-            layer.keys = layer.keys[:, :, :length]
-            layer.values = layer.values[:, :, :length]
 
 
 def _expected_tokens(acceptance: float, k: int) -> float:
