@@ -305,6 +305,12 @@ class Config:
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
     store: str | None = None  # checkpoints: a directory (a Drive folder too) or hf://user/repo; workers find the host
     store_push_s: float = 60.0  # seconds between commits to a Hub store (the Hub rate-limits commits)
+    # A standby host: loads the host's parts, then waits while the active host's lease in `store` holds, and
+    # takes over (claims the store; workers and unfinished jobs follow) once it lapses.
+    standby: bool = False
+    # Seconds the active host's lease in the store lasts; it renews it every third of that (a Hub store: the
+    # lease lasts at least 3 x store_push_s, since each renewal is a commit).
+    lease_s: float = 10.0
     job_concurrency: int = 16  # prompts of one batch job in flight at once
     kv_budget_tokens: int = 8192  # tokens of KV cache per layer a worker keeps room for (all sessions together)
     calibrate: bool = True  # workers time one layer when they join, so the first plan knows their speed
@@ -351,6 +357,10 @@ class Config:
         if self.reconnect_grace_s < 0 or self.replan_grace_s < 0:
             raise ValueError(f"reconnect_grace_s={self.reconnect_grace_s}, replan_grace_s={self.replan_grace_s}: "
                              "must be 0 or more")
+        if self.standby and not self.store:
+            raise ValueError("standby=True needs store=: the active host's lease lives there")
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s={self.lease_s}: must be positive")
         if not 0 < self.heartbeat_s < self.liveness_s:
             raise ValueError(
                 f"heartbeat_s={self.heartbeat_s} must be positive and below liveness_s={self.liveness_s}"
@@ -3164,15 +3174,22 @@ class _Checkpointer:
 
     # -- called from any thread -----------------------------------------------
 
+    @property
+    def superseded(self) -> str | None:
+        """Why this writer stopped (another host claimed the store), or None."""
+        return self._superseded
+
     def lag(self) -> float:
         """Seconds the oldest unwritten checkpoint has waited, roughly: since the last completed write while
         writes are pending, else 0."""
         return _time.monotonic() - self.last_write if self._pending or self._busy else 0.0
 
-    def write(self, key: str, value: bytes | Any, *, urgent: bool = False) -> None:
-        """Store `value` (bytes, or a function returning them, called in the writer thread) under `key`."""
+    def write(self, key: str, value: bytes | Any, *, urgent: bool = False, renew: bool = False) -> None:
+        """Store `value` (bytes, or a function returning them, called in the writer thread) under `key`.
+        `renew`: a lease's renewal, written only if the rendezvous record still names this writer's host
+        (else it stops: another host claimed the store)."""
         with self._cond:
-            self._pending[key] = ("write", value)
+            self._pending[key] = ("renew" if renew else "write", value)
             self._urgent |= urgent
             self._cond.notify()
 
@@ -3268,6 +3285,11 @@ class _Checkpointer:
 
     def _apply_one(self, key: str, kind: str, value: Any) -> None:
         t0 = _time.perf_counter()
+        if kind == "renew":  # the lease: only while the record is still ours (checked just before)
+            self._check_owner()
+            if self._superseded:
+                return
+            kind = "write"
         if kind == "write":
             data = value() if callable(value) else value
             self.store.write(key, data)
@@ -5730,21 +5752,59 @@ class Cluster:
         self._ckpt: _Checkpointer | None = None
         self._nodes: dict[str, dict] = {}
         self._partials: dict[str, dict[int, list[int]]] = {}  # job id -> prompt index -> tokens generated
-        if store is not None:
-            previous = _load_record(store, RENDEZVOUS) or {}
-            epoch = previous.get("epoch")
-            self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
-            if store.sweep():
-                _log.info("removed temp files a killed host left in %s", store.uri)
-            self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
-            self._write_rendezvous()
-            self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
-            self._partials = self._load_partials(store)
-
+        self.active = _threading.Event()  # set once this host serves (at once, or when a standby takes over)
+        self._renewed_at = 0.0
+        self._stepped_down: str | None = None
         self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
         self._thread.start()
-        if self._ckpt is not None:
-            self._resume_jobs()
+        if store is None:
+            self.active.set()
+        elif self.config.standby:
+            self._status = f"standby: following the active host's lease in {store.uri}"
+            _threading.Thread(target=self._await_lease, args=(store,), name="distllm-standby", daemon=True).start()
+        else:
+            self._claim(store)
+
+    def _lease_s(self, store: LocalStore) -> float:
+        return max(self.config.lease_s, 3 * self.config.store_push_s) if isinstance(store, HubStore) else \
+            self.config.lease_s
+
+    def _claim(self, store: LocalStore) -> None:
+        """Become the store's host: write the rendezvous record (workers given the store follow it; a host
+        that held it stops checkpointing and steps down), then resume its unfinished jobs."""
+        previous = _load_record(store, RENDEZVOUS) or {}
+        epoch = previous.get("epoch")
+        self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
+        if store.sweep():
+            _log.info("removed temp files a killed host left in %s", store.uri)
+        self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
+        self._partials = self._load_partials(store)
+        self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
+        self._write_rendezvous()
+        self._renewed_at = _time.monotonic()
+        self.active.set()
+        self._resume_jobs()
+
+    def _await_lease(self, store: LocalStore) -> None:
+        """A standby: take over once the active host's lease has lapsed (or no host holds the store)."""
+        t0 = _time.monotonic()
+        while not self._closed.is_set():
+            try:
+                record = _load_record(store, RENDEZVOUS)
+            except Exception as exc:  # the store may be unreachable for a while: keep following
+                _log.warning("standby: cannot read %s: %s", store.uri, _short_error(exc))
+                record = {}
+            renewed = record.get("renewed", record.get("started")) if isinstance(record, dict) else None
+            lease = record.get("lease_s", self.config.lease_s) if isinstance(record, dict) else self.config.lease_s
+            if not record or not isinstance(renewed, (int, float)) or not isinstance(lease, (int, float)) or (
+                    _time.time() - renewed > lease):
+                holder = record.get("host") if isinstance(record, dict) else None
+                _log.warning("standby: %s; taking over after %.1f s", f"the lease of {holder} lapsed" if holder
+                             else "no host holds the store", _time.monotonic() - t0)
+                self._claim(store)
+                self._command("claimed", None)
+                return
+            self._closed.wait(min(1.0, self.config.lease_s / 4))
 
     # -- setup ----------------------------------------------------------------
 
@@ -5885,7 +5945,7 @@ class Cluster:
         self._allowed_keys = {public}  # read by the authenticator thread; one atomic swap
         self.join_string = JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
         if self._ckpt is not None:
-            self._write_rendezvous()
+            self._write_rendezvous(renew=True, news=True)
         _log.info("join keys rotated: the previous join string is refused from now on")
         return self.join_string
 
@@ -6073,10 +6133,17 @@ class Cluster:
         """Write (and for the Hub, push) every pending checkpoint now; return whether all got there."""
         return self._ckpt.flush(timeout) if self._ckpt is not None else True
 
-    def _write_rendezvous(self) -> None:
+    def _write_rendezvous(self, *, renew: bool = False, news: bool = False) -> None:
+        """Claim the store, or (`renew`) renew this host's lease in it: the record workers and standbys read
+        (its `renewed` is the lease's). `news`: the record changed (a new join string): pushed at once."""
+        now = _time.time()
+        self._started_at = getattr(self, "_started_at", now)
         self._ckpt.write(RENDEZVOUS, _json_bytes({
             "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
-            "model": self.model, "started": _time.time()}), urgent=True)
+            "model": self.model, "started": self._started_at, "renewed": now,
+            "lease_s": self._lease_s(self._ckpt.store)}),
+            urgent=news or not renew or not isinstance(self._ckpt.store, HubStore),  # (a Hub renewal waits for a push)
+            renew=renew)
 
     def _write_job_spec(self, job: Job, prompts_sha: str, *, done: bool) -> None:
         self._ckpt.write(f"jobs/{job.id}/job.json", _json_bytes({
@@ -6319,6 +6386,8 @@ class Cluster:
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + self.config.heartbeat_s
+                    if not self._renew_or_step_down(now):
+                        break
                 self._schedule()
         except Exception:  # never die silently: fail every request with the reason
             _log.exception("coordinator loop failed")
@@ -6377,7 +6446,7 @@ class Cluster:
         self._resend_assignment(worker)
 
     def _shutdown(self) -> None:
-        for wid in list(self._workers):
+        for wid in list(self._workers) if self._stepped_down is None else ():  # (stepped down: they go on)
             self._send(wid, "shutdown", {})
         for s in list(self._sessions.values()):
             self._finish(s, error=DistllmError("cluster closed"))
@@ -6406,6 +6475,8 @@ class Cluster:
                     self._finish(arg, error=ClusterNotReadyError(self._cannot_load))
                 else:
                     self._park(arg, self._status)
+            elif kind == "claimed":  # a standby took over: its checkpointer exists now
+                self._publish()
             elif kind == "cancel":
                 s = self._sessions.get(arg)
                 if s is not None:
@@ -6418,7 +6489,7 @@ class Cluster:
                 _log.warning("the host's public address is now %s; the new join string is in the panel%s", arg,
                              " and the store (workers that follow it find the host there)" if self._ckpt else "")
                 if self._ckpt is not None:
-                    self._write_rendezvous()
+                    self._write_rendezvous(renew=True, news=True)
                 self._publish()
             elif kind == "drain":
                 for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
@@ -7163,6 +7234,27 @@ class Cluster:
             self._finish(s, error=DeadlineExceeded(
                 f"request {s.sid} ran past its deadline ({s.deadline - s.created:.1f} s; {s.new_tokens} tokens "
                 "made): cancelled on every stage"))
+
+    def _renew_or_step_down(self, now: float) -> bool:
+        """Renew this host's lease in the store; or, if another host has claimed it, step down: fail this
+        host's requests, stop its API, and let its workers go (they follow the store to the new host).
+        Returns False once stepped down."""
+        if self._ckpt is None or not self.active.is_set():
+            return True
+        if self._ckpt.superseded:
+            self._stepped_down = self._ckpt.superseded
+            _log.error("stepping down: %s; this host's workers follow the store to it", self._stepped_down)
+            self._status = f"stepped down: {self._stepped_down}"
+            for s in list(self._sessions.values()):
+                self._finish(s, error=ClusterNotReadyError(f"this host stepped down ({self._stepped_down}): "
+                                                           "send the request to the active host"))
+            for server in self._servers:
+                server._server.should_exit = True
+            return False
+        if now - self._renewed_at > self._lease_s(self._ckpt.store) / 3:
+            self._write_rendezvous(renew=True)
+            self._renewed_at = now
+        return True
 
     def _heartbeat(self, now: float) -> None:
         self._check_deadlines()
@@ -8933,15 +9025,33 @@ def _join(args: Any) -> int:
 
 
 def _serve(args: Any) -> int:
-    options = {"quant": args.quant, "store": args.store, "bind": args.bind, "advertise": args.advertise}
+    options = {"quant": args.quant, "store": args.store, "bind": args.bind, "advertise": args.advertise,
+               "standby": args.standby, "lease_s": args.lease}
     cluster = local(args.model, workers=args.workers, **options) if args.workers else host(args.model, **options)
     try:
-        if not args.workers:
-            print(f"start each worker with\n\n  python -m distllm join {cluster.join_string}\n", flush=True)
-        server = cluster.serve(args.host, args.port, api_key=args.api_key or _os.environ.get("DISTLLM_API_KEY"))
-        print(f"OpenAI-compatible API at {server.url} (model {cluster.model!r}); Ctrl-C stops", flush=True)
         _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
-        _threading.Event().wait()  # serve until interrupted
+        if args.standby:
+            print(f"standby: following the active host's lease in {args.store}", flush=True)
+            while not cluster.active.wait(1.0):
+                pass
+            print("standby: took over; serving", flush=True)
+        elif not args.workers:
+            print(f"start each worker with\n\n  python -m distllm join {cluster.join_string}\n", flush=True)
+        key = args.api_key or _os.environ.get("DISTLLM_API_KEY")
+        while True:  # (a host that stepped down may hold the port a moment longer)
+            try:
+                server = cluster.serve(args.host, args.port, api_key=key)
+                break
+            except (OSError, IndexError, RuntimeError) as exc:
+                _log.warning("cannot listen on %s:%s yet (%s); retrying", args.host, args.port, exc)
+                _time.sleep(1.0)
+        print(f"OpenAI-compatible API at {server.url} (model {cluster.model!r}); Ctrl-C stops", flush=True)
+        if args.map:  # a batch job beside the API (a standby that took over resumed it already: this attaches)
+            job = cluster.map(args.map, name=args.map_name, max_new_tokens=args.map_tokens)
+            print(f"batch job {job.id}: {len(job.prompts)} prompts", flush=True)
+        while cluster._stepped_down is None:  # serve until interrupted, or until another host takes over
+            _time.sleep(0.5)
+        print(f"stepped down: {cluster._stepped_down}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -9104,6 +9214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="checkpoint store: a directory or hf://user/repo")
     p.add_argument("--bind", default="0.0.0.0", help="interface the host listens on for workers")
     p.add_argument("--advertise", default=None)
+    p.add_argument("--standby", action="store_true",
+                   help="wait as a standby host; take over (and serve the API) when the active host's lease lapses")
+    p.add_argument("--lease", type=float, default=10.0, help="seconds the active host's lease in --store lasts")
+    p.add_argument("--map", default=None, help="also run this JSON-lines file of prompts as a checkpointed batch job")
+    p.add_argument("--map-name", default=None, help="the batch job's name (default: derived from its prompts)")
+    p.add_argument("--map-tokens", type=int, default=64, help="max new tokens per prompt of the batch job")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("simulate", help="compare placement policies on a simulated swarm of free notebooks")
