@@ -1342,9 +1342,8 @@ def _load_config(files: _ModelFiles) -> Any:
         raise UnsupportedModelError(f"cannot read the config of {files.ref!r}: {exc}") from exc
     text = config.get_text_config(decoder=True)
     if text is not config:  # keep the wrapper's quantization settings; checkpoint keys carry its prefixes
-        for name in ("quantization_config",):
-            if getattr(config, name, None) is not None and getattr(text, name, None) is None:
-                setattr(text, name, getattr(config, name))
+        if getattr(text, "quantization_config", None) is None and getattr(config, "quantization_config", None):
+            text.quantization_config = config.quantization_config
         text._distllm_wrapper = config.model_type
     _check_family(text.model_type, files.ref)
     _prequantized(text)  # refuses what it cannot load, naming what it can
@@ -1758,10 +1757,13 @@ class _Experts4bit(torch.nn.Module):
                                                            blocksize=64, quant_type="nf4", compress_statistics=False)
             self.register_buffer(f"{name}_packed", packed.view(e, -1))
             self.register_buffer(f"{name}_absmax", state.absmax.view(e, -1))
-            self.register_buffer("code", state.code.to(device))
             self.shapes[name] = (a, b)
             if self.has_bias:
                 self.register_buffer(f"{name}_bias", getattr(experts, f"{name}_bias").data.to(device, dtype))
+        self.register_buffer("code", state.code.to(device))  # nf4's code book: the same for every stack
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        return self._gate(h) if self.has_gate else self.act_fn(h)
 
     def weights(self, name: str, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The matrices (len(experts), a, b) of `experts` (ids, any order, repeats allowed), dequantized,
@@ -1781,8 +1783,7 @@ class _Experts4bit(torch.nn.Module):
         None), as transformers' batched_mm runs them."""
         from transformers.integrations.moe import _batched_linear
 
-        h = _batched_linear(x, up[0], bias=up[1], is_transposed=self.is_transposed)
-        h = self._gate(h) if self.has_gate else self.act_fn(h)
+        h = self._activate(_batched_linear(x, up[0], bias=up[1], is_transposed=self.is_transposed))
         return _batched_linear(h, down[0], bias=down[1], is_transposed=self.is_transposed)
 
     def _linear(self, x: torch.Tensor, weight: tuple, row: int = 0) -> torch.Tensor:
@@ -1807,16 +1808,14 @@ class _Experts4bit(torch.nn.Module):
             routed.scatter_(1, top_k_index, top_k_weights)
             out = torch.zeros_like(x)
             for e in range(self.num_experts):  # expert by expert, in order, as the eager loop adds them
-                h = self._linear(x, ups, e)
-                y = self._linear(self._gate(h) if self.has_gate else self.act_fn(h), downs, e)
+                y = self._linear(self._activate(self._linear(x, ups, e)), downs, e)
                 out = out + y * routed[:, e:e + 1].to(y.dtype)
             return out.to(hidden.dtype)
         out = torch.zeros_like(x)
         for e in top_k_index.unique().tolist():  # the experts hit, each dequantized once
             rows, slot = torch.where(top_k_index == e)
             ids = torch.tensor([e], device=x.device)
-            h = self._linear(x[rows], self.weights(up, ids))
-            h = self._gate(h) if self.has_gate else self.act_fn(h)
+            h = self._activate(self._linear(x[rows], self.weights(up, ids)))
             y = self._linear(h, self.weights(down, ids)) * top_k_weights[rows, slot, None].to(x.dtype)
             out.index_add_(0, rows, y)
         return out.to(hidden.dtype)
@@ -2250,7 +2249,7 @@ class StageShard:
         # or where sdpa would drop a softcap or sinks; else transformers' own choice.
         self.config = _use_row_attention(config) if self.static or _exact_attention_needed(config) else config
         self.hidden_size = int(config.hidden_size)  # (read per step: a config's attributes cost microseconds)
-        self._model, decoder = _skeleton(self.config, dtype)  # the whole model on the meta device: no memory
+        model, decoder = _skeleton(self.config, dtype)  # the whole model on the meta device: no memory
         if self.static and hasattr(self.config, "_experts_implementation"):
             self.config._experts_implementation = "batched_mm"  # 16-bit experts: static shapes, rows apart
         self._cache_kw = _cache_keyword(type(decoder.layers[start]))
@@ -2266,14 +2265,13 @@ class StageShard:
                             **({} if progress else {"disable": True}))
         with bar:
             for i in range(start, end):  # one layer at a time: peak memory is one float layer
-                layers.append(self._load_layer(files, weight_map, decoder, i))
+                layers.append(self._load_layer(files, weight_map, model, decoder.layers[i], i))
                 opened.update(files.opened if files is not None else ())
                 bar.update(1)
                 if on_layer is not None:  # (a worker counts them: its host sees a load making progress)
                     on_layer()
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
-        del self._model  # (its other layers stay on the meta device; ours are in self.layers)
         _release_freed_memory()
 
     def _fresh_caches(self, batch: int) -> None:
@@ -2293,11 +2291,10 @@ class StageShard:
         other._fresh_caches(_decode_batch(batch, self.device))
         return other
 
-    def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], decoder: Any,
+    def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], model: Any, layer: Any,
                     i: int) -> torch.nn.Module:
-        """Load global layer `i` of the meta skeleton's `decoder`: its weights by the checkpoint's own key names
-        (per-expert keys fused by transformers' conversion), quantized, renumbered."""
-        layer = decoder.layers[i]
+        """Load global layer `i` (`layer`, still on the meta device in the skeleton `model`): its weights by the
+        checkpoint's own key names (per-expert keys fused by transformers' conversion), quantized, renumbered."""
         stored = _prequantized(self.config) if files is not None else None
         if files is None:
             state = {k: torch.randn(t.shape, dtype=self.dtype) * 0.02 for k, t in layer.state_dict().items()}
@@ -2312,7 +2309,7 @@ class StageShard:
                 packed = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
                 self._place_packed(layer, packed, i, stored)
                 state.update({prefix + k: v for k, v in packed.items()})  # what stays 16-bit
-            _convert_into(self._model, {_model_key(self.config, k): v for k, v in state.items()}, self.dtype)
+            _convert_into(model, {_model_key(self.config, k): v for k, v in state.items()}, self.dtype)
             del state
         leftover = [n for n, t in _itertools.chain(layer.named_parameters(), layer.named_buffers())
                     if t.device.type == "meta"]
@@ -5055,11 +5052,12 @@ class PromptLookup:
         self.max_ngram = max_ngram
 
     def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
+        tokens = list(tokens)
         for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
-            tail = list(tokens[-n:])
+            tail, last = tokens[-n:], tokens[-1]
             for i in range(len(tokens) - n - 1, -1, -1):  # the latest occurrence first
-                if list(tokens[i:i + n]) == tail:
-                    return list(tokens[i + n:i + n + k])
+                if tokens[i + n - 1] == last and tokens[i:i + n] == tail:
+                    return tokens[i + n:i + n + k]
         return []
 
     def forget(self, sid: SessionID) -> None:
@@ -5076,9 +5074,8 @@ class DraftModel:
                  token: str | None = None, endpoint: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        files = _ModelFiles(_resolve_model(ref), token=token, endpoint=endpoint)
-        path = files.ref if files.local else None
-        if path is None:  # a Hub repo: the whole (small) model, through the Hugging Face cache
+        path = _resolve_model(ref)
+        if not _os.path.isdir(path):  # a Hub repo: the whole (small) model, through the Hugging Face cache
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(ref, token=token, endpoint=endpoint,
@@ -5133,7 +5130,6 @@ class _Speculation:
         self.k_max, self.drafter = k_max, drafter
         self.acceptance: dict[SessionID, float] = {}  # sid -> running share of drafts accepted
         self.since_probe: dict[SessionID, int] = {}
-        self.drafted = self.accepted = self.verify_steps = 0
 
     def k(self, sid: SessionID, trip_ms: float, position_ms: float) -> int:
         rate = self.acceptance.get(sid, 0.7)
@@ -5153,9 +5149,6 @@ class _Speculation:
         return self.drafter.draft(sid, tokens, k) if k > 0 else []
 
     def observe(self, sid: SessionID, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
-        self.accepted += accepted
-        self.verify_steps += 1
         share = accepted / drafted if drafted else 0.0
         old = self.acceptance.get(sid)
         self.acceptance[sid] = share if old is None else 0.7 * old + 0.3 * share
@@ -5343,26 +5336,29 @@ class _Admission:
         self._lock = _threading.Lock()
         self._durations: _collections.deque[float] = _collections.deque(maxlen=64)
 
+    def _runs_now(self) -> bool:  # (a free slot, and nobody waiting for one before)
+        return self.max_active is None or self.active < self.max_active and not self.queued
+
+    def _full(self) -> bool:
+        if self.max_active is None:  # max_queued alone bounds every request in flight
+            return self.max_queued is not None and self.active >= self.max_queued
+        return not self._runs_now() and self.max_queued is not None and self.queued >= self.max_queued
+
     def enter(self) -> bool:
         """A new request: True if it runs now, False if it waits for a slot; OverloadedError if neither."""
         with self._lock:
-            if self.max_active is None or self.active < self.max_active and not self.queued:
-                if self.max_active is None and self.max_queued is not None and self.active >= self.max_queued:
-                    raise self._refusal()
+            if self._full():
+                raise self._refusal()
+            if self._runs_now():
                 self.active += 1
                 return True
-            if self.max_queued is not None and self.queued >= self.max_queued:
-                raise self._refusal()
             self.queued += 1
             return False
 
     def refusal(self) -> OverloadedError | None:
         """The refusal a request arriving now would get (a cheap look, without entering), or None."""
         with self._lock:
-            full = (self.max_active is not None and self.active >= self.max_active
-                    and self.max_queued is not None and self.queued >= self.max_queued) or (
-                self.max_active is None and self.max_queued is not None and self.active >= self.max_queued)
-            return self._refusal() if full else None
+            return self._refusal() if self._full() else None
 
     def _refusal(self) -> OverloadedError:
         per = _median(self._durations) if self._durations else 1.0
@@ -5726,7 +5722,7 @@ class Cluster:
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
                        "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
-                       "request_errors": 0, "stalls": 0}
+                       "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0}
         self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
         self._admission = _Admission(self.config.max_active, self.config.max_queued)
         self._waiting: _collections.deque[_Session] = _collections.deque()  # admitted=False, oldest first
@@ -5780,6 +5776,7 @@ class Cluster:
         self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
         self._partials = self._load_partials(store)
         self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
+        self._started_at = _time.time()
         self._write_rendezvous()
         self._renewed_at = _time.monotonic()
         self.active.set()
@@ -5896,11 +5893,8 @@ class Cluster:
         accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
         carried drafts).
         """
-        spec = self._speculation
-        drafts = ({"drafted": spec.drafted, "accepted": spec.accepted, "verify_steps": spec.verify_steps}
-                  if spec is not None else {"drafted": 0, "accepted": 0, "verify_steps": 0})
         per_trip = self._stats["tokens"] / self._stats["trips"] if self._stats["trips"] else 0.0
-        return {**self._stats, "batches": round(self._batch_share), **drafts, "tokens_per_trip": per_trip}
+        return {**self._stats, "batches": round(self._batch_share), "tokens_per_trip": per_trip}
 
     def metrics(self) -> str:
         """The cluster's numbers in Prometheus' text format (what the API's /metrics serves): the counters of
@@ -6137,7 +6131,6 @@ class Cluster:
         """Claim the store, or (`renew`) renew this host's lease in it: the record workers and standbys read
         (its `renewed` is the lease's). `news`: the record changed (a new join string): pushed at once."""
         now = _time.time()
-        self._started_at = getattr(self, "_started_at", now)
         self._ckpt.write(RENDEZVOUS, _json_bytes({
             "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
             "model": self.model, "started": self._started_at, "renewed": now,
@@ -6849,21 +6842,26 @@ class Cluster:
         positions = [at + i for _, h, at in pending for i in range(h.shape[0])]
         picked = self.head.tokens(torch.cat([h for _, h, _ in pending]), params, positions)
         self._stats["trips"] += len(pending)
-        for session, h, at in pending:
+        for session, h, _ in pending:
             mine, picked = picked[:h.shape[0]], picked[h.shape[0]:]
-            if h.shape[0] == 1:
-                self._take_tokens(session, mine)
-                continue
-            start, drafts = session.verify
-            session.verify = None
-            agreed = 0
-            while agreed < len(drafts) and mine[agreed] == drafts[agreed]:
-                agreed += 1
+            self._take_tokens(session, mine if h.shape[0] == 1 else self._verified(session, mine))
+
+    def _verified(self, session: _Session, picks: list[int]) -> list[int]:
+        """The tokens a speculative step yields: its drafts up to the first the target's picks disagree with,
+        and the pick there. The session's caches are good up to the last of them (the rest is cropped)."""
+        start, drafts = session.verify
+        session.verify = None
+        agreed = 0
+        while agreed < len(drafts) and picks[agreed] == drafts[agreed]:
+            agreed += 1
+        self._stats["drafted"] += len(drafts)
+        self._stats["accepted"] += agreed
+        self._stats["verify_steps"] += 1
+        if self._speculation is not None:  # (None: turned off while the step was in the pipe)
             self._speculation.observe(session.sid, len(drafts), agreed)
-            session.pos = start + 1 + agreed  # the stages' caches are good up to here; the rest is cropped
-            session.lead = session.pos
-            self._crop_history(session, session.pos)
-            self._take_tokens(session, drafts[:agreed] + [mine[agreed]])
+        session.pos = session.lead = start + 1 + agreed
+        self._crop_history(session, session.pos)
+        return drafts[:agreed] + [picks[agreed]]
 
     def _crop_history(self, session: _Session, upto: int) -> None:
         """Drop kept stage inputs past position `upto` (a speculative step's rejected positions)."""
@@ -7016,7 +7014,8 @@ class Cluster:
                           self._plan[stage].start, self._plan[stage].end - 1)
         # Direct links carry one-position and speculative steps (one in the pipe per session); prompt chunks go
         # through the host, which keeps them in order.
-        direct = len(targets) == 1 and (hidden.shape[1] == 1 or session.verify is not None and start >= session.prompt_len)
+        speculative = session.verify is not None and start >= session.prompt_len
+        direct = len(targets) == 1 and (hidden.shape[1] == 1 or speculative)
         chain = self._chain(session, stage, next(iter(targets))) if direct else []
         self._dispatch(session, _Step(number, stage, start, hidden.shape[1], hidden, chain=chain), targets)
 
@@ -7249,7 +7248,7 @@ class Cluster:
                 self._finish(s, error=ClusterNotReadyError(f"this host stepped down ({self._stepped_down}): "
                                                            "send the request to the active host"))
             for server in self._servers:
-                server._server.should_exit = True
+                server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
             return False
         if now - self._renewed_at > self._lease_s(self._ckpt.store) / 3:
             self._write_rendezvous(renew=True)
