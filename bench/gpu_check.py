@@ -24,15 +24,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import distllm  # noqa: E402
-from conftest import FAMILIES, prompt_of, write_model  # noqa: E402
-from test_families import FAMILIES as MORE_FAMILIES, write as write_family  # noqa: E402
-
-
-def _model(root: str, family: str) -> str:
-    """A tiny random model of `family`: the six Llama-layout ones of test_engine, or test_families' others."""
-    path = os.path.join(root, family)
-    return write_family(path, family) if family in MORE_FAMILIES else write_model(path, family)
-
+from conftest import FAMILIES, MORE_FAMILIES, prompt_of, write_model  # noqa: E402
 
 ALL_FAMILIES = (*FAMILIES, *MORE_FAMILIES)
 
@@ -105,7 +97,7 @@ def graphs_check() -> int:
     root = tempfile.mkdtemp()
     failures = 0
     for family in ALL_FAMILIES if "--all" in sys.argv else FAMILIES:
-        path = _model(root, family)
+        path = write_model(os.path.join(root, family), family)
         files = distllm._ModelFiles(path)
         config = distllm._load_config(files)
         for quant in ("none", "nf4"):

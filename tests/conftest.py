@@ -24,9 +24,34 @@ import distllm
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 
+# The other families the generic layer loop runs (tests/test_families.py), each with what makes its tiny
+# config exercise the family's own parts (sliding layers mixed with full ones, softcaps, multipliers,
+# partial rotary, experts and shared experts, sinks); built with AutoConfig.for_model.
+MORE_FAMILIES = {
+    "gemma2": dict(sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2),
+    "olmo2": {},
+    "olmo3": dict(sliding_window=8),
+    "granite": dict(embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.3),
+    "cohere": dict(logit_scale=0.5),
+    "cohere2": dict(sliding_window=8, logit_scale=0.5),
+    "phi": dict(partial_rotary_factor=0.5),
+    "starcoder2": {},
+    "stablelm": dict(partial_rotary_factor=0.25),
+    "glm4": {},
+    "smollm3": {},
+    "exaone4": dict(sliding_window=8),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+}
+
 
 def family_config(family: str, *, hidden: int = 64, layers: int = 4, intermediate: int = 128, **over):
-    """Return a small random-model config of `family` (weights std 0.2, vocab of the tiny tokenizer)."""
+    """Return a small random-model config of `family` (weights std 0.2, vocab of the tiny tokenizer): one of
+    FAMILIES, of MORE_FAMILIES, or any other model type transformers knows (AutoConfig.for_model)."""
     import transformers as tf
 
     vocab = len(distllm._tiny_tokenizer())
@@ -34,6 +59,8 @@ def family_config(family: str, *, hidden: int = 64, layers: int = 4, intermediat
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
+    if family not in FAMILIES:
+        return tf.AutoConfig.for_model(family, **{**common, "head_dim": 16, **MORE_FAMILIES.get(family, {}), **over})
     extra = {
         "llama": (tf.LlamaConfig, {}),
         "mistral": (tf.MistralConfig, {"sliding_window": 8}),
