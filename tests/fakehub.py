@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub's routes, for the real `huggingface_hub` client.
 
 It serves model repos from local directories (HEAD and GET on
-`/{repo}/resolve/{revision}/{path}`), and dataset repos held in memory that take
+`/{repo}/resolve/{revision}/{path}`, with HTTP range requests: 206 and the slice, recorded), and dataset repos held in memory that take
 commits the way the Hub does: `POST /api/repos/create`, `GET /api/datasets/{repo}/revision/{rev}`,
 `POST .../preupload/{rev}` (every file "regular"), `POST .../commit/{rev}` (NDJSON,
 base64 content, deletions, `parentCommit` checked: 412 if the branch moved), and the
@@ -18,6 +18,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import threading
 import urllib.parse
 
@@ -33,6 +34,7 @@ class FakeHub:
         self.fail_commits: list[int] = []  # statuses the next commits fail with, in order
         self.commit_bytes: list[int] = []  # payload size of each accepted commit
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.ranges: list[tuple[str, str, int, int]] = []  # (repo, file, start, end) of each range request served
         self.lock = threading.Lock()
         hub = self
 
@@ -196,9 +198,19 @@ class FakeHub:
                     return self._error(handler, 404, "EntryNotFound", f"{filename} not in {repo}")
                 with open(full, "rb") as f:
                     data = f.read()
-                handler.send_response(200)
+                etag = hashlib.sha256(data).hexdigest()
+                ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", handler.headers.get("Range") or "")
+                if ranged and body:  # an HTTP range request (a GGUF read tensor by tensor): 206 with the slice
+                    start, end = int(ranged[1]), min(int(ranged[2]) + 1, len(data))
+                    with self.lock:
+                        self.ranges.append((repo, filename, start, end))
+                    handler.send_response(206)
+                    handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                    data = data[start:end]
+                else:
+                    handler.send_response(200)
                 handler.send_header("Content-Length", str(len(data)))
-                handler.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                handler.send_header("ETag", f'"{etag}"')
                 handler.send_header("X-Repo-Commit", self.COMMIT)
                 handler.send_header("Content-Type", "application/octet-stream")
                 handler.end_headers()

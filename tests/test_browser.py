@@ -2,9 +2,10 @@
 
 A real JupyterLab server and kernel run the host notebook (its last cell, which
 closes the cluster, left out); two worker processes find the host through its
-store, as `python -m distllm join --store` does on a worker machine. The test reads
-the live panel the way a person does: the nodes it lists, and an answer typed into
-its prompt box, streamed into the page piece by piece.
+store, as `python -m distllm join --store` does on a worker machine. The model is the
+trained SmolLM2-135M-Instruct (GGUF). The test reads the live panel the way a person
+does: the nodes it lists, and a question typed into its prompt box, answered through the
+chat template and streamed into the page piece by piece (equal to transformers' answer).
 Set DISTLLM_SCREENSHOT=docs/panel.png to keep the panel's screenshot.
 """
 
@@ -22,11 +23,25 @@ import nbformat
 import pytest
 
 import distllm
-from conftest import reference_text, wait_for
+from conftest import reference_generate, wait_for
 from nbrun import ROOT, prepare
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-PROMPT = "Tell me about free GPUs."
+PROMPT = "What is a GPU? Answer in two sentences."
+WORKERS = ("cpu-worker-1", "cpu-worker-2")  # two `distllm join` processes on this machine's CPU
+
+
+def chat_reference(question: str, max_new_tokens: int) -> str:
+    """The answer transformers' generate gives with SmolLM2's GGUF file, as the panel's chat shows it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(distllm._trained_model_path())
+    with distllm._transformers_quiet():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ids = distllm.chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    return distllm._completion_text(tokenizer, ids, reference_generate(model, ids, max_new_tokens))
 
 
 def free_port() -> int:
@@ -72,16 +87,18 @@ def test_panel_in_jupyterlab_lists_workers_and_streams_a_typed_prompt(tmp_path, 
     from playwright.sync_api import expect, sync_playwright
 
     base, token = lab
-    store = tmp_path / "store"
-    nb = prepare("notebooks/host.ipynb", MODEL='"tiny"', QUANT='"none"', STORE=repr(str(store)),
-                 OPTIONS='{"bind": "127.0.0.1", "workers": 2, "stages": 2}')
+    # The screenshot for the README shows a store path a user would have (cleared afterwards).
+    store = os.path.expanduser("~/distllm-state") if os.environ.get("DISTLLM_SCREENSHOT") else tmp_path / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    nb = prepare("notebooks/host.ipynb", MODEL='"smollm2"', QUANT='"none"', STORE=repr(str(store)),
+                 OPTIONS='{"bind": "127.0.0.1", "workers": 2, "stages": 2, "dtype": "float32"}')
     assert nb.cells[-1].source == "cluster.close()"
     nb.cells = nb.cells[:-1]  # keep the cluster running for the panel
     nbformat.write(nb, tmp_path / "host.ipynb")
     workers = [subprocess.Popen([sys.executable, "-m", "distllm", "join", "--store", str(store), "--name", name],
                                 cwd=ROOT, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
-               for name in ("colab-t4", "kaggle-p100")]
-    expected = reference_text(distllm._tiny_model_dir(), PROMPT, 48)
+               for name in WORKERS]
+    expected = chat_reference(PROMPT, 48)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -104,7 +121,7 @@ def test_panel_in_jupyterlab_lists_workers_and_streams_a_typed_prompt(tmp_path, 
             panel = page.locator(".distllm-panel")
             expect(panel).to_be_visible(timeout=120_000)
             table = panel.locator("table").first
-            for name in ("colab-t4", "kaggle-p100"):
+            for name in WORKERS:
                 expect(table.get_by_text(name)).to_be_visible(timeout=120_000)
             expect(panel.locator(".rep")).to_have_count(2, timeout=60_000)  # the layer map: two stages
             expect(panel.locator("td", has_text="job first-job")).to_be_visible(timeout=120_000)  # the notebook's job
@@ -138,3 +155,5 @@ def test_panel_in_jupyterlab_lists_workers_and_streams_a_typed_prompt(tmp_path, 
         for p in workers:
             p.kill()
             p.wait(30)
+        if os.environ.get("DISTLLM_SCREENSHOT"):
+            shutil.rmtree(store, ignore_errors=True)

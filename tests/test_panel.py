@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 
 import distllm
-from conftest import reference_text, wait_for
+from conftest import reference_generate, reference_model, wait_for
 
 PROMPT = "Why is the sky blue?"
 
@@ -49,10 +49,14 @@ def test_panel_streams_a_prompt_identical_to_a_single_process(cluster):
     wait_for(lambda: sorted(panel.node.options) == live_names(cluster) == ["local-0", "local-1"], what="node list")
     panel.prompt.value, panel.max_tokens.value = PROMPT, 24
     panel.go.click()
-    expected = reference_text(distllm._tiny_model_dir(), PROMPT, 24)
+    # The tiny model has a chat template: the prompt box is the user's turn of a chat.
+    ids = distllm.chat_prompt_ids(cluster.tokenizer, [{"role": "user", "content": PROMPT}])
+    model = reference_model(distllm._tiny_model_dir())
+    expected = distllm._completion_text(cluster.tokenizer, ids, reference_generate(model, ids, 24))
     wait_for(lambda: "answered" in panel.message.value, what="the streamed answer")
     shown = html.unescape(re.search(r'<pre class="answer">(.*?)</pre>', panel.answer.value, re.S).group(1))
-    assert shown == expected == cluster.generate(PROMPT, max_new_tokens=24)
+    assert shown == expected == distllm._completion_text(cluster.tokenizer, ids,
+                                                         cluster.generate(ids, max_new_tokens=24))
     assert not panel.go.disabled
 
 
