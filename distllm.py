@@ -29,10 +29,11 @@ CLI: ``python -m distllm demo | host MODEL | join JOIN_STRING | map | serve MODE
 
 Sections, in order (each uses only what stands above it):
 constants · errors · configuration and domain types · utilities · wire protocol ·
-transport and join strings · model files and families · the built-in tiny model ·
-shard math · store and checkpoints · direct links · worker · jobs · placement ·
-speculative decoding · coordinator and sessions · notebook panel · OpenAI-compatible
-server · shortcuts · benchmarks · swarm simulator · CLI.
+transport and join strings · tunnels · model files and families (GGUF files too) · the
+built-in tiny model · shard math · store and checkpoints · direct links · worker · jobs ·
+placement · speculative decoding · coordinator and sessions · notebook panel ·
+OpenAI-compatible server · shortcuts · benchmarks · swarm simulator · deterministic
+simulation (the real coordinator against seeded fault schedules) · CLI.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "trace_hop_parts",
     "bench_failover",
     "simulate",
+    "simulate_faults",
     "SwarmSimulator",
     # handles
     "Cluster",
@@ -9884,10 +9886,13 @@ class _Simulation:
     """One seeded schedule run against the real coordinator; `run()` returns the violations found."""
 
     def __init__(self, model: _SimModel, seed: int, *, faults: bool = True, n_faults: int | None = None,
-                 schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False) -> None:
+                 schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False,
+                 churn_hours: float | None = None) -> None:
         """`light`: fewer and shorter requests (the suite's thousand schedules); else 6-14 requests of up to 40
-        new tokens over the 40 s in which 2-8 faults strike."""
-        self.light = light
+        new tokens over the 40 s in which 2-8 faults strike. `churn_hours`: instead, that many hours in which a
+        worker goes (crashes, vanishes, leaves or restarts) every three minutes and another joins a minute
+        later, and a short request comes every 30 s: the host's memory of workers and links must stay flat."""
+        self.light = light or churn_hours is not None
         self.model, self.seed = model, seed
         # One random stream per concern, so that dropping a fault (shrinking) changes nothing else.
         self.rng = _random.Random(f"{seed}/network")  # latencies, workers' ids and incarnations
@@ -9896,8 +9901,9 @@ class _Simulation:
         self.events: list[tuple[float, int, Callable, tuple]] = []
         self.seq = _itertools.count()
         workers = setup.randint(2, 4)
+        beat = (2.0, 8.0) if churn_hours else (0.5, 2.0)  # (heartbeat_s, liveness_s: fewer turns for a long run)
         self.config = Config(
-            workers=workers, calibrate=setup.random() < 0.5, heartbeat_s=0.5, liveness_s=2.0,
+            workers=workers, calibrate=setup.random() < 0.5, heartbeat_s=beat[0], liveness_s=beat[1],
             stages=setup.choice([None, 1, 2, 3]), replicas=setup.choice([1, 1, 2]),
             speculate=setup.choice([0, 0, 3]), direct_links=False, rebalance_s=setup.choice([0.0, 5.0]),
             wait_timeout_s=60.0, max_sessions_per_worker=setup.choice([4, 64]), prefill_chunk=8,
@@ -9920,15 +9926,31 @@ class _Simulation:
         self.violations: list[str] = []
         for _ in range(workers):
             self.at(self.clock() + setup.uniform(0, 0.5), self.start_worker)
-        horizon = 40.0
-        self.faults = schedule if schedule is not None else self._schedule(
-            _random.Random(f"{seed}/faults"), horizon, n_faults) if faults else []
+        horizon = 40.0 if churn_hours is None else churn_hours * 3600.0
+        if churn_hours is not None:
+            rng = _random.Random(f"{seed}/faults")
+            self.faults = []
+            for t in range(120, int(horizon), 180):  # one goes; another comes (a restart is both)
+                kind = rng.choice(("crash", "vanish", "leave", "restart"))
+                self.faults.append(_SimFault(float(t), kind, f"#{rng.randrange(1 << 16)}", 5.0))
+                if kind != "restart":
+                    self.faults.append(_SimFault(t + 60.0, "join", "#0"))
+            count = int(horizon // 30)
+        else:
+            self.faults = schedule if schedule is not None else self._schedule(
+                _random.Random(f"{seed}/faults"), horizon, n_faults) if faults else []
+            count = requests if requests is not None else self.request_rng.randint(*((3, 7) if light else (6, 14)))
         for fault in self.faults:
             self.at(self.clock() + fault.at, self.inject, fault)
-        count = requests if requests is not None else self.request_rng.randint(*((3, 7) if light else (6, 14)))
         self.requests = [self._request(horizon) for _ in range(count)]
+        if churn_hours is not None:
+            for i, r in enumerate(self.requests):
+                r.at = 15.0 + 30.0 * i
         for r in self.requests:
             self.at(self.clock() + r.at, self.submit, r)
+        self.active: list[_SimRequest] = []  # submitted, not ended
+        self.unsubmitted = len(self.requests)
+        self.peak = {"workers": 0, "links": 0, "links_down": 0, "fds": 0}  # the host's largest memory of each
 
     # -- the schedule -------------------------------------------------------------
 
@@ -10067,13 +10089,13 @@ class _Simulation:
         r.want = self.model.reference(r.prompt, r.params)
         r.session = self.cluster._new_session(r.prompt, r.params)
         self.progress = self.clock()
+        self.active.append(r)
+        self.unsubmitted -= 1
         self.note(f"request {r.session.sid}: {len(r.prompt)} tokens, {r.params.max_new_tokens} new, "
                   f"{'greedy' if r.params.temperature == 0 else 'seeded'}")
 
     def _collect(self) -> None:
-        for r in self.requests:
-            if r.session is None or r.ended is not None:
-                continue
+        for r in [r for r in self.active if not r.session.events.empty()]:
             while not r.session.events.empty():  # (this thread is its only reader)
                 kind, value = r.session.events.get_nowait()
                 self.progress = self.clock()
@@ -10092,11 +10114,17 @@ class _Simulation:
                     if not isinstance(value, ClusterNotReadyError):
                         self.violations.append(f"request {r.session.sid} failed: {r.ended}")
                     self.note(f"request {r.session.sid} failed: {r.ended[:120]}")
+            if r.ended is not None:
+                self.active.remove(r)
 
     def _check_turn(self) -> None:
         """After every turn: the plan names only workers the host keeps and that live, each serving (or
         loading) exactly its stage's layers."""
         c = self.cluster
+        for key, size in (("workers", len(c._workers)), ("links", len(c._members.links)),
+                          ("links_down", len(c._links_down)), ("fds", len(c._fds))):
+            if size > self.peak[key]:
+                self.peak[key] = size
         for stage in c._plan or ():
             for wid in stage.workers:
                 w = c._workers.get(wid)
@@ -10114,7 +10142,7 @@ class _Simulation:
         turns, self.progress = 0, self.clock()
         quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults]) + 1.0
         while not self.violations:
-            if all(r.ended is not None for r in self.requests) and self.clock() > quiet:
+            if not self.active and not self.unsubmitted and self.clock() > quiet:
                 break
             if self.clock() - self.progress > 2 * self.config.wait_timeout_s:  # requests wait and nothing moves
                 break
@@ -10388,7 +10416,7 @@ def _simulate_chunk(seeds: Sequence[int], light: bool = False) -> list[dict]:
     return simulate_faults(seeds, light=light)
 
 
-def simulate_faults_parallel(seeds: Sequence[int], *, procs: int, light: bool = False,
+def _simulate_in_processes(seeds: Sequence[int], *, procs: int, light: bool = False,
                              chunk: int = 250) -> Iterator[list[dict]]:
     """`simulate_faults` over `procs` processes (forked: each builds its own model once); yields each chunk's
     failures as it ends."""
@@ -10396,13 +10424,30 @@ def simulate_faults_parallel(seeds: Sequence[int], *, procs: int, light: bool = 
     if procs <= 1:
         yield from (simulate_faults(c, light=light) for c in chunks)
         return
-    context = _mp.get_context("fork" if "fork" in _mp.get_all_start_methods() else "spawn")
-    with context.Pool(procs) as pool:
+    # Spawned, not forked: a fork of a process whose torch threads ran (a test session's) can crash in torch.
+    with _mp.get_context("spawn").Pool(procs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         yield from pool.imap(_functools.partial(_simulate_chunk, light=light), chunks)
+
+
+def _simulate_churn(args: Any) -> int:
+    """`simulate --faults --churn-hours H`: workers come and go for H virtual hours; the host's memory of them
+    must stay flat."""
+    t0 = _time.perf_counter()
+    _log.setLevel(_logging.CRITICAL)
+    sim = _Simulation(_SimModel(), args.first_seed, churn_hours=args.churn_hours)
+    problems = sim.run()
+    done = sum(r.ended == "done" for r in sim.requests)
+    print(f"{args.churn_hours:g} virtual hours in {_time.perf_counter() - t0:.1f} s: {len(sim.workers)} workers came "
+          f"and went, {done} of {len(sim.requests)} requests answered as the fault-free run; the host held at most "
+          f"{sim.peak['workers']} workers and {sim.peak['links']} link records at once (now "
+          f"{len(sim.cluster._workers)}); {'no violations' if not problems else problems[:3]}")
+    return 1 if problems else 0
 
 
 def _simulate_faults(args: Any) -> int:
     """`simulate --faults`: the deterministic simulation of the real coordinator, one schedule per seed."""
+    if args.churn_hours:
+        return _simulate_churn(args)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     procs = max(1, args.procs or (_os.cpu_count() or 1))
     print(f"the coordinator under {len(seeds)} seeded fault schedules (seeds {seeds.start}..{seeds.stop - 1}), "
@@ -10410,7 +10455,7 @@ def _simulate_faults(args: Any) -> int:
     t0 = _time.perf_counter()
     failures: list[dict] = []
     done = 0
-    for found in simulate_faults_parallel(seeds, procs=procs, light=args.light):
+    for found in _simulate_in_processes(seeds, procs=procs, light=args.light):
         failures += found
         done += 250
         for f in found:
@@ -10572,6 +10617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="with --faults: the first seed")
     p.add_argument("--procs", type=int, default=0, help="with --faults: processes (default: one per CPU)")
     p.add_argument("--light", action="store_true", help="with --faults: fewer, shorter requests (the suite's)")
+    p.add_argument("--churn-hours", type=float, default=0.0,
+                   help="with --faults: one long run of workers coming and going for this many virtual hours")
     p.add_argument("--nodes", type=int, default=10, help="notebooks at the start")
     p.add_argument("--gpus", default="", help="comma-separated GPU kinds, cycled (T4, P100, L4, A100); default T4")
     p.add_argument("--hours", type=float, default=6.0)

@@ -22,7 +22,7 @@ def model():
 def test_a_thousand_fault_schedules_break_no_invariant():
     """Every request ends with the fault-free run's tokens (or ClusterNotReadyError when no pipeline
     can be had), none stalls for good, the plan names only live workers holding its ranges."""
-    failures = [f for found in distllm.simulate_faults_parallel(range(1000), procs=os.cpu_count() or 1, light=True)
+    failures = [f for found in distllm._simulate_in_processes(range(1000), procs=os.cpu_count() or 1, light=True)
                 for f in found]
     for f in failures:
         print(f"seed {f['seed']}: {f['violations'][0]}\n  {f['describe']}\n  " + "\n  ".join(f["trace"][-30:]))
@@ -76,3 +76,15 @@ def test_the_simulated_layers_give_the_same_numbers_however_a_step_is_chunked(mo
     assert torch.equal(again, out[3:])
     other = model.layers.run(2, [], torch.cat([x[:1] + 1, x[1:]]), 0)
     assert not torch.equal(other[-1], out[-1])  # the last position depends on the first
+
+
+def test_a_host_serving_for_hours_while_workers_come_and_go_keeps_flat_memory(model):
+    """Six virtual hours: a worker goes every three minutes (crashes, vanishes, leaves or restarts) and another
+    joins; a request every 30 s. The host forgets departed workers and their links: it holds no more at the
+    end than after the first hour (`python -m distllm simulate --faults --churn-hours 24` runs a day)."""
+    sim = distllm._Simulation(model, 1, churn_hours=6)
+    assert sim.run() == []
+    assert len(sim.workers) > 80 and all(r.ended == "done" for r in sim.requests) and len(sim.requests) == 720
+    bound = 4 + distllm._FORGET_DEPARTED_S / 180 + 2  # the most alive, and those gone within the retention
+    assert sim.peak["workers"] <= bound and sim.peak["links"] <= sim.peak["workers"]
+    assert len(sim.cluster._workers) <= bound and len(sim.cluster._members.links) <= len(sim.cluster._workers)
