@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -28,6 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import distllm  # noqa: E402
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")  # (bitsandbytes says so once per matmul on the CPU)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TEXT = ("The quick brown fox jumps over the lazy dog near the river bank every morning, and the farmer "
