@@ -1301,6 +1301,11 @@ def supported_models_table() -> str:
     return "\n".join(rows)
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
 class _ModelFiles:
     """Files of a checkpoint, from a local directory or a Hugging Face Hub repo.
 
@@ -1322,6 +1327,9 @@ class _ModelFiles:
         self.cache_dir = cache_dir
         self.local = _os.path.isdir(ref)
         self._meta_dir: str | None = ref if self.local else None
+        self.repo: str | None = None if self.local else ref  # the Hub repo's id
+        self._header: tuple[int, dict] | None = None  # (data start, header) of a Hub repo's single weights file
+        self.fetched = 0  # bytes of tensor data read by HTTP range requests
 
     def path(self, filename: str) -> str:
         """Return a local path of `filename`, downloading just that file from the Hub if needed."""
@@ -1368,15 +1376,54 @@ class _ModelFiles:
             return False
 
     def weight_map(self) -> dict[str, str]:
-        """Return tensor name -> file name, from the shard index or the single weights file."""
+        """Return tensor name -> file name, from the shard index or the single weights file (whose header
+        alone is fetched from a Hub repo: its tensors are read by range, each node only its own)."""
         index = _os.path.join(self.meta_dir(), "model.safetensors.index.json")
         if _os.path.exists(index):
             with open(index) as f:
                 return dict(_json.load(f)["weight_map"])
+        if not self.local:
+            return {k: "model.safetensors" for k in self._single_header() if k != "__metadata__"}
         from safetensors import safe_open
 
         with safe_open(self.path("model.safetensors"), "pt") as f:
             return {k: "model.safetensors" for k in f.keys()}
+
+    def _range(self, filename: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a Hub repo's file, by one HTTP range request through huggingface_hub's session."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        url = hf_hub_url(self.repo, filename, revision=self.revision, endpoint=self.endpoint)
+        response = get_session().get(url, headers={**build_hf_headers(token=self.token),
+                                                   "Range": f"bytes={start}-{end - 1}"}, follow_redirects=True)
+        if response.status_code == 404:
+            raise UnsupportedModelError(f"{filename} not found in Hub repo {self.ref}")
+        response.raise_for_status()
+        data = response.content
+        if response.status_code != 206:  # a server without ranges sent the whole file
+            data = data[start:end]
+        if len(data) != end - start:
+            raise OSError(f"{self.ref}/{filename}: asked for bytes {start}-{end - 1}, got {len(data)}")
+        self.fetched += len(data)
+        return data
+
+    def _single_header(self) -> dict:
+        """The header of a Hub repo's single model.safetensors (two range requests): tensor -> its dtype,
+        shape and offsets (after the header's 8 + n bytes)."""
+        if self._header is None:
+            size = _struct.unpack("<Q", self._range("model.safetensors", 0, 8))[0]
+            if size > 100 << 20:
+                raise UnsupportedModelError(f"{self.ref}: model.safetensors has a {size}-byte header")
+            self._header = (8 + size, _json.loads(self._range("model.safetensors", 8, 8 + size)))
+        return self._header[1]
+
+    def stored_bytes(self, names: Iterable[str]) -> int | None:
+        """Bytes a node reads for the tensors `names` where it reads them by range (None: whole files)."""
+        if self.local or self._header is None:
+            return None
+        header = self._header[1]
+        return sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
 
     def size(self, filename: str) -> int | None:
         """Bytes of `filename` (a HEAD request for a Hub repo: nothing is downloaded), or None if unknown."""
@@ -1404,6 +1451,18 @@ class _ModelFiles:
         self.opened = sorted(by_file)
         out = {}
         for filename, keys in sorted(by_file.items()):
+            if filename == "model.safetensors" and not self.local and self._header is not None:
+                base, header = self._header  # one file for the whole model: just these tensors, by range
+                for k in keys:
+                    info = header[k]
+                    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+                        raise UnsupportedModelError(f"{self.ref}: tensor {k} has dtype {info.get('dtype')!r}")
+                    first, last = info["data_offsets"]
+                    raw = bytearray(self._range(filename, base + first, base + last))
+                    t = torch.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]) \
+                        if raw else torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                    out[k] = t.to(dtype if t.is_floating_point() and not stored(k) else t.dtype)
+                continue
             with safe_open(self.path(filename), "pt", device="cpu") as f:
                 for k in keys:
                     t = f.get_tensor(k)  # may be backed by the file's pages: copy into our memory
@@ -1522,21 +1581,6 @@ class _GGUFFiles(_ModelFiles):
 
         return hf_hub_url(self.repo, self.filename, revision=self.revision, endpoint=self.endpoint)
 
-    def _range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the Hub's file, by one HTTP range request."""
-        from huggingface_hub.utils import build_hf_headers, get_session
-
-        response = get_session().get(self._url(), headers={**build_hf_headers(token=self.token),
-                                                           "Range": f"bytes={start}-{end - 1}"}, follow_redirects=True)
-        if response.status_code == 404:
-            raise UnsupportedModelError(f"{self.filename} not found in Hub repo {self.repo}")
-        response.raise_for_status()
-        data = response.content
-        if response.status_code != 206:  # a server without ranges sent the whole file
-            data = data[start:end]
-        if len(data) != end - start:
-            raise OSError(f"{self.ref}: asked for bytes {start}-{end - 1}, got {len(data)}")
-        return data
 
     def _local_file(self) -> str:
         """A local path of the GGUF: the file itself, or (Hub) the header in a sparse file of its size."""
@@ -1550,7 +1594,7 @@ class _GGUFFiles(_ModelFiles):
         if not _os.path.exists(path):
             head, length = b"", None
             while length is None:  # the header's length is known once all of it is read: grow the range
-                head += self._range(len(head), min(size, max(1 << 20, 2 * len(head))))
+                head += self._range(self.filename, len(head), min(size, max(1 << 20, 2 * len(head))))
                 length = _gguf_header_length(head)
                 if length is None and len(head) >= size:
                     raise UnsupportedModelError(f"{self.ref}: the GGUF header runs past the file's end")
@@ -1659,8 +1703,7 @@ class _GGUFFiles(_ModelFiles):
             data = t.data
             if not self.local:  # the header's sparse copy holds no data: fetch this tensor's bytes
                 start = int(t.data_offset)
-                raw = self._range(start, start + int(t.n_bytes))
-                self.fetched += len(raw)
+                raw = self._range(self.filename, start, start + int(t.n_bytes))
                 data = np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
             weights = self._processor.process(weights=dequantize(data, t.tensor_type), name=t.name).weights
             out[name] = torch.from_numpy(np.array(weights, copy=True)).to(dtype)  # (the map is read-only)
@@ -7931,8 +7974,9 @@ class Cluster:
         (less what its Hugging Face cache has already), or None while some size is unknown."""
         layer = _re.compile(r"\.(?:layers|h)\.(\d+)\.")
         names = [name for name in self._weight_map if (m := layer.search(name)) and start <= int(m.group(1)) < end]
-        if isinstance(self.files, _GGUFFiles):  # one file, read by range: just those tensors' stored bytes
-            return self.files.stored_bytes(names)
+        stored = self.files.stored_bytes(names)  # one file, read by range: just those tensors' stored bytes
+        if stored is not None:
+            return stored
         sizes = [self._file_sizes.get(f) for f in {self._weight_map[name] for name in names}]
         return None if any(size is None for size in sizes) else sum(sizes)
 

@@ -86,3 +86,25 @@ def test_nf4_worker_holds_a_quarter_of_float32(tmp_path):
 
     full, nf4 = growth("none"), growth("nf4")
     assert nf4 < 0.35 * full, f"nf4 layers took {nf4:.0f} MB against {full:.0f} MB in float32"
+
+
+def test_a_single_weights_file_on_the_hub_is_read_by_range_each_worker_its_share(tmp_path):
+    """One model.safetensors with no index (many small repos): each node fetches its header and then only its
+    own tensors by HTTP range requests, never the whole file; tokens equal the whole model's."""
+    path = write_model(str(tmp_path / "single"), "llama", layers=8)
+    assert not os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    size = os.path.getsize(os.path.join(path, "model.safetensors"))
+    prompt = prompt_of(12)
+    want = reference_generate(reference_model(path), prompt, 12)
+    with FakeHub({"me/one-file": path}) as hub:
+        with distllm.local("me/one-file", workers=3, stages=3, quant="none", hub_endpoint=hub.endpoint) as cluster:
+            got = cluster.generate(prompt, max_new_tokens=12)
+            shown = [w["download_bytes"] for w in cluster.workers()]
+        gets = [p for method, p in hub.requests if method == "GET" and p.endswith("/model.safetensors")]
+        ranged = [r for r in hub.ranges if r[1] == "model.safetensors"]
+    assert got == want
+    assert gets and len(gets) == len(ranged)  # every read of the weights file was a range request
+    header = [r for r in ranged if r[2] < 8 + 64 * 1024]  # (the header's two reads, by each node)
+    tensors = sum(end - start for _, _, start, end in ranged if (_, _, start, end) not in header)
+    assert tensors < 1.5 * size  # about each tensor once, by the node that holds it (not the file per node)
+    assert all(s is not None and s < size / 2 for s in shown)  # a worker's share, as the host shows it
