@@ -9992,6 +9992,7 @@ class _Simulation:
                 r.at = 15.0 + 30.0 * i
         for r in self.requests:
             self.at(self.clock() + r.at, self.submit, r)
+        self.max_turns = 200_000 + int(60 * horizon)
         self.active: list[_SimRequest] = []  # submitted, not ended
         self.unsubmitted = len(self.requests)
         self.peak = {"workers": 0, "links": 0, "links_down": 0, "fds": 0}  # the host's largest memory of each
@@ -10201,8 +10202,8 @@ class _Simulation:
             self._collect()
             self._check_turn()
             turns += 1
-            if turns > 200_000:
-                self.violations.append("livelock: over 200000 turns")
+            if turns > self.max_turns:  # (a schedule's turns grow with its length: ~4 a virtual second here)
+                self.violations.append(f"livelock: over {self.max_turns} turns")
         self._collect()
         for r in self.requests:
             if r.session is not None and r.ended is None:
