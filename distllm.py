@@ -10400,7 +10400,7 @@ def _join(args: Any) -> int:
 
 def _serve(args: Any) -> int:
     options = {"quant": args.quant, "store": args.store, "bind": args.bind, "advertise": args.advertise,
-               "standby": args.standby, "lease_s": args.lease}
+               "standby": args.standby, "lease_s": args.lease, "stages": args.stages}
     cluster = local(args.model, workers=args.workers, **options) if args.workers else host(args.model, **options)
     try:
         _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
@@ -10650,6 +10650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--standby", action="store_true",
                    help="wait as a standby host; take over (and serve the API) when the active host's lease lapses")
     p.add_argument("--lease", type=float, default=10.0, help="seconds the active host's lease in --store lasts")
+    p.add_argument("--stages", type=int, default=None, help="exactly this many pipeline stages (default: the "
+                                                             "planner picks)")
     p.add_argument("--map", default=None, help="also run this JSON-lines file of prompts as a checkpointed batch job")
     p.add_argument("--map-name", default=None, help="the batch job's name (default: derived from its prompts)")
     p.add_argument("--map-tokens", type=int, default=64, help="max new tokens per prompt of the batch job")
