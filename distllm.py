@@ -1433,7 +1433,7 @@ class _ModelFiles:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         try:
-            url = hf_hub_url(self.ref, filename, revision=self.revision, endpoint=self.endpoint)
+            url = hf_hub_url(self.repo, filename, revision=self.revision, endpoint=self.endpoint)
             return get_hf_file_metadata(url, token=self.token).size
         except Exception as exc:  # the figure is for display: a failed look-up leaves it unknown
             _log.info("size of %s in %s unknown: %s", filename, self.ref, type(exc).__name__)
@@ -9964,7 +9964,9 @@ class _Simulation:
         self.cluster = cluster
         self.workers: dict[str, _SimWorker] = {}
         self.by_wid: dict[bytes, _SimWorker] = {}
-        self.links: dict[bytes, dict] = {}  # wid -> {"held": bool, "up": [t], "down": [t]} (FIFO per direction)
+        # wid -> its connection: "up"/"down" (when the last message each way lands: FIFO), "gen" (bumped when it
+        # closes: what was in flight is lost), "connected", "held"/"heal" (a partition), "queued" (sent while down)
+        self.links: dict[bytes, dict] = {}
         self.names = _itertools.count()
         self.trace: list[str] = []
         self.violations: list[str] = []
