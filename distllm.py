@@ -31,7 +31,7 @@ Sections, in order (each uses only what stands above it):
 constants · errors · configuration and domain types · utilities · wire protocol ·
 transport and join strings · tunnels · model files and families (GGUF files too) · the
 built-in tiny model · shard math · store and checkpoints · direct links · worker · jobs ·
-placement · speculative decoding · coordinator and sessions · notebook panel ·
+placement · speculative decoding · coordinator (its core without I/O, and the shell) · notebook panel ·
 OpenAI-compatible server · shortcuts · benchmarks · swarm simulator · deterministic
 simulation (the real coordinator against seeded fault schedules) · CLI.
 """
@@ -150,7 +150,7 @@ import tempfile as _tempfile
 import threading as _threading
 import time as _time
 import uuid as _uuid
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import zmq
@@ -1580,7 +1580,6 @@ class _GGUFFiles(_ModelFiles):
         from huggingface_hub import hf_hub_url
 
         return hf_hub_url(self.repo, self.filename, revision=self.revision, endpoint=self.endpoint)
-
 
     def _local_file(self) -> str:
         """A local path of the GGUF: the file itself, or (Hub) the header in a sparse file of its size."""
@@ -4115,581 +4114,10 @@ def _read_step(plain: bytearray, max_elements: int) -> Message:
 _RECONNECT_MAX_MS = 2000  # ZeroMQ's redial back-off stops doubling here: a worker is back <= 2 s after its link
 
 
-class Worker:
-    """One worker's membership in a cluster: it dials the host, loads its layers and serves steps.
-
-    Once a host has welcomed it, it never gives up on its own: while the host is unreachable
-    it keeps dialling (and says so in `status`), and it stops only when told to (stop(),
-    leave(), the host's shutdown or kick), when its key is refused, or after
-    `Config.host_timeout_s`.
-    """
-
-    def __init__(self, join_string: str, *, name: str | None = None, device: str | None = None,
-                 config: Config | None = None, parent_pid: int | None = None):
-        self.join_info = JoinInfo.parse(join_string)
-        self.join_string = join_string
-        self.name = name or f"{_socket.gethostname()}-{_os.getpid()}"
-        self.device = torch.device(device) if device else _default_device()
-        self.config = config or Config()
-        self._spin_s = 0.0  # seconds the compute thread polls before sleeping: set in start()
-        self._tracer = _Tracer(self.config.trace) if self.config.trace else None
-        self.state = "connecting"  # connecting -> joined -> loading -> ready; stopped at the end
-        self.layers: tuple[int, int] | None = None
-        self.steps_served = 0
-        self.layers_loaded = 0  # decoder layers this process has loaded, all assignments together
-        self._unreachable_since: float | None = None  # monotonic: the host stopped answering (None: it answers)
-        self._joined_once = False  # welcomed by a host once: from then on it never gives up on its own
-        self.error: str | None = None
-        self._parent_pid = parent_pid
-        self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
-        self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
-        # Jobs for the compute thread (host messages, finished background loads, None: stop). Each put
-        # rings the bell, a socket pair the compute thread polls beside the direct links it owns.
-        self._jobs: _queue.Queue = _queue.Queue()
-        self._bell, self._ring = _socket.socketpair()
-        self._bell.setblocking(False)
-        self._ring.setblocking(False)
-        self._taken = 0  # jobs the compute thread has taken off the queue and not yet run
-        self._stopping = _threading.Event()
-        self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
-        self._welcomed = _threading.Event()
-        self._stopped = _threading.Event()
-        self._ctx = zmq.Context()
-        self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
-        self._shard: StageShard | None = None
-        self._newest_step: _collections.OrderedDict[SessionID, int] = _collections.OrderedDict()  # sid -> its
-        # newest step number run here (a direct step older than that is stale)
-        self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
-        self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
-        self._threads: list[_threading.Thread] = []
-        self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
-        self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
-        self._panel: Any = None  # the notebook status widget, built on first display
-        self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
-        self._peer_sock: _socket.socket | None = None  # that listener (bound in start(), then the compute thread's)
-        self._link_key = _os.urandom(32)  # seals what comes over our direct links: only the host passes it on
-        # The compute thread's direct links: to next stages by endpoint, and from previous ones by socket.
-        self._links: dict[str, _LinkOut] = {}
-        self._links_on = self.config.direct_links and _can_seal(self.name)  # direct links both ways, or none
-        self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
-        self._last_direct: bytearray | None = None  # the last direct step, as it came (see _warm)
-        self._warm_copy: tuple | None = None  # (cipher, the frame's size as sent, that step sealed under it)
-
-    def __repr__(self) -> str:
-        layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
-        return f"<distllm.Worker {self.name} {self.status}, {layers}, {self.steps_served} steps>"
-
-    @property
-    def status(self) -> str:
-        """Its state, or how long the host has been unreachable while it keeps dialling."""
-        since = self._unreachable_since
-        if since is None or self.state in ("stopped", "refused"):
-            return self.state
-        return f"host unreachable for {_time.monotonic() - since:.0f} s, retrying"
-
-    def _repr_html_(self) -> str:
-        return _worker_html(self)
-
-    def _ipython_display_(self) -> None:
-        """A live status line: state, layers, steps served, memory."""
-        _show(self._repr_html_(), lambda: _WorkerStatus(self), self)
-
-    # -- lifecycle ------------------------------------------------------------
-
-    def start(self) -> "Worker":
-        """Start serving in background threads and return at once."""
-        _fixed_mmap_threshold()
-        pair = self._ctx.socket(zmq.PAIR)
-        pair.bind(self._inproc)  # bound before the compute thread connects
-        self._peer_sock = self._bind_peer()  # before the join message, which carries its address
-        self._spin_s = _claim_spin(self, self.config.spin_ms, self.device)
-        self._threads = [  # compute first: the I/O thread may stop (and join it) at once
-            _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
-            _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _refuse(self, why: str) -> None:
-        _log.error("worker %s: %s", self.name, why)
-        self.error, self.state = why, "refused"
-        self._stopping.set()
-
-    def wait_joined(self, timeout: float | None = None) -> "Worker":
-        """Block until the host welcomed this worker; raise JoinRefusedError if it refused or never answered."""
-        deadline = _time.monotonic() + (self.config.join_timeout_s + 5 if timeout is None else timeout)
-        while not self._welcomed.wait(0.05):
-            if self.error is not None or _time.monotonic() > deadline:
-                raise JoinRefusedError(self.error or "no welcome from the host in time")
-        return self
-
-    def serve(self) -> None:
-        """Serve until the host shuts the worker down, or Ctrl-C (which leaves gracefully)."""
-        self.start()
-        try:
-            while not self._stopped.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            self.leave()
-
-    def leave(self, timeout: float | None = None) -> None:
-        """Leave gracefully: keep serving until the host has handed this worker's layers over.
-
-        The host answers with a shutdown once a replacement is warm (or at once when it
-        has none); after `Config.leave_timeout_s` the worker goes regardless.
-        """
-        self._leaving.set()
-        self._stopped.wait(self.config.leave_timeout_s + 5 if timeout is None else timeout)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving now, without handing layers over (the host treats it as a leave)."""
-        self._stopping.set()
-        self._stopped.wait(timeout)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the worker stopped; return whether it did."""
-        return self._stopped.wait(timeout)
-
-    # -- I/O thread -----------------------------------------------------------
-
-    def _connect(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        _set_limits(sock, self.config)
-        sock.setsockopt(zmq.ROUTING_ID, self._ident)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms; doubles per failed try (ZeroMQ's back-off) ...
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)  # ... up to this: back soon after a relay is
-        info = self.join_info
-        if info.server_key:
-            sock.curve_serverkey = info.server_key.encode()
-            sock.curve_publickey = info.client_public.encode()
-            sock.curve_secretkey = info.client_secret.encode()
-        sock.connect(info.endpoint)
-        return sock
-
-    def _join_message(self) -> list:
-        import transformers
-
-        held = self._shard_key  # layers still loaded from an earlier assignment (a host that restarted)
-        return encode("join", {
-            "held": {"model": held[0], "fingerprint": held[1], "start": held[2], "end": held[3]} if held else {},
-            "leave_at": self.config.leave_at,
-            "name": self.name, "pid": _os.getpid(), "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
-            "layers_loaded": self.layers_loaded,
-            "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
-        })
-
-    def _bind_peer(self) -> _socket.socket | None:
-        """Listen for direct links: the previous stage may send its output here instead of through the host.
-
-        Messages come sealed with this worker's link key, which goes to the host in the
-        join message (over its CURVE channel) and from there only to the workers asked
-        to send here. Nothing may reach this port (a Colab VM): then the previous stage
-        finds no connection and the host relays as before.
-        """
-        if not self._links_on:
-            return None
-        try:
-            sock = _listen(self.config.bind, self.config.peer_port)
-        except OSError as exc:  # a taken port: serve without direct links, say so
-            _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, self.config.bind, exc)
-            return None
-        where = self.config.peer_address or _advertised_host(self.config)
-        if not _re.search(r":\d+$", where):  # a host name or IPv4 address without a port: the bound one
-            where = f"{where}:{sock.getsockname()[1]}"
-        self._peer = {"endpoint": f"tcp://{where}", "key": self._link_key.hex()}
-        return sock
-
-    def _io_loop(self, pair: zmq.Socket) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        sock = self._connect()
-        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
-        sock.send_multipart(self._join_message())
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(pair, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        last_heard = last_join = _time.monotonic()
-        self._dialled_at = last_join  # the join clock: restarts at every (re)join
-        leave_sent: float | None = None
-        next_look = 0.0  # when to look in the store for a new host next
-        self._host_gone = False  # the host closed the connection (or shut down) and has not come back
-        was_lost = False
-        try:
-            while not self._stopping.is_set():
-                lost = (self._host_gone or self.state == "connecting"
-                        or _time.monotonic() - last_heard > self.config.liveness_s)
-                if lost and not was_lost:  # silence past liveness_s, as a disconnect: look for a new host now
-                    next_look = 0.0
-                was_lost = lost
-                if self.config.store and _time.monotonic() >= next_look:  # often while lost, now and then if not
-                    next_look = _time.monotonic() + (2.0 if lost else 30.0)
-                    moved = self._look_for_host()
-                    if moved is not None:  # a new host (or this one at a new address): dial it
-                        poller.unregister(sock)
-                        poller.unregister(monitor)
-                        sock.disable_monitor()
-                        monitor.close(0)
-                        sock.close(0)
-                        self._follow(moved)
-                        sock = self._connect()
-                        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
-                        sock.send_multipart(self._join_message())
-                        poller.register(sock, zmq.POLLIN)
-                        poller.register(monitor, zmq.POLLIN)
-                        last_heard = last_join = self._dialled_at = _time.monotonic()
-                        self._host_gone = False
-                        continue
-                now = _time.time()
-                if self.config.leave_at is not None and now > self.config.leave_at - self.config.leave_timeout_s:
-                    self._leaving.set()  # the notebook's session ends soon: hand over in time
-                if self._leaving.is_set() and leave_sent is None:
-                    _log.info("worker %s: leaving; serving until the host has moved our layers", self.name)
-                    sock.send_multipart(encode("leave", {"drain": True}))
-                    leave_sent = _time.monotonic()
-                if leave_sent is not None and self._host_gone:  # no host to hand over to
-                    break
-                if leave_sent is not None and _time.monotonic() - leave_sent > self.config.leave_timeout_s:
-                    _log.warning("worker %s: no hand-over after %.0f s; leaving anyway", self.name,
-                                 self.config.leave_timeout_s)
-                    break
-                events = dict(poller.poll(int(self.config.heartbeat_s * 500)))
-                if pair in events:
-                    while pair.poll(0):
-                        sock.send_multipart(pair.recv_multipart(copy=False), copy=False)
-                if monitor in events:
-                    while monitor.poll(0):
-                        event = recv_monitor_message(monitor)["event"]
-                        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
-                            sock.send_multipart(encode("ping", {"t": 0}))
-                            self._host_gone = False
-                        elif event == zmq.EVENT_DISCONNECTED:  # the host closed, died, or the link dropped
-                            self._host_gone, next_look = True, 0.0
-                            self._lost_touch(_time.monotonic())
-                        elif self.state == "connecting" and self.config.store:  # maybe a stale string
-                            next_look = 0.0
-                        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not self._joined_once:
-                            self._refuse(_handshake_failure(event, self.join_info))  # CURVE refuses silently
-                        else:  # a relay or tunnel that broke a handshake off: ZeroMQ dials again
-                            _log.info("worker %s: a handshake with the host failed (%s); dialling again",
-                                      self.name, _handshake_failure(event, self.join_info))
-                if (self.state == "connecting" and not self.config.store and not self._joined_once
-                        and _time.monotonic() - self._dialled_at > self.config.join_timeout_s):
-                    self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
-                                 f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
-                                 f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)? "
-                                 f"Or it runs without encryption (secure=False) and this join string has keys.")
-                if sock in events:
-                    while sock.poll(0):
-                        frames = sock.recv_multipart(copy=False)
-                        last_heard = _time.monotonic()
-                        self._back_in_touch(last_heard)
-                        self._on_host_message(sock, frames)
-                silent = _time.monotonic() - last_heard
-                if silent > self.config.liveness_s:
-                    self._lost_touch(last_heard)
-                    if _time.monotonic() - last_join > self.config.liveness_s:
-                        sock.send_multipart(self._join_message())  # same incarnation: the host keeps our state
-                        last_join = _time.monotonic()
-                since = self._unreachable_since
-                timeout = self.config.host_timeout_s
-                if since is not None and timeout is not None and _time.monotonic() - since > timeout:
-                    self._refuse(f"the host at {self.join_info.endpoint} was unreachable for {timeout:.0f} s "
-                                 f"(host_timeout_s)")
-                if self._parent_pid is not None and not _pid_alive(self._parent_pid):
-                    _log.warning("worker %s: parent process is gone, stopping", self.name)
-                    break
-            if self.state not in ("stopped", "refused"):
-                sock.send_multipart(encode("leave", {"reason": "worker stopping"}))
-        except Exception:  # the I/O thread must not die silently: log, mark, stop
-            _log.exception("worker %s: I/O loop failed", self.name)
-            self.error = "I/O loop failed"
-        finally:
-            self._stopping.set()
-            self._submit(None)
-            for t in self._threads:
-                if t is not _threading.current_thread():
-                    t.join(5.0)
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(linger=1000)  # lets a final leave message out
-            pair.close(0)
-            self._bell.close()
-            self._ring.close()
-            _release_spin(self)
-            if self._tracer is not None:
-                self._tracer.flush()
-            self._ctx.term()
-            self.state = "refused" if self.state == "refused" else "stopped"
-            self._stopped.set()
-
-    def _lost_touch(self, since: float) -> None:
-        """The host stopped answering (its connection closed, or silence past the liveness)."""
-        if self._unreachable_since is None and self._joined_once and not self._stopping.is_set():
-            self._unreachable_since = since
-            _log.warning("worker %s: the host at %s is unreachable; dialling until it answers%s", self.name,
-                         self.join_info.endpoint, f" (for {self.config.host_timeout_s:.0f} s at most)"
-                         if self.config.host_timeout_s is not None else "")
-
-    def _back_in_touch(self, now: float) -> None:
-        if self._unreachable_since is not None:
-            _log.warning("worker %s: the host answers again after %.1f s", self.name, now - self._unreachable_since)
-            self._unreachable_since = None
-
-    def _look_for_host(self) -> str | None:
-        """Return the join string of a host the store names, if it is not the one we dial now."""
-        try:
-            record = read_rendezvous(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
-        except Exception as exc:  # the store may be unreachable for a while: try again later
-            _log.warning("worker %s: cannot read the store %s: %s", self.name, self.config.store, _short_error(exc))
-            return None
-        if record is None or record["join_string"] == self.join_string:
-            return None
-        return record["join_string"]
-
-    def _follow(self, join_string: str) -> None:
-        """Switch to the host the store names: loaded layers stay. The same host at a new address (its
-        tunnel reopened elsewhere) keeps our caches too; a new host's sessions are new, so they go."""
-        info = JoinInfo.parse(join_string)
-        same_host = info.server_key is not None and info.server_key == self.join_info.server_key
-        self.join_info, self.join_string = info, join_string
-        if same_host:
-            _log.warning("worker %s: the host moved to %s; dialling it there", self.name, info.endpoint)
-            return
-        _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
-        self._incarnation = _uuid.uuid4().hex
-        self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
-        self.state = "connecting"
-        self._welcomed.clear()
-
-    def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
-        try:
-            msg = decode(frames, allowed=_HOST_TO_WORKER, max_elements=self.config.max_message_bytes // 2)
-            msg.header.pop("direct", None)  # only a direct link sets it, never the wire
-            self._handle_host_message(sock, msg)
-        except ProtocolError as exc:
-            _log.warning("worker %s: dropped a message from the host: %s", self.name, exc)
-
-    def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
-        kind = msg.type
-        if kind == "ping":
-            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "state": self.state,
-                                              "queue": self._jobs.qsize() + self._taken,
-                                              "layers_loaded": self.layers_loaded,
-                                              "sessions": len(self._shard.slots) if self._shard is not None else 0}))
-        elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
-            pass
-        elif kind == "welcome":
-            self.state = "joined" if self.state == "connecting" else self.state
-            self._welcomed.set()
-            self._joined_once = True
-            _log.info("worker %s joined the cluster", self.name)
-            self._submit(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
-        elif kind in ("assign", "activate", "forward", "end"):
-            self._submit(msg)
-        elif kind == "shutdown" and self.config.store and not self._leaving.is_set():
-            # The host closed; with a store a restarted host may come: wait for it, layers loaded.
-            _log.warning("worker %s: the host closed; waiting for a new host in %s", self.name, self.config.store)
-            self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))  # its sessions are over
-            self.state, self._host_gone = "connecting", True
-            self._welcomed.clear()
-        elif kind == "shutdown":
-            _log.info("worker %s: host asked it to stop", self.name)
-            self.state = "stopped"
-            self._stopping.set()
-        elif kind == "error" and msg.get("code", str, "") == "kicked":
-            self._refuse(f"the host removed this worker: {msg.get('message', str, '')}")
-        elif kind == "error" and msg.get("code", str, "") == "rejoin":
-            # The host declared us dead (we were stopped or cut off): our caches are void.
-            _log.warning("worker %s: the host no longer counts us as a member; joining afresh", self.name)
-            self._incarnation = _uuid.uuid4().hex
-            self._submit(msg)  # the compute thread drops every cache, in order with queued steps
-            self.state = "connecting"
-            self._dialled_at = _time.monotonic()
-            sock.send_multipart(self._join_message())  # with the layers we hold: the host may give them back
-        elif kind == "error":
-            _log.warning("worker %s: host reports: %s", self.name, msg.header.get("message"))
-
-    # -- compute thread -------------------------------------------------------
-
-    def _submit(self, job: Any) -> None:
-        """Queue a job for the compute thread and wake it (from any thread)."""
-        self._jobs.put(job)
-        try:
-            self._ring.send(b"\0")
-        except (BlockingIOError, OSError):  # the bell is full (it is rung already) or closed (stopping)
-            pass
-
-    def _compute_loop(self) -> None:
-        """Run jobs in order; one-position steps of several sessions queued together share one batched step.
-
-        This thread owns the direct links: a step the previous stage sends straight here is
-        read off its TCP connection and run by the thread that computes it, and our output
-        goes on to the next stage from here, with no hand-over between threads on the way
-        (each cost tens of microseconds per hop, more from a sleeping core).
-        """
-        out = self._ctx.socket(zmq.PAIR)
-        out.connect(self._inproc)
-        poller = zmq.Poller()  # (it gives file descriptors back for the plain sockets)
-        poller.register(self._bell.fileno(), zmq.POLLIN)
-        if self._peer_sock is not None:
-            poller.register(self._peer_sock.fileno(), zmq.POLLIN)
-        pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
-        try:
-            while not self._stopping.is_set():
-                ready = self._wait_for_work(poller, idle=not pending)
-                if not ready and not pending:  # half a second with nothing to do: sweep stale connections
-                    self._close_idle_links(poller)
-                self._gather(pending, ready, poller)
-                if not pending:
-                    continue
-                msg = pending.popleft()
-                if msg is None:
-                    break
-                jobs = [msg]
-                if self._batchable(msg):  # one-position steps of other sessions right behind it join it
-                    sids = {msg.header.get("sid")}
-                    while (pending and len(jobs) < self._shard.batch and self._batchable(pending[0])
-                           and pending[0].header.get("sid") not in sids):
-                        jobs.append(pending.popleft())
-                        sids.add(jobs[-1].header.get("sid"))
-                self._taken = len(pending)
-                try:
-                    replies = self._forward_many(jobs) if len(jobs) > 1 else [self._run_job(msg)]
-                except ProtocolError as exc:
-                    _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
-                    replies = [encode("error", {"code": "protocol", "message": str(exc), **_step_fields(job)})
-                               for job in jobs]
-                except Exception as exc:  # a failed step must not stop the worker: report it, keep serving
-                    _log.exception("worker %s: %s step failed", self.name, msg.type)
-                    replies = [encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
-                                                **_step_fields(job)}) for job in jobs]
-                for reply in replies:
-                    if reply is not None:
-                        out.send_multipart(reply, copy=False)
-        finally:
-            out.close(0)
-            if self._peer_sock is not None:
-                self._peer_sock.close()
-            for link in self._links_in.values():
-                link.close()
-            self._close_links()
-
-    def _wait_for_work(self, poller: zmq.Poller, idle: bool) -> list:
-        """What is ready to read: at once when not `idle`; else once the bell rang or a direct step came
-        (or after half a second: the caller looks at _stopping), spinning first if this node may."""
-        if not idle:
-            return poller.poll(0)
-        return _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500, self._warm)
-
-    def _warm(self) -> None:
-        """Run a direct step's way from the wire to its compute start (open, read, check) on a copy of the
-        last one, sealed under a key of its own: nothing of it is kept. Called while the thread spins."""
-        last = self._last_direct
-        if last is None:
-            return
-        size = (len(last) + _LINK_TAG).to_bytes(4, "little")
-        if self._warm_copy is None or self._warm_copy[1] != size:
-            from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-            cipher = ChaCha20Poly1305(_os.urandom(32))
-            self._warm_copy = (cipher, size, cipher.encrypt(_link_nonce(0), bytes(last), size))
-        cipher, _, sealed = self._warm_copy
-        plain = bytearray(len(last))
-        cipher.decrypt_into(_link_nonce(0), sealed, size, plain)
-        msg = _read_step(plain, max_elements=self.config.max_message_bytes // 2)
-        _step_fields(msg)
-        hidden = msg.tensor(0)
-        _check_hidden(hidden, hidden.shape[2], "forward", finite=False)
-
-    def _gather(self, pending: _collections.deque, ready: list, poller: zmq.Poller) -> None:
-        """Move every queued job and every direct step that came into `pending`, in that order; take
-        new direct-link connections. (No exceptions on a hop's path: each costs microseconds.)"""
-        if not ready:
-            return
-        links = []
-        for fd, _ in ready:
-            if fd == self._bell.fileno():  # emptied before the queue is read: a job put after this rings again
-                try:
-                    while self._bell.recv(4096):
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
-            elif self._peer_sock is not None and fd == self._peer_sock.fileno():
-                self._accept_links(poller)
-            else:
-                links.append(fd)
-        while not self._jobs.empty():  # (the one reader: not empty stays so)
-            pending.append(self._jobs.get_nowait())
-        for fd in links:
-            link = self._links_in.get(fd)
-            if link is None:  # closed by _accept_links just now, to make room
-                continue
-            began = _time.monotonic()
-            try:
-                messages, is_open = link.read()
-                for message in messages:
-                    self._take_direct(pending, message, began)
-            except ProtocolError as exc:
-                _log.warning("worker %s: closed a direct link that sent what cannot be read: %s", self.name, exc)
-                is_open = False
-            if not is_open:
-                self._drop_link_in(poller, fd)
-
-    def _take_direct(self, pending: _collections.deque, message: bytearray, began: float) -> None:
-        try:
-            msg = _read_step(message, max_elements=self.config.max_message_bytes // 2)
-        except ProtocolError as exc:  # sealed with our key, so from a member: its message is refused, not its link
-            _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
-            return
-        msg.header["direct"] = True  # its answer tells the host it came this way
-        pending.append(msg)
-        self._last_direct = message  # what _warm() runs while waiting for the next one
-        if self._tracer is not None:
-            self._tracer.add("link_read", msg.header["sid"], msg.header["stage"], msg.header["start"], at=began)
-
-    def _accept_links(self, poller: zmq.Poller) -> None:
-        while True:
-            try:
-                sock, _ = self._peer_sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of file descriptors, say: the host relays meanwhile
-                _log.warning("worker %s: cannot take a direct link: %s", self.name, exc)
-                return
-            if len(self._links_in) >= _LINK_CONNECTIONS:
-                self._close_idle_links(poller, every_untrusted=True)
-            if len(self._links_in) >= _LINK_CONNECTIONS:
-                _log.warning("worker %s: refused a direct link: %d open", self.name, len(self._links_in))
-                sock.close()
-                continue
-            try:
-                link = _LinkIn(sock, self._link_key, self.config.max_message_bytes)
-            except OSError:  # gone already
-                sock.close()
-                continue
-            self._links_in[sock.fileno()] = link
-            poller.register(sock.fileno(), zmq.POLLIN)
-
-    def _close_idle_links(self, poller: zmq.Poller, every_untrusted: bool = False) -> None:
-        """Close incoming connections that sent no valid frame within _LINK_OPEN_S (or at all)."""
-        now = _time.monotonic()
-        for fd, link in list(self._links_in.items()):
-            if not link.trusted and (every_untrusted or now - link.since > _LINK_OPEN_S):
-                self._drop_link_in(poller, fd)
-
-    def _drop_link_in(self, poller: zmq.Poller, fd: int) -> None:
-        poller.unregister(fd)  # before the close: the number may come back for the next socket
-        self._links_in.pop(fd).close()
-
-    def _batchable(self, msg: Any) -> bool:
-        """Whether `msg` is a one-position step that may share a batched decode step."""
-        return (isinstance(msg, Message) and msg.type == "forward" and self._shard is not None
-                and self._shard.batch > 1 and msg.shape(0) is not None and len(msg.shape(0)) == 3
-                and msg.shape(0)[1] == 1)
+class _WorkerCompute:
+    """What a worker's compute thread does (part of `Worker`): calibrate, load its layers (staged for a
+    rebalance), run steps, batched, with the cache rules of `StageShard`, and send answers on, directly to
+    the next stage where a chain says so. Only the compute thread runs these."""
 
     def _run_job(self, msg: Message | tuple) -> list | None:
         if isinstance(msg, tuple):  # ("staged", epoch, key, shard or error): a background load ended
@@ -4821,17 +4249,17 @@ class Worker:
         rss_before = _rss_bytes()
         t0 = _time.perf_counter()
         if shard is None or self._shard_key != self._key(msg):  # drop the old layers first: memory for one set
-            self.state = "loading"
+            self._load_state = "loading"
             self._shard = self._shard_key = None
         try:
             key, shard = self._build(msg)
         except Exception as exc:  # report any load failure to the host, which re-plans
             _log.exception("worker %s: loading layers %d..%d failed", self.name, start, end - 1)
             self._shard = self._shard_key = None
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self._load_state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             return encode("failed", {"epoch": epoch, "message": self.error})
         # Same range as before: the loaded layers and the sessions' caches stay valid.
-        self._shard, self._shard_key, self.layers, self.state = shard, key, (start, end), "ready"
+        self._shard, self._shard_key, self.layers, self._load_state = shard, key, (start, end), "ready"
         self._epoch = epoch
         return encode("ready", {
             "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
@@ -5047,6 +4475,592 @@ def _step_fields(msg: Message) -> dict:
             fields[key] = default
     fields["sid"] = fields["sid"][:64]
     return fields
+
+
+class Worker(_WorkerCompute):
+    """One worker's membership in a cluster: it dials the host, loads its layers and serves steps.
+
+    Once a host has welcomed it, it never gives up on its own: while the host is unreachable
+    it keeps dialling (and says so in `status`), and it stops only when told to (stop(),
+    leave(), the host's shutdown or kick), when its key is refused, or after
+    `Config.host_timeout_s`.
+    """
+
+    def __init__(self, join_string: str, *, name: str | None = None, device: str | None = None,
+                 config: Config | None = None, parent_pid: int | None = None):
+        self.join_info = JoinInfo.parse(join_string)
+        self.join_string = join_string
+        self.name = name or f"{_socket.gethostname()}-{_os.getpid()}"
+        self.device = torch.device(device) if device else _default_device()
+        self.config = config or Config()
+        self._spin_s = 0.0  # seconds the compute thread polls before sleeping: set in start()
+        self._tracer = _Tracer(self.config.trace) if self.config.trace else None
+        # Its state, from two fields each written by one thread: the link's (the I/O thread: connecting,
+        # joined, stopped, refused) and the layers' (the compute thread: None, loading, ready, failed).
+        self._link_state = "connecting"
+        self._load_state: str | None = None
+        self.layers: tuple[int, int] | None = None
+        self.steps_served = 0
+        self.layers_loaded = 0  # decoder layers this process has loaded, all assignments together
+        self._unreachable_since: float | None = None  # monotonic: the host stopped answering (None: it answers)
+        self._joined_once = False  # welcomed by a host once: from then on it never gives up on its own
+        self.error: str | None = None
+        self._parent_pid = parent_pid
+        self._ident = f"{self.name}/{_uuid.uuid4().hex[:8]}".encode()
+        self._incarnation = _uuid.uuid4().hex  # the host tells a restart from a reconnect by it
+        # Jobs for the compute thread (host messages, finished background loads, None: stop). Each put
+        # rings the bell, a socket pair the compute thread polls beside the direct links it owns.
+        self._jobs: _queue.Queue = _queue.Queue()
+        self._bell, self._ring = _socket.socketpair()
+        self._bell.setblocking(False)
+        self._ring.setblocking(False)
+        self._taken = 0  # jobs the compute thread has taken off the queue and not yet run
+        self._stopping = _threading.Event()
+        self._leaving = _threading.Event()  # set by leave(), SIGTERM or the deadline: hand over, then stop
+        self._welcomed = _threading.Event()
+        self._stopped = _threading.Event()
+        self._ctx = zmq.Context()
+        self._inproc = f"inproc://distllm-worker-{_uuid.uuid4().hex}"
+        self._shard: StageShard | None = None
+        self._newest_step: _collections.OrderedDict[SessionID, int] = _collections.OrderedDict()  # sid -> its
+        # newest step number run here (a direct step older than that is stale)
+        self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
+        self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
+        self._threads: list[_threading.Thread] = []
+        self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
+        self._next: tuple | None = None  # (epoch, key, shard) loaded for a rebalance, not serving yet
+        self._panel: Any = None  # the notebook status widget, built on first display
+        self._peer: dict = {}  # {"endpoint", "key"} where the previous stage can reach us directly, once bound
+        self._peer_sock: _socket.socket | None = None  # that listener (bound in start(), then the compute thread's)
+        self._link_key = _os.urandom(32)  # seals what comes over our direct links: only the host passes it on
+        # The compute thread's direct links: to next stages by endpoint, and from previous ones by socket.
+        self._links: dict[str, _LinkOut] = {}
+        self._links_on = self.config.direct_links and _can_seal(self.name)  # direct links both ways, or none
+        self._links_in: dict[int, _LinkIn] = {}  # (by file descriptor: what a zmq.Poller returns for them)
+        self._last_direct: bytearray | None = None  # the last direct step, as it came (see _warm)
+        self._warm_copy: tuple | None = None  # (cipher, the frame's size as sent, that step sealed under it)
+
+    def __repr__(self) -> str:
+        layers = f"layers {self.layers[0]}..{self.layers[1] - 1}" if self.layers else "no layers"
+        return f"<distllm.Worker {self.name} {self.status}, {layers}, {self.steps_served} steps>"
+
+    @property
+    def state(self) -> str:
+        """connecting -> joined -> loading -> ready (or failed); stopped or refused at the end."""
+        link = self._link_state
+        return link if link != "joined" else self._load_state or "joined"
+
+    @property
+    def status(self) -> str:
+        """Its state, or how long the host has been unreachable while it keeps dialling."""
+        since = self._unreachable_since
+        if since is None or self.state in ("stopped", "refused"):
+            return self.state
+        return f"host unreachable for {_time.monotonic() - since:.0f} s, retrying"
+
+    def _repr_html_(self) -> str:
+        return _worker_html(self)
+
+    def _ipython_display_(self) -> None:
+        """A live status line: state, layers, steps served, memory."""
+        _show(self._repr_html_(), lambda: _WorkerStatus(self), self)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> "Worker":
+        """Start serving in background threads and return at once."""
+        _fixed_mmap_threshold()
+        pair = self._ctx.socket(zmq.PAIR)
+        pair.bind(self._inproc)  # bound before the compute thread connects
+        self._peer_sock = self._bind_peer()  # before the join message, which carries its address
+        self._spin_s = _claim_spin(self, self.config.spin_ms, self.device)
+        self._threads = [  # compute first: the I/O thread may stop (and join it) at once
+            _threading.Thread(target=self._compute_loop, name=f"distllm-compute-{self.name}", daemon=True),
+            _threading.Thread(target=self._io_loop, args=(pair,), name=f"distllm-io-{self.name}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _refuse(self, why: str) -> None:
+        _log.error("worker %s: %s", self.name, why)
+        self.error, self._link_state = why, "refused"
+        self._stopping.set()
+
+    def wait_joined(self, timeout: float | None = None) -> "Worker":
+        """Block until the host welcomed this worker; raise JoinRefusedError if it refused or never answered."""
+        deadline = _time.monotonic() + (self.config.join_timeout_s + 5 if timeout is None else timeout)
+        while not self._welcomed.wait(0.05):
+            if self.error is not None or _time.monotonic() > deadline:
+                raise JoinRefusedError(self.error or "no welcome from the host in time")
+        return self
+
+    def serve(self) -> None:
+        """Serve until the host shuts the worker down, or Ctrl-C (which leaves gracefully)."""
+        self.start()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.leave()
+
+    def leave(self, timeout: float | None = None) -> None:
+        """Leave gracefully: keep serving until the host has handed this worker's layers over.
+
+        The host answers with a shutdown once a replacement is warm (or at once when it
+        has none); after `Config.leave_timeout_s` the worker goes regardless.
+        """
+        self._leaving.set()
+        self._stopped.wait(self.config.leave_timeout_s + 5 if timeout is None else timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving now, without handing layers over (the host treats it as a leave)."""
+        self._stopping.set()
+        self._stopped.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker stopped; return whether it did."""
+        return self._stopped.wait(timeout)
+
+    # -- I/O thread -----------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        _set_limits(sock, self.config)
+        sock.setsockopt(zmq.ROUTING_ID, self._ident)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms; doubles per failed try (ZeroMQ's back-off) ...
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)  # ... up to this: back soon after a relay is
+        info = self.join_info
+        if info.server_key:
+            sock.curve_serverkey = info.server_key.encode()
+            sock.curve_publickey = info.client_public.encode()
+            sock.curve_secretkey = info.client_secret.encode()
+        sock.connect(info.endpoint)
+        return sock
+
+    def _join_message(self) -> list:
+        import transformers
+
+        held = self._shard_key  # layers still loaded from an earlier assignment (a host that restarted)
+        return encode("join", {
+            "held": {"model": held[0], "fingerprint": held[1], "start": held[2], "end": held[3]} if held else {},
+            "leave_at": self.config.leave_at,
+            "name": self.name, "pid": _os.getpid(), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
+            "layers_loaded": self.layers_loaded,
+            "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
+        })
+
+    def _bind_peer(self) -> _socket.socket | None:
+        """Listen for direct links: the previous stage may send its output here instead of through the host.
+
+        Messages come sealed with this worker's link key, which goes to the host in the
+        join message (over its CURVE channel) and from there only to the workers asked
+        to send here. Nothing may reach this port (a Colab VM): then the previous stage
+        finds no connection and the host relays as before.
+        """
+        if not self._links_on:
+            return None
+        try:
+            sock = _listen(self.config.bind, self.config.peer_port)
+        except OSError as exc:  # a taken port: serve without direct links, say so
+            _log.warning("worker %s: cannot listen for direct links on %s: %s", self.name, self.config.bind, exc)
+            return None
+        where = self.config.peer_address or _advertised_host(self.config)
+        if not _re.search(r":\d+$", where):  # a host name or IPv4 address without a port: the bound one
+            where = f"{where}:{sock.getsockname()[1]}"
+        self._peer = {"endpoint": f"tcp://{where}", "key": self._link_key.hex()}
+        return sock
+
+    def _io_loop(self, pair: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        sock = self._connect()
+        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
+        sock.send_multipart(self._join_message())
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(pair, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        last_heard = last_join = _time.monotonic()
+        self._dialled_at = last_join  # the join clock: restarts at every (re)join
+        leave_sent: float | None = None
+        next_look = 0.0  # when to look in the store for a new host next
+        self._host_gone = False  # the host closed the connection (or shut down) and has not come back
+        was_lost = False
+        try:
+            while not self._stopping.is_set():
+                lost = (self._host_gone or self.state == "connecting"
+                        or _time.monotonic() - last_heard > self.config.liveness_s)
+                if lost and not was_lost:  # silence past liveness_s, as a disconnect: look for a new host now
+                    next_look = 0.0
+                was_lost = lost
+                if self.config.store and _time.monotonic() >= next_look:  # often while lost, now and then if not
+                    next_look = _time.monotonic() + (2.0 if lost else 30.0)
+                    moved = self._look_for_host()
+                    if moved is not None:  # a new host (or this one at a new address): dial it
+                        poller.unregister(sock)
+                        poller.unregister(monitor)
+                        sock.disable_monitor()
+                        monitor.close(0)
+                        sock.close(0)
+                        self._follow(moved)
+                        sock = self._connect()
+                        monitor = sock.get_monitor_socket(_WORKER_EVENTS)
+                        sock.send_multipart(self._join_message())
+                        poller.register(sock, zmq.POLLIN)
+                        poller.register(monitor, zmq.POLLIN)
+                        last_heard = last_join = self._dialled_at = _time.monotonic()
+                        self._host_gone = False
+                        continue
+                now = _time.time()
+                if self.config.leave_at is not None and now > self.config.leave_at - self.config.leave_timeout_s:
+                    self._leaving.set()  # the notebook's session ends soon: hand over in time
+                if self._leaving.is_set() and leave_sent is None:
+                    _log.info("worker %s: leaving; serving until the host has moved our layers", self.name)
+                    sock.send_multipart(encode("leave", {"drain": True}))
+                    leave_sent = _time.monotonic()
+                if leave_sent is not None and self._host_gone:  # no host to hand over to
+                    break
+                if leave_sent is not None and _time.monotonic() - leave_sent > self.config.leave_timeout_s:
+                    _log.warning("worker %s: no hand-over after %.0f s; leaving anyway", self.name,
+                                 self.config.leave_timeout_s)
+                    break
+                events = dict(poller.poll(int(self.config.heartbeat_s * 500)))
+                if pair in events:
+                    while pair.poll(0):
+                        sock.send_multipart(pair.recv_multipart(copy=False), copy=False)
+                if monitor in events:
+                    while monitor.poll(0):
+                        event = recv_monitor_message(monitor)["event"]
+                        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # (re)connected: say so, the host counts
+                            sock.send_multipart(encode("ping", {"t": 0}))
+                            self._host_gone = False
+                        elif event == zmq.EVENT_DISCONNECTED:  # the host closed, died, or the link dropped
+                            self._host_gone, next_look = True, 0.0
+                            self._lost_touch(_time.monotonic())
+                        elif self.state == "connecting" and self.config.store:  # maybe a stale string
+                            next_look = 0.0
+                        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not self._joined_once:
+                            self._refuse(_handshake_failure(event, self.join_info))  # CURVE refuses silently
+                        else:  # a relay or tunnel that broke a handshake off: ZeroMQ dials again
+                            _log.info("worker %s: a handshake with the host failed (%s); dialling again",
+                                      self.name, _handshake_failure(event, self.join_info))
+                if (self.state == "connecting" and not self.config.store and not self._joined_once
+                        and _time.monotonic() - self._dialled_at > self.config.join_timeout_s):
+                    self._refuse(f"no answer from the host at {self.join_info.endpoint} after "
+                                 f"{self.config.join_timeout_s:.0f} s: is it running, and is the address reachable "
+                                 f"from here (a LAN or tunnel address, not 127.0.0.1 of another machine)? "
+                                 f"Or it runs without encryption (secure=False) and this join string has keys.")
+                if sock in events:
+                    while sock.poll(0):
+                        frames = sock.recv_multipart(copy=False)
+                        last_heard = _time.monotonic()
+                        self._back_in_touch(last_heard)
+                        self._on_host_message(sock, frames)
+                silent = _time.monotonic() - last_heard
+                if silent > self.config.liveness_s:
+                    self._lost_touch(last_heard)
+                    if _time.monotonic() - last_join > self.config.liveness_s:
+                        sock.send_multipart(self._join_message())  # same incarnation: the host keeps our state
+                        last_join = _time.monotonic()
+                since = self._unreachable_since
+                timeout = self.config.host_timeout_s
+                if since is not None and timeout is not None and _time.monotonic() - since > timeout:
+                    self._refuse(f"the host at {self.join_info.endpoint} was unreachable for {timeout:.0f} s "
+                                 f"(host_timeout_s)")
+                if self._parent_pid is not None and not _pid_alive(self._parent_pid):
+                    _log.warning("worker %s: parent process is gone, stopping", self.name)
+                    break
+            if self.state not in ("stopped", "refused"):
+                sock.send_multipart(encode("leave", {"reason": "worker stopping"}))
+        except Exception:  # the I/O thread must not die silently: log, mark, stop
+            _log.exception("worker %s: I/O loop failed", self.name)
+            self.error = "I/O loop failed"
+        finally:
+            self._stopping.set()
+            self._submit(None)
+            for t in self._threads:
+                if t is not _threading.current_thread():
+                    t.join(5.0)
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(linger=1000)  # lets a final leave message out
+            pair.close(0)
+            self._bell.close()
+            self._ring.close()
+            _release_spin(self)
+            if self._tracer is not None:
+                self._tracer.flush()
+            self._ctx.term()
+            self._link_state = "refused" if self._link_state == "refused" else "stopped"
+            self._stopped.set()
+
+    def _lost_touch(self, since: float) -> None:
+        """The host stopped answering (its connection closed, or silence past the liveness)."""
+        if self._unreachable_since is None and self._joined_once and not self._stopping.is_set():
+            self._unreachable_since = since
+            _log.warning("worker %s: the host at %s is unreachable; dialling until it answers%s", self.name,
+                         self.join_info.endpoint, f" (for {self.config.host_timeout_s:.0f} s at most)"
+                         if self.config.host_timeout_s is not None else "")
+
+    def _back_in_touch(self, now: float) -> None:
+        if self._unreachable_since is not None:
+            _log.warning("worker %s: the host answers again after %.1f s", self.name, now - self._unreachable_since)
+            self._unreachable_since = None
+
+    def _look_for_host(self) -> str | None:
+        """Return the join string of a host the store names, if it is not the one we dial now."""
+        try:
+            record = read_rendezvous(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
+        except Exception as exc:  # the store may be unreachable for a while: try again later
+            _log.warning("worker %s: cannot read the store %s: %s", self.name, self.config.store, _short_error(exc))
+            return None
+        if record is None or record["join_string"] == self.join_string:
+            return None
+        return record["join_string"]
+
+    def _follow(self, join_string: str) -> None:
+        """Switch to the host the store names: loaded layers stay. The same host at a new address (its
+        tunnel reopened elsewhere) keeps our caches too; a new host's sessions are new, so they go."""
+        info = JoinInfo.parse(join_string)
+        same_host = info.server_key is not None and info.server_key == self.join_info.server_key
+        self.join_info, self.join_string = info, join_string
+        if same_host:
+            _log.warning("worker %s: the host moved to %s; dialling it there", self.name, info.endpoint)
+            return
+        _log.warning("worker %s: the store names a new host at %s; joining it", self.name, info.endpoint)
+        self._incarnation = _uuid.uuid4().hex
+        self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))
+        self._link_state = "connecting"
+        self._welcomed.clear()
+
+    def _on_host_message(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            msg = decode(frames, allowed=_HOST_TO_WORKER, max_elements=self.config.max_message_bytes // 2)
+            msg.header.pop("direct", None)  # only a direct link sets it, never the wire
+            self._handle_host_message(sock, msg)
+        except ProtocolError as exc:
+            _log.warning("worker %s: dropped a message from the host: %s", self.name, exc)
+
+    def _handle_host_message(self, sock: zmq.Socket, msg: Message) -> None:
+        kind = msg.type
+        if kind == "ping":
+            sock.send_multipart(encode("pong", {"t": msg.get("t", (int, float), 0), "state": self.state,
+                                              "queue": self._jobs.qsize() + self._taken,
+                                              "layers_loaded": self.layers_loaded,
+                                              "sessions": len(self._shard.slots) if self._shard is not None else 0}))
+        elif kind == "pong":  # the host's answer to our reconnect ping: hearing it is all we need
+            pass
+        elif kind == "welcome":
+            self._link_state = "joined"
+            self._welcomed.set()
+            self._joined_once = True
+            _log.info("worker %s joined the cluster", self.name)
+            self._submit(msg)  # calibrate (and import bitsandbytes) now, so a standby takes over without that wait
+        elif kind in ("assign", "activate", "forward", "end"):
+            self._submit(msg)
+        elif kind == "shutdown" and self.config.store and not self._leaving.is_set():
+            # The host closed; with a store a restarted host may come: wait for it, layers loaded.
+            _log.warning("worker %s: the host closed; waiting for a new host in %s", self.name, self.config.store)
+            self._submit(decode(encode("error", {"code": "rejoin"}), allowed={"error"}))  # its sessions are over
+            self._link_state, self._host_gone = "connecting", True
+            self._welcomed.clear()
+        elif kind == "shutdown":
+            _log.info("worker %s: host asked it to stop", self.name)
+            self._link_state = "stopped"
+            self._stopping.set()
+        elif kind == "error" and msg.get("code", str, "") == "kicked":
+            self._refuse(f"the host removed this worker: {msg.get('message', str, '')}")
+        elif kind == "error" and msg.get("code", str, "") == "rejoin":
+            # The host declared us dead (we were stopped or cut off): our caches are void.
+            _log.warning("worker %s: the host no longer counts us as a member; joining afresh", self.name)
+            self._incarnation = _uuid.uuid4().hex
+            self._submit(msg)  # the compute thread drops every cache, in order with queued steps
+            self._link_state = "connecting"
+            self._dialled_at = _time.monotonic()
+            sock.send_multipart(self._join_message())  # with the layers we hold: the host may give them back
+        elif kind == "error":
+            _log.warning("worker %s: host reports: %s", self.name, msg.header.get("message"))
+
+    # -- compute thread -------------------------------------------------------
+
+    def _submit(self, job: Any) -> None:
+        """Queue a job for the compute thread and wake it (from any thread)."""
+        self._jobs.put(job)
+        try:
+            self._ring.send(b"\0")
+        except (BlockingIOError, OSError):  # the bell is full (it is rung already) or closed (stopping)
+            pass
+
+    def _compute_loop(self) -> None:
+        """Run jobs in order; one-position steps of several sessions queued together share one batched step.
+
+        This thread owns the direct links: a step the previous stage sends straight here is
+        read off its TCP connection and run by the thread that computes it, and our output
+        goes on to the next stage from here, with no hand-over between threads on the way
+        (each cost tens of microseconds per hop, more from a sleeping core).
+        """
+        out = self._ctx.socket(zmq.PAIR)
+        out.connect(self._inproc)
+        poller = zmq.Poller()  # (it gives file descriptors back for the plain sockets)
+        poller.register(self._bell.fileno(), zmq.POLLIN)
+        if self._peer_sock is not None:
+            poller.register(self._peer_sock.fileno(), zmq.POLLIN)
+        pending: _collections.deque = _collections.deque()  # jobs in arrival order, not yet run
+        try:
+            while not self._stopping.is_set():
+                ready = self._wait_for_work(poller, idle=not pending)
+                if not ready and not pending:  # half a second with nothing to do: sweep stale connections
+                    self._close_idle_links(poller)
+                self._gather(pending, ready, poller)
+                if not pending:
+                    continue
+                msg = pending.popleft()
+                if msg is None:
+                    break
+                jobs = [msg]
+                if self._batchable(msg):  # one-position steps of other sessions right behind it join it
+                    sids = {msg.header.get("sid")}
+                    while (pending and len(jobs) < self._shard.batch and self._batchable(pending[0])
+                           and pending[0].header.get("sid") not in sids):
+                        jobs.append(pending.popleft())
+                        sids.add(jobs[-1].header.get("sid"))
+                self._taken = len(pending)
+                try:
+                    replies = self._forward_many(jobs) if len(jobs) > 1 else [self._run_job(msg)]
+                except ProtocolError as exc:
+                    _log.warning("worker %s: refused a %s message: %s", self.name, msg.type, exc)
+                    replies = [encode("error", {"code": "protocol", "message": str(exc), **_step_fields(job)})
+                               for job in jobs]
+                except Exception as exc:  # a failed step must not stop the worker: report it, keep serving
+                    _log.exception("worker %s: %s step failed", self.name, msg.type)
+                    replies = [encode("error", {"code": "failed", "message": f"{type(exc).__name__}: {exc}",
+                                                **_step_fields(job)}) for job in jobs]
+                for reply in replies:
+                    if reply is not None:
+                        out.send_multipart(reply, copy=False)
+        finally:
+            out.close(0)
+            if self._peer_sock is not None:
+                self._peer_sock.close()
+            for link in self._links_in.values():
+                link.close()
+            self._close_links()
+
+    def _wait_for_work(self, poller: zmq.Poller, idle: bool) -> list:
+        """What is ready to read: at once when not `idle`; else once the bell rang or a direct step came
+        (or after half a second: the caller looks at _stopping), spinning first if this node may."""
+        if not idle:
+            return poller.poll(0)
+        return _poll_spinning(poller, self._spin_s if self._spin_s and _spinning(self) else 0.0, 500, self._warm)
+
+    def _warm(self) -> None:
+        """Run a direct step's way from the wire to its compute start (open, read, check) on a copy of the
+        last one, sealed under a key of its own: nothing of it is kept. Called while the thread spins."""
+        last = self._last_direct
+        if last is None:
+            return
+        size = (len(last) + _LINK_TAG).to_bytes(4, "little")
+        if self._warm_copy is None or self._warm_copy[1] != size:
+            from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+            cipher = ChaCha20Poly1305(_os.urandom(32))
+            self._warm_copy = (cipher, size, cipher.encrypt(_link_nonce(0), bytes(last), size))
+        cipher, _, sealed = self._warm_copy
+        plain = bytearray(len(last))
+        cipher.decrypt_into(_link_nonce(0), sealed, size, plain)
+        msg = _read_step(plain, max_elements=self.config.max_message_bytes // 2)
+        _step_fields(msg)
+        hidden = msg.tensor(0)
+        _check_hidden(hidden, hidden.shape[2], "forward", finite=False)
+
+    def _gather(self, pending: _collections.deque, ready: list, poller: zmq.Poller) -> None:
+        """Move every queued job and every direct step that came into `pending`, in that order; take
+        new direct-link connections. (No exceptions on a hop's path: each costs microseconds.)"""
+        if not ready:
+            return
+        links = []
+        for fd, _ in ready:
+            if fd == self._bell.fileno():  # emptied before the queue is read: a job put after this rings again
+                try:
+                    while self._bell.recv(4096):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+            elif self._peer_sock is not None and fd == self._peer_sock.fileno():
+                self._accept_links(poller)
+            else:
+                links.append(fd)
+        while not self._jobs.empty():  # (the one reader: not empty stays so)
+            pending.append(self._jobs.get_nowait())
+        for fd in links:
+            link = self._links_in.get(fd)
+            if link is None:  # closed by _accept_links just now, to make room
+                continue
+            began = _time.monotonic()
+            try:
+                messages, is_open = link.read()
+                for message in messages:
+                    self._take_direct(pending, message, began)
+            except ProtocolError as exc:
+                _log.warning("worker %s: closed a direct link that sent what cannot be read: %s", self.name, exc)
+                is_open = False
+            if not is_open:
+                self._drop_link_in(poller, fd)
+
+    def _take_direct(self, pending: _collections.deque, message: bytearray, began: float) -> None:
+        try:
+            msg = _read_step(message, max_elements=self.config.max_message_bytes // 2)
+        except ProtocolError as exc:  # sealed with our key, so from a member: its message is refused, not its link
+            _log.warning("worker %s: dropped a message from another worker: %s", self.name, exc)
+            return
+        msg.header["direct"] = True  # its answer tells the host it came this way
+        pending.append(msg)
+        self._last_direct = message  # what _warm() runs while waiting for the next one
+        if self._tracer is not None:
+            self._tracer.add("link_read", msg.header["sid"], msg.header["stage"], msg.header["start"], at=began)
+
+    def _accept_links(self, poller: zmq.Poller) -> None:
+        while True:
+            try:
+                sock, _ = self._peer_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the host relays meanwhile
+                _log.warning("worker %s: cannot take a direct link: %s", self.name, exc)
+                return
+            if len(self._links_in) >= _LINK_CONNECTIONS:
+                self._close_idle_links(poller, every_untrusted=True)
+            if len(self._links_in) >= _LINK_CONNECTIONS:
+                _log.warning("worker %s: refused a direct link: %d open", self.name, len(self._links_in))
+                sock.close()
+                continue
+            try:
+                link = _LinkIn(sock, self._link_key, self.config.max_message_bytes)
+            except OSError:  # gone already
+                sock.close()
+                continue
+            self._links_in[sock.fileno()] = link
+            poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _close_idle_links(self, poller: zmq.Poller, every_untrusted: bool = False) -> None:
+        """Close incoming connections that sent no valid frame within _LINK_OPEN_S (or at all)."""
+        now = _time.monotonic()
+        for fd, link in list(self._links_in.items()):
+            if not link.trusted and (every_untrusted or now - link.since > _LINK_OPEN_S):
+                self._drop_link_in(poller, fd)
+
+    def _drop_link_in(self, poller: zmq.Poller, fd: int) -> None:
+        poller.unregister(fd)  # before the close: the number may come back for the next socket
+        self._links_in.pop(fd).close()
+
+    def _batchable(self, msg: Any) -> bool:
+        """Whether `msg` is a one-position step that may share a batched decode step."""
+        return (isinstance(msg, Message) and msg.type == "forward" and self._shard is not None
+                and self._shard.batch > 1 and msg.shape(0) is not None and len(msg.shape(0)) == 3
+                and msg.shape(0)[1] == 1)
 
 
 ###############################################################################
@@ -5599,10 +5613,14 @@ class _Speculation:
 ###############################################################################
 # Coordinator and sessions ####################################################
 ###############################################################################
-# One I/O thread owns the ROUTER socket and every piece of mutable cluster state:
-# membership, the layer plan and the sessions. API calls from other threads reach
-# it through a command queue plus an inproc wake-up socket, and read results from
-# per-session event queues.
+# The coordinator is a core and a shell. The core (_Coordinator, with its membership,
+# steps and placement parts) makes every decision and does no I/O: events in (a
+# worker's message, a closed connection, a command, a tick), instructions out (send,
+# deliver to a request's stream, checkpoint, renew the lease, readiness, stop). The
+# shell (Cluster) owns the ROUTER socket, the threads and the store, and runs the core
+# on one I/O thread; API calls from other threads reach it through a command queue
+# plus an inproc wake-up socket, and read results from per-session event queues. The
+# deterministic simulation is the core's other shell.
 
 
 @_dataclasses.dataclass
@@ -5885,9 +5903,9 @@ class _ClusterCollector:
             family = CounterMetricFamily(f"distllm_{key}", doc)
             family.add_metric([], stats[key])
             yield family
-        yield c._latency.family("ttft", "distllm_time_to_first_token_seconds", "time from request to first token")
-        yield c._latency.family("itl", "distllm_inter_token_seconds", "time between two tokens of a request")
-        sessions = list(c._session_view)
+        yield c._core._latency.family("ttft", "distllm_time_to_first_token_seconds", "time from request to first token")
+        yield c._core._latency.family("itl", "distllm_inter_token_seconds", "time between two tokens of a request")
+        sessions = list(c._core._session_view)
         queue = GaugeMetricFamily("distllm_requests", "requests in flight, by state", labels=["state"])
         for state in ("running", "waiting"):
             queue.add_metric([state], sum(s["state"] == state for s in sessions))
@@ -6051,975 +6069,16 @@ class _Membership:
                 "outages": len(link.outages)}
 
 
-class Cluster:
-    """The host side of a distllm cluster: membership, layer placement, sessions and the API."""
-
-    def __init__(self, model: str, config: Config | None = None):
-        self.config = config or Config()
-        self.model = model
-        # The coordinator's one clock (monotonic seconds): every decision reads it; a simulation gives its own,
-        # and its own session ids (a replayed seed must make the same ones).
-        self._now: Callable[[], float] = _time.monotonic
-        self._new_sid: Callable[[], str] = lambda: _uuid.uuid4().hex[:16]
-        self._load_model(model)
-        _threading.Thread(target=self._look_up_sizes, name="distllm-sizes", daemon=True).start()
-
-        self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
-        store = None
-        if self.config.store:  # opened before anything is bound: a bad URI fails here
-            store = open_store(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
-        self._open_sockets()
-        self._init_state()
-
-        # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
-        self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
-        self._thread.start()
-        if store is None:
-            self.active.set()
-        elif self.config.standby:
-            self._status = f"standby: following the active host's lease in {store.uri}"
-            _threading.Thread(target=self._await_lease, args=(store,), name="distllm-standby", daemon=True).start()
-        else:
-            self._claim(store)
-
-    # What the model gives the host, shared by every coordinator of that model (a simulation builds many).
-    _MODEL_PARTS = ("model", "files", "model_config", "n_layers", "_hidden_size", "device", "dtype", "wire_dtype",
-                    "head", "tokenizer", "_fingerprint", "quant", "_layer_bytes", "_weight_map", "_file_sizes",
-                    "_kv_bytes")
-
-    def _load_model(self, model: str) -> None:
-        """The model's files, config and the host's share of it (tokenizer, embeddings, norm, head)."""
-        self.files = _model_files(_resolve_model(model), revision=self.config.revision, token=self.config.token,
-                                 endpoint=self.config.hub_endpoint)
-        self.model_config = _load_config(self.files)
-        self.n_layers = int(self.model_config.num_hidden_layers)
-        self._hidden_size = int(self.model_config.hidden_size)  # (read per message: cheaper than the config's)
-        self.device = _default_device()
-        self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
-        # Hidden states travel in this dtype; workers answer in the dtype they were sent.
-        self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
-        self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
-        self.tokenizer = self.head.tokenizer
-        self._fingerprint = _fingerprint(self.files)
-        # A pre-quantized checkpoint's layers are served as stored (the planner counts its bytes); else as
-        # `quant` says.
-        stored = _prequantized(self.model_config)
-        self.quant = _STORED_QUANT[stored["bits"]] if stored else self.config.quant
-        if stored and self.quant != self.config.quant:
-            _log.info("%s is stored in %d bits: its layers are served as stored (quant=%r does not apply)", model,
-                      stored["bits"], self.config.quant)
-        self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
-        shapes = _layer_shapes(self.model_config)
-        if shapes.get("experts"):  # what a token reads of a layer: its routed experts, not all of them
-            _log.info("%s: a layer holds %.0f MB (%s), %d%% of it experts; a token runs through %d of %d experts",
-                      model, self._layer_bytes / 1e6, self.quant, 100 * shapes["experts"] // _layer_params(
-                          self.model_config), _active_experts(self.model_config),
-                      shapes["experts"] * _active_experts(self.model_config) // max(1, shapes["active"]))
-        # Bytes of each weight file, looked up in the background: what each worker will download is shown
-        # when its layers are assigned (a Hub repo answers a HEAD request per file).
-        self._weight_map = self.files.weight_map()
-        self._file_sizes: dict[str, int | None] = {}
-        self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
-
-    def _open_sockets(self) -> None:
-        """The ROUTER workers dial (CURVE, the tunnel, the join string) and the wake-up pair for commands."""
-        # CURVE runs in ZeroMQ's I/O threads: several, so workers' connections (prompt chunks are MBs)
-        # are encrypted in parallel rather than in turn.
-        self._ctx = zmq.Context(io_threads=4)
-        self._router = self._ctx.socket(zmq.ROUTER)
-        _set_limits(self._router, self.config)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._auth = None
-        join_keys: tuple[str | None, str | None, str | None] = (None, None, None)
-        if self.config.secure:
-            join_keys = self._setup_curve()
-        else:
-            _log.warning("secure=False: traffic is plain TCP and anyone who reaches the port can join")
-        address = f"tcp://{self.config.bind}"
-        if self.config.port:
-            self._router.bind(f"{address}:{self.config.port}")
-            port = self.config.port
-        else:
-            port = self._router.bind_to_random_port(address)
-        self.port = port
-        if self._tunnel is not None:
-            try:
-                public_host, public_port = self._tunnel.open(port)
-            except BaseException:
-                self._router.close(0)
-                if self._auth is not None:
-                    self._auth.stop()
-                self._ctx.term()
-                raise
-            endpoint = f"tcp://{public_host}:{public_port}"
-            if hasattr(self._tunnel, "on_moved"):  # a tunnel that reopens elsewhere: tell the workers
-                self._tunnel.on_moved = lambda host, port: self._command("moved", f"tcp://{host}:{port}")
-        else:
-            endpoint = f"tcp://{_advertised_host(self.config)}:{port}"
-        self.join_string = JoinInfo(endpoint, *join_keys).encode()
-
-        self._wake_addr = f"inproc://distllm-wake-{_uuid.uuid4().hex}"
-        self._wake_in = self._ctx.socket(zmq.PULL)
-        self._wake_in.bind(self._wake_addr)
-        self._wake_out = self._ctx.socket(zmq.PUSH)
-        self._wake_out.connect(self._wake_addr)
-
-    def _init_state(self) -> None:
-        """The coordinator's state: what it knows of workers, sessions, plans, links, jobs."""
-        self._commands: _queue.Queue = _queue.Queue()
-        self._wake_lock = _threading.Lock()
-        self._spin_s = 0.0  # seconds the loop polls before sleeping while requests run: set when it starts
-        self._speculation = self._speculator() if self.config.speculate else None
-
-        # State below is owned by the I/O thread; other threads read the snapshots.
-        self._workers: dict[WorkerID, _WorkerState] = {}
-        self._plan: list[Stage] | None = None
-        self._epoch = 0  # counts assignments; a worker's answers must carry the epoch of its own
-        self._sessions: dict[SessionID, _Session] = {}
-        self._runnable: _collections.deque[_Session] = _collections.deque()
-        self._to_sample: list[tuple[_Session, torch.Tensor]] = []  # last stage answered: (session, hidden)
-        self._batch_share = 0.0  # 1/batch summed over steps that shared a decode step: how many such steps ran
-        self._history_bytes = 0  # stage inputs kept for replay, all sessions
-        self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
-        self._fds: dict[int, WorkerID] = {}  # TCP connection fd -> the worker last heard on it
-        # Kicked workers' identities, newest last (bounded: rotate_keys() is what keeps a join string's holder out).
-        self._banned: _collections.OrderedDict[WorkerID, None] = _collections.OrderedDict()
-        self._draining: dict[SessionID, _Session] = {}  # finished, with replicas' answers still due
-        # Whose link is down since when, with what grace; what a written-off worker held (see _Membership).
-        self._members = _Membership(self.config)
-        self._status = "waiting for workers"
-        self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
-        self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
-        self._session_view: list[dict] = []  # live sessions, for the panel
-        self._panel: Any = None  # the notebook control panel, built on first display
-        self._servers: list[Any] = []  # OpenAI-compatible APIs started by serve()
-        self._ready = _threading.Event()
-        self._closed = _threading.Event()
-        self._local_procs: list[Any] = []
-        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
-                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
-                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
-                       "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0}
-        self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
-        self._admission = _Admission(self.config.max_active, self.config.max_queued)
-        self._waiting: _collections.deque[_Session] = _collections.deque()  # admitted=False, oldest first
-        self._registry: Any = None  # prometheus_client's, made by the first metrics() call
-        # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
-        # else the host relays its copy), answers that came before the copy, links that failed recently.
-        self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
-        self._relay_seq = _itertools.count()
-        self._early: _collections.OrderedDict = _collections.OrderedDict()  # (sid, key) -> (wid, msg, when)
-        self._links_down: dict[tuple[WorkerID, WorkerID], float] = {}  # (from, to) -> until (monotonic)
-        self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
-        self._replanning = False  # that plan covers layers that lost their holders (see _replan_beside)
-        # Workers that could not load their layers, by name: (why, when); not asked again for a while. When
-        # every worker has failed so, requests fail at once with the reason instead of waiting.
-        self._load_failures: dict[str, tuple[str, float]] = {}
-        self._cannot_load: str | None = None
-        self._last_rebalance = self._now()
-        self._next_beat = self._now()  # the next heartbeat
-
-        # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
-        self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
-        self._jobs: dict[str, Job] = {}
-        self._jobs_lock = _threading.Lock()
-        self._ckpt: _Checkpointer | None = None
-        self._nodes: dict[str, dict] = {}
-        self._partials: dict[str, dict[int, list[int]]] = {}  # job id -> prompt index -> tokens generated
-        self.active = _threading.Event()  # set once this host serves (at once, or when a standby takes over)
-        self._renewed_at = 0.0
-        self._stepped_down: str | None = None
-        self._successor: str | None = None  # where the host that took the store over serves (its API, or its id)
-
-    def _lease_s(self, store: LocalStore) -> float:
-        return max(self.config.lease_s, 3 * self.config.store_push_s) if isinstance(store, HubStore) else \
-            self.config.lease_s
-
-    def _claim(self, store: LocalStore) -> None:
-        """Become the store's host: write the rendezvous record (workers given the store follow it; a host
-        that held it stops checkpointing and steps down), then resume its unfinished jobs."""
-        previous = _load_record(store, RENDEZVOUS) or {}
-        epoch = previous.get("epoch")
-        self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
-        if store.sweep():
-            _log.info("removed temp files a killed host left in %s", store.uri)
-        self._nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
-        self._partials = self._load_partials(store)
-        self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
-        self._started_at = _time.time()
-        self._write_rendezvous()
-        self._renewed_at = self._now()
-        self.active.set()
-        self._resume_jobs()
-
-    def _await_lease(self, store: LocalStore) -> None:
-        """A standby: take over once the active host's lease has lapsed (or no host holds the store)."""
-        t0 = self._now()
-        while not self._closed.is_set():
-            try:
-                record = _load_record(store, RENDEZVOUS)
-            except Exception as exc:  # the store may be unreachable for a while: keep following
-                _log.warning("standby: cannot read %s: %s", store.uri, _short_error(exc))
-                record = {}
-            renewed = record.get("renewed", record.get("started")) if isinstance(record, dict) else None
-            lease = record.get("lease_s", self.config.lease_s) if isinstance(record, dict) else self.config.lease_s
-            if not record or not isinstance(renewed, (int, float)) or not isinstance(lease, (int, float)) or (
-                    _time.time() - renewed > lease):
-                holder = record.get("host") if isinstance(record, dict) else None
-                _log.warning("standby: %s; taking over after %.1f s", f"the lease of {holder} lapsed" if holder
-                             else "no host holds the store", self._now() - t0)
-                self._command("claim", store)  # (on the coordinator's thread, which owns what a claim replaces)
-                return
-            self._closed.wait(min(1.0, self.config.lease_s / 4))
-
-    # -- setup ----------------------------------------------------------------
-
-    def _setup_curve(self) -> tuple[str, str, str]:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        server_public, server_secret = zmq.curve_keypair()
-        client_public, client_secret = zmq.curve_keypair()
-        self._allowed_keys = {client_public}
-        self._auth = ThreadAuthenticator(self._ctx)
-        self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
-        self._router.curve_server = True
-        self._router.curve_publickey = server_public
-        self._router.curve_secretkey = server_secret
-        return server_public.decode(), client_public.decode(), client_secret.decode()
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP credentials check: admit only the client key of this cluster's join string."""
-        admitted = key in self._allowed_keys  # pyzmq passes the key Z85-encoded
-        if not admitted:
-            _log.warning("refused a worker with an unknown key (wrong or old join string)")
-        return admitted
-
-    # -- public API -----------------------------------------------------------
-
-    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 timeout: float | None = None) -> str | list[int]:
-        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt.
-
-        `timeout`: seconds the whole request may take; past it the request is cancelled on every stage
-        and DeadlineExceeded (a TimeoutError) is raised. OverloadedError: the cluster runs and queues
-        as many requests as `max_active` and `max_queued` allow."""
-        pieces = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, timeout=timeout)
-        if isinstance(prompt, str):
-            return "".join(pieces)
-        return list(pieces)
-
-    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               timeout: float | None = None) -> Iterator:
-        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt (`timeout`
-        and errors as generate()'s)."""
-        return self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, timeout=timeout)[1]
-
-    def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, seed: int | None, timeout: float | None) -> tuple[SessionID, Iterator]:
-        """Start a request now (admitted or refused at once); return its id and its stream."""
-        timeout = _timeout_arg(timeout)
-        session = self._new_session(prompt, SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=_secure_seed() if seed is None else seed), timeout)
-        text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
-        return session.sid, self._events(session, text, timeout)
-
-    def cancel(self, sid: SessionID) -> None:
-        """End a request now (its slots on every stage are freed); its stream ends."""
-        self._command("cancel", sid)
-
-    def workers(self) -> list[dict]:
-        """Return a snapshot of every worker the host knows (name, state, layers, memory, ...)."""
-        return [dict(w) for w in self._snapshot[0]]
-
-    def layer_map(self) -> list[tuple[int, int, str]]:
-        """Return the current plan as (first layer, last layer, worker name) triples."""
-        return list(self._snapshot[1])
-
-    @property
-    def status(self) -> str:
-        """One line saying what the cluster is doing or waiting for."""
-        return self._status
-
-    def stats(self) -> dict:
-        """Return counters since start.
-
-        tokens and steps served; failures (workers lost); replays (a stage's cache rebuilt
-        while its session waited); warmups (a cache rebuilt on a worker joining a stage,
-        ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
-        (steps sent stage to stage, and those the host relayed after a direct link failed them);
-        pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
-        step with other sessions'), batches (those decode steps: batched / batches is the mean batch);
-        requests (ended) and request_errors (of those, ended by an error); stalls (gaps of over _STALL_S
-        between two tokens of a request); trips (answers of the last stage that gave tokens) and
-        tokens_per_trip; with speculate: drafted and
-        accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
-        carried drafts).
-        """
-        per_trip = self._stats["tokens"] / self._stats["trips"] if self._stats["trips"] else 0.0
-        return {**self._stats, "batches": round(self._batch_share), "tokens_per_trip": per_trip}
-
-    def metrics(self) -> str:
-        """The cluster's numbers in Prometheus' text format (what the API's /metrics serves): the counters of
-        stats(), time-to-first-token and inter-token histograms, requests in flight and waiting, workers by
-        state, each worker's step time, round trip and layers, and the store's lag."""
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        if self._registry is None:
-            registry = CollectorRegistry()
-            registry.register(_ClusterCollector(self))
-            self._registry = registry
-        return generate_latest(self._registry).decode()
-
-    def set_speculation(self, k: int, *, adaptive: bool = True) -> None:
-        """Change speculative decoding while serving: up to `k` drafts a step (0: off), their number
-        following acceptance and round trip (`adaptive`) or always `k`. The drafter is `Config.draft`'s
-        (a draft model is loaded by the first call that needs it). Steps already in the pipe are not
-        affected."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 32:
-            raise ValueError(f"k={k!r}: drafted tokens per step, 0 (off) to 32")
-        speculation = self._speculation or (self._speculator() if k else None)
-        if speculation is not None:
-            speculation.k_max = k
-        self.config.speculate, self.config.speculate_adaptive = k, adaptive
-        self._speculation = speculation if k else None
-
-    def _history_bytes_per_token(self) -> float:
-        """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
-        stages = len(self._plan or ()) or 1
-        return self.model_config.hidden_size * self.dtype.itemsize * (stages - 1)
-
-    def rotate_keys(self) -> str:
-        """Issue a new join string; the old one is refused from now on. Returns the new string.
-
-        Workers already connected keep serving; one whose connection drops must rejoin
-        with the new string.
-        """
-        if not self.config.secure:
-            raise DistllmError("rotate_keys() needs secure=True: a plain cluster has no keys")
-        public, secret = zmq.curve_keypair()
-        info = JoinInfo.parse(self.join_string)
-        self._allowed_keys = {public}  # read by the authenticator thread; one atomic swap
-        self.join_string = JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
-        if self._ckpt is not None:
-            self._write_rendezvous(renew=True, news=True)
-        _log.info("join keys rotated: the previous join string is refused from now on")
-        return self.join_string
-
-    def kick(self, worker: str) -> None:
-        """Remove the worker named `worker`; its layers move on as if it had failed.
-
-        It is told to stop and may not rejoin under the same identity; to keep out a
-        machine that still has the join string, also call rotate_keys().
-        """
-        names = [w["name"] for w in self.workers()]
-        if worker not in names:
-            raise KeyError(f"no worker named {worker!r}; workers: {', '.join(names)}")
-        self._command("kick", worker)
-
-    def drain(self, worker: str) -> None:
-        """Move the layers of the worker named `worker` to others, then let it go (make before break).
-
-        A replica or a standby takes its range and warms up first; failing those, a plan
-        without it is loaded beside the current one. Sessions keep going throughout. If
-        the other workers cannot hold the model, it keeps serving and a warning says so.
-        """
-        names = [w["name"] for w in self.workers() if w["alive"]]
-        if worker not in names:
-            raise KeyError(f"no live worker named {worker!r}; workers: {', '.join(names) or 'none'}")
-        self._command("drain", worker)
-
-    def spawn_local(self, n: int = 1, **options: Any) -> list:
-        """Start `n` more worker processes on this machine that join this cluster; return them.
-
-        They are `multiprocessing` processes (`.pid`, `.kill()`), named local-0, local-1, ...
-        `options` (Config fields) apply to these workers only.
-        """
-        Config.build(self.config, **options)  # names a bad option here, not in the child
-        return _spawn_local_workers(self, n, **options)
-
-    def rebalance(self) -> None:
-        """Check now whether moving layers would pay, and if so move them (make before break).
-
-        The same check runs every `Config.rebalance_s` seconds on its own; a move happens only
-        when the planner predicts at least `rebalance_gain` faster tokens from measured speeds.
-        """
-        self._command("rebalance", None)
-
-    @property
-    def local_processes(self) -> list:
-        """The worker processes this cluster started on this machine, dead or alive."""
-        return list(self._local_procs)
-
-    def wait_ready(self, timeout: float | None = None) -> "Cluster":
-        """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
-        wait = self.config.wait_timeout_s if timeout is None else timeout
-        deadline = self._now() + wait
-        while not self._ready.wait(min(0.1, max(0.0, deadline - self._now()))):
-            if self._cannot_load is not None:
-                raise ClusterNotReadyError(self._cannot_load)
-            if self._now() >= deadline:
-                raise ClusterNotReadyError(f"no complete pipeline after {wait:.0f} s: {self._status}")
-        return self
-
-    def close(self) -> None:
-        """Stop the cluster: tell workers to stop, end sessions, close sockets."""
-        if self._closed.is_set():
-            return
-        for server in self._servers:
-            server.stop()
-        self._command("stop", None)
-        self._thread.join(10.0)
-        with self._jobs_lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            job._interrupt("the cluster was closed")
-        for job in jobs:
-            if job._thread.is_alive():
-                job._thread.join(10.0)
-        if self._ckpt is not None:
-            self._record_uptime()
-            if not self._ckpt.flush(30.0):
-                _log.warning("closing with checkpoints not all stored: %s", self._ckpt.status)
-            self._ckpt.close(5.0)
-        for p in self._local_procs:
-            p.join(5.0)
-            if p.is_alive():
-                p.kill()
-                p.join(5.0)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._tunnel is not None:
-            self._tunnel.close()
-        self._ctx.term()
-
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        workers, plan = self._snapshot
-        return (f"<distllm.Cluster {self.model!r} {self.n_layers} layers, {len(workers)} workers, "
-                f"{len(plan)} stages: {self._status}>")
-
-    def _repr_html_(self) -> str:
-        """A snapshot: join cell, nodes, layer map, sessions and jobs (what a notebook without widgets shows)."""
-        return _cluster_html(self)
-
-    def _ipython_display_(self) -> None:
-        """The live control panel (one per cluster, however often it is displayed)."""
-        _show(self._repr_html_(), lambda: _Panel(self), self)
-
-    # -- batch jobs and checkpoints ---------------------------------------------
-
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> "Server":
-        """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in the background.
-
-        Returns the running Server at once (`server.url` is the base URL for an OpenAI
-        client; port 0 picks a free one). With `api_key`, requests must carry it as a
-        bearer token. Needs `pip install 'distllm[serve]'`.
-        """
-        server = Server(self, host, port, api_key)
-        self._servers.append(server)
-        return server
-
-    def map(self, prompts: Sequence | str, *, name: str | None = None, max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Job:
-        """Run every prompt (a list, or the path of a JSON-lines file of them) as a checkpointed job.
-
-        Returns a Job at once; `job.results()` waits for the completions in prompt order.
-        Each prompt samples as `generate(prompt, seed=seed, ...)` would. With a store, results
-        are appended to it as they finish, and submitting the same job again (same `name`, or
-        the same prompts and parameters) attaches to it and resumes it, after a host restart too.
-        """
-        items = _read_prompts(prompts)
-        if not items:
-            raise RequestError("map() needs at least one prompt")
-        for i, prompt in enumerate(items):
-            try:
-                self._prompt_ids(prompt)
-            except (RequestError, PromptTooLongError) as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from None
-        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        SamplingParams(**params)  # checks them before anything is stored
-        if name is not None and not _JOB_NAME.fullmatch(str(name)):
-            raise RequestError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
-        prompts_sha = _hashlib.sha256(_json_bytes(items)).hexdigest()
-        job_id = name or "job-" + _hashlib.sha256(_json_bytes(
-            {"prompts": prompts_sha, "params": params, "seed": seed, "model": self._fingerprint})).hexdigest()[:12]
-        if self._closed.is_set():
-            raise DistllmError("cluster is closed")
-        with self._jobs_lock:
-            job = self._jobs.get(job_id) or self._load_job(job_id, items, prompts_sha)
-            if job is None:
-                job = Job(self, job_id, items, SamplingParams(**params, seed=_secure_seed() if seed is None
-                                                              else int(seed)))
-                if self._ckpt is not None:
-                    self._ckpt.write(f"jobs/{job_id}/prompts.jsonl", b"".join(_json_bytes(p) + b"\n" for p in items))
-                    self._write_job_spec(job, prompts_sha, done=False)
-            else:
-                same = (job.prompts_sha == prompts_sha and
-                        all(getattr(job.params, k) == v for k, v in params.items()) and
-                        (seed is None or job.params.seed == int(seed)))
-                if not same:
-                    raise RequestError(f"a job named {job_id!r} already exists with other prompts or parameters; "
-                                       f"choose another name")
-                if job._stopped:  # e.g. its runner failed: run what is left again
-                    job = job._restarted()
-            job.prompts_sha = prompts_sha
-            self._jobs[job_id] = job
-            return job._start()
-
-    def jobs(self) -> list[Job]:
-        """Return the batch jobs this host knows (submitted here, or resumed from the store)."""
-        with self._jobs_lock:
-            return list(self._jobs.values())
-
-    def node_history(self) -> dict[str, dict]:
-        """Return each node's record by name: joins, failures, leaves, uptime (kept in the store)."""
-        return {k: dict(v) for k, v in self._nodes.items()}
-
-    @property
-    def store_status(self) -> str:
-        """One line: where checkpoints go and whether they get there."""
-        return self._ckpt.status if self._ckpt is not None else "no store (nothing is checkpointed)"
-
-    def checkpoint(self, timeout: float = 60.0) -> bool:
-        """Write (and for the Hub, push) every pending checkpoint now; return whether all got there."""
-        return self._ckpt.flush(timeout) if self._ckpt is not None else True
-
-    def _write_rendezvous(self, *, renew: bool = False, news: bool = False) -> None:
-        """Claim the store, or (`renew`) renew this host's lease in it: the record workers and standbys read
-        (its `renewed` is the lease's). `news`: the record changed (a new join string): pushed at once."""
-        now = _time.time()
-        self._ckpt.write(RENDEZVOUS, _json_bytes({
-            "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
-            "model": self.model, "started": self._started_at, "renewed": now,
-            "api": self._servers[0].url if self._servers else None,  # (a stepping-down host points clients here)
-            "lease_s": self._lease_s(self._ckpt.store)}),
-            urgent=news or not renew or not isinstance(self._ckpt.store, HubStore),  # (a Hub renewal waits for a push)
-            renew=renew)
-
-    def _write_job_spec(self, job: Job, prompts_sha: str, *, done: bool) -> None:
-        self._ckpt.write(f"jobs/{job.id}/job.json", _json_bytes({
-            "id": job.id, "model": self.model, "count": len(job.prompts), "prompts_sha": prompts_sha,
-            "params": _dataclasses.asdict(job.params), "done": done}))
-
-    def _load_partials(self, store: LocalStore) -> dict[str, dict[int, list[int]]]:
-        """Read the unfinished prompts' tokens from session checkpoints (corrupt ones are skipped)."""
-        out: dict[str, dict[int, list[int]]] = _collections.defaultdict(dict)
-        for key in store.keys("sessions/"):
-            record = _load_record(store, key)
-            if record is None:
-                continue
-            generated, job, index = record.get("generated"), record.get("job"), record.get("index")
-            if (isinstance(job, str) and isinstance(index, int) and isinstance(generated, list)
-                    and all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in generated)):
-                out[job][index] = generated
-            else:
-                _log.warning("store: checkpoint %s does not describe a job's prompt; skipped", key)
-        return dict(out)
-
-    def _resume_jobs(self) -> None:
-        """Start every unfinished job found in the store."""
-        store = self._ckpt.store
-        for key in store.keys("jobs/"):
-            parts = key.split("/")
-            if len(parts) != 3 or parts[2] != "job.json":
-                continue
-            spec = _load_record(store, key)
-            if spec is None or spec.get("done"):
-                continue
-            with self._jobs_lock:
-                job = self._load_job(parts[1])
-                if job is None:
-                    continue
-                self._jobs[job.id] = job
-            _log.warning("resuming job %s: %d of %d prompts done, %d generated tokens kept", job.id,
-                         job.progress[0], job.progress[1], job.resumed_tokens)
-            job._start()
-
-    def _load_job(self, job_id: str, items: list | None = None, prompts_sha: str | None = None) -> Job | None:
-        """Rebuild a job from the store: its spec, prompts, results and unfinished prompts' tokens."""
-        if self._ckpt is None:
-            return None
-        store = self._ckpt.store
-        spec = _load_record(store, f"jobs/{job_id}/job.json")
-        if spec is None:
-            return None
+class _CoordinatorMembers:
+    """The coordinator's membership decisions: joins, leaves, failures, heartbeats, hand-overs."""
+
+    def _on_worker_message(self, wid: WorkerID, msg: Message) -> None:
+        arrived = self._t
         try:
-            params = SamplingParams(**spec["params"])
-            count, sha = int(spec["count"]), str(spec["prompts_sha"])
-            if items is not None and sha == prompts_sha:
-                prompts = items
-            else:
-                lines = (store.read(f"jobs/{job_id}/prompts.jsonl") or b"").split(b"\n")
-                prompts = [_json.loads(line) for line in lines if line.strip()]
-                if len(prompts) != count or _hashlib.sha256(_json_bytes(prompts)).hexdigest() != sha:
-                    raise ValueError(f"prompts.jsonl holds {len(prompts)} prompts that do not match the spec")
-        except (KeyError, TypeError, ValueError, RequestError) as exc:
-            _log.warning("store: job %s cannot be resumed (%s); submit it again with map() to start it over",
-                         job_id, exc)
-            return None
-        key = f"jobs/{job_id}/results.jsonl"
-        records, bad = _read_jsonl(store.read(key), f"{store.uri}/{key}")
-        results: dict[int, dict] = {}
-        for r in records:
-            i = r.get("index")
-            if isinstance(i, int) and 0 <= i < count and i not in results and (
-                    isinstance(r.get("tokens"), list) or isinstance(r.get("error"), str)):
-                results[i] = r
-        if bad or len(results) != len(records):  # rewrite without the corrupt or repeated lines
-            self._ckpt.write(key, b"".join(_json_bytes(results[i]) + b"\n" for i in sorted(results)))
-        partials = self._partials.pop(job_id, {})
-        for i in sorted(i for i in partials if i in results or not 0 <= i < count):
-            # A host killed between storing a prompt's result and retiring its checkpoint left this behind.
-            self._ckpt.delete(f"sessions/{job_id}.{i}.json")
-        partial = {i: t for i, t in partials.items() if 0 <= i < count and i not in results}
-        job = Job(self, job_id, prompts, params, results=results, partial=partial)
-        job.prompts_sha = sha
-        return job
-
-    def _submit_job_prompt(self, job: Job, i: int, generated: list[int] | None, sink: Any) -> _Session:
-        """Start prompt `i` of `job`, continuing from `generated` tokens if a checkpoint had some."""
-        ids = self._prompt_ids(job.prompts[i])
-        session = _Session(f"{job.id}.{i}-{_uuid.uuid4().hex[:6]}", ids + list(generated or ()), len(ids),
-                           job.params, sink, self._now())
-        if self._ckpt is not None:
-            session.record = (f"sessions/{job.id}.{i}.json", {
-                "job": job.id, "index": i, "prompt_len": len(ids), "params": _dataclasses.asdict(job.params)})
-        if generated:
-            self._stats["resumed_tokens"] += len(generated)
-            if (session.new_tokens >= job.params.max_new_tokens or generated[-1] in self.head.eos_ids
-                    or len(session.tokens) >= self.head.context):
-                sink.put(("done", None))  # it had finished; only its result was not stored
-                return session
-        if self._closed.is_set():
-            sink.put(("error", DistllmError("cluster is closed")))
-        else:
-            self._command("submit", session)
-        return session
-
-    def _job_result(self, job: Job, i: int, result: dict) -> None:
-        if self._ckpt is not None:
-            self._ckpt.append(f"jobs/{job.id}/results.jsonl", _json_bytes(result) + b"\n")
-            self._ckpt.delete(f"sessions/{job.id}.{i}.json")
-
-    def _job_finished(self, job: Job) -> None:
-        if job.done():
-            _log.info("job %s finished: %d prompts", job.id, len(job.prompts))
-            if self._ckpt is not None:
-                self._write_job_spec(job, job.prompts_sha, done=True)
-
-    def _node_event(self, worker: _WorkerState, event: str) -> None:
-        """Count a join, failure or leave in the node's history (kept in the store for stability scores)."""
-        now = _time.time()
-        record = self._nodes.setdefault(worker.name, {"first_seen": now, "joins": 0, "failures": 0, "leaves": 0,
-                                                      "uptime_s": 0.0})
-        record[event] = record.get(event, 0) + 1
-        record["last_seen"] = now
-        if event != "joins":
-            record["uptime_s"] = record.get("uptime_s", 0.0) + self._now() - worker.joined_at
-        if self._ckpt is not None:
-            self._ckpt.write("nodes.json", _json_bytes(self._nodes))
-
-    def _record_uptime(self) -> None:
-        """At close: add the uptime of workers still connected to their history."""
-        now = self._now()
-        for w in self._workers.values():
-            if w.alive:
-                record = self._nodes.setdefault(w.name, {"joins": 1})
-                record["uptime_s"] = record.get("uptime_s", 0.0) + now - w.joined_at
-                record["last_seen"] = _time.time()
-        self._ckpt.write("nodes.json", _json_bytes(self._nodes))
-
-    # -- API-side helpers -----------------------------------------------------
-
-    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams,
-                     timeout: float | None = None) -> _Session:
-        ids = self._prompt_ids(prompt)
-        if self._closed.is_set():
-            raise self._closed_error()
-        now = self._now()
-        session = _Session(self._new_sid(), ids, len(ids), params, _queue.Queue(), now,
-                           wait_timeout=self.config.wait_timeout_s)
-        if timeout is not None:
-            session.deadline = now + timeout
-        session.admitted, session.slot = self._admission.enter(), True
-        self._command("submit", session)
-        return session
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """Tokenize (or check) a prompt; raise RequestError or PromptTooLongError if it cannot run."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(_check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
-        else:
-            if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-                raise RequestError(f"prompt must be text or a sequence of token ids, not {type(prompt).__name__}")
-            ids = [_int_arg("a prompt token id", t) for t in prompt]
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids {bad[:5]} outside the vocabulary of {vocab}")
-        if not ids:
-            raise RequestError("empty prompt: give at least one token")
-        if len(ids) >= self.head.context:
-            raise PromptTooLongError(
-                f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
-                f"(leave room for at least one new token)")
-        return ids
-
-    def _events(self, session: _Session, text: _TextStream | None, timeout: float | None) -> Iterator:
-        finished = False
-        try:
-            while True:
-                try:  # (the host cancels it at its deadline; this wait is a backstop a second later)
-                    kind, value = session.events.get(timeout=None if timeout is None else max(
-                        0.0, session.deadline + 1.0 - self._now()))
-                except _queue.Empty:
-                    raise DeadlineExceeded(f"request not done within {timeout} s; cluster: {self._status}") from None
-                if kind == "token":
-                    if text is None:
-                        yield value
-                    else:
-                        piece = text.push(value)
-                        if piece:
-                            yield piece
-                elif kind == "done":
-                    finished = True
-                    if text is not None:
-                        tail = text.flush()
-                        if tail:
-                            yield tail
-                    return
-                else:
-                    finished = True
-                    raise value
-        finally:
-            if not finished:
-                self._command("cancel", session.sid)
-
-    def _command(self, kind: str, arg: Any) -> None:
-        self._commands.put((kind, arg))
-        with self._wake_lock:
-            if not self._closed.is_set():
-                self._wake_out.send(b"", zmq.NOBLOCK)
-
-    # -- the I/O thread -------------------------------------------------------
-
-    def _loop(self) -> None:
-        """The shell around the coordinator's decisions: poll the sockets, hand what came to the handlers,
-        then `_advance`. A simulation drives the same handlers and `_advance` with a virtual clock."""
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
-        # TCP disconnects (a killed process's socket closes) are seen at once through a monitor;
-        # each message's source fd tells which worker a closed connection belonged to.
-        monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        poller.register(monitor, zmq.POLLIN)
-        self._spin_s = _claim_spin(self, self.config.spin_ms, self.device)
-        try:
-            while True:
-                # While requests run their answers come within milliseconds: spin first (`Config.spin_ms`).
-                spin = self._spin_s if self._spin_s and self._sessions and _spinning(self) else 0.0
-                events = dict(_poll_spinning(poller, spin, max(0, int((self.wake_at() - self._now()) * 1000)) + 1))
-                if self._router in events:
-                    for _ in range(1000):  # bounded, so commands and timers get their turn
-                        if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # (no zmq.Again: raising costs)
-                            break
-                        frames = self._router.recv_multipart(copy=False)
-                        wid = frames[0].bytes
-                        self._fds[frames[-1].get(zmq.SRCFD)] = wid
-                        self._on_worker_message(wid, frames[1:])
-                if monitor in events:
-                    self._on_disconnects(monitor)
-                commands = self._wake_in in events
-                if commands:
-                    while self._wake_in.poll(0):
-                        self._wake_in.recv()
-                if not self._advance(commands):
-                    break
-        except Exception:  # never die silently: fail every request with the reason
-            _log.exception("coordinator loop failed")
-            for s in list(self._sessions.values()):
-                self._finish(s, error=DistllmError("coordinator loop failed; see the log"))
-        finally:
-            _release_spin(self)
-            self._router.disable_monitor()
-            monitor.close(0)
-            self._shutdown()
-
-    def wake_at(self) -> float:
-        """When the coordinator must act next if nothing arrives: its heartbeat, or a direct step's relay."""
-        return min(self._next_beat, self._relays[0][0]) if self._relays else self._next_beat
-
-    def _advance(self, commands: bool = True) -> bool:
-        """What the coordinator does after each turn's messages: write off links down past their grace, run
-        the users' commands, pick the tokens answered, relay overdue direct steps, beat the heartbeat (and
-        renew the lease), send the next steps. False once it must stop (closed, or stepped down)."""
-        if self._members.anyone_down():
-            self._write_off_due(self._now())
-        if commands and not self._run_commands():
-            return False
-        self._sample_pending()
-        now = self._now()
-        if self._relays:
-            self._check_relays(now)
-        if now >= self._next_beat:
-            self._heartbeat(now)
-            self._next_beat = now + self.config.heartbeat_s
-            if not self._renew_or_step_down(now):
-                return False
-        self._schedule()
-        return True
-
-    def _on_disconnects(self, monitor: zmq.Socket) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)
-            wid = self._fds.pop(int(event["value"]), None)
-            if wid is not None:
-                self._disconnected(wid)
-
-    def _disconnected(self, wid: WorkerID) -> None:
-        """A worker's TCP connection closed (a killed process, a dropped link): its grace starts."""
-        w = self._workers.get(wid)
-        if w is not None and w.alive:
-            now = self._now()
-            self._members.closed(wid, now)
-            _log.info("connection of worker %s closed; it has %.1f s to come back", w.name,
-                      self._members.grace(w, now, covered=self._covered(w)))
-
-    def _write_off_due(self, now: float) -> None:
-        """Write off every worker whose link has been down past its grace; its range moves on."""
-        for w, why in self._members.due(list(self._workers.values()), now, self._covered):
-            self._lose_worker(w, why)
-
-    def _covered(self, w: _WorkerState) -> bool:
-        """Whether losing `w` is cheap: it serves no range, or a replica or a standby can take its range
-        over by replaying one stage. Otherwise only a re-plan moves its layers."""
-        stage = next((st for st in self._plan or () if w.wid in st.workers), None)
-        if stage is None:
-            return True
-        if any(x != w.wid and self._workers[x].serving for x in stage.workers):
-            return True
-        return any(o.state == "standby" and self._capacity(o) >= stage.layers for o in self._live())
-
-    def _step_deadline(self, w: _WorkerState, n: int) -> float:
-        """Seconds a step of n positions may take before its worker counts as stuck: the configured floor,
-        or far more than its usual compute for a step this size plus ten of its round trips."""
-        return max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0.0) * n + 10e-3 * (w.rtt_ms or 0.0))
-
-    def _back(self, worker: _WorkerState, arrived: float, down_s: float) -> None:
-        """A worker whose link dropped speaks again within its grace, its state intact: send it again what
-        it is owed whose messages may have been lost with the connection (steps, an assignment). No
-        replay: its caches are whole."""
-        owed = [(s, step) for s in self._sessions.values() for step in s.steps.values()
-                if worker.wid in step.targets and step.sent_at < arrived]
-        _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name, down_s,
-                  len(owed))
-        for session, step in owed:
-            self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid), [step.hidden])
-            step.sent_at = self._now()
-        self._resend_assignment(worker)
-
-    def _closed_error(self) -> DistllmError:
-        """What a request to this host gets once it no longer serves: why, and where to go instead."""
-        if self._stepped_down is None:
-            return DistllmError("cluster is closed")
-        where = f"; the active host is {self._successor}" if self._successor else ""
-        return HostSteppedDownError(f"this host stepped down ({self._stepped_down}): send the request to the "
-                                    f"active host{where}", new_host=self._successor)
-
-    def _shutdown(self) -> None:
-        for wid in list(self._workers) if self._stepped_down is None else ():  # (stepped down: they go on)
-            self._send(wid, "shutdown", {})
-        for s in list(self._sessions.values()):
-            self._finish(s, error=self._closed_error())
-        with self._wake_lock:
-            self._closed.set()
-            self._wake_out.close(0)
-        self._wake_in.close(0)
-        self._router.close(linger=500)  # lets the shutdown messages out
-
-    def _run_commands(self) -> bool:
-        while True:
-            try:
-                kind, arg = self._commands.get_nowait()
-            except _queue.Empty:
-                return True
-            if kind == "stop":
-                return False
-            if kind == "submit":
-                self._sessions[arg.sid] = arg
-                with self._failing_alone(arg, "starting it"):
-                    if arg.params.max_new_tokens == 0:
-                        self._finish(arg)
-                    elif not arg.admitted:
-                        self._waiting.append(arg)  # until a slot frees (_finish admits the next)
-                        self._admit_waiting()  # (one may have freed before this arrived)
-                    elif self._cannot_load is not None:
-                        self._finish(arg, error=ClusterNotReadyError(self._cannot_load))
-                    else:
-                        self._park(arg, self._status)
-            elif kind == "claim":  # a standby takes over: the store, its jobs and node records are this host's now
-                try:
-                    self._claim(arg)
-                except Exception as exc:  # (the store failed mid-claim): follow the lease again, try later
-                    _log.error("standby: taking %s over failed (%s); following its lease again", arg.uri,
-                               _short_error(exc))
-                    _threading.Thread(target=self._await_lease, args=(arg,), name="distllm-standby",
-                                      daemon=True).start()
-                self._publish()
-            elif kind == "cancel":
-                s = self._sessions.get(arg)
-                if s is not None:
-                    self._finish(s)
-            elif kind == "rebalance":
-                self._maybe_rebalance(self._now(), force=True)
-            elif kind == "moved":  # the tunnel reopened at another public address
-                info = JoinInfo.parse(self.join_string)
-                self.join_string = JoinInfo(arg, info.server_key, info.client_public, info.client_secret).encode()
-                _log.warning("the host's public address is now %s; the new join string is in the panel%s", arg,
-                             " and the store (workers that follow it find the host there)" if self._ckpt else "")
-                if self._ckpt is not None:
-                    self._write_rendezvous(renew=True, news=True)
-                self._publish()
-            elif kind == "drain":
-                for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
-                    self._drain(w)
-            elif kind == "kick":
-                for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
-                    self._ban(w.wid)
-                    self._send(w.wid, "error", {"code": "kicked", "message": "kicked by the host"})
-                    self._lose_worker(w, "kicked by the host", state="kicked")
-
-    def _send(self, wid: WorkerID, msg_type: str, header: dict, tensors: Sequence = ()) -> bool:
-        try:
-            self._router.send_multipart([wid, *encode(msg_type, header, tensors)], copy=False)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: the peer is gone
-            _log.info("could not send %s to %r: %s", msg_type, wid, exc)
-            return False
-
-    def _on_worker_message(self, wid: WorkerID, frames: list) -> None:
-        arrived = self._now()
-        msg: Message | None = None
-        try:
-            msg = decode(frames, allowed=_WORKER_TO_HOST, max_elements=self.config.max_message_bytes // 2)
             worker = self._workers.get(wid)
             down = None
             if worker is not None:
-                worker.last_seen = self._now()
+                worker.last_seen = arrived
                 down = self._members.heard(wid, worker.last_seen)
             if msg.type == "join":
                 self._on_join(wid, msg)
@@ -7037,7 +6096,7 @@ class Cluster:
         except ProtocolError as exc:
             _log.warning("dropped a message from %r: %s", wid, exc)
         except Exception as exc:  # a message must never take the host down; this is a bug, said loudly
-            sid = msg.header.get("sid") if msg is not None else None
+            sid = msg.header.get("sid")
             session = self._sessions.get(sid) if isinstance(sid, str) else None
             _log.exception("failed to handle a message from %r%s; it was dropped", wid,
                            f" about request {sid}, which fails" if session is not None else "")
@@ -7176,7 +6235,7 @@ class Cluster:
             return
         if self._hand_over(worker):
             return
-        if self._rebalance is not None or self._handovers or not self._ready.is_set():
+        if self._rebalance is not None or self._handovers or not self._ready:
             _log.warning("cannot drain %s now: layers are already moving or loading; try again shortly",
                          worker.name)
             return
@@ -7229,7 +6288,7 @@ class Cluster:
             inputs = torch.cat(chunks, dim=1)[:, :upto] if chunks else None
         if inputs is None or inputs.shape[1] == 0:
             return upto in (None, 0)
-        for wid in wids:
+        for wid in sorted(wids):
             w = self._workers[wid]
             for at in range(0, inputs.shape[1], self.config.prefill_chunk):
                 chunk = inputs[:, at:at + self.config.prefill_chunk]
@@ -7286,7 +6345,219 @@ class Cluster:
             if not step.answered:
                 self._retry(session, step)
 
-    # -- steps ----------------------------------------------------------------
+    def _heartbeat(self, now: float) -> None:
+        self._check_deadlines()
+        self._write_off_due(now)
+        for w in self._live():
+            self._send(w.wid, "ping", {"t": now})
+            self._check_loading(w, now)
+        clock = self._now()
+        for s in list(self._sessions.values()):
+            for step in list(s.steps.values()):
+                for wid in sorted(step.targets):
+                    w = self._workers[wid]
+                    deadline = self._step_deadline(w, step.n)
+                    if clock - step.sent_at > deadline and w.alive:
+                        self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
+        if self._plan is None and self._live():
+            self._place()  # e.g. the wait for calibrations ran out
+        self._maybe_rebalance(now)
+        self._forget_departed(now)
+        self._publish()
+
+    def _ban(self, wid: WorkerID) -> None:
+        self._banned[wid] = None
+        while len(self._banned) > _BANNED_KEPT:
+            self._banned.popitem(last=False)
+
+    def _forget_departed(self, now: float) -> None:
+        """Forget workers written off over _FORGET_DEPARTED_S ago that nothing refers to any more, with their
+        links: a host serving for days while notebooks come and go keeps bounded state (their history stays
+        in the node records; one that comes back joins afresh)."""
+        for pair, until in list(self._links_down.items()):
+            if until <= now:
+                del self._links_down[pair]
+        old = [w.wid for w in self._workers.values()
+               if not w.alive and w.lost_at is not None and now - w.lost_at > _FORGET_DEPARTED_S]
+        if not old:
+            return
+        used: set[WorkerID] = set()
+        for stage in [*(self._plan or ()), *(self._rebalance or ())]:
+            used.update(stage.workers)
+        for successor, (leaver, _) in self._handovers.items():
+            used.update((successor, leaver))
+        for session in [*self._sessions.values(), *self._draining.values()]:
+            used.update(*session.holders.values())
+            for step in session.steps.values():
+                used.update(step.targets, step.chain, (step.via,))
+        for wid in old:
+            if wid in used:
+                continue
+            del self._workers[wid]
+            self._members.forget(wid)
+            for pair in [pair for pair in self._links_down if wid in pair]:
+                del self._links_down[pair]
+
+    def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
+        """Drop a worker; sessions move on to its replicas, a standby, or a new plan.
+
+        A worker lost as "dead" (silent, cut off, stuck) is written off, not forgotten: should
+        it speak again while its range is still unserved, _reinstate gives it back.
+        """
+        if not worker.alive:
+            return
+        if state == "dead":
+            stage = next((k for k, st in enumerate(self._plan or ()) if worker.wid in st.workers), None)
+            role = (*worker.layers, worker.epoch) if worker.serving and worker.layers else None
+            exact = {s.sid: (s.restarts, s.pos) for s in self._sessions.values()
+                     if stage is not None and worker.wid in s.holders.get(stage, ())}
+            self._members.write_off(worker.wid, self._now(), role, exact)
+        worker.state, worker.lost_at, worker.lost_why = state, self._now(), why
+        _log.warning("worker %s lost: %s", worker.name, why)
+        if self._rebalance is not None and any(worker.wid in st.workers for st in self._rebalance):
+            self._abort_rebalance()  # the new plan counted on it
+        self._node_event(worker, {"left": "leaves", "kicked": "kicks"}.get(state, "failures"))
+        self._stats["failures"] += 1
+        for stage in self._plan or ():
+            if worker.wid in stage.workers:
+                stage.workers.remove(worker.wid)
+        for s in self._sessions.values():
+            for holders in s.holders.values():
+                holders.discard(worker.wid)
+        self._place()
+        for s in list(self._sessions.values()):
+            for step in list(s.steps.values()):
+                if worker.wid in step.targets:
+                    self._drop_target(s, step, worker.wid)
+
+    def _reinstate(self, worker: _WorkerState) -> bool:
+        """Give a written-off worker that speaks again its range back, if no one else serves it yet.
+
+        It kept its layers and its caches (it was cut off, not restarted): no reload. Sessions
+        whose cache it held and that have not moved since (same position, no restart) keep it
+        there; the others replay that stage alone on their next step. A re-plan loading to
+        cover its loss is abandoned once the plan is whole again. False: it must join afresh.
+        """
+        record = self._members.returned(worker.wid)
+        if record is None or record.role is None or worker.state != "dead" or worker.epoch != record.role[2]:
+            return False
+        start, end, _ = record.role
+        k = next((k for k, st in enumerate(self._plan or ()) if (st.start, st.end) == (start, end)), None)
+        if k is None:
+            return False
+        stage = self._plan[k]
+        if sum(self._workers[x].serving for x in stage.workers) >= self.config.replicas:
+            return False
+        stage.workers.append(worker.wid)
+        worker.state, worker.lost_at, worker.lost_why = "ready", None, None
+        kept = 0
+        for s in self._sessions.values():
+            if record.exact.get(s.sid) == (s.restarts, s.pos):
+                s.holders.setdefault(k, set()).add(worker.wid)
+                kept += 1
+        self._stats["reinstated"] += 1
+        _log.warning("worker %s is back after %.1f s written off: it serves layers %d..%d again (no reload); "
+                     "%d sessions keep its cache, %d replay that stage", worker.name,
+                     self._now() - record.written_off, start, end - 1, kept, len(self._sessions) - kept)
+        self._update_readiness()  # (abandons a re-plan loading to cover its loss, the plan being whole)
+        return True
+
+    def _resend_assignment(self, worker: _WorkerState) -> None:
+        """Send a worker again the assignment it is loading (or loading beside its range): it may have been
+        lost with its connection. Same epoch, same layers: a worker that has them answers at once."""
+        if worker.state == "loading" and worker.layers is not None:
+            self._send(worker.wid, "assign", {"epoch": worker.epoch, "start": worker.layers[0],
+                                              "end": worker.layers[1], **self._model_fields()})
+        elif worker.next_layers is not None and not worker.next_loaded:
+            self._send(worker.wid, "assign", {"epoch": worker.next_epoch, "start": worker.next_layers[0],
+                                              "end": worker.next_layers[1], "staged": True, **self._model_fields()})
+        elif worker.activated == worker.epoch:  # its switch to a rebalance's range may be what was lost (seed 805)
+            self._send(worker.wid, "activate", {"epoch": worker.epoch})  # (a worker that switched ignores it)
+            return
+        else:
+            return
+        worker.load_mark = (self._now(), worker.layers_loaded)
+
+    def _check_loading(self, w: _WorkerState, now: float) -> None:
+        """A load that finished no layer in `Config.load_stall_s` is reported and its assignment sent again."""
+        if w.state != "loading" and (w.next_layers is None or w.next_loaded):
+            return
+        since, count = w.load_mark
+        if w.layers_loaded != count:
+            w.load_mark = (now, w.layers_loaded)
+        elif now - since > self.config.load_stall_s:
+            _log.warning("worker %s loaded no layer in %.0f s; sending its assignment again", w.name, now - since)
+            self._status = f"worker {w.name} made no loading progress in {now - since:.0f} s: retrying"
+            self._resend_assignment(w)
+
+    def _disconnected(self, wid: WorkerID, why: str) -> None:
+        """A worker's TCP connection closed (a killed process, a dropped link), or a send to it failed: its
+        grace starts (it may be back within it with its state; else it is written off)."""
+        w = self._workers.get(wid)
+        if w is not None and w.alive:
+            now = self._t
+            self._members.closed(wid, now, why)
+            _log.info("worker %s: %s; it has %.1f s to come back", w.name, why,
+                      self._members.grace(w, now, covered=self._covered(w)))
+
+    def _write_off_due(self, now: float) -> None:
+        """Write off every worker whose link has been down past its grace; its range moves on."""
+        for w, why in self._members.due(list(self._workers.values()), now, self._covered):
+            self._lose_worker(w, why)
+
+    def _covered(self, w: _WorkerState) -> bool:
+        """Whether losing `w` is cheap: it serves no range, or a replica or a standby can take its range
+        over by replaying one stage. Otherwise only a re-plan moves its layers."""
+        stage = next((st for st in self._plan or () if w.wid in st.workers), None)
+        if stage is None:
+            return True
+        if any(x != w.wid and self._workers[x].serving for x in stage.workers):
+            return True
+        return any(o.state == "standby" and self._capacity(o) >= stage.layers for o in self._live())
+
+    def _step_deadline(self, w: _WorkerState, n: int) -> float:
+        """Seconds a step of n positions may take before its worker counts as stuck: the configured floor,
+        or far more than its usual compute for a step this size plus ten of its round trips."""
+        return max(self.config.step_timeout_s, 20e-3 * (w.compute_ms or 0.0) * n + 10e-3 * (w.rtt_ms or 0.0))
+
+    def _back(self, worker: _WorkerState, arrived: float, down_s: float) -> None:
+        """A worker whose link dropped speaks again within its grace, its state intact: send it again what
+        it is owed whose messages may have been lost with the connection (steps, an assignment). No
+        replay: its caches are whole."""
+        owed = [(s, step) for s in self._sessions.values() for step in s.steps.values()
+                if worker.wid in step.targets and step.sent_at < arrived]
+        _log.info("worker %s is back after %.1f s; sending again the %d steps it owes", worker.name, down_s,
+                  len(owed))
+        for session, step in owed:
+            self._send(worker.wid, "forward", self._forward_header(session, step, worker.wid), [step.hidden])
+            step.sent_at = self._now()
+        self._resend_assignment(worker)
+
+    def _node_event(self, worker: _WorkerState, event: str) -> None:
+        """Count a join, failure or leave in the node's history (kept in the store for stability scores)."""
+        now = self._wall()
+        record = self._nodes.setdefault(worker.name, {"first_seen": now, "joins": 0, "failures": 0, "leaves": 0,
+                                                      "uptime_s": 0.0})
+        record[event] = record.get(event, 0) + 1
+        record["last_seen"] = now
+        if event != "joins":
+            record["uptime_s"] = record.get("uptime_s", 0.0) + self._now() - worker.joined_at
+        if self._storing:
+            self._out.append(_Store("write", "nodes.json", _json_bytes(self._nodes)))
+
+    def _record_uptime(self) -> None:
+        """At close: add the uptime of workers still connected to their history."""
+        now = self._now()
+        for w in self._workers.values():
+            if w.alive:
+                record = self._nodes.setdefault(w.name, {"joins": 1})
+                record["uptime_s"] = record.get("uptime_s", 0.0) + now - w.joined_at
+                record["last_seen"] = self._wall()
+        self._out.append(_Store("write", "nodes.json", _json_bytes(self._nodes)))
+
+
+class _CoordinatorSteps:
+    """The coordinator's step decisions: sending steps, taking answers and tokens, replay, direct links."""
 
     def _on_result(self, worker: _WorkerState, msg: Message) -> None:
         sid = msg.get("sid", str)
@@ -7427,16 +6698,16 @@ class Cluster:
             if gap is not None and gap > _STALL_S:
                 self._stats["stalls"] += 1
             session.last_token_at = now
-            session.events.put(("token", token))
+            self._deliver(session, "token", token)
             if (token in self.head.eos_ids or session.new_tokens >= session.params.max_new_tokens
                     or len(session.tokens) >= self.head.context):
                 break
         else:
             token = None
-        if session.record is not None and self._ckpt is not None:  # serialised later, in the writer thread
+        if session.record is not None:  # (a job's prompt, with a store) serialised later, in the writer thread
             key, fields = session.record
-            self._ckpt.write(key, _functools.partial(_json_bytes, {
-                **fields, "generated": session.tokens[session.prompt_len:]}))
+            self._out.append(_Store("write", key, _functools.partial(_json_bytes, {
+                **fields, "generated": session.tokens[session.prompt_len:]})))
         if token is not None:
             self._finish(session)
         else:
@@ -7454,7 +6725,7 @@ class Cluster:
 
     def _schedule(self) -> None:
         """Start the next step of every runnable session, or time out those waiting too long."""
-        if self._ready.is_set():
+        if self._ready:
             for _ in range(len(self._runnable)):
                 s = self._runnable.popleft()
                 if s.sid in self._sessions and not s.inflight:
@@ -7480,14 +6751,6 @@ class Cluster:
         session.lead = end + len(drafts)
         ids = session.tokens[start:end] + drafts
         self._send_step(session, 0, start, self.head.embed_tokens(ids).to(self.wire_dtype))
-
-    def _speculator(self) -> _Speculation:
-        if self.config.draft == PromptLookup.name:
-            drafter: Any = PromptLookup()
-        else:
-            drafter = DraftModel(self.config.draft, target_tokenizer=self.tokenizer, device=self.device,
-                                 dtype=self.dtype, token=self.config.token, endpoint=self.config.hub_endpoint)
-        return _Speculation(self.config.speculate, drafter)
 
     def _drafts(self, session: _Session) -> list[int]:
         """Tokens to check with the session's next decode step (speculative decoding), maybe none."""
@@ -7557,7 +6820,7 @@ class Cluster:
         chain = self._chain(session, stage, next(iter(targets))) if direct else []
         self._dispatch(session, _Step(number, stage, start, hidden.shape[1], hidden, chain=chain), targets)
 
-    # -- direct links -----------------------------------------------------------
+
     # A step may carry a chain: the workers of the next stages, one each, with their direct-link
     # endpoints. A worker sends its output straight to the next one and a copy to the host, which
     # keeps it for replay and then expects the next stage's answer. Legs per token: stages + 1
@@ -7621,7 +6884,7 @@ class Cluster:
             step = session.steps.get(key) if session is not None else None
             if step is None or step.answered or step.via is None or step.relayed:
                 continue
-            for wid in list(step.targets):
+            for wid in sorted(step.targets):
                 w = self._workers[wid]
                 via = self._workers.get(step.via)
                 _log.info("no answer from %s to a step %s sent it directly; relaying it, and not using that "
@@ -7651,13 +6914,12 @@ class Cluster:
         session.steps[step.key] = step
         frame = _tensor_frame(step.hidden)
         raw = (_DTYPE_NAMES[step.hidden.dtype], list(step.hidden.shape), frame)
-        for wid in targets:
-            if not self._send(wid, "forward", self._forward_header(session, step, wid), [raw]):
-                # Its connection is down: it may be back within the grace with its state (then the step
-                # is sent again), or be declared dead when the grace ends (then its replicas take over).
-                self._members.closed(wid, self._now(), "a send to it failed")
+        for wid in sorted(targets):  # (sorted: the same order in every process)
+            # (A send that fails comes back as _Closed: the worker may be back within the grace with its state,
+            # then the step is sent again, or be written off when the grace ends: its replicas take over.)
+            self._send(wid, "forward", self._forward_header(session, step, wid), [raw])
             step.targets.add(wid)
-        step.sent_at = self._now()
+        step.sent_at = self._t
 
     def _forward_header(self, session: _Session, step: _Step, wid: WorkerID) -> dict:
         header = {"epoch": self._workers[wid].epoch, "sid": session.sid, "step": step.number,
@@ -7726,7 +6988,7 @@ class Cluster:
         session.waiting_since = self._now()
         if session not in self._runnable:
             self._runnable.append(session)
-        if not self._ready.is_set():
+        if not self._ready:
             self._status = why if why.startswith("waiting") else f"waiting: {why}"
 
     @_contextlib.contextmanager
@@ -7761,14 +7023,13 @@ class Cluster:
             while len(self._draining) > 1000:
                 self._draining.pop(next(iter(self._draining)))
         self._forget(session, keep=False)
-        for wid in set().union(*session.holders.values()) if session.holders else ():
+        for wid in sorted(set().union(*session.holders.values())) if session.holders else ():
             if wid in self._workers and self._workers[wid].alive:
                 self._send(wid, "end", {"sid": session.sid})
-        session.events.put(("error", error) if error is not None else ("done", None))
+        self._deliver(session, "error", error) if error is not None else self._deliver(session, "done")
         for successor in list(self._handovers):
             self._check_handover(self._workers[successor])
 
-    # -- membership and placement ---------------------------------------------
 
     def _admit_waiting(self) -> None:
         """Give freed slots to the requests waiting longest."""
@@ -7787,174 +7048,9 @@ class Cluster:
                 f"request {s.sid} ran past its deadline ({s.deadline - s.created:.1f} s; {s.new_tokens} tokens "
                 "made): cancelled on every stage"))
 
-    def _renew_or_step_down(self, now: float) -> bool:
-        """Renew this host's lease in the store; or, if another host has claimed it, step down: fail this
-        host's requests, stop its API, and let its workers go (they follow the store to the new host).
-        Returns False once stepped down."""
-        if self._ckpt is None or not self.active.is_set():
-            return True
-        if self._ckpt.superseded:
-            self._stepped_down = self._ckpt.superseded
-            successor = self._ckpt.successor
-            self._successor = successor.get("api") or successor.get("host")
-            _log.error("stepping down: %s; this host's workers follow the store to it", self._stepped_down)
-            self._status = f"stepped down: {self._stepped_down}"
-            for s in list(self._sessions.values()):
-                self._finish(s, error=self._closed_error())
-            for server in self._servers:
-                server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
-            return False
-        if now - self._renewed_at > self._lease_s(self._ckpt.store) / 3:
-            self._write_rendezvous(renew=True)
-            self._renewed_at = now
-        return True
 
-    def _heartbeat(self, now: float) -> None:
-        self._check_deadlines()
-        self._write_off_due(now)
-        for w in self._live():
-            self._send(w.wid, "ping", {"t": now})
-            self._check_loading(w, now)
-        clock = self._now()
-        for s in list(self._sessions.values()):
-            for step in list(s.steps.values()):
-                for wid in list(step.targets):
-                    w = self._workers[wid]
-                    deadline = self._step_deadline(w, step.n)
-                    if clock - step.sent_at > deadline and w.alive:
-                        self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
-        if self._plan is None and self._live():
-            self._place()  # e.g. the wait for calibrations ran out
-        self._maybe_rebalance(now)
-        self._forget_departed(now)
-        self._publish()
-
-    def _ban(self, wid: WorkerID) -> None:
-        self._banned[wid] = None
-        while len(self._banned) > _BANNED_KEPT:
-            self._banned.popitem(last=False)
-
-    def _forget_departed(self, now: float) -> None:
-        """Forget workers written off over _FORGET_DEPARTED_S ago that nothing refers to any more, with their
-        links: a host serving for days while notebooks come and go keeps bounded state (their history stays
-        in the node records; one that comes back joins afresh)."""
-        for pair, until in list(self._links_down.items()):
-            if until <= now:
-                del self._links_down[pair]
-        old = [w.wid for w in self._workers.values()
-               if not w.alive and w.lost_at is not None and now - w.lost_at > _FORGET_DEPARTED_S]
-        if not old:
-            return
-        used: set[WorkerID] = set()
-        for stage in [*(self._plan or ()), *(self._rebalance or ())]:
-            used.update(stage.workers)
-        for successor, (leaver, _) in self._handovers.items():
-            used.update((successor, leaver))
-        for session in [*self._sessions.values(), *self._draining.values()]:
-            used.update(*session.holders.values())
-            for step in session.steps.values():
-                used.update(step.targets, step.chain, (step.via,))
-        for wid in old:
-            if wid in used:
-                continue
-            del self._workers[wid]
-            self._members.forget(wid)
-            for fd in [fd for fd, owner in self._fds.items() if owner == wid]:
-                del self._fds[fd]
-            for pair in [pair for pair in self._links_down if wid in pair]:
-                del self._links_down[pair]
-
-    def _lose_worker(self, worker: _WorkerState, why: str, state: str = "dead") -> None:
-        """Drop a worker; sessions move on to its replicas, a standby, or a new plan.
-
-        A worker lost as "dead" (silent, cut off, stuck) is written off, not forgotten: should
-        it speak again while its range is still unserved, _reinstate gives it back.
-        """
-        if not worker.alive:
-            return
-        if state == "dead":
-            stage = next((k for k, st in enumerate(self._plan or ()) if worker.wid in st.workers), None)
-            role = (*worker.layers, worker.epoch) if worker.serving and worker.layers else None
-            exact = {s.sid: (s.restarts, s.pos) for s in self._sessions.values()
-                     if stage is not None and worker.wid in s.holders.get(stage, ())}
-            self._members.write_off(worker.wid, self._now(), role, exact)
-        worker.state, worker.lost_at, worker.lost_why = state, self._now(), why
-        _log.warning("worker %s lost: %s", worker.name, why)
-        if self._rebalance is not None and any(worker.wid in st.workers for st in self._rebalance):
-            self._abort_rebalance()  # the new plan counted on it
-        self._node_event(worker, {"left": "leaves", "kicked": "kicks"}.get(state, "failures"))
-        self._stats["failures"] += 1
-        for stage in self._plan or ():
-            if worker.wid in stage.workers:
-                stage.workers.remove(worker.wid)
-        for s in self._sessions.values():
-            for holders in s.holders.values():
-                holders.discard(worker.wid)
-        self._place()
-        for s in list(self._sessions.values()):
-            for step in list(s.steps.values()):
-                if worker.wid in step.targets:
-                    self._drop_target(s, step, worker.wid)
-
-    def _reinstate(self, worker: _WorkerState) -> bool:
-        """Give a written-off worker that speaks again its range back, if no one else serves it yet.
-
-        It kept its layers and its caches (it was cut off, not restarted): no reload. Sessions
-        whose cache it held and that have not moved since (same position, no restart) keep it
-        there; the others replay that stage alone on their next step. A re-plan loading to
-        cover its loss is abandoned once the plan is whole again. False: it must join afresh.
-        """
-        record = self._members.returned(worker.wid)
-        if record is None or record.role is None or worker.state != "dead" or worker.epoch != record.role[2]:
-            return False
-        start, end, _ = record.role
-        k = next((k for k, st in enumerate(self._plan or ()) if (st.start, st.end) == (start, end)), None)
-        if k is None:
-            return False
-        stage = self._plan[k]
-        if sum(self._workers[x].serving for x in stage.workers) >= self.config.replicas:
-            return False
-        stage.workers.append(worker.wid)
-        worker.state, worker.lost_at, worker.lost_why = "ready", None, None
-        kept = 0
-        for s in self._sessions.values():
-            if record.exact.get(s.sid) == (s.restarts, s.pos):
-                s.holders.setdefault(k, set()).add(worker.wid)
-                kept += 1
-        self._stats["reinstated"] += 1
-        _log.warning("worker %s is back after %.1f s written off: it serves layers %d..%d again (no reload); "
-                     "%d sessions keep its cache, %d replay that stage", worker.name,
-                     self._now() - record.written_off, start, end - 1, kept, len(self._sessions) - kept)
-        self._update_readiness()  # (abandons a re-plan loading to cover its loss, the plan being whole)
-        return True
-
-    def _resend_assignment(self, worker: _WorkerState) -> None:
-        """Send a worker again the assignment it is loading (or loading beside its range): it may have been
-        lost with its connection. Same epoch, same layers: a worker that has them answers at once."""
-        if worker.state == "loading" and worker.layers is not None:
-            self._send(worker.wid, "assign", {"epoch": worker.epoch, "start": worker.layers[0],
-                                              "end": worker.layers[1], **self._model_fields()})
-        elif worker.next_layers is not None and not worker.next_loaded:
-            self._send(worker.wid, "assign", {"epoch": worker.next_epoch, "start": worker.next_layers[0],
-                                              "end": worker.next_layers[1], "staged": True, **self._model_fields()})
-        elif worker.activated == worker.epoch:  # its switch to a rebalance's range may be what was lost (seed 805)
-            self._send(worker.wid, "activate", {"epoch": worker.epoch})  # (a worker that switched ignores it)
-            return
-        else:
-            return
-        worker.load_mark = (self._now(), worker.layers_loaded)
-
-    def _check_loading(self, w: _WorkerState, now: float) -> None:
-        """A load that finished no layer in `Config.load_stall_s` is reported and its assignment sent again."""
-        if w.state != "loading" and (w.next_layers is None or w.next_loaded):
-            return
-        since, count = w.load_mark
-        if w.layers_loaded != count:
-            w.load_mark = (now, w.layers_loaded)
-        elif now - since > self.config.load_stall_s:
-            _log.warning("worker %s loaded no layer in %.0f s; sending its assignment again", w.name, now - since)
-            self._status = f"worker {w.name} made no loading progress in {now - since:.0f} s: retrying"
-            self._resend_assignment(w)
+class _CoordinatorPlacement:
+    """The coordinator's placement decisions: plans, assignments, rebalancing, readiness, published views."""
 
     def _live(self) -> list[_WorkerState]:
         return [w for w in self._workers.values() if w.alive]
@@ -7964,10 +7060,6 @@ class Cluster:
         return {"model": self.model, "revision": self.files.revision, "endpoint": self.config.hub_endpoint,
                 "quant": self.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
                 "batch": self.config.decode_batch}
-
-    def _look_up_sizes(self) -> None:
-        for filename in sorted(set(self._weight_map.values())):
-            self._file_sizes[filename] = self.files.size(filename)
 
     def _share_bytes(self, start: int, end: int) -> int | None:
         """Bytes of the weight files that hold layers [start, end): what a worker loading them downloads
@@ -8003,7 +7095,7 @@ class Cluster:
         record = self._nodes.get(w.name, {})
         hours = (record.get("uptime_s", 0.0) + self._now() - w.joined_at) / 3600
         hazard = (record.get("failures", 0) + 1.0) / (hours + 2.0)
-        if w.deadline is not None and w.deadline - _time.time() < 3600:
+        if w.deadline is not None and w.deadline - self._wall() < 3600:
             hazard += 1.0
         return hazard
 
@@ -8067,7 +7159,7 @@ class Cluster:
             return
         old = {(s.start, s.end) for s in self._plan or ()}
         self._plan = plan
-        self._ready.clear()
+        self._set_ready(False)
         in_plan = {wid for s in plan for wid in s.workers}
         for w in live:
             if w.wid not in in_plan:
@@ -8101,7 +7193,7 @@ class Cluster:
         False where the survivors lack the memory to load beside what they hold: re-plan the plain way.
         """
         names = ", ".join(f"{s.start}..{s.end - 1}" for s in orphaned)
-        self._ready.clear()
+        self._set_ready(False)
         if self._replanning:
             return True  # one is loading already
         survivors = [w for w in live if w.state in ("ready", "standby") and not self._members.down(w.wid)]
@@ -8127,12 +7219,11 @@ class Cluster:
         self._publish()
         return True
 
-    # -- rebalancing ----------------------------------------------------------
 
     def _maybe_rebalance(self, now: float, force: bool = False) -> None:
         """Every `rebalance_s` (or when `force`d), move layers if measured speeds promise a clear gain."""
         due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s)
-        if not due or self._rebalance is not None or self._handovers or not self._ready.is_set():
+        if not due or self._rebalance is not None or self._handovers or not self._ready:
             return
         self._last_rebalance = now
         live = self._live()
@@ -8178,7 +7269,7 @@ class Cluster:
             self._abort_rebalance()
             return
         holders = {wid for s in plan for wid in s.workers}
-        for wid in holders:
+        for wid in sorted(holders):
             w = self._workers[wid]
             if w.next_layers is not None:  # activate follows every step of the old plan in its queue
                 self._send(wid, "activate", {"epoch": w.next_epoch})
@@ -8222,7 +7313,7 @@ class Cluster:
         if self._plan is not None:
             self._restart_all("too few workers for a complete pipeline")
         self._plan = None
-        self._ready.clear()
+        self._set_ready(False)
         self._publish()
 
     def _update_readiness(self) -> None:
@@ -8231,11 +7322,11 @@ class Cluster:
         if complete and self._replanning:  # its holders came back (or a standby took over) first
             _log.warning("the plan is whole again: abandoning the re-plan that was loading")
             self._abort_rebalance()
-        if complete and not self._ready.is_set():
+        if complete and not self._ready:
             self._status = f"ready: {len(self._plan)} stages"
-            self._ready.set()
+            self._set_ready(True)
         elif not complete:
-            self._ready.clear()
+            self._set_ready(False)
         self._publish()
 
     def _publish(self) -> None:
@@ -8256,6 +7347,1155 @@ class Cluster:
              "state": "running" if s.inflight else "waiting"}
             for s in _itertools.islice(self._sessions.values(), 50)]
         self._snapshot = (workers, plan)
+
+    def _history_bytes_per_token(self) -> float:
+        """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
+        stages = len(self._plan or ()) or 1
+        return self.model_config.hidden_size * self.dtype.itemsize * (stages - 1)
+
+
+# The coordinator's core takes events and gives instructions (see _Coordinator). Events are stamped with the
+# shell's monotonic clock; instructions are carried out by the shell in order.
+
+class _Arrived(NamedTuple):
+    """A worker's decoded message."""
+    t: float
+    wid: WorkerID
+    msg: Message
+
+
+class _Closed(NamedTuple):
+    """A worker's connection closed (the socket monitor saw it), or a send to it failed."""
+    t: float
+    wid: WorkerID
+    why: str = "its connection closed"
+
+
+class _Command(NamedTuple):
+    """A user's or the shell's command: submit, cancel, kick, drain, rebalance, claimed, moved, speculate,
+    sizes, stop."""
+    t: float
+    kind: str
+    arg: Any = None
+
+
+class _Tick(NamedTuple):
+    """The end of a turn (or a timer's due time): write-offs, sampling, relays, the heartbeat, scheduling."""
+    t: float
+
+
+class _Superseded(NamedTuple):
+    """The store says another host has claimed it (seen by the checkpointer)."""
+    t: float
+    why: str
+    successor: dict
+
+
+class _Send(NamedTuple):
+    """Send a message to a worker (a failed send comes back as _Closed)."""
+    wid: WorkerID
+    type: str
+    header: dict
+    tensors: Sequence = ()
+
+
+class _Deliver(NamedTuple):
+    """Put (kind, value) on a request's stream: ("token", id), ("done", None) or ("error", exception)."""
+    stream: Any
+    item: tuple
+
+
+class _Store(NamedTuple):
+    """A checkpoint: write (data: bytes or a callable making them, serialised by the writer), append, delete."""
+    op: str
+    key: str
+    data: Any = None
+
+
+class _Renew(NamedTuple):
+    """Rewrite the rendezvous record: renew the lease (`news`: the join string changed, push at once)."""
+    news: bool = False
+
+
+class _Readiness(NamedTuple):
+    """Whether a complete pipeline serves (wait_ready() waits for True)."""
+    ready: bool
+
+
+class _StepDown(NamedTuple):
+    """Another host holds the store: stop the API; the loop ends (workers follow the store)."""
+    why: str
+
+
+class _Stop(NamedTuple):
+    """The loop ends: close the sockets (after the shutdown messages went out)."""
+
+
+class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement):
+    """The coordinator's decisions, without I/O: `handle(events) -> instructions` and `wake_at()`.
+
+    It owns the sessions, their steps and replay histories, membership (joins, leaves, link grace,
+    write-offs), direct-link state, speculation, admission hand-offs, placement and rebalancing, and the
+    views it publishes for other threads (`_snapshot`, `_stage_view`, `_session_view`, `_status`, `_stats`).
+    It reads no clock (each event carries the time; wall time is that plus a fixed offset, for the store's
+    records only), opens no socket, starts no thread, and iterates in insertion order (dicts and lists),
+    so a seeded schedule replays exactly. It is built from the model's shape and the host's head
+    (`Cluster._MODEL_PARTS`), not from files. `Cluster` is the shell that feeds it; `_Simulation` another.
+    """
+
+    def __init__(self, parts: dict, config: Config, *, host_id: str = "host", t: float = 0.0,
+                 wall_offset: float = 0.0, speculation: "_Speculation | None" = None) -> None:
+        self.__dict__.update(parts)
+        self.config = config
+        self._host_id = host_id
+        self._t = t  # the time of the event being handled
+        self._wall_offset = wall_offset  # wall time = event time + this
+        self._out: list = []  # instructions made while handling the current events
+        self._speculation = speculation
+
+        self._workers: dict[WorkerID, _WorkerState] = {}
+        self._plan: list[Stage] | None = None
+        self._epoch = 0  # counts assignments; a worker's answers must carry the epoch of its own
+        self._sessions: dict[SessionID, _Session] = {}
+        self._runnable: _collections.deque[_Session] = _collections.deque()
+        self._to_sample: list[tuple[_Session, torch.Tensor]] = []  # last stage answered: (session, hidden)
+        self._batch_share = 0.0  # 1/batch summed over steps that shared a decode step: how many such steps ran
+        self._history_bytes = 0  # stage inputs kept for replay, all sessions
+        self._handovers: dict[WorkerID, tuple[WorkerID, set[SessionID]]] = {}  # successor -> (leaver, behind)
+        # Kicked workers' identities, newest last (bounded: rotate_keys() is what keeps a join string's holder out).
+        self._banned: _collections.OrderedDict[WorkerID, None] = _collections.OrderedDict()
+        self._draining: dict[SessionID, _Session] = {}  # finished, with replicas' answers still due
+        # Whose link is down since when, with what grace; what a written-off worker held (see _Membership).
+        self._members = _Membership(self.config)
+        self._ready = False  # a complete pipeline serves
+        self._status = "waiting for workers"
+        self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
+        self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
+        self._session_view: list[dict] = []  # live sessions, for the panel
+        self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
+                       "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
+                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
+                       "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0}
+        self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
+        # Slots: the callers' threads enter (refused at once when full); the core leaves and hands them on.
+        self._admission = _Admission(self.config.max_active, self.config.max_queued)
+        self._waiting: _collections.deque[_Session] = _collections.deque()  # admitted=False, oldest first
+        # Direct links: steps a worker sent straight to the next stage (their answers are due by a deadline,
+        # else the host relays its copy), answers that came before the copy, links that failed recently.
+        self._relays: list[tuple[float, int, SessionID, tuple]] = []  # heap of (due, seq, sid, step key)
+        self._relay_seq = _itertools.count()
+        self._early: _collections.OrderedDict = _collections.OrderedDict()  # (sid, key) -> (wid, msg, when)
+        self._links_down: dict[tuple[WorkerID, WorkerID], float] = {}  # (from, to) -> until (monotonic)
+        self._rebalance: list[Stage] | None = None  # a plan whose new ranges are loading beside the current ones
+        self._replanning = False  # that plan covers layers that lost their holders (see _replan_beside)
+        # Workers that could not load their layers, by name: (why, when); not asked again for a while. When
+        # every worker has failed so, requests fail at once with the reason instead of waiting.
+        self._load_failures: dict[str, tuple[str, float]] = {}
+        self._cannot_load: str | None = None
+        self._last_rebalance = t
+        self._next_beat = t  # the next heartbeat
+        # The store (once this host has claimed it): node records, the lease's length and last renewal.
+        self._storing = False
+        self._nodes: dict[str, dict] = {}
+        self._lease_s = _math.inf
+        self._renewed_at = 0.0
+        self._stepped_down: str | None = None
+        self._successor: str | None = None  # where the host that took the store over serves (its API, or its id)
+        self._stopped = False
+
+    # -- events in, instructions out ---------------------------------------------
+
+    def handle(self, events: Iterable) -> list:
+        """Take events in order (each stamped with the time); return the instructions to carry out, in order.
+        The last event of a turn is a _Tick."""
+        for event in events:
+            self._t = event.t
+            kind = type(event)
+            if kind is _Arrived:
+                self._on_worker_message(event.wid, event.msg)
+            elif kind is _Tick:
+                self._advance()
+            elif kind is _Closed:
+                self._disconnected(event.wid, event.why)
+            elif kind is _Command:
+                self._on_command(event.kind, event.arg)
+            elif kind is _Superseded:
+                self._step_down(event.why, event.successor)
+            else:
+                raise TypeError(f"not a coordinator event: {event!r}")
+        out, self._out = self._out, []
+        return out
+
+    def wake_at(self) -> float:
+        """When the coordinator must act next if nothing arrives: its heartbeat, or a direct step's relay."""
+        if self._stopped:
+            return _math.inf
+        return min(self._next_beat, self._relays[0][0]) if self._relays else self._next_beat
+
+    def _now(self) -> float:
+        return self._t
+
+    def _wall(self) -> float:
+        """Wall time (Unix seconds), for the store's records only."""
+        return self._t + self._wall_offset
+
+    def _send(self, wid: WorkerID, msg_type: str, header: dict, tensors: Sequence = ()) -> None:
+        self._out.append(_Send(wid, msg_type, header, tensors))
+
+    def _deliver(self, session: _Session, kind: str, value: Any = None) -> None:
+        self._out.append(_Deliver(session.events, (kind, value)))
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self._out.append(_Readiness(ready))
+
+    def _advance(self) -> None:
+        """What the coordinator does after each turn's messages: write off links down past their grace, pick
+        the tokens answered, relay overdue direct steps, beat the heartbeat (and renew the lease), send the
+        next steps."""
+        if self._stopped:
+            return
+        now = self._t
+        if self._members.anyone_down():
+            self._write_off_due(now)
+        self._sample_pending()
+        if self._relays:
+            self._check_relays(now)
+        if now >= self._next_beat:
+            self._heartbeat(now)
+            self._next_beat = now + self.config.heartbeat_s
+            if self._storing and now - self._renewed_at > self._lease_s / 3:
+                self._out.append(_Renew())
+                self._renewed_at = now
+        self._schedule()
+
+    def _on_command(self, kind: str, arg: Any) -> None:
+        if self._stopped:
+            if kind == "submit":
+                self._deliver(arg, "error", self._closed_error())
+            return
+        if kind == "submit":
+            self._sessions[arg.sid] = arg
+            with self._failing_alone(arg, "starting it"):
+                if arg.params.max_new_tokens == 0:
+                    self._finish(arg)
+                elif not arg.admitted:
+                    self._waiting.append(arg)  # until a slot frees (_finish admits the next)
+                    self._admit_waiting()  # (one may have freed before this arrived)
+                elif self._cannot_load is not None:
+                    self._finish(arg, error=ClusterNotReadyError(self._cannot_load))
+                else:
+                    self._park(arg, self._status)
+        elif kind == "cancel":
+            s = self._sessions.get(arg)
+            if s is not None:
+                self._finish(s)
+        elif kind == "claimed":  # this host holds the store now: its node records, its lease
+            self._storing, self._nodes, self._lease_s = True, arg["nodes"], arg["lease_s"]
+            self._renewed_at = self._t
+            self._publish()
+        elif kind == "moved":  # the join string changed (the tunnel moved): the store's record with it
+            if self._storing:
+                self._out.append(_Renew(news=True))
+                self._renewed_at = self._t
+            self._publish()
+        elif kind == "rebalance":
+            self._maybe_rebalance(self._t, force=True)
+        elif kind == "speculate":
+            self._speculation = arg
+        elif kind == "sizes":  # the weight files' sizes, looked up in the background
+            self._file_sizes = {**self._file_sizes, **arg}
+        elif kind == "drain":
+            for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
+                self._drain(w)
+        elif kind == "kick":
+            for w in [w for w in self._workers.values() if w.name == arg and w.alive]:
+                self._ban(w.wid)
+                self._send(w.wid, "error", {"code": "kicked", "message": "kicked by the host"})
+                self._lose_worker(w, "kicked by the host", state="kicked")
+        elif kind == "stop":
+            self._shutdown()
+        else:
+            raise ValueError(f"unknown coordinator command {kind!r}")
+
+    def _closed_error(self) -> DistllmError:
+        """What a request to this host gets once it no longer serves: why, and where to go instead."""
+        if self._stepped_down is None:
+            return DistllmError("cluster is closed")
+        where = f"; the active host is {self._successor}" if self._successor else ""
+        return HostSteppedDownError(f"this host stepped down ({self._stepped_down}): send the request to the "
+                                    f"active host{where}", new_host=self._successor)
+
+    def _step_down(self, why: str, successor: dict) -> None:
+        """Another host has claimed the store: fail this host's requests and stop (its API stops; its workers
+        follow the store to the new host)."""
+        if self._stopped:
+            return
+        self._stepped_down = why
+        self._successor = successor.get("api") or successor.get("host")
+        _log.error("stepping down: %s; this host's workers follow the store to it", why)
+        self._status = f"stepped down: {why}"
+        for s in list(self._sessions.values()):
+            self._finish(s, error=self._closed_error())
+        self._stopped = True
+        self._out.append(_StepDown(why))
+        self._out.append(_Stop())
+
+    def abandon(self, t: float, error: DistllmError) -> list:
+        """The shell's loop failed (a bug): end every request with `error`; return the instructions."""
+        self._t = t
+        for s in list(self._sessions.values()):
+            self._finish(s, error=error)
+        self._stopped = True
+        out, self._out = self._out, []
+        return out
+
+    def _shutdown(self) -> None:
+        """Closing: tell the workers to stop, end every request, record the workers' uptime."""
+        for wid in list(self._workers):
+            self._send(wid, "shutdown", {})
+        for s in list(self._sessions.values()):
+            self._finish(s, error=self._closed_error())
+        if self._storing:
+            self._record_uptime()
+        self._stopped = True
+        self._out.append(_Stop())
+
+
+
+class _ClusterStore:
+    """The shell's store side (part of `Cluster`): batch jobs, claiming and renewing the store, following
+    another host's lease as a standby. Runs on the callers' threads and the coordinator's, never in the core."""
+
+    def map(self, prompts: Sequence | str, *, name: str | None = None, max_new_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Job:
+        """Run every prompt (a list, or the path of a JSON-lines file of them) as a checkpointed job.
+
+        Returns a Job at once; `job.results()` waits for the completions in prompt order.
+        Each prompt samples as `generate(prompt, seed=seed, ...)` would. With a store, results
+        are appended to it as they finish, and submitting the same job again (same `name`, or
+        the same prompts and parameters) attaches to it and resumes it, after a host restart too.
+        """
+        items = _read_prompts(prompts)
+        if not items:
+            raise RequestError("map() needs at least one prompt")
+        for i, prompt in enumerate(items):
+            try:
+                self._prompt_ids(prompt)
+            except (RequestError, PromptTooLongError) as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        SamplingParams(**params)  # checks them before anything is stored
+        if name is not None and not _JOB_NAME.fullmatch(str(name)):
+            raise RequestError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        prompts_sha = _hashlib.sha256(_json_bytes(items)).hexdigest()
+        job_id = name or "job-" + _hashlib.sha256(_json_bytes(
+            {"prompts": prompts_sha, "params": params, "seed": seed, "model": self._fingerprint})).hexdigest()[:12]
+        if self._closed.is_set():
+            raise DistllmError("cluster is closed")
+        with self._jobs_lock:
+            job = self._jobs.get(job_id) or self._load_job(job_id, items, prompts_sha)
+            if job is None:
+                job = Job(self, job_id, items, SamplingParams(**params, seed=_secure_seed() if seed is None
+                                                              else int(seed)))
+                if self._ckpt is not None:
+                    self._ckpt.write(f"jobs/{job_id}/prompts.jsonl", b"".join(_json_bytes(p) + b"\n" for p in items))
+                    self._write_job_spec(job, prompts_sha, done=False)
+            else:
+                same = (job.prompts_sha == prompts_sha and
+                        all(getattr(job.params, k) == v for k, v in params.items()) and
+                        (seed is None or job.params.seed == int(seed)))
+                if not same:
+                    raise RequestError(f"a job named {job_id!r} already exists with other prompts or parameters; "
+                                       f"choose another name")
+                if job._stopped:  # e.g. its runner failed: run what is left again
+                    job = job._restarted()
+            job.prompts_sha = prompts_sha
+            self._jobs[job_id] = job
+            return job._start()
+
+    def jobs(self) -> list[Job]:
+        """Return the batch jobs this host knows (submitted here, or resumed from the store)."""
+        with self._jobs_lock:
+            return list(self._jobs.values())
+
+    def node_history(self) -> dict[str, dict]:
+        """Return each node's record by name: joins, failures, leaves, uptime (kept in the store)."""
+        return {k: dict(v) for k, v in self._core._nodes.items()}
+
+    @property
+    def store_status(self) -> str:
+        """One line: where checkpoints go and whether they get there."""
+        return self._ckpt.status if self._ckpt is not None else "no store (nothing is checkpointed)"
+
+    def checkpoint(self, timeout: float = 60.0) -> bool:
+        """Write (and for the Hub, push) every pending checkpoint now; return whether all got there."""
+        return self._ckpt.flush(timeout) if self._ckpt is not None else True
+
+    def _write_rendezvous(self, *, renew: bool = False, news: bool = False) -> None:
+        """Claim the store, or (`renew`) renew this host's lease in it: the record workers and standbys read
+        (its `renewed` is the lease's). `news`: the record changed (a new join string): pushed at once."""
+        now = _time.time()
+        self._ckpt.write(RENDEZVOUS, _json_bytes({
+            "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
+            "model": self.model, "started": self._started_at, "renewed": now,
+            "api": self._servers[0].url if self._servers else None,  # (a stepping-down host points clients here)
+            "lease_s": self._lease_s(self._ckpt.store)}),
+            urgent=news or not renew or not isinstance(self._ckpt.store, HubStore),  # (a Hub renewal waits for a push)
+            renew=renew)
+
+    def _write_job_spec(self, job: Job, prompts_sha: str, *, done: bool) -> None:
+        self._ckpt.write(f"jobs/{job.id}/job.json", _json_bytes({
+            "id": job.id, "model": self.model, "count": len(job.prompts), "prompts_sha": prompts_sha,
+            "params": _dataclasses.asdict(job.params), "done": done}))
+
+    def _load_partials(self, store: LocalStore) -> dict[str, dict[int, list[int]]]:
+        """Read the unfinished prompts' tokens from session checkpoints (corrupt ones are skipped)."""
+        out: dict[str, dict[int, list[int]]] = _collections.defaultdict(dict)
+        for key in store.keys("sessions/"):
+            record = _load_record(store, key)
+            if record is None:
+                continue
+            generated, job, index = record.get("generated"), record.get("job"), record.get("index")
+            if (isinstance(job, str) and isinstance(index, int) and isinstance(generated, list)
+                    and all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in generated)):
+                out[job][index] = generated
+            else:
+                _log.warning("store: checkpoint %s does not describe a job's prompt; skipped", key)
+        return dict(out)
+
+    def _resume_jobs(self) -> None:
+        """Start every unfinished job found in the store."""
+        store = self._ckpt.store
+        for key in store.keys("jobs/"):
+            parts = key.split("/")
+            if len(parts) != 3 or parts[2] != "job.json":
+                continue
+            spec = _load_record(store, key)
+            if spec is None or spec.get("done"):
+                continue
+            with self._jobs_lock:
+                job = self._load_job(parts[1])
+                if job is None:
+                    continue
+                self._jobs[job.id] = job
+            _log.warning("resuming job %s: %d of %d prompts done, %d generated tokens kept", job.id,
+                         job.progress[0], job.progress[1], job.resumed_tokens)
+            job._start()
+
+    def _load_job(self, job_id: str, items: list | None = None, prompts_sha: str | None = None) -> Job | None:
+        """Rebuild a job from the store: its spec, prompts, results and unfinished prompts' tokens."""
+        if self._ckpt is None:
+            return None
+        store = self._ckpt.store
+        spec = _load_record(store, f"jobs/{job_id}/job.json")
+        if spec is None:
+            return None
+        try:
+            params = SamplingParams(**spec["params"])
+            count, sha = int(spec["count"]), str(spec["prompts_sha"])
+            if items is not None and sha == prompts_sha:
+                prompts = items
+            else:
+                lines = (store.read(f"jobs/{job_id}/prompts.jsonl") or b"").split(b"\n")
+                prompts = [_json.loads(line) for line in lines if line.strip()]
+                if len(prompts) != count or _hashlib.sha256(_json_bytes(prompts)).hexdigest() != sha:
+                    raise ValueError(f"prompts.jsonl holds {len(prompts)} prompts that do not match the spec")
+        except (KeyError, TypeError, ValueError, RequestError) as exc:
+            _log.warning("store: job %s cannot be resumed (%s); submit it again with map() to start it over",
+                         job_id, exc)
+            return None
+        key = f"jobs/{job_id}/results.jsonl"
+        records, bad = _read_jsonl(store.read(key), f"{store.uri}/{key}")
+        results: dict[int, dict] = {}
+        for r in records:
+            i = r.get("index")
+            if isinstance(i, int) and 0 <= i < count and i not in results and (
+                    isinstance(r.get("tokens"), list) or isinstance(r.get("error"), str)):
+                results[i] = r
+        if bad or len(results) != len(records):  # rewrite without the corrupt or repeated lines
+            self._ckpt.write(key, b"".join(_json_bytes(results[i]) + b"\n" for i in sorted(results)))
+        partials = self._partials.pop(job_id, {})
+        for i in sorted(i for i in partials if i in results or not 0 <= i < count):
+            # A host killed between storing a prompt's result and retiring its checkpoint left this behind.
+            self._ckpt.delete(f"sessions/{job_id}.{i}.json")
+        partial = {i: t for i, t in partials.items() if 0 <= i < count and i not in results}
+        job = Job(self, job_id, prompts, params, results=results, partial=partial)
+        job.prompts_sha = sha
+        return job
+
+    def _submit_job_prompt(self, job: Job, i: int, generated: list[int] | None, sink: Any) -> _Session:
+        """Start prompt `i` of `job`, continuing from `generated` tokens if a checkpoint had some."""
+        ids = self._prompt_ids(job.prompts[i])
+        session = _Session(f"{job.id}.{i}-{_uuid.uuid4().hex[:6]}", ids + list(generated or ()), len(ids),
+                           job.params, sink, self._now())
+        if self._ckpt is not None:
+            session.record = (f"sessions/{job.id}.{i}.json", {
+                "job": job.id, "index": i, "prompt_len": len(ids), "params": _dataclasses.asdict(job.params)})
+        if generated:
+            self._core._stats["resumed_tokens"] += len(generated)
+            if (session.new_tokens >= job.params.max_new_tokens or generated[-1] in self.head.eos_ids
+                    or len(session.tokens) >= self.head.context):
+                sink.put(("done", None))  # it had finished; only its result was not stored
+                return session
+        if self._closed.is_set():
+            sink.put(("error", DistllmError("cluster is closed")))
+        else:
+            self._command("submit", session)
+        return session
+
+    def _job_result(self, job: Job, i: int, result: dict) -> None:
+        if self._ckpt is not None:
+            self._ckpt.append(f"jobs/{job.id}/results.jsonl", _json_bytes(result) + b"\n")
+            self._ckpt.delete(f"sessions/{job.id}.{i}.json")
+
+    def _job_finished(self, job: Job) -> None:
+        if job.done():
+            _log.info("job %s finished: %d prompts", job.id, len(job.prompts))
+            if self._ckpt is not None:
+                self._write_job_spec(job, job.prompts_sha, done=True)
+
+    def _lease_s(self, store: LocalStore) -> float:
+        return max(self.config.lease_s, 3 * self.config.store_push_s) if isinstance(store, HubStore) else \
+            self.config.lease_s
+
+    def _claim(self, store: LocalStore) -> None:
+        """Become the store's host: write the rendezvous record (workers given the store follow it; a host
+        that held it stops checkpointing and steps down), then resume its unfinished jobs."""
+        previous = _load_record(store, RENDEZVOUS) or {}
+        epoch = previous.get("epoch")
+        self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
+        if store.sweep():
+            _log.info("removed temp files a killed host left in %s", store.uri)
+        nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
+        self._partials = self._load_partials(store)
+        self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
+        self._started_at = _time.time()
+        self._write_rendezvous()
+        self._command("claimed", {"nodes": nodes, "lease_s": self._lease_s(store)})
+        self.active.set()
+        self._resume_jobs()
+
+    def _await_lease(self, store: LocalStore) -> None:
+        """A standby: take over once the active host's lease has lapsed (or no host holds the store)."""
+        t0 = self._now()
+        while not self._closed.is_set():
+            try:
+                record = _load_record(store, RENDEZVOUS)
+            except Exception as exc:  # the store may be unreachable for a while: keep following
+                _log.warning("standby: cannot read %s: %s", store.uri, _short_error(exc))
+                record = {}
+            renewed = record.get("renewed", record.get("started")) if isinstance(record, dict) else None
+            lease = record.get("lease_s", self.config.lease_s) if isinstance(record, dict) else self.config.lease_s
+            if not record or not isinstance(renewed, (int, float)) or not isinstance(lease, (int, float)) or (
+                    _time.time() - renewed > lease):
+                holder = record.get("host") if isinstance(record, dict) else None
+                _log.warning("standby: %s; taking over after %.1f s", f"the lease of {holder} lapsed" if holder
+                             else "no host holds the store", self._now() - t0)
+                self._command("claim", store)  # (on the coordinator's thread, which owns what a claim replaces)
+                return
+            self._closed.wait(min(1.0, self.config.lease_s / 4))
+
+
+class Cluster(_ClusterStore):
+    """The host side of a distllm cluster: the public handle, and the shell around the coordinator's core.
+
+    The shell owns the ZeroMQ sockets, the authenticator, the tunnel, the socket monitor, the command
+    queue, spinning, the checkpointer and the threads. Its loop polls, turns what arrived into events for
+    the core (`_Coordinator`, which makes every decision and does no I/O) and carries out the core's
+    instructions: sends, deliveries to the requests' streams, checkpoints, the lease, readiness."""
+
+    def __init__(self, model: str, config: Config | None = None):
+        self.config = config or Config()
+        self.model = model
+        # The shell's clock (monotonic seconds): it stamps the core's events with it.
+        self._now: Callable[[], float] = _time.monotonic
+        self._load_model(model)
+
+        self._tunnel = _make_tunnel(self.config.tunnel)  # a bad spec fails before anything is bound
+        store = None
+        if self.config.store:  # opened before anything is bound: a bad URI fails here
+            store = open_store(self.config.store, token=self.config.token, endpoint=self.config.hub_endpoint)
+        self._open_sockets()
+        self._init_shell()
+        _threading.Thread(target=self._look_up_sizes, name="distllm-sizes", daemon=True).start()
+
+        # Checkpoints: claim the store (workers given it follow this host), then resume its unfinished jobs.
+        self._thread = _threading.Thread(target=self._loop, name="distllm-coordinator", daemon=True)
+        self._thread.start()
+        if store is None:
+            self.active.set()
+        elif self.config.standby:
+            self._core._status = f"standby: following the active host's lease in {store.uri}"
+            _threading.Thread(target=self._await_lease, args=(store,), name="distllm-standby", daemon=True).start()
+        else:
+            self._claim(store)
+
+    # What the model gives the host, shared by every coordinator of that model (a simulation builds many).
+    _MODEL_PARTS = ("model", "files", "model_config", "n_layers", "_hidden_size", "device", "dtype", "wire_dtype",
+                    "head", "tokenizer", "_fingerprint", "quant", "_layer_bytes", "_weight_map", "_file_sizes",
+                    "_kv_bytes")
+
+    def _load_model(self, model: str) -> None:
+        """The model's files, config and the host's share of it (tokenizer, embeddings, norm, head)."""
+        self.files = _model_files(_resolve_model(model), revision=self.config.revision, token=self.config.token,
+                                 endpoint=self.config.hub_endpoint)
+        self.model_config = _load_config(self.files)
+        self.n_layers = int(self.model_config.num_hidden_layers)
+        self._hidden_size = int(self.model_config.hidden_size)  # (read per message: cheaper than the config's)
+        self.device = _default_device()
+        self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
+        # Hidden states travel in this dtype; workers answer in the dtype they were sent.
+        self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
+        self.head = HostHead(self.files, self.model_config, dtype=self.dtype, device=self.device)
+        self.tokenizer = self.head.tokenizer
+        self._fingerprint = _fingerprint(self.files)
+        # A pre-quantized checkpoint's layers are served as stored (the planner counts its bytes); else as
+        # `quant` says.
+        stored = _prequantized(self.model_config)
+        self.quant = _STORED_QUANT[stored["bits"]] if stored else self.config.quant
+        if stored and self.quant != self.config.quant:
+            _log.info("%s is stored in %d bits: its layers are served as stored (quant=%r does not apply)", model,
+                      stored["bits"], self.config.quant)
+        self._layer_bytes = _layer_bytes(self.model_config, self.quant, self.dtype)
+        shapes = _layer_shapes(self.model_config)
+        if shapes.get("experts"):  # what a token reads of a layer: its routed experts, not all of them
+            _log.info("%s: a layer holds %.0f MB (%s), %d%% of it experts; a token runs through %d of %d experts",
+                      model, self._layer_bytes / 1e6, self.quant, 100 * shapes["experts"] // _layer_params(
+                          self.model_config), _active_experts(self.model_config),
+                      shapes["experts"] * _active_experts(self.model_config) // max(1, shapes["active"]))
+        # Bytes of each weight file, looked up in the background: what each worker will download is shown
+        # when its layers are assigned (a Hub repo answers a HEAD request per file).
+        self._weight_map = self.files.weight_map()
+        self._file_sizes: dict[str, int | None] = {}
+        self._kv_bytes = _kv_bytes_per_token(self.model_config, self.dtype) * self.config.kv_budget_tokens
+
+    def _open_sockets(self) -> None:
+        """The ROUTER workers dial (CURVE, the tunnel, the join string) and the wake-up pair for commands."""
+        # CURVE runs in ZeroMQ's I/O threads: several, so workers' connections (prompt chunks are MBs)
+        # are encrypted in parallel rather than in turn.
+        self._ctx = zmq.Context(io_threads=4)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        _set_limits(self._router, self.config)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._auth = None
+        join_keys: tuple[str | None, str | None, str | None] = (None, None, None)
+        if self.config.secure:
+            join_keys = self._setup_curve()
+        else:
+            _log.warning("secure=False: traffic is plain TCP and anyone who reaches the port can join")
+        address = f"tcp://{self.config.bind}"
+        if self.config.port:
+            self._router.bind(f"{address}:{self.config.port}")
+            port = self.config.port
+        else:
+            port = self._router.bind_to_random_port(address)
+        self.port = port
+        if self._tunnel is not None:
+            try:
+                public_host, public_port = self._tunnel.open(port)
+            except BaseException:
+                self._router.close(0)
+                if self._auth is not None:
+                    self._auth.stop()
+                self._ctx.term()
+                raise
+            endpoint = f"tcp://{public_host}:{public_port}"
+            if hasattr(self._tunnel, "on_moved"):  # a tunnel that reopens elsewhere: tell the workers
+                self._tunnel.on_moved = lambda host, port: self._command("moved", f"tcp://{host}:{port}")
+        else:
+            endpoint = f"tcp://{_advertised_host(self.config)}:{port}"
+        self.join_string = JoinInfo(endpoint, *join_keys).encode()
+
+        self._wake_addr = f"inproc://distllm-wake-{_uuid.uuid4().hex}"
+        self._wake_in = self._ctx.socket(zmq.PULL)
+        self._wake_in.bind(self._wake_addr)
+        self._wake_out = self._ctx.socket(zmq.PUSH)
+        self._wake_out.connect(self._wake_addr)
+
+
+    def _init_shell(self) -> None:
+        """The shell's own state, and the core (the coordinator's state and decisions)."""
+        self._commands: _queue.Queue = _queue.Queue()
+        self._wake_lock = _threading.Lock()
+        self._spin_s = 0.0  # seconds the loop polls before sleeping while requests run: set when it starts
+        # TCP connection fd -> the worker last heard on it (bounded by the open fds: the OS reuses numbers).
+        self._fds: dict[int, WorkerID] = {}
+        self._panel: Any = None  # the notebook control panel, built on first display
+        self._servers: list[Any] = []  # OpenAI-compatible APIs started by serve()
+        self._ready = _threading.Event()  # set and cleared as the core says (_Readiness)
+        self._closed = _threading.Event()
+        self._local_procs: list[Any] = []
+        self._registry: Any = None  # prometheus_client's, made by the first metrics() call
+        self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
+        self._jobs: dict[str, Job] = {}
+        self._jobs_lock = _threading.Lock()
+        self._ckpt: _Checkpointer | None = None
+        self._partials: dict[str, dict[int, list[int]]] = {}  # job id -> prompt index -> tokens generated
+        self.active = _threading.Event()  # set once this host serves (at once, or when a standby takes over)
+        now = self._now()
+        self._core = _Coordinator({name: getattr(self, name) for name in self._MODEL_PARTS}, self.config,
+                                  host_id=self._host_id, t=now, wall_offset=_time.time() - now,
+                                  speculation=self._speculator() if self.config.speculate else None)
+
+    def _setup_curve(self) -> tuple[str, str, str]:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        server_public, server_secret = zmq.curve_keypair()
+        client_public, client_secret = zmq.curve_keypair()
+        self._allowed_keys = {client_public}
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        self._router.curve_server = True
+        self._router.curve_publickey = server_public
+        self._router.curve_secretkey = server_secret
+        return server_public.decode(), client_public.decode(), client_secret.decode()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP credentials check: admit only the client key of this cluster's join string."""
+        admitted = key in self._allowed_keys  # pyzmq passes the key Z85-encoded
+        if not admitted:
+            _log.warning("refused a worker with an unknown key (wrong or old join string)")
+        return admitted
+
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 timeout: float | None = None) -> str | list[int]:
+        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt.
+
+        `timeout`: seconds the whole request may take; past it the request is cancelled on every stage
+        and DeadlineExceeded (a TimeoutError) is raised. OverloadedError: the cluster runs and queues
+        as many requests as `max_active` and `max_queued` allow."""
+        pieces = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, timeout=timeout)
+        if isinstance(prompt, str):
+            return "".join(pieces)
+        return list(pieces)
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               timeout: float | None = None) -> Iterator:
+        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt (`timeout`
+        and errors as generate()'s)."""
+        return self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, timeout=timeout)[1]
+
+    def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, seed: int | None, timeout: float | None) -> tuple[SessionID, Iterator]:
+        """Start a request now (admitted or refused at once); return its id and its stream."""
+        timeout = _timeout_arg(timeout)
+        session = self._new_session(prompt, SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=_secure_seed() if seed is None else seed), timeout)
+        text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
+        return session.sid, self._events(session, text, timeout)
+
+    def cancel(self, sid: SessionID) -> None:
+        """End a request now (its slots on every stage are freed); its stream ends."""
+        self._command("cancel", sid)
+
+    def workers(self) -> list[dict]:
+        """Return a snapshot of every worker the host knows (name, state, layers, memory, ...)."""
+        return [dict(w) for w in self._core._snapshot[0]]
+
+    def layer_map(self) -> list[tuple[int, int, str]]:
+        """Return the current plan as (first layer, last layer, worker name) triples."""
+        return list(self._core._snapshot[1])
+
+    @property
+    def status(self) -> str:
+        """One line saying what the cluster is doing or waiting for."""
+        return self._core._status
+
+    def stats(self) -> dict:
+        """Return counters since start.
+
+        tokens and steps served; failures (workers lost); replays (a stage's cache rebuilt
+        while its session waited); warmups (a cache rebuilt on a worker joining a stage,
+        ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
+        (steps sent stage to stage, and those the host relayed after a direct link failed them);
+        pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
+        step with other sessions'), batches (those decode steps: batched / batches is the mean batch);
+        requests (ended) and request_errors (of those, ended by an error); stalls (gaps of over _STALL_S
+        between two tokens of a request); trips (answers of the last stage that gave tokens) and
+        tokens_per_trip; with speculate: drafted and
+        accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
+        carried drafts).
+        """
+        per_trip = self._core._stats["tokens"] / self._core._stats["trips"] if self._core._stats["trips"] else 0.0
+        return {**self._core._stats, "batches": round(self._core._batch_share), "tokens_per_trip": per_trip}
+
+    def metrics(self) -> str:
+        """The cluster's numbers in Prometheus' text format (what the API's /metrics serves): the counters of
+        stats(), time-to-first-token and inter-token histograms, requests in flight and waiting, workers by
+        state, each worker's step time, round trip and layers, and the store's lag."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            registry = CollectorRegistry()
+            registry.register(_ClusterCollector(self))
+            self._registry = registry
+        return generate_latest(self._registry).decode()
+
+    def set_speculation(self, k: int, *, adaptive: bool = True) -> None:
+        """Change speculative decoding while serving: up to `k` drafts a step (0: off), their number
+        following acceptance and round trip (`adaptive`) or always `k`. The drafter is `Config.draft`'s
+        (a draft model is loaded by the first call that needs it). Steps already in the pipe are not
+        affected."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 32:
+            raise ValueError(f"k={k!r}: drafted tokens per step, 0 (off) to 32")
+        speculation = self._core._speculation or (self._speculator() if k else None)
+        if speculation is not None:
+            speculation.k_max = k  # (an int the core reads per step: takes effect at its next step)
+        self.config.speculate, self.config.speculate_adaptive = k, adaptive
+        self._command("speculate", speculation if k else None)
+
+    def rotate_keys(self) -> str:
+        """Issue a new join string; the old one is refused from now on. Returns the new string.
+
+        Workers already connected keep serving; one whose connection drops must rejoin
+        with the new string.
+        """
+        if not self.config.secure:
+            raise DistllmError("rotate_keys() needs secure=True: a plain cluster has no keys")
+        public, secret = zmq.curve_keypair()
+        info = JoinInfo.parse(self.join_string)
+        self._allowed_keys = {public}  # read by the authenticator thread; one atomic swap
+        self.join_string = JoinInfo(info.endpoint, info.server_key, public.decode(), secret.decode()).encode()
+        if self._ckpt is not None:
+            self._write_rendezvous(renew=True, news=True)
+        _log.info("join keys rotated: the previous join string is refused from now on")
+        return self.join_string
+
+    def kick(self, worker: str) -> None:
+        """Remove the worker named `worker`; its layers move on as if it had failed.
+
+        It is told to stop and may not rejoin under the same identity; to keep out a
+        machine that still has the join string, also call rotate_keys().
+        """
+        names = [w["name"] for w in self.workers()]
+        if worker not in names:
+            raise KeyError(f"no worker named {worker!r}; workers: {', '.join(names)}")
+        self._command("kick", worker)
+
+    def drain(self, worker: str) -> None:
+        """Move the layers of the worker named `worker` to others, then let it go (make before break).
+
+        A replica or a standby takes its range and warms up first; failing those, a plan
+        without it is loaded beside the current one. Sessions keep going throughout. If
+        the other workers cannot hold the model, it keeps serving and a warning says so.
+        """
+        names = [w["name"] for w in self.workers() if w["alive"]]
+        if worker not in names:
+            raise KeyError(f"no live worker named {worker!r}; workers: {', '.join(names) or 'none'}")
+        self._command("drain", worker)
+
+    def spawn_local(self, n: int = 1, **options: Any) -> list:
+        """Start `n` more worker processes on this machine that join this cluster; return them.
+
+        They are `multiprocessing` processes (`.pid`, `.kill()`), named local-0, local-1, ...
+        `options` (Config fields) apply to these workers only.
+        """
+        Config.build(self.config, **options)  # names a bad option here, not in the child
+        return _spawn_local_workers(self, n, **options)
+
+    def rebalance(self) -> None:
+        """Check now whether moving layers would pay, and if so move them (make before break).
+
+        The same check runs every `Config.rebalance_s` seconds on its own; a move happens only
+        when the planner predicts at least `rebalance_gain` faster tokens from measured speeds.
+        """
+        self._command("rebalance", None)
+
+    @property
+    def local_processes(self) -> list:
+        """The worker processes this cluster started on this machine, dead or alive."""
+        return list(self._local_procs)
+
+    def wait_ready(self, timeout: float | None = None) -> "Cluster":
+        """Block until every layer is held by a ready worker; raise ClusterNotReadyError on timeout."""
+        wait = self.config.wait_timeout_s if timeout is None else timeout
+        deadline = self._now() + wait
+        while not self._ready.wait(min(0.1, max(0.0, deadline - self._now()))):
+            if self._core._cannot_load is not None:
+                raise ClusterNotReadyError(self._core._cannot_load)
+            if self._now() >= deadline:
+                raise ClusterNotReadyError(f"no complete pipeline after {wait:.0f} s: {self._core._status}")
+        return self
+
+    def close(self) -> None:
+        """Stop the cluster: tell workers to stop, end sessions, close sockets."""
+        if self._closed.is_set():
+            return
+        for server in self._servers:
+            server.stop()
+        self._command("stop", None)
+        self._thread.join(10.0)
+        with self._jobs_lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job._interrupt("the cluster was closed")
+        for job in jobs:
+            if job._thread.is_alive():
+                job._thread.join(10.0)
+        if self._ckpt is not None:  # (the core recorded the workers' uptime when it stopped)
+            if not self._ckpt.flush(30.0):
+                _log.warning("closing with checkpoints not all stored: %s", self._ckpt.status)
+            self._ckpt.close(5.0)
+        for p in self._local_procs:
+            p.join(5.0)
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._tunnel is not None:
+            self._tunnel.close()
+        self._ctx.term()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        workers, plan = self._core._snapshot
+        return (f"<distllm.Cluster {self.model!r} {self.n_layers} layers, {len(workers)} workers, "
+                f"{len(plan)} stages: {self._core._status}>")
+
+    def _repr_html_(self) -> str:
+        """A snapshot: join cell, nodes, layer map, sessions and jobs (what a notebook without widgets shows)."""
+        return _cluster_html(self)
+
+    def _ipython_display_(self) -> None:
+        """The live control panel (one per cluster, however often it is displayed)."""
+        _show(self._repr_html_(), lambda: _Panel(self), self)
+
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> "Server":
+        """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in the background.
+
+        Returns the running Server at once (`server.url` is the base URL for an OpenAI
+        client; port 0 picks a free one). With `api_key`, requests must carry it as a
+        bearer token. Needs `pip install 'distllm[serve]'`.
+        """
+        server = Server(self, host, port, api_key)
+        self._servers.append(server)
+        return server
+
+
+    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams,
+                     timeout: float | None = None) -> _Session:
+        ids = self._prompt_ids(prompt)
+        if self._closed.is_set():
+            raise self._core._closed_error()
+        now = self._now()
+        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), now,
+                           wait_timeout=self.config.wait_timeout_s)
+        if timeout is not None:
+            session.deadline = now + timeout
+        session.admitted, session.slot = self._core._admission.enter(), True
+        self._command("submit", session)
+        return session
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Tokenize (or check) a prompt; raise RequestError or PromptTooLongError if it cannot run."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(_check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
+        else:
+            if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+                raise RequestError(f"prompt must be text or a sequence of token ids, not {type(prompt).__name__}")
+            ids = [_int_arg("a prompt token id", t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} outside the vocabulary of {vocab}")
+        if not ids:
+            raise RequestError("empty prompt: give at least one token")
+        if len(ids) >= self.head.context:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
+                f"(leave room for at least one new token)")
+        return ids
+
+    def _events(self, session: _Session, text: _TextStream | None, timeout: float | None) -> Iterator:
+        finished = False
+        try:
+            while True:
+                try:  # (the host cancels it at its deadline; this wait is a backstop a second later)
+                    kind, value = session.events.get(timeout=None if timeout is None else max(
+                        0.0, session.deadline + 1.0 - self._now()))
+                except _queue.Empty:
+                    raise DeadlineExceeded(f"request not done within {timeout} s; cluster: {self._core._status}") from None
+                if kind == "token":
+                    if text is None:
+                        yield value
+                    else:
+                        piece = text.push(value)
+                        if piece:
+                            yield piece
+                elif kind == "done":
+                    finished = True
+                    if text is not None:
+                        tail = text.flush()
+                        if tail:
+                            yield tail
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            if not finished:
+                self._command("cancel", session.sid)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        self._commands.put((kind, arg))
+        with self._wake_lock:
+            if not self._closed.is_set():
+                self._wake_out.send(b"", zmq.NOBLOCK)
+
+
+    def _loop(self) -> None:
+        """The shell's turn: poll the sockets and the command queue, turn what came into events (each stamped
+        with the clock), hand them to the core with a closing _Tick, and carry out its instructions."""
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        # TCP disconnects (a killed process's socket closes) are seen at once through a monitor;
+        # each message's source fd tells which worker a closed connection belonged to.
+        monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
+        self._spin_s = _claim_spin(self, self.config.spin_ms, self.device)
+        core, now, limit = self._core, self._now, self.config.max_message_bytes // 2
+        superseded = False
+        try:
+            while True:
+                # While requests run their answers come within milliseconds: spin first (`Config.spin_ms`).
+                spin = self._spin_s if self._spin_s and core._sessions and _spinning(self) else 0.0
+                ready = dict(_poll_spinning(poller, spin, max(0, int((core.wake_at() - now()) * 1000)) + 1))
+                events: list = []
+                if self._router in ready:
+                    for _ in range(1000):  # bounded, so commands and timers get their turn
+                        if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # (no zmq.Again: raising costs)
+                            break
+                        frames = self._router.recv_multipart(copy=False)
+                        wid = frames[0].bytes
+                        self._fds[frames[-1].get(zmq.SRCFD)] = wid
+                        try:
+                            events.append(_Arrived(now(), wid, decode(frames[1:], allowed=_WORKER_TO_HOST,
+                                                                      max_elements=limit)))
+                        except ProtocolError as exc:
+                            _log.warning("dropped a message from %r: %s", wid, exc)
+                if monitor in ready:
+                    self._on_disconnects(monitor, events)
+                if self._wake_in in ready:
+                    while self._wake_in.poll(0):
+                        self._wake_in.recv()
+                    self._take_commands(events)
+                if self._ckpt is not None and self._ckpt.superseded and not superseded:
+                    superseded = True
+                    events.append(_Superseded(now(), self._ckpt.superseded, self._ckpt.successor))
+                events.append(_Tick(now()))
+                if not self._carry_out(core.handle(events)):
+                    break
+        except Exception:  # never die silently: fail every request with the reason
+            _log.exception("coordinator loop failed")
+            self._carry_out(core.abandon(now(), DistllmError("coordinator loop failed; see the log")))
+        finally:
+            _release_spin(self)
+            self._router.disable_monitor()
+            monitor.close(0)
+            with self._wake_lock:
+                self._closed.set()
+                self._wake_out.close(0)
+            self._wake_in.close(0)
+            self._router.close(linger=500)  # lets the shutdown messages out
+
+    def _take_commands(self, events: list) -> None:
+        """The callers' commands, as events; the shell's own (a standby's claim, the tunnel moved) first run here."""
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except _queue.Empty:
+                return
+            if kind == "claim":  # a standby takes over: the store, its jobs and node records are this host's now
+                try:
+                    self._claim(arg)
+                except Exception as exc:  # (the store failed mid-claim): follow the lease again, try later
+                    _log.error("standby: taking %s over failed (%s); following its lease again", arg.uri,
+                               _short_error(exc))
+                    _threading.Thread(target=self._await_lease, args=(arg,), name="distllm-standby",
+                                      daemon=True).start()
+                continue
+            if kind == "moved":  # the tunnel reopened at another public address
+                info = JoinInfo.parse(self.join_string)
+                self.join_string = JoinInfo(arg, info.server_key, info.client_public, info.client_secret).encode()
+                _log.warning("the host's public address is now %s; the new join string is in the panel%s", arg,
+                             " and the store (workers that follow it find the host there)" if self._ckpt else "")
+            events.append(_Command(self._now(), kind, arg))
+
+    def _carry_out(self, instructions: list) -> bool:
+        """Do what the core said, in order; a send that fails goes back to it as _Closed. False: stop."""
+        go_on = True
+        while instructions:
+            failed = []
+            for op in instructions:
+                kind = type(op)
+                if kind is _Send:
+                    try:
+                        self._router.send_multipart([op.wid, *encode(op.type, op.header, op.tensors)], copy=False)
+                    except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: the peer is gone
+                        _log.info("could not send %s to %r: %s", op.type, op.wid, exc)
+                        failed.append(_Closed(self._now(), op.wid, "a send to it failed"))
+                elif kind is _Deliver:
+                    op.stream.put(op.item)
+                elif kind is _Store:
+                    if self._ckpt is not None:
+                        if op.op == "delete":
+                            self._ckpt.delete(op.key)
+                        else:
+                            getattr(self._ckpt, op.op)(op.key, op.data)
+                elif kind is _Renew:
+                    if self._ckpt is not None:
+                        self._write_rendezvous(renew=True, news=op.news)
+                elif kind is _Readiness:
+                    (self._ready.set if op.ready else self._ready.clear)()
+                elif kind is _StepDown:
+                    for server in self._servers:
+                        server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
+                elif kind is _Stop:
+                    go_on = False
+                else:
+                    raise TypeError(f"not an instruction: {op!r}")
+            instructions = self._core.handle(failed) if failed else []
+        return go_on
+
+    def _on_disconnects(self, monitor: zmq.Socket, events: list) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            wid = self._fds.pop(int(event["value"]), None)
+            if wid is not None:
+                events.append(_Closed(self._now(), wid))
+
+    def _speculator(self) -> _Speculation:
+        if self.config.draft == PromptLookup.name:
+            drafter: Any = PromptLookup()
+        else:
+            drafter = DraftModel(self.config.draft, target_tokenizer=self.tokenizer, device=self.device,
+                                 dtype=self.dtype, token=self.config.token, endpoint=self.config.hub_endpoint)
+        return _Speculation(self.config.speculate, drafter)
+
+    def _look_up_sizes(self) -> None:
+        """The weight files' sizes (a Hub repo answers a HEAD request per file), handed to the core."""
+        sizes = {filename: self.files.size(filename) for filename in sorted(set(self._weight_map.values()))}
+        self._command("sizes", sizes)
 
 
 def _median(values: Any) -> float:
@@ -8366,7 +8606,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
         out.append("</table>")
     else:
         out.append('<div class="muted" style="margin:6px 0">no workers yet</div>')
-    stages = list(cluster._stage_view)
+    stages = list(cluster._core._stage_view)
     if stages:
         out.append('<div class="muted">layer map (each column a stage; a second row is a replica)</div>'
                    '<div class="bar">')
@@ -8376,7 +8616,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                 '<div class="rep" style="background:#999">unserved</div>'
             out.append(f'<div class="seg" style="flex:{last - first + 1}">{reps}</div>')
         out.append("</div>")
-    sessions = list(cluster._session_view)
+    sessions = list(cluster._core._session_view)
     jobs = cluster.jobs()
     if sessions or jobs:
         out.append("<table><tr><th>running</th><th>progress</th><th></th></tr>")
@@ -8779,7 +9019,7 @@ class Server:
 
         async def complete(request: Request, chat: bool) -> Any:
             self._check_key(request)
-            refusal = self.cluster._admission.refusal()  # full: refused before the body is read or tokenized
+            refusal = self.cluster._core._admission.refusal()  # full: refused before the body is read or tokenized
             if refusal is not None:
                 raise APIError.of(refusal)
             body = _read_json(await self._body(request))
@@ -9184,8 +9424,8 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
                         f"which imports the script again in each of them") if script and dead[0].exitcode == 1 else ""
                 raise ClusterNotReadyError(f"local worker {dead[0].name} exited with code {dead[0].exitcode} "
                                            f"before the cluster was ready: {cluster.status}{hint}")
-            if cluster._cannot_load is not None:
-                raise ClusterNotReadyError(cluster._cannot_load)
+            if cluster._core._cannot_load is not None:
+                raise ClusterNotReadyError(cluster._core._cannot_load)
             if _time.monotonic() > deadline:
                 raise ClusterNotReadyError(f"no complete pipeline after {cfg.wait_timeout_s:.0f} s: "
                                            f"{cluster.status}")
@@ -9338,7 +9578,7 @@ def bench_failover(model: str = "tiny", *, workers: int = 3, quant: str = "none"
             detected = next((w for w in cluster.workers() if w["name"] == victim_name), {})
             stats = cluster.stats()
             stages = len(cluster.layer_map())
-            kept = cluster._history_bytes_per_token()
+            kept = cluster._core._history_bytes_per_token()
         rows.append({"case": label, "stages": stages, "detect_s": (detected.get("lost_at") or killed_at) - killed_at,
                      "stall_s": (max(gaps) - _median(gaps)) if gaps else 0.0, "identical": got == want,
                      "replays": stats["replays"] + stats["warmups"], "restarts": stats["restarts"],
@@ -9741,22 +9981,6 @@ class _SimModel:
             h = self.head.embed_tokens([token])[0].float()
 
 
-class _SimRouter:
-    """Stands in for the coordinator's ROUTER socket: a send goes onto the simulated network."""
-
-    def __init__(self, sim: "_Simulation") -> None:
-        self.sim = sim
-
-    def send_multipart(self, frames: list, copy: bool = True) -> None:
-        wid, *msg = frames
-        self.sim.host_sends(bytes(wid), [bytearray(_frame_bytes(f)) for f in msg])
-
-
-class _SimWake:
-    def send(self, *args: Any) -> None:  # the commands are run at every turn anyway
-        pass
-
-
 class _SimWorker:
     """A worker as the host sees it through the network: the real contract, simulated compute."""
 
@@ -9952,16 +10176,12 @@ class _Simulation:
             speculate=setup.choice([0, 0, 3]), direct_links=False, rebalance_s=setup.choice([0.0, 5.0]),
             wait_timeout_s=60.0, max_sessions_per_worker=setup.choice([4, 64]), prefill_chunk=8,
             reconnect_grace_s=0.5, replan_grace_s=2.0)
-        cluster = Cluster.__new__(Cluster)
-        cluster.__dict__.update(model.parts)
-        cluster.config, cluster._now = self.config, self.clock
-        ids = _itertools.count(1)
-        cluster._new_sid = lambda: f"s{seed}-{next(ids)}"
-        cluster._router, cluster._wake_out = _SimRouter(self), _SimWake()
-        cluster._init_state()
-        cluster.join_string = ""
-        cluster.active.set()
-        self.cluster = cluster
+        # The real core; this simulation is its shell (events in, instructions carried out).
+        self.core = _Coordinator(model.parts, self.config, host_id=f"sim-{seed}", t=self.clock(),
+                                 speculation=_Speculation(self.config.speculate, PromptLookup())
+                                 if self.config.speculate else None)
+        self.sids = _itertools.count(1)
+        self.sent = _hashlib.blake2b(digest_size=16)  # every message the host sent, in order (replays compare it)
         self.workers: dict[str, _SimWorker] = {}
         self.by_wid: dict[bytes, _SimWorker] = {}
         # wid -> its connection: "up"/"down" (when the last message each way lands: FIFO), "gen" (bumped when it
@@ -9997,7 +10217,7 @@ class _Simulation:
         self.max_turns = 200_000 + int(60 * horizon)
         self.active: list[_SimRequest] = []  # submitted, not ended
         self.unsubmitted = len(self.requests)
-        self.peak = {"workers": 0, "links": 0, "links_down": 0, "fds": 0}  # the host's largest memory of each
+        self.peak = {"workers": 0, "links": 0, "links_down": 0}  # the host's largest memory of each
 
     # -- the schedule -------------------------------------------------------------
 
@@ -10050,13 +10270,32 @@ class _Simulation:
     def _latency(self) -> float:
         return 0.001 + self.rng.random() * 0.004
 
-    def host_sends(self, wid: bytes, frames: list) -> None:
+    def handle(self, *events: Any) -> None:
+        """Hand events to the core and carry out its instructions, as the real shell does."""
+        out = self.core.handle(events)
+        while out:
+            failed = []
+            for op in out:
+                kind = type(op)
+                if kind is _Send:
+                    self.sent.update(b"%s %s %r;" % (op.wid, op.type.encode(), op.header))
+                    frames = [bytearray(_frame_bytes(f)) for f in encode(op.type, op.header, op.tensors)]
+                    if not self.host_sends(op.wid, frames):
+                        failed.append(_Closed(self.clock(), op.wid, "a send to it failed"))
+                elif kind is _Deliver:
+                    op.stream.put(op.item)
+                elif kind is not _Readiness:  # (no store here, and nothing stops the coordinator)
+                    self.violations.append(f"the coordinator said {op!r}")
+            out = self.core.handle(failed) if failed else []
+
+    def host_sends(self, wid: bytes, frames: list) -> bool:
         link = self.links.get(wid)
         w = self.by_wid.get(wid)
         if link is None or w is None or not link["connected"]:
-            raise zmq.ZMQError(zmq.EHOSTUNREACH)  # (ROUTER_MANDATORY: no connection with that id)
+            return False  # (ROUTER_MANDATORY: no connection with that id; the send fails)
         link["down"] = max(self.clock() + self._latency(), link["down"])
         self.at(link["down"], self._deliver_to_worker, w, link["gen"], frames)
+        return True
 
     def worker_sends(self, w: _SimWorker, frames: list) -> None:
         link = self.links[w.wid]
@@ -10081,7 +10320,7 @@ class _Simulation:
 
     def _deliver_to_host(self, w: _SimWorker, gen: int, frames: list) -> None:
         if not self._held(w, gen, self._deliver_to_host, frames):
-            self.cluster._on_worker_message(w.wid, frames)
+            self.handle(_Arrived(self.clock(), w.wid, decode(frames, allowed=_WORKER_TO_HOST)))
 
     # -- faults -------------------------------------------------------------------
 
@@ -10099,7 +10338,7 @@ class _Simulation:
         if fault.kind in ("crash", "restart"):  # the process dies; its connection closes (the host sees it)
             w.up, link["connected"] = False, False
             link["gen"] += 1
-            self.at(self.clock() + 0.001, self.cluster._disconnected, w.wid)
+            self.at(self.clock() + 0.001, self.closed, w.wid)
             if fault.kind == "restart":
                 self.at(self.clock() + fault.length, self.start_worker, w.name)
         elif fault.kind == "vanish":  # gone without a word (a frozen VM): the host must notice the silence
@@ -10109,13 +10348,16 @@ class _Simulation:
         elif fault.kind == "cut":  # the connection drops (both ends see it); the worker dials again at once
             link["gen"] += 1
             link["connected"] = False
-            self.at(self.clock() + 0.001, self.cluster._disconnected, w.wid)
+            self.at(self.clock() + 0.001, self.closed, w.wid)
             self.at(self.clock() + 0.2, self._redial, w)
         elif fault.kind == "partition":  # nothing moves either way, no connection closes; then a burst
             link["held"], link["heal"] = True, self.clock() + fault.length
             self.at(link["heal"], self._heal, w)
         elif fault.kind == "stuck":  # its compute thread hangs; its I/O thread still answers pings
             w.stuck_until = self.clock() + fault.length
+
+    def closed(self, wid: bytes) -> None:
+        self.handle(_Closed(self.clock(), wid))
 
     def _redial(self, w: _SimWorker) -> None:
         if w.up:
@@ -10134,7 +10376,11 @@ class _Simulation:
 
     def submit(self, r: _SimRequest) -> None:
         r.want = self.model.reference(r.prompt, r.params)
-        r.session = self.cluster._new_session(r.prompt, r.params)
+        t = self.clock()
+        r.session = _Session(f"s{self.seed}-{next(self.sids)}", list(r.prompt), len(r.prompt), r.params,
+                             _queue.Queue(), t, wait_timeout=self.config.wait_timeout_s)
+        r.session.admitted, r.session.slot = self.core._admission.enter(), True
+        self.handle(_Command(t, "submit", r.session))
         self.progress = self.clock()
         self.active.append(r)
         self.unsubmitted -= 1
@@ -10167,9 +10413,9 @@ class _Simulation:
     def _check_turn(self) -> None:
         """After every turn: the plan names only workers the host keeps and that live, each serving (or
         loading) exactly its stage's layers."""
-        c = self.cluster
+        c = self.core
         for key, size in (("workers", len(c._workers)), ("links", len(c._members.links)),
-                          ("links_down", len(c._links_down)), ("fds", len(c._fds))):
+                          ("links_down", len(c._links_down))):
             if size > self.peak[key]:
                 self.peak[key] = size
         for stage in c._plan or ():
@@ -10185,7 +10431,7 @@ class _Simulation:
     # -- the run ------------------------------------------------------------------
 
     def run(self) -> list[str]:
-        c = self.cluster
+        c = self.core
         turns, self.progress = 0, self.clock()
         quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults]) + 1.0
         while not self.violations:
@@ -10199,8 +10445,7 @@ class _Simulation:
             while self.events and self.events[0][0] <= self.clock.t:
                 _, _, fn, args = _heapq.heappop(self.events)
                 fn(*args)
-            if not c._advance():
-                self.violations.append("the coordinator stopped")
+            self.handle(_Tick(self.clock()))
             self._collect()
             self._check_turn()
             turns += 1
@@ -10425,9 +10670,9 @@ def _serve(args: Any) -> int:
         if args.map:  # a batch job beside the API (a standby that took over resumed it already: this attaches)
             job = cluster.map(args.map, name=args.map_name, max_new_tokens=args.map_tokens)
             print(f"batch job {job.id}: {len(job.prompts)} prompts", flush=True)
-        while cluster._stepped_down is None:  # serve until interrupted, or until another host takes over
+        while cluster._core._stepped_down is None:  # serve until interrupted, or until another host takes over
             _time.sleep(0.5)
-        print(f"stepped down: {cluster._stepped_down}", flush=True)
+        print(f"stepped down: {cluster._core._stepped_down}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -10487,7 +10732,7 @@ def _simulate_churn(args: Any) -> int:
     print(f"{args.churn_hours:g} virtual hours in {_time.perf_counter() - t0:.1f} s: {len(sim.workers)} workers came "
           f"and went, {done} of {len(sim.requests)} requests answered as the fault-free run; the host held at most "
           f"{sim.peak['workers']} workers and {sim.peak['links']} link records at once (now "
-          f"{len(sim.cluster._workers)}); {'no violations' if not problems else problems[:3]}")
+          f"{len(sim.core._workers)}); {'no violations' if not problems else problems[:3]}")
     return 1 if problems else 0
 
 

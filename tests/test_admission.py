@@ -77,8 +77,8 @@ def test_a_stream_dropped_before_its_first_token_frees_its_slot_at_once():
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
-            wait_for(lambda: cluster._admission.active == 1, timeout=10, what="the request to be admitted")
+            wait_for(lambda: cluster._core._admission.active == 1, timeout=10, what="the request to be admitted")
         # hung up: no token yet (its first is seconds away)
         wait_for(lambda: cluster.stats()["requests"] == 1, timeout=5, what="the dropped request to end")
-        assert cluster.stats()["tokens"] == 0 and cluster._admission.active == 0
+        assert cluster.stats()["tokens"] == 0 and cluster._core._admission.active == 0
         wait_for(lambda: _sessions_held(cluster) == 0, what="the workers to drop its caches")

@@ -180,12 +180,12 @@ def test_a_host_that_stepped_down_answers_503_with_the_reason_and_streams_end_wi
         threads = [threading.Thread(target=f) for f in (ask_plain, ask_stream, ask_python)]
         for t in threads:
             t.start()
-        wait_for(lambda: len(old._sessions) == 3, what="three requests waiting on the old host")
+        wait_for(lambda: len(old._core._sessions) == 3, what="three requests waiting on the old host")
         new = distllm.host("tiny", store=store, quant="none", lease_s=1.0, bind="127.0.0.1")
         try:
             for t in threads:
                 t.join(30)
-            assert old._stepped_down is not None
+            assert old._core._stepped_down is not None
             plain = answers["plain"]
             assert plain.status_code == 503 and plain.json()["error"]["code"] == "host_stepped_down"
             assert new._host_id in plain.json()["error"]["message"]

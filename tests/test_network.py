@@ -234,7 +234,7 @@ def test_timeouts_follow_each_workers_round_trip_with_the_config_as_floors():
                                 last_seen=0.0, rtt_ms=1.0, compute_ms=2.0)
     far = distllm._WorkerState(wid=b"b", name="b", device="cpu", device_name="", memory=0, pid=2, joined_at=0.0,
                                last_seen=0.0, rtt_ms=4000.0, compute_ms=2.0)
-    cluster, members = distllm.Cluster, distllm._Membership(host.config)
+    cluster, members = distllm._Coordinator, distllm._Membership(host.config)
     assert (members.liveness(near), cluster._step_deadline(host, near, 1)) == (5.0, 30.0)  # the floors
     assert members.grace(near, 0.0, covered=True) == pytest.approx(0.508)  # ZeroMQ's retry, then handshakes
     assert members.liveness(far) == pytest.approx(2 + 40)  # two heartbeats and ten round trips

@@ -120,7 +120,7 @@ def test_direct_link_port_admits_only_its_key_and_drops_junk(cluster):
 
     public = cluster.workers()[0]
     assert "link_key" not in public and public["peer"].startswith("tcp://127.0.0.1:")
-    key = bytes.fromhex(next(iter(cluster._workers.values())).link_key)  # what only the host hands out
+    key = bytes.fromhex(next(iter(cluster._core._workers.values())).link_key)  # what only the host hands out
     address = distllm._link_address(public["peer"])
 
     def dial(with_key: bytes) -> tuple[socket.socket, distllm._LinkOut]:

@@ -1,12 +1,14 @@
-"""The deterministic simulation: the real coordinator (Cluster's handlers and its `_advance`, with
-a virtual clock and a simulated ROUTER) against seeded fault schedules: simulated workers that
-keep the worker's contract, a simulated network, crashes, silent vanishing, restarts, cut
-connections, partitions that deliver in a burst, stuck compute, joins and leaves, requests
+"""The deterministic simulation: the coordinator's real core (`_Coordinator`: events in, instructions
+out) with the simulation as its shell, a virtual clock, against seeded fault schedules: simulated
+workers that keep the worker's contract, a simulated network, crashes, silent vanishing, restarts,
+cut connections, partitions that deliver in a burst, stuck compute, joins and leaves, requests
 throughout. `python -m distllm simulate --faults --seeds N` runs more of them."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,17 +39,29 @@ def test_a_seed_replays_exactly(model):
     assert any(r.tokens for r in first.requests)
 
 
+def test_a_seed_replays_exactly_in_another_process_with_another_hash_seed():
+    """The core iterates in a fixed order (no set of worker ids in hash order): every message the host
+    sends, in order, is the same whatever PYTHONHASHSEED a process got (it differed before the core sorted
+    its targets: seeds 11, 19, 23, 27 and 31 sent in another order)."""
+    code = ("import distllm\nm = distllm._SimModel()\nfor seed in range(3, 40, 4):\n"
+            "    s = distllm._Simulation(m, seed)\n    assert s.run() == []\n    print(s.sent.hexdigest())\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}) for h in (1, 2)]
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.split()) == 10
+
+
 def test_a_planted_bug_is_caught_with_its_seed_and_a_short_trace(model, monkeypatch):
     """A replay that sends a stage's kept inputs in the wrong order: the simulation finds seeds where it
     changes tokens, shrinks each schedule to the faults that matter, and the shrunk one fails again."""
-    send = distllm.Cluster._send
+    send = distllm._Coordinator._send
 
     def planted(self, wid, msg_type, header, tensors=()):
         if msg_type == "forward" and header.get("step") == -1 and header.get("start") == 0 and tensors:
             tensors = [tensors[0].flip(1)]  # the bug: a replay's positions reversed
         return send(self, wid, msg_type, header, tensors)
 
-    monkeypatch.setattr(distllm.Cluster, "_send", planted)
+    monkeypatch.setattr(distllm._Coordinator, "_send", planted)
     failures = distllm.simulate_faults(range(40), model=model, light=True)
     assert failures, "the planted bug went unnoticed"
     f = failures[0]
@@ -87,4 +101,4 @@ def test_a_host_serving_for_hours_while_workers_come_and_go_keeps_flat_memory(mo
     assert len(sim.workers) > 80 and all(r.ended == "done" for r in sim.requests) and len(sim.requests) == 720
     bound = 4 + distllm._FORGET_DEPARTED_S / 180 + 2  # the most alive, and those gone within the retention
     assert sim.peak["workers"] <= bound and sim.peak["links"] <= sim.peak["workers"]
-    assert len(sim.cluster._workers) <= bound and len(sim.cluster._members.links) <= len(sim.cluster._workers)
+    assert len(sim.core._workers) <= bound and len(sim.core._members.links) <= len(sim.core._workers)

@@ -155,8 +155,8 @@ def test_a_host_another_one_took_the_store_from_steps_down(tmp_path):
     try:
         new = distllm.host("tiny", store=store, quant="none", lease_s=1.0, bind="127.0.0.1", workers=1)
         try:
-            wait_for(lambda: old._stepped_down is not None, timeout=20, what="the old host to step down")
-            assert "took over" in old._stepped_down and new._stepped_down is None
+            wait_for(lambda: old._core._stepped_down is not None, timeout=20, what="the old host to step down")
+            assert "took over" in old._core._stepped_down and new._core._stepped_down is None
             with pytest.raises(distllm.DistllmError):
                 old.generate("hi", max_new_tokens=2, timeout=5)
             assert distllm.read_rendezvous(store)["host"] == new._host_id
