@@ -338,6 +338,7 @@ class Config:
     calibrate: bool = True  # workers time one layer when they join, so the first plan knows their speed
     rebalance_s: float = 30.0  # seconds between checks whether moving layers would pay (0: never rebalance)
     rebalance_gain: float = 0.2  # predicted speed-up a rebalance must promise (hysteresis against thrashing)
+    move_cooldown_s: float = 60.0  # a periodic rebalance waits this long after the last one (a flapping node)
     # File prefix: each worker writes PREFIX-<pid>-<n>.jsonl, when each step's compute started and ended
     # (see _Tracer, trace_hops); None: off.
     trace: str | None = None
@@ -363,6 +364,8 @@ class Config:
             raise ValueError(f"job_concurrency={self.job_concurrency}: must be at least 1")
         if self.store_push_s < 0:
             raise ValueError(f"store_push_s={self.store_push_s}: must be 0 or more")
+        if not self.move_cooldown_s >= 0 or not self.rebalance_s >= 0:
+            raise ValueError(f"rebalance_s={self.rebalance_s}, move_cooldown_s={self.move_cooldown_s}: must be 0 or more")
         _decode_batch(self.decode_batch, torch.device("cpu"))  # a bad value is refused here, not on workers
         _spin_seconds(self.spin_ms, torch.device("cpu"))
         if self.prefill_chunk < 1:
@@ -5661,6 +5664,16 @@ class _WorkerState:
     steps: int = 0
     compute_ms: float | None = None  # median time of its last steps' compute, as it reports
     overhead_ms: float | None = None  # median step round trip minus compute: network + protocol
+    # What a decode step through it costs, by the host's clock: the median over its decode steps of the last
+    # _COST_WINDOW_S of its service time, the least of (round trip less its link's floor: the least round trip
+    # minus compute seen, the network's share) and (time since its previous answer: when steps queue there,
+    # the time one took to serve, not the wait behind others'). Time its process spends descheduled or
+    # throttled shows here, not in what it reports; load does not.
+    cost_ms: float | None = None
+    link_ms: float | None = None
+    cost_at: float = 0.0  # when cost_ms was last measured
+    answered_at: float = 0.0  # when its last answer (any step) came
+    straggled: float | None = None  # its layer_ms as measured when layers moved off it for being slow (else None)
     files: list[str] = _dataclasses.field(default_factory=list)  # weight files it read
     error: str | None = None
     tokens: int = 0  # positions it has computed (prefill and decode), all ranges
@@ -5672,6 +5685,8 @@ class _WorkerState:
 
     _rate_mark: tuple[float, int] = (0.0, 0)  # (time, tokens) the rate was last measured from
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
+    _trips: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=64))
+    _pings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=32))
 
     @property
     def alive(self) -> bool:
@@ -5682,7 +5697,23 @@ class _WorkerState:
         """Whether steps may be sent to it (a leaving worker serves until its successor is warm)."""
         return self.state in ("ready", "leaving")
 
-    def record_step(self, round_trip_ms: float, compute_ms: float, positions: int) -> None:
+    def answered(self, now: float) -> float:
+        """An answer of any kind came from it (a result, used or late, an error): ms since the one before."""
+        since_ms, self.answered_at = (now - self.answered_at) * 1e3, now
+        return since_ms
+
+    def record_step(self, round_trip_ms: float, compute_ms: float, positions: int, now: float,
+                    since_ms: float = _math.inf) -> None:
+        if positions == 1:  # decode steps: comparable with each other (a prompt chunk's cost grows with it)
+            pings = [r for _, r in self._pings]
+            link = min(self.link_ms if self.link_ms is not None else _math.inf, max(0.0, round_trip_ms - compute_ms),
+                       min(pings) if pings else _math.inf)  # (a ping is answered at once: the network's share)
+            self.link_ms = link
+            self._trips.append((now, min(round_trip_ms - link, since_ms)))
+            if len(self._trips) % 4 == 0:
+                recent = [t[1] for t in self._trips if now - t[0] <= _COST_WINDOW_S]
+                if len(recent) >= 8:
+                    self.cost_ms, self.cost_at = _median(recent), now
         self._timings.append((round_trip_ms - compute_ms, compute_ms, positions))
         self.tokens += positions
         if len(self._timings) % 8 == 1:  # medians are cheap but not free: refresh every 8 steps
@@ -5695,6 +5726,27 @@ class _WorkerState:
     def forget_timings(self) -> None:
         """Drop step timings taken on another layer range (the calibration-based layer_ms stays)."""
         self._timings.clear()
+        self._trips.clear()
+        self.cost_ms = self.link_ms = None
+
+    def record_ping(self, now: float, rtt_ms: float) -> None:
+        self.rtt_ms = rtt_ms
+        self._pings.append((now, rtt_ms))
+
+    def answers_promptly(self, now: float) -> bool:
+        """Whether its pings of the last _RECOVERY_S all came back near its best (a slow node that recovered:
+        pings are answered by its I/O thread, which a descheduled or throttled process delays too)."""
+        recent = [r for t, r in self._pings if now - t <= _RECOVERY_S]
+        if len(recent) < 5 or self._pings[0][0] > now - _RECOVERY_S:
+            return False
+        floor = min(r for _, r in self._pings)
+        return _median(recent) <= 1.5 * floor + 5.0
+
+    def measured_layer_ms(self, now: float) -> float | None:
+        """One layer's decode step as the host measures it (cost_ms over the layers held), if measured lately."""
+        if self.cost_ms is None or not self.layers or now - self.cost_at > _COST_STALE_S:
+            return None
+        return self.cost_ms / max(1, self.layers[1] - self.layers[0])
 
     def measure_rate(self, now: float) -> None:
         """Refresh tokens_s from the positions computed since the last measurement (every >= 2 s)."""
@@ -5845,6 +5897,10 @@ class _Admission:
 
 _FORGET_DEPARTED_S = 600.0  # a worker written off this long ago (and no longer referred to) is forgotten
 _BANNED_KEPT = 4096  # kicked identities remembered (the oldest go first)
+_COST_WINDOW_S = 10.0  # a worker's step cost at the host is the median over this many seconds of its steps
+_COST_STALE_S = 30.0  # a cost measured longer ago than this no longer counts (a demoted node is judged afresh)
+_RECOVERY_S = 20.0  # a slow node's pings must be prompt this long before it counts as recovered
+_STRAGGLER_RATIO = 2.0  # a node whose steps cost the host over this many times what it computes is straggling
 _STALL_S = 1.0  # a gap between two tokens of a request longer than this counts as a stall (stats, metrics)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -5916,16 +5972,19 @@ class _ClusterCollector:
             by_state.add_metric([state], sum(w["state"] == state for w in workers if w["alive"] or state == "dead"))
         yield by_state
         step = GaugeMetricFamily("distllm_worker_step_ms", "median compute of a worker's last steps", labels=["worker"])
+        cost = GaugeMetricFamily("distllm_worker_step_cost_ms", "what a worker's decode steps cost at the host lately "
+                                 "(its service time by the host's clock)", labels=["worker"])
         rtt = GaugeMetricFamily("distllm_worker_round_trip_ms", "a worker's round trip to the host", labels=["worker"])
         layers = GaugeMetricFamily("distllm_worker_layers", "decoder layers a worker serves", labels=["worker"])
         caches = GaugeMetricFamily("distllm_worker_sessions", "KV caches a worker holds", labels=["worker"])
         for w in workers:
             if w["alive"]:
                 step.add_metric([w["name"]], w.get("compute_ms") or 0.0)
+                cost.add_metric([w["name"]], w.get("cost_ms") or 0.0)
                 rtt.add_metric([w["name"]], w.get("rtt_ms") or 0.0)
                 layers.add_metric([w["name"]], (w["layers"][1] - w["layers"][0]) if w.get("layers") else 0)
                 caches.add_metric([w["name"]], w.get("sessions", 0))
-        yield from (step, rtt, layers, caches)
+        yield from (step, cost, rtt, layers, caches)
         lag = GaugeMetricFamily("distllm_store_lag_seconds", "how long the oldest unwritten checkpoint has waited")
         lag.add_metric([], c._ckpt.lag() if c._ckpt is not None else 0.0)
         yield lag
@@ -6299,7 +6358,7 @@ class _CoordinatorMembers:
     def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
         sent = msg.get("t", (int, float), None)
         if sent is not None:
-            worker.rtt_ms = (self._now() - sent) * 1e3
+            worker.record_ping(self._t, (self._t - sent) * 1e3)
         worker.queue = max(0, msg.get("queue", int, 0))
         worker.sessions = max(0, msg.get("sessions", int, 0))
         worker.layers_loaded = max(worker.layers_loaded, msg.get("layers_loaded", int, 0))
@@ -6308,6 +6367,7 @@ class _CoordinatorMembers:
         self._send(worker.wid, "pong", {"t": msg.get("t", (int, float), 0)})
 
     def _on_error(self, worker: _WorkerState, msg: Message) -> None:
+        worker.answered(self._t)
         text = msg.get("message", str, "")[:2000]
         session = self._sessions.get(msg.get("sid", str, ""))
         step = session.steps.get(_step_key(msg)) if session is not None else None
@@ -6361,6 +6421,7 @@ class _CoordinatorMembers:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         if self._plan is None and self._live():
             self._place()  # e.g. the wait for calibrations ran out
+        self._review_stragglers()
         self._maybe_rebalance(now)
         self._forget_departed(now)
         self._publish()
@@ -6560,6 +6621,7 @@ class _CoordinatorSteps:
     """The coordinator's step decisions: sending steps, taking answers and tokens, replay, direct links."""
 
     def _on_result(self, worker: _WorkerState, msg: Message) -> None:
+        since_ms = worker.answered(self._t)
         sid = msg.get("sid", str)
         session = self._sessions.get(sid) or self._draining.get(sid)
         step = session.steps.get(_step_key(msg)) if session is not None else None
@@ -6578,7 +6640,9 @@ class _CoordinatorSteps:
             self._step_error(session, step, worker, "protocol", str(exc))
             return
         worker.steps += 1
-        worker.record_step((self._now() - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0), n)
+        # (Not while it loads a rebalance's range beside its own: its steps wait for that, once.)
+        worker.record_step((self._t - step.sent_at) * 1e3, msg.get("compute_ms", (int, float), 0.0),
+                           n if worker.next_layers is None else 0, self._t, since_ms)
         batch = msg.get("batch", int, 1)
         if batch > 1:
             self._stats["batched"] += 1
@@ -6907,7 +6971,8 @@ class _CoordinatorSteps:
             return set(ready)
         busy = _collections.Counter(wid for s in self._sessions.values() for st in s.steps.values()
                                     for wid in st.targets)
-        best = min(workers, key=lambda w: (w.rtt_ms or 0.0) + (w.queue + busy[w.wid] + 1) * (w.compute_ms or 1.0))
+        best = min(workers, key=lambda w: (w.rtt_ms or 0.0) + (w.queue + busy[w.wid] + 1) * max(
+            w.compute_ms or 1.0, w.cost_ms if w.measured_layer_ms(self._t) is not None else 0.0))
         return {best.wid}
 
     def _dispatch(self, session: _Session, step: _Step, targets: set[WorkerID]) -> None:
@@ -7100,13 +7165,39 @@ class _CoordinatorPlacement:
         return hazard
 
     def _profiles(self, workers: Sequence[_WorkerState]) -> list[NodeProfile]:
-        """Node profiles for the planner; speeds snap to steps of 25%, so noise never moves layers."""
+        """Node profiles for the planner; speeds snap to steps of 25%, so noise never moves layers. A node's
+        speed is the slower of what it reports (its compute) and what its steps cost at the host lately."""
         def snap(ms: float | None) -> float:
             return 1.25 ** round(_math.log(ms, 1.25)) if ms else 1.0
 
-        return [NodeProfile(w.wid, self._capacity(w), snap(w.layer_ms), w.rtt_ms or 0.0, self._hazard(w),
+        return [NodeProfile(w.wid, self._capacity(w), snap(self._layer_ms(w)), w.rtt_ms or 0.0, self._hazard(w),
                             w.layers or ((w.held_start, 0) if w.held_start is not None else None))
                 for w in workers]
+
+    def _layer_ms(self, w: _WorkerState) -> float | None:
+        """One layer's decode step on `w`: the slower of its own figure and the host's recent measurement; a
+        node moved off for being slow counts as slow until its pings show it recovered (hysteresis)."""
+        measured = w.measured_layer_ms(self._t)
+        if measured is None and w.straggled is not None:
+            measured = w.straggled
+        return max(w.layer_ms or 0.0, measured) if measured is not None else w.layer_ms
+
+    def _review_stragglers(self) -> None:
+        """A node moved off for being slow counts as slow until it shows it recovered: fresh step costs in
+        line with its compute, or (with no steps to measure) pings answered promptly for _RECOVERY_S."""
+        for w in self._live():
+            if w.straggled is None:
+                continue
+            measured = w.measured_layer_ms(self._t)
+            if measured is not None and not self._straggling(w) or measured is None and w.answers_promptly(self._t):
+                _log.warning("worker %s is fast again (%s): it may be given layers back", w.name,
+                             "its steps cost what it computes" if measured is not None else "it answers promptly")
+                w.straggled = None
+
+    def _straggling(self, w: _WorkerState) -> bool:
+        """Whether `w` costs the host far more than it says it computes (descheduled, throttled, queued)."""
+        measured = w.measured_layer_ms(self._t)
+        return measured is not None and w.layer_ms is not None and measured > _STRAGGLER_RATIO * w.layer_ms + 0.5
 
     def _propose(self, profiles: list[NodeProfile]) -> list[Stage] | None:
         """The planner's plan for these nodes under this cluster's settings and current load."""
@@ -7222,7 +7313,8 @@ class _CoordinatorPlacement:
 
     def _maybe_rebalance(self, now: float, force: bool = False) -> None:
         """Every `rebalance_s` (or when `force`d), move layers if measured speeds promise a clear gain."""
-        due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s)
+        due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s
+                        and now - self._last_move >= self.config.move_cooldown_s)
         if not due or self._rebalance is not None or self._handovers or not self._ready:
             return
         self._last_rebalance = now
@@ -7236,9 +7328,17 @@ class _CoordinatorPlacement:
         if proposal is None or not worth_rebalancing(self._plan, proposal, nodes, concurrency=concurrency,
                                                      gain=self.config.rebalance_gain):
             return
-        _log.warning("rebalancing: %s -> %s (predicted %.1f -> %.1f ms per token)", self._describe(self._plan),
-                     self._describe(proposal), plan_cost(self._plan, nodes, concurrency=concurrency),
-                     plan_cost(proposal, nodes, concurrency=concurrency))
+        slow = [w for w in live if self._straggling(w)]
+        for w in slow:
+            w.straggled = w.measured_layer_ms(now)
+        why = "; ".join(f"{w.name} costs {w.cost_ms:.1f} ms a step at the host, computes {w.compute_ms or 0:.1f}"
+                        for w in slow)
+        reason = f"rebalancing: {self._describe(self._plan)} -> {self._describe(proposal)} (predicted " \
+            f"{plan_cost(self._plan, nodes, concurrency=concurrency):.1f} -> " \
+            f"{plan_cost(proposal, nodes, concurrency=concurrency):.1f} ms per token{'; ' + why if why else ''})"
+        self._moves = (*self._moves[-19:], (self._wall(), reason))  # (a new tuple: other threads read it)
+        _log.warning("%s", reason)
+        self._last_move = now
         self._start_rebalance(proposal)
 
     def _start_rebalance(self, proposal: list[Stage]) -> None:
@@ -7380,7 +7480,14 @@ class _Command(NamedTuple):
 
 
 class _Tick(NamedTuple):
-    """The end of a turn (or a timer's due time): write-offs, sampling, relays, the heartbeat, scheduling."""
+    """After a turn's messages (or at a timer's due time): write-offs, picking the tokens answered, relays,
+    the heartbeat."""
+    t: float
+
+
+class _Dispatch(NamedTuple):
+    """Last in a turn, stamped after the tokens were picked: send the runnable sessions' next steps (their
+    round trips count from here, not from before the host's own work)."""
     t: float
 
 
@@ -7493,6 +7600,8 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._load_failures: dict[str, tuple[str, float]] = {}
         self._cannot_load: str | None = None
         self._last_rebalance = t
+        self._last_move = -_math.inf  # the last rebalance started (moves wait Config.move_cooldown_s after it)
+        self._moves: tuple[tuple[float, str], ...] = ()  # the last 20 rebalances: (wall time, why), for the panel
         self._next_beat = t  # the next heartbeat
         # The store (once this host has claimed it): node records, the lease's length and last renewal.
         self._storing = False
@@ -7507,7 +7616,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
 
     def handle(self, events: Iterable) -> list:
         """Take events in order (each stamped with the time); return the instructions to carry out, in order.
-        The last event of a turn is a _Tick."""
+        A turn ends with a _Tick, then a _Dispatch (each stamped when the shell hands it over)."""
         for event in events:
             self._t = event.t
             kind = type(event)
@@ -7515,6 +7624,9 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
                 self._on_worker_message(event.wid, event.msg)
             elif kind is _Tick:
                 self._advance()
+            elif kind is _Dispatch:
+                if not self._stopped:
+                    self._schedule()
             elif kind is _Closed:
                 self._disconnected(event.wid, event.why)
             elif kind is _Command:
@@ -7552,8 +7664,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
 
     def _advance(self) -> None:
         """What the coordinator does after each turn's messages: write off links down past their grace, pick
-        the tokens answered, relay overdue direct steps, beat the heartbeat (and renew the lease), send the
-        next steps."""
+        the tokens answered, relay overdue direct steps, beat the heartbeat (and renew the lease)."""
         if self._stopped:
             return
         now = self._t
@@ -7568,7 +7679,6 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
             if self._storing and now - self._renewed_at > self._lease_s / 3:
                 self._out.append(_Renew())
                 self._renewed_at = now
-        self._schedule()
 
     def _on_command(self, kind: str, arg: Any) -> None:
         if self._stopped:
@@ -8362,7 +8472,8 @@ class Cluster(_ClusterStore):
 
     def _loop(self) -> None:
         """The shell's turn: poll the sockets and the command queue, turn what came into events (each stamped
-        with the clock), hand them to the core with a closing _Tick, and carry out its instructions."""
+        with the clock), hand them to the core, then a _Tick, then a _Dispatch, carrying out its instructions
+        after each (so that a step is stamped close to when it leaves)."""
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
@@ -8400,8 +8511,8 @@ class Cluster(_ClusterStore):
                 if self._ckpt is not None and self._ckpt.superseded and not superseded:
                     superseded = True
                     events.append(_Superseded(now(), self._ckpt.superseded, self._ckpt.successor))
-                events.append(_Tick(now()))
-                if not self._carry_out(core.handle(events)):
+                if not (self._carry_out(core.handle(events)) and self._carry_out(core.handle([_Tick(now())]))
+                        and self._carry_out(core.handle([_Dispatch(now())]))):
                     break
         except Exception:  # never die silently: fail every request with the reason
             _log.exception("coordinator loop failed")
@@ -8582,7 +8693,7 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                    f'<pre class="join">{_esc(cell)}</pre>')
     if workers:
         out.append("<table><tr><th>node</th><th>GPU</th><th>memory</th><th>layers</th><th>state</th>"
-                   "<th>round trip</th><th>tokens/s</th><th>stability</th></tr>")
+                   "<th>round trip</th><th>step: computes / costs</th><th>tokens/s</th><th>stability</th></tr>")
         for w in workers:
             layers = f'{w["layers"][0]}–{w["layers"][1] - 1}' if w.get("layers") else "—"
             if w.get("state") == "loading" and w.get("download_bytes") is not None:
@@ -8597,15 +8708,25 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                    else "good" if w["state"] == "ready" and w.get("unreachable_s") is None else "warn")
             why = f' <span class="muted">{_esc(w["lost_why"])}</span>' if w.get("lost_why") else ""
             rtt = f'{w["rtt_ms"]:.1f} ms' if w.get("rtt_ms") is not None else "—"
+            # What it says its steps compute, and what they cost at the host (a slow node shows the gap).
+            step = (f'{w["compute_ms"]:.1f} / {w["cost_ms"]:.1f} ms' if w.get("compute_ms") is not None
+                    and w.get("cost_ms") is not None else "—")
+            if w.get("straggled") is not None:
+                step = f'<span class="warn">{step} (slow)</span>'
             swatch = f'<span style="color:{color[w["name"]]}">■</span>'
             out.append(f'<tr><td>{swatch} {_esc(w["name"])}</td>'
                        f'<td>{_esc(w.get("device_name") or w.get("device"))}</td>'
                        f'<td>{_fmt_bytes(w.get("memory"))}</td><td>{layers}</td>'
-                       f'<td class="{cls}">{_esc(state)}{why}</td><td>{rtt}</td>'
+                       f'<td class="{cls}">{_esc(state)}{why}</td><td>{rtt}</td><td>{step}</td>'
                        f'<td>{w.get("tokens_s", 0.0):.1f}</td><td>{_stability(w.get("hazard", 0.0))}</td></tr>')
         out.append("</table>")
     else:
         out.append('<div class="muted" style="margin:6px 0">no workers yet</div>')
+    moves = cluster._core._moves[-3:]
+    if moves:  # why layers moved lately (a slow node, a better split)
+        out.append('<div class="muted">recent moves</div>' + "".join(
+            f'<div class="muted">{_time.strftime("%H:%M:%S", _time.localtime(at))} {_esc(why)}</div>'
+            for at, why in moves))
     stages = list(cluster._core._stage_view)
     if stages:
         out.append('<div class="muted">layer map (each column a stage; a second row is a replica)</div>'
@@ -9625,6 +9746,7 @@ class _SimNode:
     alive: bool = True
     free_at: float = 0.0
     ready_at: float = 0.0  # when the layers it was given are loaded
+    slow: float = 1.0  # how much slower than its GPU it runs now (a straggling phase: a shared or throttled VM)
 
     @property
     def capacity(self) -> int:
@@ -9632,7 +9754,7 @@ class _SimNode:
 
     @property
     def layer_ms(self) -> float:
-        return _SIM_GPUS[self.gpu][1]
+        return _SIM_GPUS[self.gpu][1] * self.slow
 
 
 class SwarmSimulator:
@@ -9646,7 +9768,8 @@ class SwarmSimulator:
     def __init__(self, policy: str, *, seed: int = 0, hours: float = 6.0, n_layers: int = 80,
                  gpus: Sequence[str] = ("T4",) * 10, join_every_min: float = 25.0, reclaim_mean_h: float = 4.0,
                  cap_h: float = 12.0, sessions: int = 12, new_tokens: int = 128, prompt_tokens: int = 256,
-                 detect_s: float = 5.0, wait_timeout_s: float = 600.0):
+                 detect_s: float = 5.0, wait_timeout_s: float = 600.0, slow_every_h: float | None = None,
+                 slow_factor: float = 4.0, slow_minutes: tuple[float, float] = (5.0, 40.0)):
         if policy not in ("equal", "planner", "replicas"):
             raise ValueError(f"policy {policy!r}: equal, planner or replicas")
         self.policy, self.rng, self.horizon = policy, _random.Random(seed), hours * 3600
@@ -9654,6 +9777,10 @@ class SwarmSimulator:
         self.join_every, self.reclaim_mean, self.cap = join_every_min * 60, reclaim_mean_h * 3600, cap_h * 3600
         self.new_tokens, self.prompt_tokens = new_tokens, prompt_tokens
         self.detect_s, self.wait_timeout = detect_s, wait_timeout_s
+        # Stragglers: each node turns `slow_factor` times slower every `slow_every_h` hours on average, for
+        # `slow_minutes`; the planner policies see it as the host's measurements would (within a window).
+        self.slow_every, self.slow_factor, self.slow_minutes = slow_every_h, slow_factor, slow_minutes
+        self.slow_rng = _random.Random(f"{seed}/slow")  # (its own stream: the swarm's churn stays the same)
         self.now, self._seq, self._events = 0.0, 0, []
         self.nodes: list[_SimNode] = []
         self.history: dict[int, dict] = {}
@@ -9696,6 +9823,8 @@ class SwarmSimulator:
                         self.now + self.rng.expovariate(1 / self.reclaim_mean), self.now + self.cap)
         self.nodes.append(node)
         self.history[node.id] = {"failures": 0}
+        if self.slow_every:
+            self._at(self.now + self.slow_rng.expovariate(1 / (self.slow_every * 3600)), self._slow, node, True)
         self._at(min(node.dies, node.cap_at), self._node_ends, node)
         if self.plan is not None:
             self._on_join(node)
@@ -9754,6 +9883,19 @@ class SwarmSimulator:
             self.rebalances += 1
             load = max(s.layers * _SIM_LOAD_S_PER_LAYER for s in proposal)
             self._at(self.now + load, self._switch, proposal)  # loads beside the serving plan
+
+    def _slow(self, node: _SimNode, slow: bool) -> None:
+        """A straggling phase starts or ends; the policies that measure see it after a window (10 s) and
+        rebalance if it pays (a recovered node only after its pings were prompt for 20 s)."""
+        if not node.alive:
+            return
+        node.slow = self.slow_factor if slow else 1.0
+        if slow:
+            self._at(self.now + 60 * self.slow_rng.uniform(*self.slow_minutes), self._slow, node, False)
+        else:
+            self._at(self.now + self.slow_rng.expovariate(1 / (self.slow_every * 3600)), self._slow, node, True)
+        if self.policy != "equal" and self.plan is not None:
+            self._at(self.now + (10.0 if slow else 20.0), self._on_join, node)  # (the same rebalance check)
 
     def _switch(self, proposal: list[Stage]) -> None:
         if all(self.nodes[w].alive for s in proposal for w in s.workers):
@@ -9892,9 +10034,9 @@ def simulate(*, seeds: Sequence[int] = (0, 1, 2), hours: float = 6.0, gpus: Sequ
 # The real coordinator, proven against fault schedules (TigerBeetle's VOPR and
 # FoundationDB's simulator are the model). One seed makes a schedule: workers that
 # join, crash, vanish, restart, stall or get cut off, partitions that hold every byte
-# and then deliver them in a burst, requests arriving throughout. The coordinator is
-# Cluster itself (its message handlers and `_advance`), with its clock made virtual and
-# its ROUTER replaced by the simulated network; the simulated workers keep the
+# and then deliver them in a burst, slow phases, requests arriving throughout. The
+# coordinator is its real core (_Coordinator), driven by this simulation as its shell with
+# a virtual clock over a simulated network; the simulated workers keep the
 # worker's contract (welcome -> profile, assign -> ready, staged loads and activate,
 # steps in order on one compute queue while pings are answered at once, the cache rules
 # of `_cache_action`, epochs, rejoin) and compute a cheap function of each step's input
@@ -9906,7 +10048,8 @@ def simulate(*, seeds: Sequence[int] = (0, 1, 2), hours: float = 6.0, gpus: Sequ
 
 _SIM_LAYER_MS = 15.0  # virtual compute per layer and position on a simulated worker (a request lasts seconds)
 _SIM_LOAD_S = 0.05  # virtual seconds to load one layer
-_SIM_FAULTS = ("crash", "vanish", "restart", "cut", "partition", "stuck", "join", "leave")
+_SIM_FAULTS = ("crash", "vanish", "restart", "cut", "partition", "stuck", "join", "leave", "slow")
+_SIM_SLOW_PERIOD, _SIM_SLOW_DUTY = 0.04, 0.25  # a slow worker runs 10 ms of every 40
 
 
 class _SimClock:
@@ -9996,6 +10139,7 @@ class _SimWorker:
         self.last: dict[str, tuple[int, bytes, list]] = {}  # sid -> (start, input, reply) of its last 1-position step
         self.busy_until = 0.0  # its compute queue: jobs run one after another
         self.stuck_until = 0.0
+        self.slow_from = self.slow_until = 0.0  # a slow phase: its process is throttled (see runs_at)
         self.heard = sim.clock()  # when the host last spoke to it
         self.joined = sim.clock()
 
@@ -10011,9 +10155,19 @@ class _SimWorker:
 
     def compute(self, seconds: float, then: Callable[[], None]) -> None:
         """Queue a job on its one compute thread (in order, after the ones before it)."""
-        start = max(self.sim.clock(), self.busy_until, self.stuck_until)
+        start = self.runs_at(max(self.sim.clock(), self.busy_until, self.stuck_until))
+        if start < self.slow_until:  # (its process runs a quarter of the time: its jobs take four times as long)
+            seconds *= 1 / _SIM_SLOW_DUTY
         self.busy_until = start + seconds
         self.sim.at(self.busy_until, self._run_job, then)
+
+    def runs_at(self, t: float) -> float:
+        """When its process runs at or after t: while slow, it is stopped 30 ms of every 40 (a throttled VM)."""
+        if t >= self.slow_until:
+            return t
+        phase = (t - self.slow_from) % _SIM_SLOW_PERIOD
+        stopped = _SIM_SLOW_PERIOD * (1 - _SIM_SLOW_DUTY)
+        return t if phase >= stopped else t + stopped - phase
 
     def _run_job(self, then: Callable[[], None]) -> None:
         if not self.up:  # (a process that died: its queue died with it)
@@ -10027,6 +10181,10 @@ class _SimWorker:
 
     def receive(self, frames: list) -> None:
         if not self.up:
+            return
+        when = self.runs_at(self.sim.clock())
+        if when > self.sim.clock():  # throttled: what arrives waits for its process to run (in order)
+            self.sim.at(when, self.receive, frames)
             return
         msg = decode(frames, allowed=_HOST_TO_WORKER)
         self.heard = self.sim.clock()
@@ -10092,10 +10250,10 @@ class _SimWorker:
         fields = _step_fields(msg)
         hidden = msg.tensor(0)
         n = hidden.shape[1]
-        layers = self.layers
+        layers = self.layers  # (for its duration: a switch queued before it may change them by the time it runs)
 
         def run() -> None:
-            if self.epoch is None or msg.get("epoch", int) != self.epoch or layers != self.layers:
+            if self.epoch is None or msg.get("epoch", int) != self.epoch:
                 self.send("error", {"code": "stale", "message": "no layers for this epoch", **fields})
                 return
             sid, start = fields["sid"], fields["start"]
@@ -10124,7 +10282,8 @@ class _SimWorker:
                     self.last[sid] = (start, key, out)
                 else:
                     self.last.pop(sid, None)
-            self.send("result", {**fields, "compute_ms": _SIM_LAYER_MS * n, "batch": 1}, [out])
+            self.send("result", {**fields, "compute_ms": _SIM_LAYER_MS * n * (self.layers[1] - self.layers[0]),
+                                 "batch": 1}, [out])
         self.compute(_SIM_LAYER_MS * n * (layers[1] - layers[0] if layers else 1) / 1e3, run)
 
 
@@ -10155,7 +10314,7 @@ class _Simulation:
 
     def __init__(self, model: _SimModel, seed: int, *, faults: bool = True, n_faults: int | None = None,
                  schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False,
-                 churn_hours: float | None = None) -> None:
+                 churn_hours: float | None = None, settings: dict | None = None, horizon: float = 40.0) -> None:
         """`light`: fewer and shorter requests (the suite's thousand schedules); else 6-14 requests of up to 40
         new tokens over the 40 s in which 2-8 faults strike. `churn_hours`: instead, that many hours in which a
         worker goes (crashes, vanishes, leaves or restarts) every three minutes and another joins a minute
@@ -10175,7 +10334,10 @@ class _Simulation:
             stages=setup.choice([None, 1, 2, 3]), replicas=setup.choice([1, 1, 2]),
             speculate=setup.choice([0, 0, 3]), direct_links=False, rebalance_s=setup.choice([0.0, 5.0]),
             wait_timeout_s=60.0, max_sessions_per_worker=setup.choice([4, 64]), prefill_chunk=8,
-            reconnect_grace_s=0.5, replan_grace_s=2.0)
+            reconnect_grace_s=0.5, replan_grace_s=2.0, move_cooldown_s=setup.choice([5.0, 60.0]))
+        if settings:  # (a test's own cluster settings over the seed's)
+            self.config = Config.build(self.config, **settings)
+            workers = self.config.workers
         # The real core; this simulation is its shell (events in, instructions carried out).
         self.core = _Coordinator(model.parts, self.config, host_id=f"sim-{seed}", t=self.clock(),
                                  speculation=_Speculation(self.config.speculate, PromptLookup())
@@ -10192,7 +10354,7 @@ class _Simulation:
         self.violations: list[str] = []
         for _ in range(workers):
             self.at(self.clock() + setup.uniform(0, 0.5), self.start_worker)
-        horizon = 40.0 if churn_hours is None else churn_hours * 3600.0
+        horizon = horizon if churn_hours is None else churn_hours * 3600.0
         if churn_hours is not None:
             rng = _random.Random(f"{seed}/faults")
             self.faults = []
@@ -10228,7 +10390,8 @@ class _Simulation:
         for _ in range(n):
             kind = rng.choice(_SIM_FAULTS)
             out.append(_SimFault(round(rng.uniform(1.0, horizon), 3), kind, f"#{rng.randrange(1 << 16)}",
-                                 round(rng.uniform(0.5, 8.0), 2) if kind in ("partition", "stuck", "restart") else 0.0))
+                                 round(rng.uniform(0.5, 8.0), 2) if kind in ("partition", "stuck", "restart") else
+                                 round(rng.uniform(5.0, 30.0), 2) if kind == "slow" else 0.0))
         return sorted(out, key=lambda f: f.at)
 
     def _request(self, horizon: float) -> _SimRequest:
@@ -10355,6 +10518,8 @@ class _Simulation:
             self.at(link["heal"], self._heal, w)
         elif fault.kind == "stuck":  # its compute thread hangs; its I/O thread still answers pings
             w.stuck_until = self.clock() + fault.length
+        elif fault.kind == "slow":  # its process is throttled: everything it does waits, what it reports does not
+            w.slow_from, w.slow_until = self.clock(), self.clock() + fault.length
 
     def closed(self, wid: bytes) -> None:
         self.handle(_Closed(self.clock(), wid))
@@ -10446,6 +10611,7 @@ class _Simulation:
                 _, _, fn, args = _heapq.heappop(self.events)
                 fn(*args)
             self.handle(_Tick(self.clock()))
+            self.handle(_Dispatch(self.clock()))
             self._collect()
             self._check_turn()
             turns += 1
@@ -10773,8 +10939,12 @@ def _simulate(args: Any) -> int:
           f"a 70B model in 4 bits (80 layers), {args.sessions} requests in flight, {args.hours:g} h x "
           f"{args.seeds} seeds; reclaimed every {args.reclaim_h:g} h on average, {args.cap_h:g} h caps, "
           f"a new notebook every {args.join_min:g} min, round trips 20-150 ms", flush=True)
+    if args.slow_every_h:
+        print(f"stragglers: each notebook runs 4x slower for 5-40 min every {args.slow_every_h:g} h on average",
+              flush=True)
     rows = simulate(seeds=range(args.seeds), hours=args.hours, gpus=gpus, sessions=args.sessions,
-                    reclaim_mean_h=args.reclaim_h, cap_h=args.cap_h, join_every_min=args.join_min)
+                    reclaim_mean_h=args.reclaim_h, cap_h=args.cap_h, join_every_min=args.join_min,
+                    slow_every_h=args.slow_every_h or None)
     names = {"equal": "equal split", "planner": "planner", "replicas": "planner + replicas"}
     print(f"{'policy':<20}{'tokens/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'stalled':>9}{'failed':>8}"
           f"{'re-plans':>10}{'rebalances':>12}")
@@ -10921,6 +11091,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reclaim-h", type=float, default=4.0, help="mean hours before a notebook is reclaimed")
     p.add_argument("--cap-h", type=float, default=12.0, help="session cap in hours")
     p.add_argument("--join-min", type=float, default=25.0, help="mean minutes between new notebooks")
+    p.add_argument("--slow-every-h", type=float, default=0.0,
+                   help="stragglers: each notebook runs 4x slower for 5-40 min this often (mean hours; 0: never)")
     p.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
     p.set_defaults(func=_simulate)
 

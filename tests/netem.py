@@ -17,6 +17,7 @@ import collections
 import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -228,3 +229,45 @@ class LatencyProxy:
 
         threading.Thread(target=read, name=f"netem-{direction}-read", daemon=True).start()
         threading.Thread(target=deliver, name=f"netem-{direction}-deliver", daemon=True).start()
+
+
+class Throttle:
+    """Stop a process `stop_ms` of every `period_ms` while `on()` says so (SIGSTOP/SIGCONT from a thread of
+    this one): a notebook VM sharing its cores, a throttled GPU, a busy laptop."""
+
+    def __init__(self, pid: int, stop_ms: float = 30.0, period_ms: float = 40.0) -> None:
+        self.pid, self.stop_s, self.run_s = pid, stop_ms / 1e3, (period_ms - stop_ms) / 1e3
+        self.on = lambda: False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            if self.on():
+                os.kill(self.pid, signal.SIGSTOP)
+                time.sleep(self.stop_s)
+                os.kill(self.pid, signal.SIGCONT)
+                time.sleep(self.run_s)
+            else:
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> "Throttle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def memory_fraction_for(layers: int, layer_bytes: int) -> float:
+    """A `memory_fraction` under which a worker on this machine holds about `layers` layers (plus a half, so
+    that memory moving a little between now and its join keeps the count)."""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return (layers + 0.5) * layer_bytes / available

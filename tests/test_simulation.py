@@ -102,3 +102,34 @@ def test_a_host_serving_for_hours_while_workers_come_and_go_keeps_flat_memory(mo
     bound = 4 + distllm._FORGET_DEPARTED_S / 180 + 2  # the most alive, and those gone within the retention
     assert sim.peak["workers"] <= bound and sim.peak["links"] <= sim.peak["workers"]
     assert len(sim.core._workers) <= bound and len(sim.core._members.links) <= len(sim.core._workers)
+
+
+STRAGGLER_SETTINGS = dict(workers=3, stages=None, replicas=1, rebalance_s=2.0, move_cooldown_s=10.0, speculate=0,
+                          calibrate=True)
+
+
+def test_a_slow_phase_is_measured_by_the_host_and_routed_around(model):
+    """One worker's process throttled (it runs 10 ms of every 40: what it reports of its compute stays the
+    same) for 15 s while requests run: the host's own step costs show it, its layers move off it (most often
+    it is left on standby), and every token stays the fault-free run's."""
+    moved = 0
+    for seed in range(6):
+        sim = distllm._Simulation(model, seed, schedule=[distllm._SimFault(5.0, "slow", "#1", 15.0)], requests=20,
+                                  horizon=60.0, settings=STRAGGLER_SETTINGS)
+        assert sim.run() == [], seed
+        slow = sim.workers["w1"]
+        w1 = next(w for w in sim.core._workers.values() if w.wid == slow.wid)
+        reasons = [why for _, why in sim.core._moves]
+        print(seed, reasons, w1.layers, w1.state)
+        moved += any("w1 costs" in why for why in reasons)
+    assert moved >= 4, moved
+
+
+def test_a_flapping_node_moves_layers_at_most_once_a_minute(model):
+    """Throttled in 5-second bursts every 20 s for four minutes, with the default cooldown: at most one move
+    a minute, and the tokens stay right."""
+    bursts = [distllm._SimFault(5.0 + 20.0 * i, "slow", "#1", 5.0) for i in range(12)]
+    sim = distllm._Simulation(model, 3, schedule=bursts, requests=30, horizon=240.0,
+                              settings={**STRAGGLER_SETTINGS, "move_cooldown_s": 60.0})
+    assert sim.run() == []
+    assert 1 <= sim.core._stats["rebalances"] <= 5, sim.core._stats["rebalances"]
