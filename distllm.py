@@ -282,6 +282,12 @@ class Config:
     draft: str = "lookup"
     speculate_adaptive: bool = True  # False: always draft `speculate` tokens (where the drafter finds them)
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
+    # With replicas: "first" uses a step's first answer and compares the others' when they come (a disagreement
+    # is then settled by a third opinion); "agree" uses a step only once two holders' answers agree (latency
+    # for certainty: no token from an unchecked step).
+    verify: str = "first"
+    spot_check: float = 0.0  # share of decode steps the host checks by recomputing them (ranges of <= check_layers)
+    check_layers: int = 8  # the host gives a third opinion (loading the layers) only for ranges this small
     max_step_errors: int = 3  # failed steps (worker errors, not losses) after which a request fails
     join_timeout_s: float = 30.0  # seconds a new worker waits for the host's first welcome before giving up
     # Seconds a worker that has joined keeps dialling a host it cannot reach (None: until stopped). It
@@ -343,6 +349,7 @@ class Config:
     # (see _Tracer, trace_hops); None: off.
     trace: str | None = None
     test_step_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer per step (a slow node)
+    test_output_noise: float = 0.0  # tests only: a worker's outputs are off by this much, relative (a faulty node)
     test_load_delay_ms: float = 0.0  # tests only: a worker sleeps this long per layer it loads (a slow download)
 
     def __post_init__(self) -> None:
@@ -364,6 +371,12 @@ class Config:
             raise ValueError(f"job_concurrency={self.job_concurrency}: must be at least 1")
         if self.store_push_s < 0:
             raise ValueError(f"store_push_s={self.store_push_s}: must be 0 or more")
+        if self.verify not in ("first", "agree"):
+            raise ValueError(f"verify={self.verify!r}: 'first' (use the first answer, check the others) or 'agree' "
+                             "(use a step once two holders agree)")
+        if not 0.0 <= self.spot_check <= 1.0 or self.check_layers < 0:
+            raise ValueError(f"spot_check={self.spot_check} (a share, 0 to 1), check_layers={self.check_layers} "
+                             "(0 or more)")
         if not self.move_cooldown_s >= 0 or not self.rebalance_s >= 0:
             raise ValueError(f"rebalance_s={self.rebalance_s}, move_cooldown_s={self.move_cooldown_s}: must be 0 or more")
         _decode_batch(self.decode_batch, torch.device("cpu"))  # a bad value is refused here, not on workers
@@ -3501,6 +3514,16 @@ class HubStore(LocalStore):
             raise StoreError(f"another host ({other}) took over {self.uri}")
 
 
+def _package_version(name: str) -> str:
+    """An installed package's version, or "none" (read from its metadata: importing it may be slow)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 def _short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
@@ -4335,6 +4358,9 @@ class _WorkerCompute:
                     shard.undo(fields["sid"], start)
                 outs[k] = ProtocolError(_NOT_FINITE.format("forward"))
         computed = [k for k, o in enumerate(outs) if isinstance(o, torch.Tensor)]
+        if self.config.test_output_noise:  # tests only: a faulty node (its caches are right, its answers not)
+            for k in computed:  # (not a mere scale: a norm downstream would undo that)
+                outs[k] = outs[k] + self.config.test_output_noise * outs[k].abs().mean()
         # The answers in the dtype each step came in (the host's choice), as bytes on the CPU: one copy
         # for the batch (it synchronizes: compute_ms is honest).
         frames = dict(zip(computed, _host_bytes([outs[k] for k in computed], [runs[k][2].dtype for k in computed])))
@@ -4653,6 +4679,7 @@ class Worker(_WorkerCompute):
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
             "layers_loaded": self.layers_loaded,
             "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
+            "bitsandbytes": _package_version("bitsandbytes"),
         })
 
     def _bind_peer(self) -> _socket.socket | None:
@@ -5682,6 +5709,8 @@ class _WorkerState:
     draining: bool = False  # asked to hand its layers over and leave
     peer: str | None = None  # endpoint where the previous stage may reach it directly, if it listens
     link_key: str = ""  # the key what goes there is sealed with (hex): secret, never shown
+    build: str = ""  # torch, transformers, bitsandbytes versions and device kind (from its join)
+    differs: str | None = None  # how its build differs from its range's other holders' (replicas may not agree)
 
     _rate_mark: tuple[float, int] = (0.0, 0)  # (time, tokens) the rate was last measured from
     _timings: _collections.deque = _dataclasses.field(default_factory=lambda: _collections.deque(maxlen=128))
@@ -5779,6 +5808,9 @@ class _Step:
     sent_at: float = 0.0
     answered: bool = False
     first: torch.Tensor | None = None  # the answer used, kept to compare replicas' answers with
+    first_from: WorkerID | None = None  # who gave it
+    dispute: "_Dispute | None" = None  # its holders' answers disagree: the opinions gathered so far
+    held: tuple[WorkerID, torch.Tensor] | None = None  # verify="agree": an answer waiting for a second to agree
     chain: list[WorkerID] = _dataclasses.field(default_factory=list)  # later stages' workers, reached directly
     via: WorkerID | None = None  # the worker that sent this step straight here (the host did not)
     relayed: bool = False  # the direct answer was overdue and the host sent its copy too
@@ -5945,7 +5977,10 @@ class _ClusterCollector:
                  ("restarts", "requests prefilled again from position 0"), ("stalls", "gaps of over 1 s between tokens"),
                  ("rebalances", "layer moves for speed"), ("replans", "re-plans after a loss"),
                  ("reinstated", "written-off workers given their range back"), ("relayed", "direct steps relayed"),
-                 ("drafted", "drafted tokens checked"), ("accepted", "drafted tokens accepted"))
+                 ("drafted", "drafted tokens checked"), ("accepted", "drafted tokens accepted"),
+                 ("checks", "replicas' answers compared"), ("disagreements", "answers that differed beyond the tolerance"),
+                 ("removed", "workers removed for wrong numbers"), ("spot_checks", "steps the host recomputed to check"),
+                 ("unchecked", "verify=agree steps used with one holder left"))
 
     def __init__(self, cluster: "Cluster"):
         self.cluster = cluster
@@ -6184,6 +6219,9 @@ class _CoordinatorMembers:
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation,
             layers_loaded=max(0, msg.get("layers_loaded", int, 0)))
+        # Its build: replicas on different builds or device kinds may not agree bit for bit (see _publish).
+        w.build = " ".join(f"{k} {msg.get(k, str, '?')[:32]}" for k in ("torch", "transformers", "bitsandbytes")) + \
+            f" on {w.device.split(':')[0]}"
         held = msg.get("held", dict, {})
         if held.get("fingerprint") == self._fingerprint and isinstance(held.get("start"), int):
             w.held_start = held["start"]
@@ -6650,27 +6688,51 @@ class _CoordinatorSteps:
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
             self._check_handover(worker)
-        if step.answered:  # a replica's late answer: check it agrees with the one we used
-            self._check_agreement(step, worker, hidden)
-            self._drop_target(session, step, worker.wid)
+        if step.answered or step.dispute is not None:  # a replica's late answer: compare it with the one used
+            self._compare(session, step, worker, hidden)
+            if session.steps.get(step.key) is step:
+                self._drop_target(session, step, worker.wid)
             if not session.steps:
                 self._draining.pop(session.sid, None)
             return
-        step.answered = True
-        step.targets.discard(worker.wid)
-        self._stats["steps"] += 1
+        if self.config.verify == "agree" and session.sid in self._sessions:
+            if step.held is None and step.targets - {worker.wid}:  # another holder owes it: wait for theirs
+                step.held = (worker.wid, hidden)
+                step.targets.discard(worker.wid)
+                return
+            if step.held is not None:
+                step.targets.discard(worker.wid)
+                other, theirs = step.held
+                if not self._close(hidden, theirs):
+                    self._dispute(session, step, {other: theirs, worker.wid: hidden}, used=None)
+                    return
+                self._stats["checks"] += 1
+            else:
+                self._stats["unchecked"] += 1  # (one holder left: nobody to agree with)
         if step.relayed and msg.get("direct", bool, False):  # the link was slow, not broken: use it again
             self._links_down.pop((step.via, worker.wid), None)
+        self._use_answer(session, step, worker.wid, hidden, forwarded=msg.get("forwarded", bool, False))
+        if not step.targets and step.n == 1:
+            self._spot_check(session, step, worker, hidden)
+
+    def _use_answer(self, session: _Session, step: _Step, wid: WorkerID | None, hidden: torch.Tensor,
+                    forwarded: bool = False) -> None:
+        """Go on with this answer to the step: the next stage's step, or the token(s) it gives."""
+        n = step.n
+        step.answered = True
+        step.targets.discard(wid)
+        self._stats["steps"] += 1
         if step.targets:  # other replicas still working on it: keep the answer to compare
-            step.first = hidden
+            step.first, step.first_from = hidden, wid
         else:
             session.steps.pop(step.key, None)
-        session.holders[step.stage] = {worker.wid} | step.targets
+        session.holders[step.stage] = ({wid} if wid is not None else set()) | step.targets | (
+            {step.held[0]} if step.held is not None else set())
         last = step.stage + 1 == len(self._plan)
         if not last:
             self._remember(session, step.stage + 1, step.start, hidden)
-            if msg.get("forwarded", bool, False) and step.chain:
-                self._expect(session, step, worker.wid, hidden)
+            if forwarded and step.chain:
+                self._expect(session, step, wid, hidden)
             else:
                 self._send_step(session, step.stage + 1, step.start, hidden, number=step.number)
             if step.stage == 0:
@@ -6777,22 +6839,14 @@ class _CoordinatorSteps:
         else:
             self._runnable.append(session)
 
-    def _check_agreement(self, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
-        other, first = hidden.float(), step.first.float()
-        error = float((other - first).norm() / first.norm().clamp_min(1e-12))
-        if error > self.config.replica_tolerance:
-            # Dropped for good: a node computing wrong numbers must not rejoin under this identity.
-            self._ban(worker.wid)
-            self._send(worker.wid, "error", {"code": "kicked", "message": "its output diverged from a replica's"})
-            self._lose_worker(worker, f"its output diverged from its replica's ({error:.2e} relative)",
-                              state="failed")
-
     def _schedule(self) -> None:
         """Start the next step of every runnable session, or time out those waiting too long."""
         if self._ready:
             for _ in range(len(self._runnable)):
                 s = self._runnable.popleft()
-                if s.sid in self._sessions and not s.inflight:
+                if s.sid in self._held:  # a disputed answer of it awaits a third opinion
+                    self._runnable.append(s)
+                elif s.sid in self._sessions and not s.inflight:
                     with self._failing_alone(s, "sending its next step"):
                         self._next_step(s)
                         self._feed_prompt(s)
@@ -6893,7 +6947,7 @@ class _CoordinatorSteps:
 
     def _chain(self, session: _Session, stage: int, first: WorkerID) -> list[WorkerID]:
         """The workers the next stages' steps can go to straight from the previous one (maybe none)."""
-        if not self.config.direct_links:
+        if not self.config.direct_links or self.config.verify == "agree":  # (agree: every answer comes to the host)
             return []
         chain, previous, now = [], first, self._now()
         for later in range(stage + 1, len(self._plan)):
@@ -6967,7 +7021,8 @@ class _CoordinatorSteps:
         queued and in-flight steps times its step time), which spreads sessions over them.
         """
         workers = [self._workers[w] for w in ready]
-        if len(workers) == 1 or any(self._hazard(w) >= _STABLE_HAZARD for w in workers):
+        if len(workers) == 1 or self.config.verify == "agree" or any(
+                self._hazard(w) >= _STABLE_HAZARD for w in workers):
             return set(ready)
         busy = _collections.Counter(wid for s in self._sessions.values() for st in s.steps.values()
                                     for wid in st.targets)
@@ -7432,6 +7487,17 @@ class _CoordinatorPlacement:
     def _publish(self) -> None:
         """Refresh the snapshots that other threads read (atomic swap, no lock needed)."""
         now = self._now()
+        for stage in self._plan or ():  # replicas of another build or device kind are flagged
+            builds = {self._workers[w].build for w in stage.workers}
+            for wid in stage.workers:
+                w = self._workers[wid]
+                others = sorted(builds - {w.build})
+                differs = f"its build ({w.build}) differs from its range's other holders' ({'; '.join(others)}): " \
+                    f"they may not agree bit for bit (replica_tolerance={self.config.replica_tolerance})" if others \
+                    else None
+                if differs and differs != w.differs:
+                    _log.warning("worker %s: %s", w.name, differs)
+                w.differs = differs
         for w in self._workers.values():
             if w.alive:
                 w.measure_rate(now)
@@ -7538,7 +7604,186 @@ class _Stop(NamedTuple):
     """The loop ends: close the sockets (after the shutdown messages went out)."""
 
 
-class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement):
+_HOST_OPINION = b"(host)"  # whose opinion the host's own recomputation is
+
+
+@_dataclasses.dataclass(eq=False)
+class _Dispute:
+    """Holders' answers to one step differ beyond the tolerance: the opinions gathered to settle it."""
+
+    session: "_Session"
+    step: "_Step"
+    answers: dict  # who -> their answer (the host's under _HOST_OPINION)
+    used: WorkerID | None  # whose answer the session went on with (None: none yet, with verify="agree")
+    spot: bool = False  # a spot check of a single holder's answer, not a disagreement yet
+
+
+class _CoordinatorChecks:
+    """The coordinator's output checks (part of `_Coordinator`): replicas that disagree are settled by a third
+    opinion, never by who answered first; verify="agree" waits for two agreeing answers; spot checks have the
+    host recompute a share of steps. The one found wrong (by majority) is removed; a request that went on
+    with its answer is rewound if nothing of it was streamed yet, else it fails saying so."""
+
+    def _close(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        a, b = a.float(), b.float()
+        return float((a - b).norm() / b.norm().clamp_min(1e-12)) <= self.config.replica_tolerance
+
+    def _compare(self, session: _Session, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
+        """A replica's answer to a step whose first answer was used: agree, or open (or add to) a dispute."""
+        self._stats["checks"] += 1
+        if step.dispute is not None:
+            self._opinion(step.dispute, worker.wid, hidden)
+        elif not self._close(hidden, step.first):
+            self._dispute(session, step, {step.first_from: step.first, worker.wid: hidden}, used=step.first_from)
+
+    def _dispute(self, session: _Session, step: _Step, answers: dict, used: WorkerID | None) -> None:
+        """Answers to one step differ: ask a third opinion (a holder still owing it, else the host itself for
+        a small range); with none to be had, drop every holder that answered from the range."""
+        self._stats["disagreements"] += 1
+        names = " and ".join(self._workers[w].name for w in answers)
+        dispute = step.dispute = _Dispute(session, step, dict(answers), used)
+        self._held.add(session.sid)  # (it goes on once settled: nothing more of it is computed on a doubt)
+        pair = frozenset(answers)
+        if pair in self._open:  # the same holders disagree again: one verdict settles both
+            self._open[pair].append(dispute)
+            return
+        self._open[pair] = [dispute]
+        if step.targets - set(answers):  # a third holder's answer is due: it decides
+            _log.warning("request %s: %s disagree on stage %d at position %d; waiting for a third holder's answer",
+                         session.sid, names, step.stage, step.start)
+            return
+        if self._ask_host(dispute):
+            _log.warning("request %s: %s disagree on stage %d at position %d; the host computes a third opinion",
+                         session.sid, names, step.stage, step.start)
+            return
+        _log.error("request %s: %s disagree on stage %d at position %d and no third opinion can be had: both are "
+                   "dropped from the range", session.sid, names, step.stage, step.start)
+        self._settle(dispute, wrong=set(answers))
+
+    def _ask_host(self, dispute: _Dispute) -> bool:
+        """Have the host recompute the disputed step (the stage's kept inputs from position 0): only for a range
+        of at most check_layers layers, with the inputs still kept."""
+        session, step = dispute.session, dispute.step
+        stage = self._plan[step.stage] if self._plan and step.stage < len(self._plan) else None
+        if stage is None or stage.layers > self.config.check_layers:
+            return False
+        if step.stage == 0:
+            inputs = self.head.embed_tokens(session.tokens[:step.start + step.n]).to(self.wire_dtype)
+        else:
+            chunks = (session.history or {}).get(step.stage, [])
+            if session.history is None or sum(c.shape[1] for c in chunks) < step.start:
+                return False
+            kept = torch.cat(chunks, dim=1)[:, :step.start] if step.start else step.hidden[:, :0]
+            inputs = torch.cat([kept, step.hidden], dim=1)
+        check = next(self._check_ids)
+        self._checks[check] = dispute
+        self._out.append(_Opinion(check, stage.start, stage.end, inputs, session.prompt_len, step.n))
+        return True
+
+    def _spot_check(self, session: _Session, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
+        """With spot_check, the host recomputes this share of single-holder decode steps it can check."""
+        if step.n != 1 or step.targets or self._check_rng.random() >= self.config.spot_check:
+            return
+        dispute = _Dispute(session, step, {worker.wid: hidden}, worker.wid, spot=True)
+        if self._ask_host(dispute):
+            self._stats["spot_checks"] += 1
+
+    def _on_host_opinion(self, check: int, hidden: torch.Tensor | None, error: str | None) -> None:
+        dispute = self._checks.pop(check, None)
+        if dispute is None:
+            return
+        if hidden is None:
+            _log.error("the host could not compute a third opinion (%s)", error)
+            if not dispute.spot:
+                self._settle(dispute, wrong=set(dispute.answers))
+            return
+        self._opinion(dispute, _HOST_OPINION, hidden)
+
+    def _opinion(self, dispute: _Dispute, who: WorkerID, hidden: torch.Tensor) -> None:
+        """A third opinion came: whoever disagrees with it is wrong (a spot check: the one holder, if it does)."""
+        others = dispute.answers
+        wrong = {w for w, answer in others.items() if not self._close(answer, hidden)}
+        if dispute.spot:
+            if wrong:
+                self._stats["disagreements"] += 1
+                self._settle(dispute, wrong)
+            return
+        dispute.answers = {**others, who: hidden}
+        if len(wrong) == len(others) and who != _HOST_OPINION and len(others) == 2:
+            # (three workers, three answers: no majority; the host may still settle it)
+            if self._ask_host(dispute):
+                return
+        self._settle(dispute, wrong)
+
+    def _settle(self, dispute: _Dispute, wrong: set) -> None:
+        """Remove the holders found wrong; a request that went on with a wrong answer is rewound to the step,
+        or, if tokens made from it were streamed already, fails saying so. verify="agree": the step goes on
+        with a right answer."""
+        if not dispute.spot:  # the disputes of the same holders waiting on this verdict settle with it
+            for other in self._open.pop(frozenset(dispute.answers) - {_HOST_OPINION}, [dispute])[1:]:
+                self._settle_one(other, wrong & set(other.answers))
+        self._settle_one(dispute, wrong)
+
+    def _settle_one(self, dispute: _Dispute, wrong: set) -> None:
+        session, step = dispute.session, dispute.step
+        step.dispute = None
+        self._held.discard(session.sid)
+        wrong.discard(_HOST_OPINION)
+        right = [w for w in dispute.answers if w not in wrong and w != _HOST_OPINION]
+        for wid in sorted(wrong):
+            w = self._workers.get(wid)
+            if w is None or not w.alive:
+                continue
+            _log.error("worker %s computed wrong numbers (stage %d, position %d of request %s: %s): it is removed",
+                       w.name, step.stage, step.start, session.sid,
+                       "outvoted by " + ", ".join(self._workers[r].name if r in self._workers else "the host"
+                                                  for r in right) if right or _HOST_OPINION in dispute.answers
+                       else "no third opinion")
+            self._stats["removed"] += 1
+            self._ban(wid)
+            self._send(wid, "error", {"code": "kicked", "message": "its output differed from the other opinions"})
+            self._lose_worker(w, "its output differed from the other opinions", state="failed")
+        if session.sid not in self._sessions:
+            return  # (it ended; its tokens were delivered: said in the README)
+        if dispute.used is None:  # verify="agree": nothing was used yet
+            good = next((dispute.answers[w] for w in right), dispute.answers.get(_HOST_OPINION))
+            if good is not None and step.key in session.steps:
+                self._use_answer(session, step, right[0] if right else None, good)
+            else:
+                self._rewind(session, step, "its holders disagreed")
+            return
+        if dispute.used in wrong:
+            made = len(session.tokens) - max(step.start + step.n, session.prompt_len)  # streamed since the step
+            if made > 0:
+                self._finish(session, error=RequestFailedError(
+                    f"request {session.sid}: {made} token(s) streamed from position {step.start + step.n} on were "
+                    f"computed with a stage answer that a third opinion found wrong; its sender is removed: send "
+                    f"the request again"))
+            else:
+                self._rewind(session, step, "a stage answer it went on with was found wrong")
+
+    def _rewind(self, session: _Session, step: _Step, why: str) -> None:
+        """Go back to the step's first position and run on from there (nothing of it was streamed)."""
+        session.pos = min(session.pos, step.start)
+        for st in session.steps.values():
+            st.answered = False  # (void: _park keeps answered steps only)
+        session.steps.clear()
+        self._park(session, f"rewound to position {step.start}: {why}")
+
+
+class _Opinion(NamedTuple):
+    """Compute a stage's output for a step on the host (a third opinion, or a spot check): layers start..end-1
+    over the stage's inputs from position 0 (`inputs`), positions from `decode_from` one at a time as the
+    workers ran them; the answer is the last `n` positions, handed back as the command "opinion"."""
+    check: int
+    start: int
+    end: int
+    inputs: torch.Tensor
+    decode_from: int
+    n: int
+
+
+class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement, _CoordinatorChecks):
     """The coordinator's decisions, without I/O: `handle(events) -> instructions` and `wake_at()`.
 
     It owns the sessions, their steps and replay histories, membership (joins, leaves, link grace,
@@ -7582,8 +7827,15 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
                        "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
-                       "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0}
+                       "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0,
+                       "checks": 0, "disagreements": 0, "removed": 0, "spot_checks": 0, "unchecked": 0}
         self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
+        # Output checks: the host's opinions asked for (by id), and which steps spot checks pick (seeded).
+        self._checks: dict[int, _Dispute] = {}
+        self._open: dict[frozenset, list[_Dispute]] = {}  # holders that disagree -> disputes awaiting one verdict
+        self._held: set[SessionID] = set()  # sessions paused until a dispute about them is settled
+        self._check_ids = _itertools.count()
+        self._check_rng = _random.Random(host_id)  # (a seeded simulation: its host id, so the same each run)
         # Slots: the callers' threads enter (refused at once when full); the core leaves and hands them on.
         self._admission = _Admission(self.config.max_active, self.config.max_queued)
         self._waiting: _collections.deque[_Session] = _collections.deque()  # admitted=False, oldest first
@@ -7714,6 +7966,8 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
             self._maybe_rebalance(self._t, force=True)
         elif kind == "speculate":
             self._speculation = arg
+        elif kind == "opinion":  # the host's recomputation of a disputed or spot-checked step: (id, answer, error)
+            self._on_host_opinion(*arg)
         elif kind == "sizes":  # the weight files' sizes, looked up in the background
             self._file_sizes = {**self._file_sizes, **arg}
         elif kind == "drain":
@@ -8139,6 +8393,8 @@ class Cluster(_ClusterStore):
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
         self._registry: Any = None  # prometheus_client's, made by the first metrics() call
+        self._check_lock = _threading.Lock()  # the host's own checks of workers' answers, one at a time
+        self._check_shard: tuple[tuple[int, int], StageShard] | None = None
         self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
         self._jobs: dict[str, Job] = {}
         self._jobs_lock = _threading.Lock()
@@ -8581,10 +8837,37 @@ class Cluster(_ClusterStore):
                         server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
                 elif kind is _Stop:
                     go_on = False
+                elif kind is _Opinion:
+                    _threading.Thread(target=self._host_opinion, args=(op,), name="distllm-check", daemon=True).start()
                 else:
                     raise TypeError(f"not an instruction: {op!r}")
             instructions = self._core.handle(failed) if failed else []
         return go_on
+
+    def _host_opinion(self, op: _Opinion) -> None:
+        """The host's own answer to a disputed or spot-checked step: it loads the range's layers (kept for the
+        next check of the same range) and runs the stage's inputs from position 0 through them, as a worker
+        would; the answer goes back to the core as the command "opinion"."""
+        with self._check_lock:
+            try:
+                key = (op.start, op.end)
+                shard = self._check_shard[1] if self._check_shard and self._check_shard[0] == key else None
+                if shard is None:
+                    self._check_shard = None  # (one range at a time: its memory is the host's)
+                    shard = StageShard(self.files, self.model_config, op.start, op.end, quant=self.quant,
+                                       dtype=self.dtype, device=self.device, max_sessions=2, static_cache=False)
+                    self._check_shard = (key, shard)
+                sid = f"check-{op.check}"
+                try:
+                    with torch.inference_mode():
+                        out = shard.forward(sid, op.inputs, 0, op.decode_from)[:, -op.n:].to("cpu", op.inputs.dtype)
+                finally:
+                    shard.drop(sid)
+                result: tuple = (op.check, out, None)
+            except Exception as exc:  # (a check that cannot run is said so; the core decides without it)
+                _log.exception("the host could not recompute a step for a check")
+                result = (op.check, None, _short_error(exc))
+        self._command("opinion", result)
 
     def _on_disconnects(self, monitor: zmq.Socket, events: list) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -8713,6 +8996,8 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                     and w.get("cost_ms") is not None else "—")
             if w.get("straggled") is not None:
                 step = f'<span class="warn">{step} (slow)</span>'
+            if w.get("differs"):
+                state += " (another build than its replica)"
             swatch = f'<span style="color:{color[w["name"]]}">■</span>'
             out.append(f'<tr><td>{swatch} {_esc(w["name"])}</td>'
                        f'<td>{_esc(w.get("device_name") or w.get("device"))}</td>'
@@ -10140,6 +10425,7 @@ class _SimWorker:
         self.busy_until = 0.0  # its compute queue: jobs run one after another
         self.stuck_until = 0.0
         self.slow_from = self.slow_until = 0.0  # a slow phase: its process is throttled (see runs_at)
+        self.wrong = False  # it computes wrong numbers (the "wrong" fault: from then on)
         self.heard = sim.clock()  # when the host last spoke to it
         self.joined = sim.clock()
 
@@ -10278,6 +10564,8 @@ class _SimWorker:
                 for i, layer in enumerate(range(*self.layers)):
                     h = self.sim.model.layers.run(layer, cache[i], h, start)
                 out = h[None].to(hidden.dtype)
+                if self.wrong:  # a faulty node (a bad GPU, another build): its numbers are off, and it says nothing
+                    out = out * 1.25 + 0.1
                 if n == 1:
                     self.last[sid] = (start, key, out)
                 else:
@@ -10314,12 +10602,16 @@ class _Simulation:
 
     def __init__(self, model: _SimModel, seed: int, *, faults: bool = True, n_faults: int | None = None,
                  schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False,
-                 churn_hours: float | None = None, settings: dict | None = None, horizon: float = 40.0) -> None:
+                 churn_hours: float | None = None, settings: dict | None = None, horizon: float = 40.0,
+                 expect_wrong: bool = False) -> None:
         """`light`: fewer and shorter requests (the suite's thousand schedules); else 6-14 requests of up to 40
         new tokens over the 40 s in which 2-8 faults strike. `churn_hours`: instead, that many hours in which a
         worker goes (crashes, vanishes, leaves or restarts) every three minutes and another joins a minute
         later, and a short request comes every 30 s: the host's memory of workers and links must stay flat."""
         self.light = light or churn_hours is not None
+        # A "wrong" fault with nothing to catch it at once (one holder, or first-answer mode): a request may get
+        # tokens that differ, or end with the documented error; counted in self.wrong_tokens, not a violation.
+        self.expect_wrong, self.wrong_tokens = expect_wrong, 0
         self.model, self.seed = model, seed
         # One random stream per concern, so that dropping a fault (shrinking) changes nothing else.
         self.rng = _random.Random(f"{seed}/network")  # latencies, workers' ids and incarnations
@@ -10447,9 +10739,18 @@ class _Simulation:
                         failed.append(_Closed(self.clock(), op.wid, "a send to it failed"))
                 elif kind is _Deliver:
                     op.stream.put(op.item)
+                elif kind is _Opinion:  # the host's own recomputation takes a while, then comes back
+                    self.at(self.clock() + 0.05, self._host_opinion, op)
                 elif kind is not _Readiness:  # (no store here, and nothing stops the coordinator)
                     self.violations.append(f"the coordinator said {op!r}")
             out = self.core.handle(failed) if failed else []
+
+    def _host_opinion(self, op: _Opinion) -> None:
+        caches = [[] for _ in range(op.start, op.end)]
+        h = op.inputs[0].float()
+        for i, layer in enumerate(range(op.start, op.end)):
+            h = self.model.layers.run(layer, caches[i], h, 0)
+        self.handle(_Command(self.clock(), "opinion", (op.check, h[None, -op.n:].to(op.inputs.dtype), None)))
 
     def host_sends(self, wid: bytes, frames: list) -> bool:
         link = self.links.get(wid)
@@ -10518,6 +10819,8 @@ class _Simulation:
             self.at(link["heal"], self._heal, w)
         elif fault.kind == "stuck":  # its compute thread hangs; its I/O thread still answers pings
             w.stuck_until = self.clock() + fault.length
+        elif fault.kind == "wrong":  # it computes wrong numbers from now on (a faulty GPU, a bad build)
+            w.wrong = True
         elif fault.kind == "slow":  # its process is throttled: everything it does waits, what it reports does not
             w.slow_from, w.slow_until = self.clock(), self.clock() + fault.length
 
@@ -10559,17 +10862,20 @@ class _Simulation:
                 self.progress = self.clock()
                 if kind == "token":
                     r.tokens.append(value)
-                    if r.tokens != r.want[:len(r.tokens)]:
+                    if r.tokens != r.want[:len(r.tokens)] and not self.expect_wrong:
                         self.violations.append(f"request {r.session.sid}: token {len(r.tokens)} is "
                                                f"{value}, the fault-free run's is {r.want[len(r.tokens) - 1:][:1]}")
                 elif kind == "done":
                     r.ended = "done"
-                    if r.tokens != r.want:
+                    if r.tokens != r.want and self.expect_wrong:
+                        self.wrong_tokens += 1
+                    elif r.tokens != r.want:
                         self.violations.append(f"request {r.session.sid} ended with {len(r.tokens)} tokens, "
                                                f"the fault-free run has {len(r.want)}")
                 else:
                     r.ended = f"{type(value).__name__}: {value}"
-                    if not isinstance(value, ClusterNotReadyError):
+                    found_wrong = isinstance(value, RequestFailedError) and "found wrong" in str(value)
+                    if not isinstance(value, ClusterNotReadyError) and not (found_wrong and self.expect_wrong):
                         self.violations.append(f"request {r.session.sid} failed: {r.ended}")
                     self.note(f"request {r.session.sid} failed: {r.ended[:120]}")
             if r.ended is not None:
