@@ -7787,12 +7787,17 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
     """The coordinator's decisions, without I/O: `handle(events) -> instructions` and `wake_at()`.
 
     It owns the sessions, their steps and replay histories, membership (joins, leaves, link grace,
-    write-offs), direct-link state, speculation, admission hand-offs, placement and rebalancing, and the
-    views it publishes for other threads (`_snapshot`, `_stage_view`, `_session_view`, `_status`, `_stats`).
-    It reads no clock (each event carries the time; wall time is that plus a fixed offset, for the store's
-    records only), opens no socket, starts no thread, and iterates in insertion order (dicts and lists),
-    so a seeded schedule replays exactly. It is built from the model's shape and the host's head
+    write-offs), direct-link state, speculation, admission hand-offs, placement and rebalancing (slow nodes
+    too), output checks, and the views it publishes for other threads (`_snapshot`, `_stage_view`,
+    `_session_view`, `_status`, `_stats`, `_moves`). It reads no clock (each event carries the time; wall
+    time is that plus a fixed offset, for the store's records only), opens no socket, starts no thread, and
+    iterates in a fixed order (dicts and lists in insertion order, worker ids sorted), so a seeded schedule
+    replays exactly, in any process. It is built from the model's shape and the host's head
     (`Cluster._MODEL_PARTS`), not from files. `Cluster` is the shell that feeds it; `_Simulation` another.
+
+    Events: _Arrived (a decoded message), _Closed (a connection closed, a send failed), _Command (submit,
+    cancel, kick, drain, rebalance, claimed, moved, speculate, sizes, opinion, stop), _Tick, _Dispatch,
+    _Superseded. Instructions: _Send, _Deliver, _Store, _Renew, _Readiness, _StepDown, _Opinion, _Stop.
     """
 
     def __init__(self, parts: dict, config: Config, *, host_id: str = "host", t: float = 0.0,
