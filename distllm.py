@@ -5701,6 +5701,8 @@ class _WorkerState:
     cost_at: float = 0.0  # when cost_ms was last measured
     answered_at: float = 0.0  # when its last answer (any step) came
     straggled: float | None = None  # its layer_ms as measured when layers moved off it for being slow (else None)
+    best_ping_ms: float = _math.inf  # its quickest ping ever: what "answers promptly" is judged against
+    back_at: float = 0.0  # when it was last heard again after its link was down
     files: list[str] = _dataclasses.field(default_factory=list)  # weight files it read
     error: str | None = None
     tokens: int = 0  # positions it has computed (prefill and decode), all ranges
@@ -5759,8 +5761,10 @@ class _WorkerState:
         self.cost_ms = self.link_ms = None
 
     def record_ping(self, now: float, rtt_ms: float) -> None:
-        self.rtt_ms = rtt_ms
         self._pings.append((now, rtt_ms))
+        # The least of its last three: one pong held up (a burst after a hiccup) does not make a link slow.
+        self.rtt_ms = min(r for _, r in _itertools.islice(reversed(self._pings), 3))
+        self.best_ping_ms = min(self.best_ping_ms, rtt_ms)
 
     def answers_promptly(self, now: float) -> bool:
         """Whether its pings of the last _RECOVERY_S all came back near its best (a slow node that recovered:
@@ -5768,8 +5772,7 @@ class _WorkerState:
         recent = [r for t, r in self._pings if now - t <= _RECOVERY_S]
         if len(recent) < 5 or self._pings[0][0] > now - _RECOVERY_S:
             return False
-        floor = min(r for _, r in self._pings)
-        return _median(recent) <= 1.5 * floor + 5.0
+        return _median(recent) <= 1.5 * self.best_ping_ms + 5.0  # (its best ever: a link that got slow is slow)
 
     def measured_layer_ms(self, now: float) -> float | None:
         """One layer's decode step as the host measures it (cost_ms over the layers held), if measured lately."""
@@ -6174,6 +6177,8 @@ class _CoordinatorMembers:
             if worker is not None:
                 worker.last_seen = arrived
                 down = self._members.heard(wid, worker.last_seen)
+                if down is not None:  # (what it sent while cut off arrives now: its pongs time the outage)
+                    worker.back_at = arrived
             if msg.type == "join":
                 self._on_join(wid, msg)
             elif worker is not None and not worker.alive and msg.type != "leave" and self._reinstate(worker):
@@ -6395,7 +6400,7 @@ class _CoordinatorMembers:
 
     def _on_pong(self, worker: _WorkerState, msg: Message) -> None:
         sent = msg.get("t", (int, float), None)
-        if sent is not None:
+        if sent is not None and sent >= worker.back_at:  # (a ping sent before an outage timed the outage)
             worker.record_ping(self._t, (self._t - sent) * 1e3)
         worker.queue = max(0, msg.get("queue", int, 0))
         worker.sessions = max(0, msg.get("sessions", int, 0))
@@ -7368,8 +7373,11 @@ class _CoordinatorPlacement:
 
     def _maybe_rebalance(self, now: float, force: bool = False) -> None:
         """Every `rebalance_s` (or when `force`d), move layers if measured speeds promise a clear gain."""
+        # The cooldown after a move holds back the next, unless a node turned slow that the last move did not
+        # concern (a flapping node's moves all concern it: at most one a cooldown).
+        fresh = any(self._straggling(w) and w.wid not in self._last_moved for w in self._live())
         due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s
-                        and now - self._last_move >= self.config.move_cooldown_s)
+                        and (now - self._last_move >= self.config.move_cooldown_s or fresh))
         if not due or self._rebalance is not None or self._handovers or not self._ready:
             return
         self._last_rebalance = now
@@ -7392,6 +7400,8 @@ class _CoordinatorPlacement:
             f"{plan_cost(self._plan, nodes, concurrency=concurrency):.1f} -> " \
             f"{plan_cost(proposal, nodes, concurrency=concurrency):.1f} ms per token{'; ' + why if why else ''})"
         self._moves = (*self._moves[-19:], (self._wall(), reason))  # (a new tuple: other threads read it)
+        old, new = ({wid: (st.start, st.end) for st in plan for wid in st.workers} for plan in (self._plan, proposal))
+        self._last_moved = {wid for wid in old.keys() | new.keys() if old.get(wid) != new.get(wid)}
         _log.warning("%s", reason)
         self._last_move = now
         self._start_rebalance(proposal)
@@ -7858,6 +7868,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._cannot_load: str | None = None
         self._last_rebalance = t
         self._last_move = -_math.inf  # the last rebalance started (moves wait Config.move_cooldown_s after it)
+        self._last_moved: set[WorkerID] = set()  # the workers whose ranges that move changed
         self._moves: tuple[tuple[float, str], ...] = ()  # the last 20 rebalances: (wall time, why), for the panel
         self._next_beat = t  # the next heartbeat
         # The store (once this host has claimed it): node records, the lease's length and last renewal.

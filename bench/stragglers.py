@@ -44,10 +44,12 @@ def make_model(path: str, hidden: int, layers: int) -> str:
     import torch
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+    tokenizer = distllm._tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
                          torch_dtype="float32")
     LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     class Moves(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             text = record.getMessage()
-            if text.startswith("rebalancing") or "answers promptly again" in text:
+            if text.startswith("rebalancing") or "is fast again" in text:
                 moves.append(f"t={time.monotonic() - t0:6.1f}s {text}")
 
     logging.getLogger("distllm").addHandler(Moves())
