@@ -7512,6 +7512,8 @@ class _CoordinatorPlacement:
             if w.alive:
                 w.measure_rate(now)
                 w.hazard = self._hazard(w)
+                if w.cost_ms is not None and now - w.cost_at > _COST_STALE_S:  # (no steps lately: not shown stale)
+                    w.cost_ms = None
         workers = [{**w.public(), **self._members.view(w, now, self._covered(w))} for w in self._workers.values()]
         plan = [(s.start, s.end - 1, ", ".join(self._workers[w].name for w in s.workers))
                 for s in (self._plan or [])]
