@@ -9025,6 +9025,11 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
         out.append("</table>")
     else:
         out.append('<div class="muted" style="margin:6px 0">no workers yet</div>')
+    stats = cluster.stats()
+    if stats["checks"] or stats["spot_checks"] or stats["disagreements"]:  # replicas and spot checks at work
+        out.append(f'<div class="muted">output checks: {stats["checks"]} compared, {stats["spot_checks"]} spot '
+                   f'checks, {stats["disagreements"]} disagreements, {stats["removed"]} workers removed for wrong '
+                   f'numbers</div>')
     moves = cluster._core._moves[-3:]
     if moves:  # why layers moved lately (a slow node, a better split)
         out.append('<div class="muted">recent moves</div>' + "".join(
