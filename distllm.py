@@ -61,6 +61,7 @@ __all__ = [
     "Server",
     "APIError",
     "chat_prompt_ids",
+    "stream_completion",
     # checkpoint store
     "open_store",
     "read_rendezvous",
@@ -8469,12 +8470,15 @@ class Cluster(_ClusterStore):
                           seed=seed, timeout=timeout)[1]
 
     def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, seed: int | None, timeout: float | None) -> tuple[SessionID, Iterator]:
-        """Start a request now (admitted or refused at once); return its id and its stream."""
+              top_k: int, seed: int | None, timeout: float | None, generated: Sequence[int] = (),
+              record: str | None = None) -> tuple[SessionID, Iterator]:
+        """Start a request now (admitted or refused at once); return its id and its stream. `generated`: tokens
+        it made already (a resumed stream: the stream yields the ones after them); `record`: the store key its
+        tokens are checkpointed under as they come (with a store)."""
         timeout = _timeout_arg(timeout)
         session = self._new_session(prompt, SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=_secure_seed() if seed is None else seed), timeout)
+            seed=_secure_seed() if seed is None else seed), timeout, generated=generated, record=record)
         text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
         return session.sid, self._events(session, text, timeout)
 
@@ -8673,14 +8677,21 @@ class Cluster(_ClusterStore):
         return server
 
 
-    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams,
-                     timeout: float | None = None) -> _Session:
+    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams, timeout: float | None = None,
+                     generated: Sequence[int] = (), record: str | None = None) -> _Session:
         ids = self._prompt_ids(prompt)
         if self._closed.is_set():
             raise self._core._closed_error()
         now = self._now()
-        session = _Session(_uuid.uuid4().hex[:16], ids, len(ids), params, _queue.Queue(), now,
+        session = _Session(_uuid.uuid4().hex[:16], ids + list(generated), len(ids), params, _queue.Queue(), now,
                            wait_timeout=self.config.wait_timeout_s)
+        if record is not None and self._ckpt is not None:
+            session.record = (record, {"prompt_sha": _hashlib.sha256(_json_bytes(ids)).hexdigest(),
+                                       "prompt_len": len(ids), "params": _dataclasses.asdict(params)})
+        if generated and (session.new_tokens >= params.max_new_tokens or generated[-1] in self.head.eos_ids
+                          or len(session.tokens) >= self.head.context):
+            session.events.put(("done", None))  # it had finished: nothing more to make
+            return session
         if timeout is not None:
             session.deadline = now + timeout
         session.admitted, session.slot = self._core._admission.enter(), True
@@ -9367,6 +9378,10 @@ class _APIRequest:
     count: int = 0  # tokens generated
     sid: str | None = None  # its session, once started
     tokens: Any = None  # its token stream, once started
+    rid: str = ""  # its id: the response's, and the prefix of its stream's event ids
+    resume_after: int = -1  # a resumed stream: the last event the client has (Last-Event-ID)
+    generated: list[int] = _dataclasses.field(default_factory=list)  # tokens checkpointed before it resumed
+    created: int = 0
 
 
 class Server:
@@ -9453,6 +9468,7 @@ class Server:
                 raise APIError.of(refusal)
             body = _read_json(await self._body(request))
             req = await run_in_threadpool(self._parse, body, chat)  # tokenizing is CPU work
+            self._identify(req, request.headers.get("last-event-id"))
             await run_in_threadpool(self._start, req)  # admitted now, or refused with a 429 before any byte
             if req.stream:
                 return EventSourceResponse(self._sse_async(req), ping=15)
@@ -9591,14 +9607,60 @@ class Server:
 
     # -- answers --------------------------------------------------------------
 
+    def _identify(self, req: _APIRequest, last_event: str | None) -> None:
+        """Give the request its id and seed; a stream resumed with `Last-Event-ID` (its event ids read
+        "<id>/<seed>/<event number>") takes them from there and goes on after that event."""
+        req.created = int(_time.time())
+        if last_event is None or not req.stream:
+            req.rid = f"{'chatcmpl' if req.chat else 'cmpl'}-{_uuid.uuid4().hex[:24]}"
+            req.seed = _secure_seed() if req.seed is None else req.seed  # (named in the event ids: a resume needs it)
+            return
+        match = _EVENT_ID.fullmatch(last_event.strip())
+        if match is None or match.group(1).startswith("chatcmpl") != req.chat:
+            raise APIError(400, f"Last-Event-ID {_quote(last_event[:120])} is not an event id of a "
+                           f"{'chat ' if req.chat else ''}completion stream of this API (<id>/<seed>/<number>)",
+                           code="invalid_last_event_id")
+        seed = int(match.group(2))
+        if req.seed is not None and req.seed != seed:
+            raise APIError(400, f"the body's seed {req.seed} is not the stream's ({seed}): send the same request",
+                           param="seed", code="invalid_last_event_id")
+        req.rid, req.seed, req.resume_after = match.group(1), seed, int(match.group(3))
+
+    def _record_key(self, req: _APIRequest) -> str:
+        return f"requests/{req.rid}.json"
+
+    def _checkpointed(self, req: _APIRequest) -> list[int]:
+        """The tokens a resumed stream's request made before, as the store holds them (none without a store,
+        or when the record is not this request's: then all are made again, the same ones)."""
+        ckpt = self.cluster._ckpt
+        if req.resume_after < 0 or ckpt is None:
+            return []
+        record = _load_record(ckpt.store, self._record_key(req)) or {}
+        generated, params = record.get("generated"), record.get("params")
+        vocab = self.cluster.model_config.vocab_size
+        if (record.get("prompt_sha") != _hashlib.sha256(_json_bytes(req.ids)).hexdigest() or not isinstance(params, dict)
+                or (params.get("max_new_tokens"), params.get("temperature"), params.get("top_p"), params.get("seed"))
+                != (req.max_tokens, req.temperature, req.top_p, req.seed)
+                or not isinstance(generated, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in generated)):
+            if record:
+                _log.warning("request %s: its checkpoint is not this request's; its tokens are made again", req.rid)
+            return []
+        return generated[:req.max_tokens]
+
     def _start(self, req: _APIRequest) -> None:
-        """Start the request's session: admitted, or an APIError 429 (with Retry-After) when overloaded."""
+        """Start the request's session: admitted, or an APIError 429 (with Retry-After) when overloaded. A
+        resumed stream starts from the tokens its checkpoint holds."""
+        req.generated = self._checkpointed(req)
         try:
             req.sid, req.tokens = self.cluster._open(req.ids, max_new_tokens=req.max_tokens,
                                                      temperature=req.temperature, top_p=req.top_p, top_k=0,
-                                                     seed=req.seed, timeout=req.timeout)
+                                                     seed=req.seed, timeout=req.timeout, generated=req.generated,
+                                                     record=self._record_key(req) if req.stream else None)
         except Exception as exc:  # refused when full (429), a host that stepped down (503), ...
             raise APIError.of(exc) from None
+        if req.generated:
+            _log.info("request %s resumed after event %d: %d tokens from its checkpoint", req.rid, req.resume_after,
+                      len(req.generated))
 
     def _run(self, req: _APIRequest) -> Iterator[tuple[str, int]]:
         """Yield (text piece, tokens so far) as the cluster makes them, cut at the first stop string.
@@ -9610,7 +9672,7 @@ class Server:
             (len(s) for s in req.stop), default=1) - 1
         done = ""
         try:
-            for token in tokens:
+            for token in _itertools.chain(req.generated, tokens):  # (a resumed one: what it made before first)
                 count += 1
                 done += text.push(token)
                 cut = min((i for i in (done.find(s) for s in req.stop) if i >= 0), default=-1)
@@ -9638,8 +9700,7 @@ class Server:
 
     def _head(self, req: _APIRequest) -> dict:
         kind = "chat.completion" if req.chat else "text_completion"
-        return {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{_uuid.uuid4().hex[:24]}", "created": int(_time.time()),
-                "model": self.model, "object": kind}
+        return {"id": req.rid, "created": req.created, "model": self.model, "object": kind}
 
     def _whole(self, req: _APIRequest) -> dict:
         try:
@@ -9662,7 +9723,22 @@ class Server:
         finally:
             self.cluster.cancel(req.sid)
 
-    def _sse(self, req: _APIRequest) -> Iterator[str]:
+    def _sse(self, req: _APIRequest) -> Iterator[dict]:
+        """The stream as events with ids ("<request id>/<seed>/<number>"): a client that reconnects with the
+        last id it got (`Last-Event-ID`, here or on the host that took over) gets the events after it, the
+        same ones; the request's checkpoint is retired once the stream is whole."""
+        k = -1
+        for data in self._sse_data(req):
+            if isinstance(data, _Unnumbered):  # an error: the next host goes on after the last numbered event
+                yield {"data": data.text}
+                continue
+            k += 1
+            if k > req.resume_after:
+                yield {"id": f"{req.rid}/{req.seed}/{k}", "data": data}
+        if self.cluster._ckpt is not None and req.finish is not None:
+            self.cluster._ckpt.delete(self._record_key(req))
+
+    def _sse_data(self, req: _APIRequest) -> Iterator[str]:
         """The stream as OpenAI sends it: chunks as JSON events, then [DONE] (sse-starlette frames them)."""
         head = self._head(req)
         head["object"] = "chat.completion.chunk" if req.chat else "text_completion"
@@ -9681,12 +9757,66 @@ class Server:
             for piece, _ in self._run(req):
                 yield chunk(piece)
         except Exception as exc:  # after the first byte the status is sent: the last event says why it broke
-            yield _json.dumps(APIError.of(exc).body(), ensure_ascii=True)
+            yield _Unnumbered(_json.dumps(APIError.of(exc).body(), ensure_ascii=True))
             return
         yield chunk(None, req.finish)
         if req.include_usage:
             yield _json.dumps({**head, "choices": [], "usage": self._usage(req)})
         yield "[DONE]"
+
+
+def stream_completion(url: str, body: dict, *, api_key: str | None = None, chat: bool | None = None,
+                      give_up_s: float = 120.0) -> Iterator[str]:
+    """Stream a completion from a distllm API at `url` (".../v1"), yielding its text as it comes, and carry on
+    through a dropped connection or a host that went down: it reconnects to the same URL with the last event
+    id it got (`Last-Event-ID`), so the host there (this one, or the standby that took over at the same
+    address) sends the rest; nothing twice, nothing missing. Gives up after `give_up_s` without an answer.
+    `chat`: /chat/completions (default: when the body has "messages")."""
+    import httpx
+
+    chat = "messages" in body if chat is None else chat
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    last, waited_since = None, None
+    while True:
+        try:
+            with httpx.stream("POST", f"{url}/{'chat/completions' if chat else 'completions'}",
+                              json={**body, "stream": True}, timeout=httpx.Timeout(30.0, read=None),
+                              headers={**headers, **({"Last-Event-ID": last} if last else {})}) as r:
+                if r.status_code in (502, 503, 504):  # a host stepping down, or none yet: try again
+                    raise httpx.TransportError(f"HTTP {r.status_code}")
+                if r.status_code != 200:
+                    raise APIError(r.status_code, r.read().decode(errors="replace")[:500], code=None)
+                event_id = None
+                for line in r.iter_lines():
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        data = line[6:]
+                        if data == "[DONE]":
+                            return
+                        event = _json.loads(data)
+                        if "error" in event:  # the host is going: the next one goes on after `last`
+                            raise httpx.TransportError(event["error"].get("message", "stream error"))
+                        waited_since = None
+                        last = event_id or last
+                        for choice in event.get("choices", ()):
+                            piece = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                            if piece:
+                                yield piece
+            raise httpx.TransportError("the stream ended before [DONE]")
+        except httpx.TransportError as exc:
+            waited_since = waited_since or _time.monotonic()
+            if _time.monotonic() - waited_since > give_up_s:
+                raise DistllmError(f"no answer from {url} for {give_up_s:.0f} s: {exc}") from None
+            _time.sleep(0.5)
+
+
+class _Unnumbered(NamedTuple):
+    """A stream's error event: it carries no event id (a resumed stream's numbers count only the others)."""
+    text: str
+
+
+_EVENT_ID = _re.compile(r"((?:chatcmpl|cmpl)-[0-9a-f]{24})/([0-9]{1,19})/([0-9]{1,9})")
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:

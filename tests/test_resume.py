@@ -1,0 +1,128 @@
+"""Streams that resume: every event of a streamed completion carries an id ("<request id>/<seed>/<n>"); a
+client that reconnects with `Last-Event-ID` gets the events after it, the same ones an uninterrupted stream
+has, from this host or from the standby that took over when this one was SIGKILLed (real processes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import httpx
+
+import distllm
+from conftest import wait_for
+from netem import free_port
+from test_standby import _serving, cluster_processes  # noqa: F401 (a fixture)
+
+BODY = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0.9, "top_p": 0.95,
+        "seed": 7, "stream": True}
+
+
+def read(url: str, body: dict, last: str | None = None, stop_after: int | None = None) -> list[tuple[str, str]]:
+    """(event id, data) of a stream's events; with stop_after, drop the connection after that many."""
+    headers = {"Last-Event-ID": last} if last else {}
+    events, current = [], None
+    with httpx.stream("POST", f"{url}/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("id: "):
+                current = line[4:]
+            elif line.startswith("data: "):
+                events.append((current, line[6:]))
+                current = None
+                if stop_after is not None and len(events) >= stop_after:
+                    break
+    return events
+
+
+def text_of(events: list[tuple[str, str]]) -> str:
+    return "".join(json.loads(d)["choices"][0]["text"] for _, d in events if d != "[DONE]" and json.loads(d)["choices"])
+
+
+def same_events(events) -> list[tuple[int, str]]:
+    """(number, data) with the request's own id and time left out: what two runs of one request share."""
+    out = []
+    for i, d in events:
+        data = json.loads(d) if d != "[DONE]" else d
+        if isinstance(data, dict):
+            data.pop("id"), data.pop("created")
+        out.append((int(i.rsplit("/", 1)[1]), json.dumps(data)))
+    return out
+
+
+def numbers(events) -> list[int]:
+    return [int(i.rsplit("/", 1)[1]) for i, _ in events]
+
+
+def test_a_dropped_stream_resumes_on_the_same_host_from_its_checkpoint(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="distllm")
+    with distllm.local("tiny", workers=1, quant="none", calibrate=False, store=str(tmp_path / "store")) as cluster:
+        url = cluster.serve(port=0).url
+        whole = read(url, BODY)
+        assert whole[-1][1] == "[DONE]" and numbers(whole) == list(range(len(whole)))
+        first = read(url, BODY, stop_after=12)  # the client's connection drops here
+        assert same_events(first) == same_events(whole[:12])  # (the same seed: the same events)
+        rid = first[-1][0].split("/")[0]
+        wait_for(lambda: os.path.exists(tmp_path / "store" / "requests" / f"{rid}.json"), 30, "its checkpoint")
+        rest = read(url, BODY, last=first[-1][0])
+        assert numbers(rest)[0] == 12 and numbers(first + rest) == list(range(len(whole)))
+        assert same_events(first + rest) == same_events(whole)
+        assert text_of(first + rest) == text_of(whole)
+        assert any("resumed after event 11" in r.getMessage() for r in caplog.records)
+        wait_for(lambda: not os.path.exists(tmp_path / "store" / "requests" / f"{rid}.json"), 30,
+                 "the checkpoint retired once the stream was whole")
+        bad = httpx.post(f"{url}/completions", json=BODY, headers={"Last-Event-ID": "nonsense"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_last_event_id"
+        other_seed = httpx.post(f"{url}/completions", json={**BODY, "seed": 8},
+                                headers={"Last-Event-ID": first[-1][0]}, timeout=30)
+        assert other_seed.status_code == 400
+
+
+def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_sigkilled(cluster_processes,
+                                                                                          tmp_path):
+    store, port = str(tmp_path / "store"), free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    serve = ["serve", "tiny", "--store", store, "--port", str(port), "--quant", "none", "--bind", "127.0.0.1",
+             "--lease", "2", "--stages", "1"]
+    active = cluster_processes(serve, "active")
+    wait_for(lambda: distllm.read_rendezvous(store) is not None, 60, "the active host's record")
+    cluster_processes(["join", "--store", store, "--name", "w0", "--bind", "127.0.0.1", "--no-direct"], "w0")
+    cluster_processes([*serve, "--standby"], "standby")
+    wait_for(lambda: _serving(url), 120, "the active host's API")
+    body = {**BODY, "max_tokens": 60}
+    whole = read(url, body)
+    first = read(url, body, stop_after=15)
+    rid = first[-1][0].split("/")[0]
+    wait_for(lambda: os.path.exists(os.path.join(store, "requests", f"{rid}.json")), 30, "its checkpoint")
+    os.kill(active.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: _serving(url), 120, "the standby's API at the same address")
+    rest = read(url, body, last=first[-1][0])
+    print(f"next event {time.monotonic() - killed:.1f} s after the kill")
+    assert same_events(first + rest) == same_events(whole)
+    assert text_of(first + rest) == text_of(whole) and rest[-1][1] == "[DONE]"
+
+
+def test_the_client_helper_carries_a_stream_through_a_sigkilled_host(cluster_processes, tmp_path):
+    """distllm.stream_completion reconnects on its own (the same URL, Last-Event-ID) when the host it streams
+    from is SIGKILLed mid-stream: the text is the uninterrupted run's."""
+    store, port = str(tmp_path / "store"), free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    serve = ["serve", "tiny", "--store", store, "--port", str(port), "--quant", "none", "--bind", "127.0.0.1",
+             "--lease", "2", "--stages", "1"]
+    active = cluster_processes(serve, "active")
+    wait_for(lambda: distllm.read_rendezvous(store) is not None, 60, "the active host's record")
+    cluster_processes(["join", "--store", store, "--name", "w0", "--bind", "127.0.0.1", "--no-direct"], "w0")
+    cluster_processes([*serve, "--standby"], "standby")
+    wait_for(lambda: _serving(url), 120, "the active host's API")
+    body = {**BODY, "max_tokens": 60, "stream": False}
+    want = text_of(read(url, {**body, "stream": True}))
+    pieces = []
+    for piece in distllm.stream_completion(url, body):
+        pieces.append(piece)
+        if len(pieces) == 10:
+            os.kill(active.pid, signal.SIGKILL)
+    assert "".join(pieces) == want and len(pieces) > 10
