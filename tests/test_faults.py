@@ -195,33 +195,40 @@ def test_a_step_that_keeps_failing_fails_the_request_with_the_reason(tmp_path):
         assert all(w["state"] == "ready" for w in cluster.workers())
 
 
-def test_diverging_replica_is_flagged_and_dropped(tmp_path):
-    """Two replicas of one stage that disagree: the one answering second is dropped."""
+def test_a_replica_with_wrong_weights_is_outvoted_and_removed(tmp_path):
+    """Two replicas of one stage that disagree (the second loaded weights that differ: a bad download, another
+    build): the host's own recomputation of the step decides, the wrong one is removed (not the one that
+    answered second, not the honest one), and with verify="agree" no token comes from a wrong answer."""
     from safetensors.torch import load_file, save_file
 
     path = write_model(str(tmp_path), "llama", layers=2)
     # Both workers run in this process, sharing its GIL with the host: a generous liveness, so
     # that a worker busy loading never makes the other look dead (nothing is killed here).
     options = {**FAST, "liveness_s": 20.0, "heartbeat_s": 0.5}
-    cluster = distllm.host(path, workers=1, replicas=2, bind="127.0.0.1", **options)
+    cluster = distllm.host(path, workers=1, replicas=2, bind="127.0.0.1", verify="agree", **options)
     workers = []
     try:
         workers.append(distllm.join(cluster.join_string, name="honest", background=True, **options))
         cluster.wait_ready(30)
-        cluster.generate(prompt_of(5), max_new_tokens=3)
-        # The second replica loads weights that differ (same file size, so the fingerprint holds).
+        want = cluster.generate(prompt_of(9), max_new_tokens=8)
+        # The second replica loads weights that differ (same file size, so the fingerprint holds); the file
+        # is put back once it has loaded: the host's check reads the model as published.
         file = os.path.join(path, "model.safetensors")
+        original = open(file, "rb").read()
         weights = load_file(file)
         weights["model.layers.1.mlp.down_proj.weight"].mul_(-1.0)
         save_file(weights, file, metadata={"format": "pt"})
         workers.append(distllm.join(cluster.join_string, name="different", background=True, **options))
         wait_for(lambda: len(cluster.layer_map()[0][2].split(", ")) == 2
-              and all(w["state"] == "ready" for w in cluster.workers()), what="the second replica")
-        cluster.generate(prompt_of(9), max_new_tokens=8)
-        wait_for(lambda: any(w["state"] == "failed" for w in cluster.workers()), what="a replica flagged")
+                 and all(w["state"] == "ready" for w in cluster.workers()), what="the second replica")
+        with open(file, "wb") as f:
+            f.write(original)
+        assert cluster.generate(prompt_of(9), max_new_tokens=8) == want
+        wait_for(lambda: any(w["state"] == "failed" for w in cluster.workers()), what="a replica removed")
         [flagged] = [w for w in cluster.workers() if w["state"] == "failed"]
-        assert "diverged" in flagged["lost_why"]
-        assert len(cluster.layer_map()[0][2].split(", ")) == 1
+        assert flagged["name"] == "different" and "differed from the other opinions" in flagged["lost_why"]
+        assert cluster.layer_map()[0][2] == "honest"
+        assert cluster.stats()["removed"] == 1 and cluster.stats()["disagreements"] >= 1
     finally:
         cluster.close()
         for w in workers:
