@@ -5859,6 +5859,7 @@ class _Session:
     deadline: float = _math.inf  # monotonic time it is cancelled at, wherever it is
     slot: bool = False  # it counts under admission (an API or generate() request; a job's prompts do not)
     admitted: bool = True  # False while it waits for a slot (Config.max_active)
+    done_pending: bool = False  # it ended well; "done" waits for its replicas' answers to the steps it used
 
     @property
     def new_tokens(self) -> int:
@@ -6534,6 +6535,13 @@ class _CoordinatorMembers:
             for step in list(s.steps.values()):
                 if worker.wid in step.targets:
                     self._drop_target(s, step, worker.wid)
+        for s in list(self._draining.values()):  # ended, replicas' answers due: it will not give its own
+            for step in list(s.steps.values()):
+                step.targets.discard(worker.wid)
+                if not step.targets:
+                    s.steps.pop(step.key, None)
+            if not s.steps:
+                self._drained(s)
 
     def _reinstate(self, worker: _WorkerState) -> bool:
         """Give a written-off worker that speaks again its range back, if no one else serves it yet.
@@ -6699,7 +6707,7 @@ class _CoordinatorSteps:
             if session.steps.get(step.key) is step:
                 self._drop_target(session, step, worker.wid)
             if not session.steps:
-                self._draining.pop(session.sid, None)
+                self._drained(session)
             return
         if self.config.verify == "agree" and session.sid in self._sessions:
             if step.held is None and step.targets - {worker.wid}:  # another holder owes it: wait for theirs
@@ -7143,19 +7151,31 @@ class _CoordinatorSteps:
             self._admission.leave(admitted=True, seconds=self._now() - session.created)
             self._admit_waiting()
         if any(step.answered for step in session.steps.values()):
-            # Replicas still owe answers to steps already used: keep them to check agreement.
+            # Replicas still owe answers to steps already used: keep them to check agreement. A request that
+            # ends well is done once they agree (a late disagreement can still say its tokens were wrong).
             session.steps = {k: st for k, st in session.steps.items() if st.answered}
             self._draining[session.sid] = session
+            session.done_pending = error is None
             while len(self._draining) > 1000:
-                self._draining.pop(next(iter(self._draining)))
+                self._drained(self._draining[next(iter(self._draining))])
         self._forget(session, keep=False)
         for wid in sorted(set().union(*session.holders.values())) if session.holders else ():
             if wid in self._workers and self._workers[wid].alive:
                 self._send(wid, "end", {"sid": session.sid})
-        self._deliver(session, "error", error) if error is not None else self._deliver(session, "done")
+        if error is not None:
+            self._deliver(session, "error", error)
+        elif not session.done_pending:
+            self._deliver(session, "done")
         for successor in list(self._handovers):
             self._check_handover(self._workers[successor])
 
+
+    def _drained(self, session: _Session) -> None:
+        """An ended request's replicas have all answered (or are gone): it is done, if it still waits to be."""
+        self._draining.pop(session.sid, None)
+        if session.done_pending:
+            session.done_pending = False
+            self._deliver(session, "done")
 
     def _admit_waiting(self) -> None:
         """Give freed slots to the requests waiting longest."""
@@ -7756,8 +7776,13 @@ class _CoordinatorChecks:
             self._ban(wid)
             self._send(wid, "error", {"code": "kicked", "message": "its output differed from the other opinions"})
             self._lose_worker(w, "its output differed from the other opinions", state="failed")
-        if session.sid not in self._sessions:
-            return  # (it ended; its tokens were delivered: said in the README)
+        if session.sid not in self._sessions:  # it ended: its tokens were delivered; its "done" may wait still
+            if dispute.used in wrong and session.done_pending:
+                session.done_pending = False
+                self._deliver(session, "error", RequestFailedError(
+                    f"request {session.sid}: tokens from position {step.start + step.n} on were computed with a "
+                    f"stage answer that a third opinion found wrong; its sender is removed: send the request again"))
+            return
         if dispute.used is None:  # verify="agree": nothing was used yet
             good = next((dispute.answers[w] for w in right), dispute.answers.get(_HOST_OPINION))
             if good is not None and step.key in session.steps:

@@ -54,7 +54,10 @@ def test_the_faulty_replica_is_removed_never_the_correct_one(reference, verify, 
         assert not any(o.startswith("DIFFERENT") for o in outcomes)
         if verify == "agree":
             assert outcomes == ["same"] * len(PROMPTS)
-        else:  # only the request that was running when it was found may fail, saying so
-            assert outcomes[1:] == ["same"] * (len(PROMPTS) - 1)
+        else:  # requests that went on with the faulty answers before it was found fail, saying so; none is
+            # done with wrong tokens (a request's "done" waits for its replicas' answers); then all are right
+            failed = outcomes.count("failed: found wrong")
+            assert outcomes == ["failed: found wrong"] * failed + ["same"] * (len(PROMPTS) - failed)
+            assert failed < len(PROMPTS) // 2
         assert any(f"worker {bad} computed wrong numbers" in r.getMessage() for r in caplog.records)
         assert cluster.stats()["removed"] == 1
