@@ -7710,7 +7710,7 @@ class _CoordinatorChecks:
             inputs = torch.cat([kept, step.hidden], dim=1)
         check = next(self._check_ids)
         self._checks[check] = dispute
-        self._out.append(_Opinion(check, stage.start, stage.end, inputs, session.prompt_len, step.n))
+        self._out.append(_Opinion(check, stage.start, stage.end, inputs, session.prompt_len, step.n, session.sid))
         return True
 
     def _spot_check(self, session: _Session, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
@@ -7819,6 +7819,7 @@ class _Opinion(NamedTuple):
     inputs: torch.Tensor
     decode_from: int
     n: int
+    sid: SessionID = ""  # whose: the host keeps its cache between checks and extends it
 
 
 class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement, _CoordinatorChecks):
@@ -8439,6 +8440,8 @@ class Cluster(_ClusterStore):
         self._registry: Any = None  # prometheus_client's, made by the first metrics() call
         self._check_lock = _threading.Lock()  # the host's own checks of workers' answers, one at a time
         self._check_shard: tuple[tuple[int, int], StageShard] | None = None
+        self._check_queue: _queue.Queue = _queue.Queue()  # _Opinion instructions for the check thread
+        self._checker: _threading.Thread | None = None
         self._host_id = f"{_socket.gethostname()}-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
         self._jobs: dict[str, Job] = {}
         self._jobs_lock = _threading.Lock()
@@ -8648,6 +8651,9 @@ class Cluster(_ClusterStore):
             server.stop()
         self._command("stop", None)
         self._thread.join(10.0)
+        if self._checker is not None:  # (a check running in torch at interpreter exit aborts the process)
+            self._check_queue.put(None)
+            self._checker.join(30.0)
         with self._jobs_lock:
             jobs = list(self._jobs.values())
         for job in jobs:
@@ -8891,12 +8897,19 @@ class Cluster(_ClusterStore):
                         server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
                 elif kind is _Stop:
                     go_on = False
-                elif kind is _Opinion:
-                    _threading.Thread(target=self._host_opinion, args=(op,), name="distllm-check", daemon=True).start()
+                elif kind is _Opinion:  # (one thread does the host's checks, in turn)
+                    if self._checker is None:
+                        self._checker = _threading.Thread(target=self._check_loop, name="distllm-check", daemon=True)
+                        self._checker.start()
+                    self._check_queue.put(op)
                 else:
                     raise TypeError(f"not an instruction: {op!r}")
             instructions = self._core.handle(failed) if failed else []
         return go_on
+
+    def _check_loop(self) -> None:
+        while (op := self._check_queue.get()) is not None:
+            self._host_opinion(op)
 
     def _host_opinion(self, op: _Opinion) -> None:
         """The host's own answer to a disputed or spot-checked step: it loads the range's layers (kept for the
@@ -8909,15 +8922,23 @@ class Cluster(_ClusterStore):
                 if shard is None:
                     self._check_shard = None  # (one range at a time: its memory is the host's)
                     shard = StageShard(self.files, self.model_config, op.start, op.end, quant=self.quant,
-                                       dtype=self.dtype, device=self.device, max_sessions=2, static_cache=False)
+                                       dtype=self.dtype, device=self.device, max_sessions=16, static_cache=False)
                     self._check_shard = (key, shard)
-                sid = f"check-{op.check}"
-                try:
-                    with torch.inference_mode():
-                        out = shard.forward(sid, op.inputs, 0, op.decode_from)[:, -op.n:].to("cpu", op.inputs.dtype)
-                finally:
-                    shard.drop(sid)
-                result: tuple = (op.check, out, None)
+                # The session's cache from earlier checks is extended (a check costs its new positions), or
+                # cropped back to the step (the crop rule), or built again if it was evicted.
+                end = op.inputs.shape[1]
+                slot = shard.slots.get(op.sid)
+                start = min(slot.length if slot is not None else 0, end - op.n)
+                with torch.inference_mode():  # (the positions before the step in one pass: a check compares
+                    # within replica_tolerance, and a one-at-a-time replay of a long context costs seconds)
+                    try:
+                        if start < end - op.n:
+                            shard.forward(op.sid, op.inputs[:, start:end - op.n], start)
+                    except StepOrderError:
+                        shard.drop(op.sid)
+                        shard.forward(op.sid, op.inputs[:, :end - op.n], 0)
+                    out = shard.forward(op.sid, op.inputs[:, end - op.n:], end - op.n, op.decode_from)
+                result: tuple = (op.check, out[:, -op.n:].to("cpu", op.inputs.dtype), None)
             except Exception as exc:  # (a check that cannot run is said so; the core decides without it)
                 _log.exception("the host could not recompute a step for a check")
                 result = (op.check, None, _short_error(exc))
