@@ -6755,6 +6755,14 @@ class _CoordinatorSteps:
         if session.verify is not None and session.verify[0] == step.start and n == len(session.verify[1]) + 1:
             self._to_sample.append((session, hidden[0], step.start + 1))  # picks for the drafts and one more
             return
+        if step.start + n <= session.pos:
+            # A prompt chunk answered after a later one (its answer was lost with a connection and the chunk sent
+            # again, while the later chunk's answer came on the new one): the later one counted already. Seed
+            # 21093 of the 100,000-seed run: pos went back, and the session waited for good. It was held back
+            # while this one was in flight: it goes on now.
+            if session not in self._runnable:
+                self._runnable.append(session)
+            return
         session.pos = step.start + n
         if session.pos < len(session.tokens):  # more of the prompt (or of a full replay) to prefill
             if session.lead <= session.pos:  # (else its next chunk is in the pipe already)

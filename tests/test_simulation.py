@@ -168,7 +168,7 @@ def test_spot_checks_catch_a_faulty_single_holder(model):
     assert served[-1] <= 300
 
 
-@pytest.mark.parametrize("seed", [7002])
+@pytest.mark.parametrize("seed", [7002, 21093])
 def test_seeds_that_found_bugs_replay_clean(model, seed):
     """Seed 7002 (light): a partition held a worker's pings, their pongs came in a burst after it (round
     trips of 5-7 s), then the worker crashed: the host took the last of them as its round trip, waited 58 s to
