@@ -5860,6 +5860,7 @@ class _Session:
     slot: bool = False  # it counts under admission (an API or generate() request; a job's prompts do not)
     admitted: bool = True  # False while it waits for a slot (Config.max_active)
     done_pending: bool = False  # it ended well; "done" waits for its replicas' answers to the steps it used
+    ended_at: float = 0.0  # when it ended (its "done" waits _CONFIRM_S at most)
 
     @property
     def new_tokens(self) -> int:
@@ -5936,6 +5937,7 @@ _FORGET_DEPARTED_S = 600.0  # a worker written off this long ago (and no longer 
 _BANNED_KEPT = 4096  # kicked identities remembered (the oldest go first)
 _COST_WINDOW_S = 10.0  # a worker's step cost at the host is the median over this many seconds of its steps
 _COST_STALE_S = 30.0  # a cost measured longer ago than this no longer counts (a demoted node is judged afresh)
+_CONFIRM_S = 5.0  # a request's end waits this long at most for its replicas' answers (verify="first")
 _RECOVERY_S = 20.0  # a slow node's pings must be prompt this long before it counts as recovered
 _STRAGGLER_RATIO = 2.0  # a node whose steps cost the host over this many times what it computes is straggling
 _STALL_S = 1.0  # a gap between two tokens of a request longer than this counts as a stall (stats, metrics)
@@ -6466,6 +6468,12 @@ class _CoordinatorMembers:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         if self._plan is None and self._live():
             self._place()  # e.g. the wait for calibrations ran out
+        for s in [s for s in self._draining.values() if s.done_pending and now - s.ended_at > _CONFIRM_S]:
+            # A replica's answer lost with a connection (or stuck behind a backlog): done, unconfirmed.
+            _log.info("request %s: its replicas' answers to its last steps did not come within %.0f s; done "
+                      "without them", s.sid, _CONFIRM_S)
+            self._stats["unchecked"] += 1
+            self._drained(s)
         self._review_stragglers()
         self._maybe_rebalance(now)
         self._forget_departed(now)
@@ -7163,7 +7171,7 @@ class _CoordinatorSteps:
             # ends well is done once they agree (a late disagreement can still say its tokens were wrong).
             session.steps = {k: st for k, st in session.steps.items() if st.answered}
             self._draining[session.sid] = session
-            session.done_pending = error is None
+            session.done_pending, session.ended_at = error is None, self._t
             while len(self._draining) > 1000:
                 self._drained(self._draining[next(iter(self._draining))])
         self._forget(session, keep=False)

@@ -168,10 +168,12 @@ def test_spot_checks_catch_a_faulty_single_holder(model):
     assert served[-1] <= 300
 
 
-@pytest.mark.parametrize("seed", [7002, 21093])
+@pytest.mark.parametrize("seed", [7002, 21093, 33929, 35433])
 def test_seeds_that_found_bugs_replay_clean(model, seed):
     """Seed 7002 (light): a partition held a worker's pings, their pongs came in a burst after it (round
     trips of 5-7 s), then the worker crashed: the host took the last of them as its round trip, waited 58 s to
     write it off and the request made no progress for 120 s. Pongs of pings sent before an outage no longer
-    count, and the round trip is the least of the last three."""
+    count, and the round trip is the least of the last three. Seed 21093: a prompt chunk answered after a
+    later one took its session back. Seeds 33929 and 35433 (replicas=2): a request's end waited for a
+    replica's answer that was lost with a connection (now it waits _CONFIRM_S at most)."""
     assert distllm._Simulation(model, seed, light=True).run() == []
