@@ -8362,14 +8362,14 @@ class Cluster(_ClusterStore):
                     "head", "tokenizer", "_fingerprint", "quant", "_layer_bytes", "_weight_map", "_file_sizes",
                     "_kv_bytes")
 
-    def _load_model(self, model: str) -> None:
+    def _load_model(self, model: str, device: torch.device | None = None) -> None:
         """The model's files, config and the host's share of it (tokenizer, embeddings, norm, head)."""
         self.files = _model_files(_resolve_model(model), revision=self.config.revision, token=self.config.token,
                                  endpoint=self.config.hub_endpoint)
         self.model_config = _load_config(self.files)
         self.n_layers = int(self.model_config.num_hidden_layers)
         self._hidden_size = int(self.model_config.hidden_size)  # (read per message: cheaper than the config's)
-        self.device = _default_device()
+        self.device = device or _default_device()
         self.dtype = _compute_dtype(self.model_config, self.config.dtype, self.device)
         # Hidden states travel in this dtype; workers answer in the dtype they were sent.
         self.wire_dtype = self.dtype if self.config.wire_dtype == "auto" else getattr(torch, self.config.wire_dtype)
@@ -10599,7 +10599,7 @@ class _SimModel:
         template = Cluster.__new__(Cluster)
         template.config = Config(calibrate=False)
         template.model = _TINY_NAME
-        template._load_model(_TINY_NAME)
+        template._load_model(_TINY_NAME, torch.device("cpu"))  # (its layers run on the CPU: so does the head)
         self.parts = {name: getattr(template, name) for name in Cluster._MODEL_PARTS}
         self.parts["_file_sizes"] = {f: 0 for f in set(template._weight_map.values())}
         self.head = template.head
