@@ -6734,7 +6734,7 @@ class _CoordinatorSteps:
         if step.relayed and msg.get("direct", bool, False):  # the link was slow, not broken: use it again
             self._links_down.pop((step.via, worker.wid), None)
         self._use_answer(session, step, worker.wid, hidden, forwarded=msg.get("forwarded", bool, False))
-        if not step.targets and step.n == 1:
+        if self.config.spot_check and not step.targets and step.n == 1:
             self._spot_check(session, step, worker, hidden)
 
     def _use_answer(self, session: _Session, step: _Step, wid: WorkerID | None, hidden: torch.Tensor,
@@ -7412,9 +7412,9 @@ class _CoordinatorPlacement:
         """Every `rebalance_s` (or when `force`d), move layers if measured speeds promise a clear gain."""
         # The cooldown after a move holds back the next, unless a node turned slow that the last move did not
         # concern (a flapping node's moves all concern it: at most one a cooldown).
-        fresh = any(self._straggling(w) and w.wid not in self._last_moved for w in self._live())
-        due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s
-                        and (now - self._last_move >= self.config.move_cooldown_s or fresh))
+        due = force or (self.config.rebalance_s and now - self._last_rebalance >= self.config.rebalance_s and (
+            now - self._last_move >= self.config.move_cooldown_s
+            or any(self._straggling(w) and w.wid not in self._last_moved for w in self._live())))
         if not due or self._rebalance is not None or self._handovers or not self._ready:
             return
         self._last_rebalance = now
@@ -7731,7 +7731,7 @@ class _CoordinatorChecks:
 
     def _spot_check(self, session: _Session, step: _Step, worker: _WorkerState, hidden: torch.Tensor) -> None:
         """With spot_check, the host recomputes this share of single-holder decode steps it can check."""
-        if step.n != 1 or step.targets or self._check_rng.random() >= self.config.spot_check:
+        if self._check_rng.random() >= self.config.spot_check:
             return
         dispute = _Dispute(session, step, {worker.wid: hidden}, worker.wid, spot=True)
         if self._ask_host(dispute):

@@ -36,21 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import distllm  # noqa: E402
+from conftest import write_model  # noqa: E402
 from netem import LatencyProxy, Throttle, join_processes, memory_fraction_for  # noqa: E402
-
-
-def make_model(path: str, hidden: int, layers: int) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    import torch
-
-    torch.manual_seed(0)
-    tokenizer = distllm._tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                         torch_dtype="float32")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def beliefs(cluster) -> str:
@@ -86,7 +73,9 @@ def main() -> None:
 
     logging.getLogger("distllm").addHandler(Moves())
     tmp = tempfile.mkdtemp(prefix="distllm-straggler-")
-    model = make_model(os.path.join(tmp, "model"), args.hidden, args.layers)
+    model = write_model(os.path.join(tmp, "model"), "llama", hidden=args.hidden, layers=args.layers,
+                        intermediate=args.hidden * 2, num_attention_heads=8, num_key_value_heads=4,
+                        max_position_embeddings=2048)
     prompt = list(range(3, 19))
     names = ["s0", "s1", "s2"]
     threads = str(max(1, (os.cpu_count() or 1) // 3))

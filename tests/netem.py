@@ -268,6 +268,4 @@ class Throttle:
 def memory_fraction_for(layers: int, layer_bytes: int) -> float:
     """A `memory_fraction` under which a worker on this machine holds about `layers` layers (plus a half, so
     that memory moving a little between now and its join keeps the count)."""
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    return (layers + 0.5) * layer_bytes / available
+    return (layers + 0.5) * layer_bytes / distllm._available_memory(distllm.torch.device("cpu"))

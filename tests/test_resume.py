@@ -81,8 +81,9 @@ def test_a_dropped_stream_resumes_on_the_same_host_from_its_checkpoint(tmp_path,
         assert other_seed.status_code == 400
 
 
-def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_sigkilled(cluster_processes,
-                                                                                          tmp_path):
+def _active_and_standby(cluster_processes, tmp_path):
+    """An active `serve` host and a standby on the same port over one store, a `join --store` worker; return
+    (store, the API's URL, the active host's process) once the API answers."""
     store, port = str(tmp_path / "store"), free_port()
     url = f"http://127.0.0.1:{port}/v1"
     serve = ["serve", "tiny", "--store", store, "--port", str(port), "--quant", "none", "--bind", "127.0.0.1",
@@ -92,6 +93,12 @@ def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_s
     cluster_processes(["join", "--store", store, "--name", "w0", "--bind", "127.0.0.1", "--no-direct"], "w0")
     cluster_processes([*serve, "--standby"], "standby")
     wait_for(lambda: _serving(url), 120, "the active host's API")
+    return store, url, active
+
+
+def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_sigkilled(cluster_processes,
+                                                                                          tmp_path):
+    store, url, active = _active_and_standby(cluster_processes, tmp_path)
     body = {**BODY, "max_tokens": 60}
     whole = read(url, body)
     first = read(url, body, stop_after=15)
@@ -109,15 +116,7 @@ def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_s
 def test_the_client_helper_carries_a_stream_through_a_sigkilled_host(cluster_processes, tmp_path):
     """distllm.stream_completion reconnects on its own (the same URL, Last-Event-ID) when the host it streams
     from is SIGKILLed mid-stream: the text is the uninterrupted run's."""
-    store, port = str(tmp_path / "store"), free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    serve = ["serve", "tiny", "--store", store, "--port", str(port), "--quant", "none", "--bind", "127.0.0.1",
-             "--lease", "2", "--stages", "1"]
-    active = cluster_processes(serve, "active")
-    wait_for(lambda: distllm.read_rendezvous(store) is not None, 60, "the active host's record")
-    cluster_processes(["join", "--store", store, "--name", "w0", "--bind", "127.0.0.1", "--no-direct"], "w0")
-    cluster_processes([*serve, "--standby"], "standby")
-    wait_for(lambda: _serving(url), 120, "the active host's API")
+    _, url, active = _active_and_standby(cluster_processes, tmp_path)
     body = {**BODY, "max_tokens": 60, "stream": False}
     want = text_of(read(url, {**body, "stream": True}))
     pieces = []
