@@ -9673,7 +9673,7 @@ class Server:
         """Give the request its id and seed; a stream resumed with `Last-Event-ID` (its event ids read
         "<id>/<seed>/<event number>") takes them from there and goes on after that event."""
         req.created = int(_time.time())
-        if last_event is None or not req.stream:
+        if not (last_event or "").strip() or not req.stream:  # (an empty one: no event received yet)
             req.rid = f"{'chatcmpl' if req.chat else 'cmpl'}-{_uuid.uuid4().hex[:24]}"
             req.seed = _secure_seed() if req.seed is None else req.seed  # (named in the event ids: a resume needs it)
             return
