@@ -2574,6 +2574,39 @@ def _eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 _ROW_ATTENTION = "distllm_rows"  # its name among transformers' attention functions (registered on first use)
+_DECODING_ROWS = _threading.local()  # .active: this thread runs decoding positions of one session as rows
+
+
+def _decoding_rows_attention(base: Callable, module: Any, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """`base` attention (sdpa, or `_row_attention`), except for a step of several decoding positions of
+    one session (a verify step's, `_DECODING_ROWS.active`): each query then attends alone over the keys
+    up to its own position, through the very call a one-position step makes there (the same key length,
+    the mask it would get or None where it would get none). With the linears' rows alike
+    (`_two_rows`), each position's numbers are those of decoding it alone."""
+    n = query.shape[2]
+    if n == 1 or not getattr(_DECODING_ROWS, "active", False):
+        return base(module, query, key, value, attention_mask, **kwargs)
+    keys, outs = key.shape[2], []
+    for j in range(n):
+        end = keys - n + j + 1
+        mask = None if attention_mask is None else attention_mask[:, :, j:j + 1, :end]
+        if mask is not None and bool(mask.all()):
+            mask = None  # what a one-position step gets where it attends to every key (_attention_mask)
+        outs.append(base(module, query[:, :, j:j + 1], key[:, :, :end].contiguous(),
+                         value[:, :, :end].contiguous(), mask, **kwargs)[0])
+    return torch.cat(outs, dim=1), None
+
+
+def _two_rows(forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    """A linear's forward that computes one row as one of two (the row doubled): this CPU's products give
+    a row other numbers alone than among 2 to m rows, and alike among those (`_invariant_rows`), so a
+    decode step's position and a verify step's get the same numbers. (Two rows cost no more than one
+    here: see bench/verify_step.py.)"""
+    if x.shape[0] == 1 and x.dim() == 3 and x.shape[1] == 1:
+        return forward(torch.cat((x, x)))[:1]
+    return forward(x)
 
 
 def _use_row_attention(config: Any) -> Any:
@@ -2586,6 +2619,19 @@ def _use_row_attention(config: Any) -> Any:
     return config
 
 
+def _attend_decoding_rows(config: Any) -> None:
+    """Make `config`'s layers (a stage's own copy) attend as they did, and take a verify step's positions one
+    query at a time (`_decoding_rows_attention`)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    exact = config._attn_implementation == _ROW_ATTENTION
+    name = f"distllm_decoding_rows_{'exact' if exact else 'sdpa'}"
+    AttentionInterface.register(name, _functools.partial(
+        _decoding_rows_attention, _row_attention if exact else sdpa_attention_forward))
+    config._attn_implementation = name
+
+
 class _DecodePool(_KVBuffers):
     """The KV caches of up to `rows` sessions of one stage in shared buffers, and their batched decode step.
 
@@ -2596,6 +2642,15 @@ class _DecodePool(_KVBuffers):
     same whoever shares the step, and a row's numbers do not depend on the other rows: a
     session decoded among 15 others gives the very numbers it gives alone, and a replay
     after a failure reproduces them.
+
+    A query row need not be its own cache's: row r computes one position `pos[r]` of the
+    session whose cache is row `src[r]`, writes its keys and values there and attends over
+    that row. So several positions of one session (a verify step's last token and drafts, a
+    replay) go through as rows of one padded step: every row first writes its keys and values
+    (the layer's projections are row by row), then attends with its own length, so position
+    p + j sees p .. p + j as decoding them one at a time would, and its numbers are decoding's.
+    The attention then reads each row's cache through a gathered copy (`gathering`), a second
+    captured step; a plain step reads the buffers as they are.
     """
 
     scratch = 1
@@ -2604,19 +2659,91 @@ class _DecodePool(_KVBuffers):
         self.free = list(range(rows - 1, -1, -1))  # rows no session holds (popped from the end: 0 first)
         self.inp = torch.zeros(rows, 1, shard.config.hidden_size, dtype=shard.dtype, device=shard.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=shard.device)  # each row's position this step
+        self.src = torch.arange(rows, device=shard.device)  # each row's cache (row) this step
+        self.gathering = False  # this step's rows read other rows' caches (a verify step)
+        self.gather_graph: Any = None  # the captured step of that kind
         super().__init__(shard, rows, needed)  # the graph: (CUDAGraph, output) of the batched step
+
+    def grow(self, needed: int) -> None:
+        before = self.capacity
+        super().grow(needed)
+        if self.capacity != before:
+            self.gather_graph = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' attention hands over the step's keys and values (rows, kv_heads, 1, head_dim)."""
-        index = self.pos.view(-1, 1, 1, 1).expand(-1, self.kv_heads, 1, self.head_dim)
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self.src, :, self.pos] = key_states[:, :, 0]
+        values[self.src, :, self.pos] = value_states[:, :, 0]
+        if self.gathering:
+            return keys.index_select(0, self.src), values.index_select(0, self.src)
+        return keys, values
 
     def masks(self, windows: Iterable[int | None]) -> dict:
         """Per window size, the (rows, 1, 1, capacity + 1) mask of this step's positions (True = attend)."""
         return _position_masks(self.pos[:, None], self.capacity + self.scratch, windows)
+
+
+class _PoolRows:
+    """Some rows of a `_DecodePool` as a cache of their own for one step (a CPU's compact step): query row i
+    computes position `pos[i]` of the session whose cache is pool row `src[i]`, and attends over that row's
+    first `span` positions (the blocks the step's positions reach; those past them are wholly masked, and
+    a wholly masked block adds exactly nothing to `_row_attention`'s sums). Rows of consecutive pool rows
+    read the buffers in place; others (a verify step's, all of one row) through a gathered copy."""
+
+    def __init__(self, pool: _DecodePool, src: list[int], pos: torch.Tensor, span: int):
+        self.pool, self.pos, self.span = pool, pos, span
+        self.src = torch.tensor(src, device=pool.device)
+        consecutive = all(b == a + 1 for a, b in zip(src, src[1:]))
+        self.rows = slice(src[0], src[0] + len(src)) if consecutive else None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        keys[self.src, :, self.pos] = key_states[:, :, 0]
+        values[self.src, :, self.pos] = value_states[:, :, 0]
+        if self.rows is not None:
+            return keys[self.rows, :, :self.span], values[self.rows, :, :self.span]
+        return keys[:, :, :self.span].index_select(0, self.src), values[:, :, :self.span].index_select(0, self.src)
+
+
+def _invariant_rows(layer: torch.nn.Module, rows: int, device: torch.device) -> int:
+    """The most rows m (up to `rows`) for which this device's matrix products give a row the same numbers
+    with any 2 to m rows: checked on every linear of `layer` (its real kernels: bitsandbytes' on a 4-bit
+    stage) and on a batched product shaped like `_row_attention`'s. 0 or 1: none. (This CPU's float32
+    products: up to 5 rows alike for 128 inputs, 9 for 576; 1 row never like 2.) A CPU stage's decode steps
+    then run only the rows that compute something, 2 to m at a time (`StageShard._compact_step`)."""
+    gen = torch.Generator().manual_seed(0)
+    best, seen = rows, set()
+    for linear in layer.modules():
+        if not (hasattr(linear, "in_features") and isinstance(getattr(linear, "weight", None), torch.Tensor)):
+            continue
+        kind = (type(linear), linear.in_features, getattr(linear, "out_features", None))
+        if kind in seen:
+            continue
+        seen.add(kind)
+        dtype = getattr(linear, "compute_dtype", None) or (
+            linear.weight.dtype if linear.weight.is_floating_point() else torch.float32)
+        x = torch.randn(rows, 1, linear.in_features, generator=gen).to(device, dtype)
+        best = _alike_up_to(lambda i: linear(x[i]), best)
+    if not seen:
+        return 0
+    q = torch.randn(rows, 2, 3, 64, generator=gen).to(device)
+    k = torch.randn(rows, 2, 64, _GRAIN, generator=gen).to(device)
+    return _alike_up_to(lambda i: torch.matmul(q[i], k[i]), best)
+
+
+def _alike_up_to(fn: Callable[[torch.Tensor], torch.Tensor], rows: int) -> int:
+    """The most m <= `rows` for which fn(rows 0..m'-1) gives each row what fn([row, row]) gives it, for every
+    2 <= m' <= m (`fn` takes a tensor of row indices)."""
+    with torch.inference_mode():
+        alone = [fn(torch.tensor([i, i]))[0] for i in range(rows)]
+        for m in range(2, rows + 1):
+            out = fn(torch.arange(m))
+            if not all(torch.equal(out[i], alone[i]) for i in range(m)):
+                return m - 1
+    return rows
 
 
 class _PoolRow:
@@ -2668,7 +2795,7 @@ class StageShard:
     def __init__(self, files: _ModelFiles | None, config: Any, start: int, end: int, *, quant: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 256, progress: bool = False,
                  static_cache: bool | None = None, cuda_graphs: bool | None = None, batch: int | None = None,
-                 on_layer: Callable[[], None] | None = None):
+                 decoding_rows: bool = False, on_layer: Callable[[], None] | None = None):
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside the model's {config.num_hidden_layers} layers")
         self.start, self.end = start, end
@@ -2685,7 +2812,8 @@ class StageShard:
         # single positions attend in a way those never change (and batched rows never touch each other).
         # Attention: _row_attention where rows must not depend on each other (fixed buffers, padded batches)
         # or where sdpa would drop a softcap or sinks; else transformers' own choice.
-        self.config = _use_row_attention(config) if self.static or _exact_attention_needed(config) else config
+        self.config = (_use_row_attention(config) if self.static or _exact_attention_needed(config)
+                       else _copy.deepcopy(config))  # (its own: a CPU stage may set another attention below)
         self.hidden_size = int(config.hidden_size)  # (read per step: a config's attributes cost microseconds)
         model, decoder = _skeleton(self.config, dtype)  # the whole model on the meta device: no memory
         if self.static and hasattr(self.config, "_experts_implementation"):
@@ -2710,7 +2838,28 @@ class StageShard:
                     on_layer()
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
+        self.alike: int | None = None  # rows this CPU's products give alike (see _invariant_rows), once known
+        self._fresh_caches(self.batch)  # (again: now a CPU's pooled stage can check that)
+        self.decoding_rows = self._decoding_rows() if decoding_rows and not self.static and device.type == "cpu" else 1
         _release_freed_memory()
+
+    def _decoding_rows(self) -> int:
+        """A CPU stage with a cache per session: where this CPU's products give a row the same numbers among
+        2 to m rows (m >= 2), its linears compute a lone row doubled (`_two_rows`) and its attention takes
+        several decoding positions one query at a time (`_decoding_rows_attention`), so that a verify step
+        computes up to m positions in one pass, each with the numbers of decoding it alone. Returns m, or
+        1 (positions one at a time) where that does not hold, or the layers hold experts (their products
+        are their own)."""
+        if any(_is_experts(m) or isinstance(m, _Experts4bit) for m in self.layers.modules()):
+            return 1
+        self.alike = _invariant_rows(self.layers[0], 16, self.device)
+        if self.alike < 2:
+            return 1
+        for module in self.layers.modules():
+            if hasattr(module, "in_features") and isinstance(getattr(module, "weight", None), torch.Tensor):
+                module.forward = _functools.partial(_two_rows, module.forward)
+        _attend_decoding_rows(self.config)
+        return self.alike
 
     def _fresh_caches(self, batch: int) -> None:
         """No session cached yet; `batch` sessions decoded per padded step (1: each alone)."""
@@ -2718,6 +2867,13 @@ class StageShard:
             raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
         self.batch = batch
         self.max_sessions = max(self.max_sessions, batch)
+        # Decode steps run only the rows that compute, up to this many at a time (0: every row of the pool,
+        # padded: a GPU's, whose captured step has fixed shapes; see _invariant_rows)
+        self.compact = 0
+        if batch > 1 and hasattr(self, "layers") and not self.graphs and self.device.type != "cuda":
+            if getattr(self, "alike", None) is None:  # (once per loaded stage)
+                self.alike = _invariant_rows(self.layers[0], 16, self.device)
+            self.compact = min(self.alike, batch) if self.alike >= 2 else 0
         # sid -> its cache here: a _KVSlot, a _StaticKV, or a _PoolRow (decode batch > 1)
         self.slots: _collections.OrderedDict[SessionID, Any] = _collections.OrderedDict()
         self.last: dict[SessionID, tuple[int, torch.Tensor, torch.Tensor]] = {}  # sid -> last decode step
@@ -2728,6 +2884,13 @@ class StageShard:
         other = _copy.copy(self)
         other._fresh_caches(_decode_batch(batch, self.device))
         return other
+
+    @property
+    def verify_rows(self) -> int:
+        """Positions of one session (a verify step's) this stage computes in one step, still exactly as
+        decoding them one at a time: the pool's rows (a GPU's padded step), a CPU's compact rows or its
+        decoding rows (a cache per session), or 1 (one position a step)."""
+        return self.decoding_rows if self.batch == 1 else self.compact or self.batch
 
     def _load_layer(self, files: _ModelFiles | None, weight_map: dict[str, str], model: Any, layer: Any,
                     i: int) -> torch.nn.Module:
@@ -2832,7 +2995,15 @@ class StageShard:
         if split >= n:
             return self._run(sid, hidden, start)
         parts = [self._run(sid, hidden[:, :split], start)] if split else []
-        parts += [self._run(sid, hidden[:, i:i + 1], start + i) for i in range(split, n)]
+        if self.batch > 1:  # as rows of padded decode steps, `batch` positions a step (see _DecodePool)
+            for at in range(start + split, start + n, self.batch):
+                part = hidden[:, at - start:at - start + self.batch]
+                slot = self._slot(sid, at, part.shape[1])
+                parts.append(self._pool_step(slot.pool, [(slot, part.to(self.device, self.dtype), at)])[0])
+                slot.length = at + part.shape[1]
+        else:  # `decoding_rows` at a time (a CPU's; see _decoding_rows), or one by one
+            for at in range(start + split, start + n, self.decoding_rows):
+                parts.append(self._run(sid, hidden[:, at - start:at - start + self.decoding_rows], at, rows=True))
         return torch.cat(parts, dim=1)
 
     def repeated(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor | None:
@@ -2874,7 +3045,9 @@ class StageShard:
             self.pools.append(pool)
         return _PoolRow(pool, pool.free.pop())
 
-    def _run(self, sid: SessionID, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def _run(self, sid: SessionID, hidden: torch.Tensor, start: int, rows: bool = False) -> torch.Tensor:
+        """Run `hidden` (1, n, H) at positions start.. on the session's cache; `rows`: they are decoding
+        positions, to compute as decoding them one at a time would (a cache per session: `_decoding_rows`)."""
         n = hidden.shape[1]
         slot = self._slot(sid, start, n)
         if isinstance(slot, _PoolRow) and n == 1:
@@ -2885,22 +3058,28 @@ class StageShard:
             h = self._static_run(slot, hidden.to(self.device, self.dtype), start)
         else:
             pids = torch.arange(start, start + n, device=self.device)[None]
-            h = self._layers(slot.cache, hidden.to(self.device, self.dtype), pids,
-                             {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)})
+            _DECODING_ROWS.active = rows and n > 1
+            try:
+                h = self._layers(slot.cache, hidden.to(self.device, self.dtype), pids,
+                                 {w: _attention_mask(start, n, w, self.device) for w in set(self.windows)})
+            finally:
+                _DECODING_ROWS.active = False
         slot.length = start + n
         return h
 
     @torch.inference_mode()
     def decode(self, steps: Sequence[tuple[SessionID, torch.Tensor, int]]) -> list[torch.Tensor | Exception]:
-        """Run one-position steps (sid, hidden (1, 1, H), start) of different sessions together.
+        """Run decoding steps (sid, hidden (1, n, H), start) of different sessions together: one position
+        each, or several that are all decoding positions (a verify step's; n > 1 needs `batch` > 1).
 
-        With `batch` > 1, the sessions of each pool go through in one padded step; else one
-        by one. Returns each step's output, or the StepOrderError that refused it.
+        With `batch` > 1, the sessions of each pool go through in one padded step, a row per position;
+        else one by one. Returns each step's output, or the StepOrderError that refused it.
         """
         if len({sid for sid, _, _ in steps}) != len(steps):
             raise ValueError("two steps of one session in one decode batch")
-        if len(steps) > self.batch > 1:
-            raise ValueError(f"{len(steps)} steps in one decode batch of {self.batch}")
+        positions = sum(h.shape[1] for _, h, _ in steps)
+        if positions > self.batch > 1 or (self.batch == 1 and positions > len(steps)):
+            raise ValueError(f"{positions} positions in one decode batch of {self.batch}")
         results: list[torch.Tensor | Exception] = [StepOrderError("not run")] * len(steps)
         if self.batch == 1:
             for i, (sid, hidden, start) in enumerate(steps):
@@ -2913,38 +3092,82 @@ class StageShard:
         for i, (sid, hidden, start) in enumerate(steps):
             self.last.pop(sid, None)
             try:
-                slot = self._slot(sid, start, 1)
+                slot = self._slot(sid, start, hidden.shape[1])
             except StepOrderError as exc:
                 results[i] = exc
                 continue
             by_pool.setdefault(id(slot.pool), []).append((i, slot, hidden.to(self.device, self.dtype), start))
         for group in by_pool.values():
             outs = self._pool_step(group[0][1].pool, [(slot, h, start) for _, slot, h, start in group])
-            for (i, slot, _, start), out in zip(group, outs):
-                slot.length = start + 1
+            for (i, slot, h, start), out in zip(group, outs):
+                slot.length = start + h.shape[1]
                 results[i] = out
-                self.last[steps[i][0]] = (start, steps[i][1], out)
+                if h.shape[1] == 1:
+                    self.last[steps[i][0]] = (start, steps[i][1], out)
         return results
 
     def _pool_step(self, pool: _DecodePool, steps: Sequence[tuple[_PoolRow, torch.Tensor, int]]) -> list[torch.Tensor]:
-        """One padded step of every row of `pool`: `steps` (row, hidden (1, 1, H), start) at their
-        positions, the other rows at the scratch position. Returns each step's (1, 1, H) output."""
-        pool.grow(max(start for _, _, start in steps) + 1)
-        rows = torch.tensor([slot.row for slot, _, _ in steps], device=self.device)
+        """One padded step of every row of `pool`: `steps` (row, hidden (1, n, H), start) at their positions,
+        one query row per position (n > 1: decoding positions of one session, such as a verify step's: its
+        own row takes the first, rows this step leaves idle the rest), the other rows at the scratch
+        position. Returns each step's (1, n, H) output."""
+        pool.grow(max(start + h.shape[1] for _, h, start in steps))
+        own = {slot.row for slot, _, _ in steps}
+        spare = (r for r in range(pool.rows) if r not in own)
+        query, cache, pos = [], [], []
+        for slot, h, start in steps:
+            for j in range(h.shape[1]):
+                query.append(slot.row if j == 0 else next(spare))
+                cache.append(slot.row)
+                pos.append(start + j)
+        rows = torch.tensor(query, device=self.device)
         pool.pos.fill_(pool.capacity)
-        pool.pos.index_copy_(0, rows, torch.tensor([start for _, _, start in steps], device=self.device))
-        pool.inp.index_copy_(0, rows, torch.cat([h for _, h, _ in steps]))
-        if not self.graphs:
-            out = self._layers(pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows)))
-        else:
-            if pool.graph is None:
-                pool.graph = _capture_graph(self.device, lambda: self._layers(
-                    pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows))))
-            graph, out = pool.graph
-            with torch.cuda.device(self.device):
-                graph.replay()
+        pool.pos.index_copy_(0, rows, torch.tensor(pos, device=self.device))
+        pool.src.copy_(torch.arange(pool.rows, device=self.device))
+        pool.src.index_copy_(0, rows, torch.tensor(cache, device=self.device))
+        pool.inp.index_copy_(0, rows, torch.cat([h.transpose(0, 1) for _, h, _ in steps]))
+        if self.compact:  # a CPU's: only the rows that compute, `compact` at most at a time
+            inp = torch.cat([h.transpose(0, 1) for _, h, _ in steps]).to(self.device, self.dtype)
+            outs = torch.cat([self._compact_step(pool, cache[i:i + self.compact], pos[i:i + self.compact],
+                                                 inp[i:i + self.compact]) for i in range(0, len(pos), self.compact)])
+            return [part.transpose(0, 1) for part in outs.split([h.shape[1] for _, h, _ in steps])]
+        pool.gathering = len(query) > len(steps)
+        try:
+            if not self.graphs:
+                out = self._layers(pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows)))
+            else:
+                graph = pool.gather_graph if pool.gathering else pool.graph
+                if graph is None:
+                    graph = _capture_graph(self.device, lambda: self._layers(
+                        pool, pool.inp, pool.pos[:, None], pool.masks(set(self.windows))))
+                    if pool.gathering:
+                        pool.gather_graph = graph
+                    else:
+                        pool.graph = graph
+                with torch.cuda.device(self.device):
+                    graph[0].replay()
+                out = graph[1]
+        finally:
+            pool.gathering = False
         picked = out.index_select(0, rows)  # a copy: the next replay overwrites `out`
-        return list(picked.split(1))
+        return [part.transpose(0, 1) for part in picked.split([h.shape[1] for _, h, _ in steps])]
+
+    def _compact_step(self, pool: _DecodePool, src: list[int], pos: list[int], inp: torch.Tensor) -> torch.Tensor:
+        """A padded step's rows that compute something, alone: query i at position `pos[i]` of the session
+        in pool row `src[i]`, input `inp` (n, 1, H); 2 to `compact` rows, whose products give a row the
+        same numbers (`_invariant_rows`): a lone row gets a neighbour row at the scratch position beside
+        it (its numbers are thrown away; it writes only the scratch position). The cost of a step follows
+        the rows that compute and the positions they reach, not the pool's size. Returns (n, 1, H)."""
+        n, first = inp.shape[0], 0
+        if n == 1:
+            pad = src[0] + 1 if src[0] + 1 < pool.rows else src[0] - 1
+            first = int(pad < src[0])
+            src, pos = sorted([src[0], pad]), [pool.capacity, pos[0]] if first else [pos[0], pool.capacity]
+            inp = inp.repeat(2, 1, 1)
+        at = torch.tensor(pos, device=self.device)
+        span = min(_whole_blocks(max(p for p in pos if p < pool.capacity) + 1), pool.capacity)
+        masks = _position_masks(at[:, None], span, set(self.windows))
+        return self._layers(_PoolRows(pool, src, at, span), inp, at[:, None], masks)[first:first + n]
 
     def _layers(self, cache: Any, h: torch.Tensor, pids: torch.Tensor, masks: dict) -> torch.Tensor:
         """Run `h` at positions `pids` through every layer, with `cache`, a mask per window size and
@@ -4211,7 +4434,8 @@ class _WorkerCompute:
 
     @staticmethod
     def _key(msg: Message) -> tuple:
-        """(model, fingerprint, start, end, quant, dtype, decode batch) of an assignment: equal keys, same layers."""
+        """(model, fingerprint, start, end, quant, dtype, decode batch, decoding rows) of an assignment: equal
+        keys, same layers."""
         quant, dtype_name = msg.get("quant", str), msg.get("dtype", str)
         if quant not in _QUANTS or dtype_name not in _DTYPES or dtype_name == "auto":
             raise ProtocolError(f"assign with quant={quant!r} dtype={dtype_name!r}")
@@ -4219,12 +4443,12 @@ class _WorkerCompute:
         if batch is not None and not 1 <= batch <= 1024:
             raise ProtocolError(f"assign with batch={batch}")
         return (msg.get("model", str), msg.get("fingerprint", str, ""), msg.get("start", int), msg.get("end", int),
-                quant, dtype_name, batch)
+                quant, dtype_name, batch, msg.get("rows", bool, False))
 
     def _build(self, msg: Message) -> tuple[tuple, StageShard]:
         """Load the layer range an assignment names (unless it is loaded); return (its key, the shard)."""
         key = self._key(msg)
-        _, _, start, end, quant, dtype_name, batch = key
+        _, _, start, end, quant, dtype_name, batch, rows = key
         if self._shard is not None and self._shard_key == key:
             return key, self._shard
         files = self._files(msg)
@@ -4233,7 +4457,7 @@ class _WorkerCompute:
         shard = StageShard(files, config, start, end, quant=quant, dtype=dtype, device=self.device,
                            max_sessions=self.config.max_sessions_per_worker, progress=True,
                            cuda_graphs=self.config.cuda_graphs and self.device.type == "cuda", batch=batch,
-                           on_layer=self._layer_loaded)
+                           decoding_rows=rows, on_layer=self._layer_loaded)
         return key, shard
 
     def _layer_loaded(self) -> None:
@@ -4292,6 +4516,7 @@ class _WorkerCompute:
             "epoch": epoch, "start": start, "end": end, "load_s": _time.perf_counter() - t0,
             "rss_before": rss_before, "rss_after": _rss_bytes(), "dtype": _DTYPE_NAMES[shard.dtype],
             "files": list(shard.files_opened), "layers_loaded": self.layers_loaded,
+            "verify_rows": shard.verify_rows,
         })
 
     def _overflow(self, shard: StageShard, wire: torch.dtype) -> str:
@@ -4554,7 +4779,7 @@ class Worker(_WorkerCompute):
         self._shard: StageShard | None = None
         self._newest_step: _collections.OrderedDict[SessionID, int] = _collections.OrderedDict()  # sid -> its
         # newest step number run here (a direct step older than that is stale)
-        self._shard_key: tuple | None = None  # (model, fingerprint, start, end, quant, dtype) of the loaded shard
+        self._shard_key: tuple | None = None  # the loaded shard's assignment (see _key)
         self._epoch: int | None = None  # epoch of the current assignment; steps must carry it
         self._threads: list[_threading.Thread] = []
         self._profile: dict[tuple, tuple[float, float]] = {}  # (fingerprint, quant, dtype) -> calibration
@@ -5600,11 +5825,21 @@ def _expected_tokens(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
+def _verify_ms(compute_ms: float, rows: int, positions: int) -> float:
+    """What a stage whose decode step computes in `compute_ms` takes for a step of `positions` decoding
+    positions of one session, when it runs `rows` of them in one step (1: one at a time): a step per
+    `rows`, each a tenth dearer than a plain one (the rows beyond the first read their cache through a
+    copy on a GPU, and a CPU's products grow with the rows; bench/verify_step.py measures both)."""
+    steps = -(-positions // rows)
+    return compute_ms * steps * (1.1 if positions > 1 and rows > 1 else 1.0)
+
+
 class _Speculation:
     """How many tokens to draft for a session's next step: the k (0..k_max) that maximizes tokens per
-    second, E(k) / (trip + (k + 1) x per-position compute), from the measured round trip of the stages,
-    their compute per position, and the session's running acceptance. A session whose drafts keep
-    missing drafts nothing, and tries again (one draft) every `_PROBE_EVERY` tokens."""
+    second, E(k) / (trip + what the stages take for k + 1 positions), from the measured round trip of the
+    stages, each stage's compute and how many positions it verifies in one step (`_verify_ms`), and the
+    session's running acceptance. A session whose drafts keep missing drafts nothing, and tries again (one
+    draft) every `_PROBE_EVERY` tokens."""
 
     _PROBE_EVERY = 32
 
@@ -5613,11 +5848,18 @@ class _Speculation:
         self.acceptance: dict[SessionID, float] = {}  # sid -> running share of drafts accepted
         self.since_probe: dict[SessionID, int] = {}
 
-    def k(self, sid: SessionID, trip_ms: float, position_ms: float) -> int:
+    def k(self, sid: SessionID, trip_ms: float, position_ms: float = 0.0, *,
+          stages: Sequence[tuple[float, int]] = ()) -> int:
+        """`position_ms`: compute per position where positions go one at a time; `stages`: (compute ms of a
+        decode step, positions verified in one step) of each stage."""
         rate = self.acceptance.get(sid, 0.7)
-        best, best_speed = 0, 1.0 / (trip_ms + position_ms)
+
+        def step_ms(k: int) -> float:
+            return trip_ms + (k + 1) * position_ms + sum(_verify_ms(ms, rows, k + 1) for ms, rows in stages)
+
+        best, best_speed = 0, 1.0 / step_ms(0)
         for k in range(1, self.k_max + 1):
-            speed = _expected_tokens(rate, k) / (trip_ms + (k + 1) * position_ms)
+            speed = _expected_tokens(rate, k) / step_ms(k)
             if speed > best_speed * 1.05:  # a margin: a draft must pay clearly, not by noise
                 best, best_speed = k, speed
         if best == 0 and sid in self.acceptance:
@@ -5688,6 +5930,7 @@ class _WorkerState:
     rtt_ms: float | None = None
     rss_before: int | None = None
     rss_after: int | None = None
+    verify_rows: int = 1  # positions of a verify step its stage computes in one step (1: one at a time)
     load_s: float | None = None
     steps: int = 0
     compute_ms: float | None = None  # median time of its last steps' compute, as it reports
@@ -6262,6 +6505,7 @@ class _CoordinatorMembers:
         worker.state = "ready"
         worker.rss_before, worker.rss_after = msg.get("rss_before", int), msg.get("rss_after", int)
         worker.load_s = msg.get("load_s", (int, float))
+        worker.verify_rows = max(1, msg.get("verify_rows", int, 1))
         worker.layers_loaded = max(worker.layers_loaded, msg.get("layers_loaded", int, 0))
         worker.files = [f for f in msg.get("files", list, []) if isinstance(f, str)][:1000]
         _log.info("worker %s ready with layers %d..%d", worker.name, worker.layers[0], worker.layers[1] - 1)
@@ -6906,20 +7150,25 @@ class _CoordinatorSteps:
         if spec is None or session.pos < session.prompt_len:
             return []
         room = min(session.params.max_new_tokens - session.new_tokens, self.head.context - len(session.tokens)) - 1
-        k = spec.k_max if not self.config.speculate_adaptive else spec.k(session.sid, *self._trip_timing())
+        if self.config.speculate_adaptive:
+            trip, stages = self._trip_timing()
+            k = spec.k(session.sid, trip, stages=stages)
+        else:
+            k = spec.k_max
         k = min(k, room)
         return spec.draft(session.sid, session.tokens, k) if k > 0 else []
 
-    def _trip_timing(self) -> tuple[float, float]:
-        """(ms of one trip through every stage beyond compute, ms of compute per position over all stages),
-        from the fastest holder of each stage."""
-        trip = position = 0.0
+    def _trip_timing(self) -> tuple[float, list[tuple[float, int]]]:
+        """(ms of one trip through every stage beyond compute, (compute ms of a decode step, positions it
+        verifies in one step) of each stage), from the fastest holder of each stage."""
+        trip, stages = 0.0, []
         for stage in self._plan or ():
             holders = [self._workers[w] for w in stage.workers if self._workers[w].serving] or [
                 self._workers[w] for w in stage.workers]
             trip += min(w.overhead_ms if w.overhead_ms is not None else (w.rtt_ms or 0.0) for w in holders)
-            position += min(w.compute_ms or 1.0 for w in holders)
-        return trip + 0.5, position  # (and the host's own half millisecond)
+            fastest = min(holders, key=lambda w: w.compute_ms or 1.0)
+            stages.append((fastest.compute_ms or 1.0, fastest.verify_rows))
+        return trip + 0.5, stages  # (and the host's own half millisecond)
 
     def _feed_prompt(self, session: _Session) -> None:
         """Prefill pipelined in chunks: keep the next prompt chunks queued at stage 0 (up to
@@ -7221,7 +7470,7 @@ class _CoordinatorPlacement:
         """What a worker needs to load (or calibrate) layers of this model exactly as the host has it."""
         return {"model": self.model, "revision": self.files.revision, "endpoint": self.config.hub_endpoint,
                 "quant": self.quant, "dtype": _DTYPE_NAMES[self.dtype], "fingerprint": self._fingerprint,
-                "batch": self.config.decode_batch}
+                "batch": self.config.decode_batch, "rows": self._decoding_rows}
 
     def _share_bytes(self, start: int, end: int) -> int | None:
         """Bytes of the weight files that hold layers [start, end): what a worker loading them downloads
@@ -7864,6 +8113,9 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._wall_offset = wall_offset  # wall time = event time + this
         self._out: list = []  # instructions made while handling the current events
         self._speculation = speculation
+        # CPU stages of a speculating host verify several positions a pass (StageShard's decoding rows), at a
+        # small cost to a plain step: chosen at start (a stage's numbers must not change while it serves)
+        self._decoding_rows = bool(config.speculate)
 
         self._workers: dict[WorkerID, _WorkerState] = {}
         self._plan: list[Stage] | None = None

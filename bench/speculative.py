@@ -10,10 +10,13 @@ weights agree by chance only, so the acceptance is near zero: what this measures
   4 stages, each position run as a decode step runs it), its ratio to a plain trip, tokens/s;
 - speculation adaptive (up to --k): tokens/s, which must stay within 5% of plain decoding when the
   drafts do not pay;
+- the verify trip for k = 1..8 forced, against a plain trip (each stage runs a verify step's positions
+  as rows of its padded decode step: one step for up to 16 positions);
+- the target as its own draft (drafts always agree), adaptive: tokens/s against plain;
 
 and every run's tokens against the same layers decoded in one process.
 
-    python bench/speculative.py [--layers 16] [--tokens 48] [--k 4]
+    python bench/speculative.py [--layers 16] [--tokens 48] [--k 4] [--no-self-draft]
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--no-self-draft", action="store_true", help="skip the target-as-its-own-draft run")
     args = ap.parse_args()
     import transformers
 
@@ -98,10 +102,31 @@ def main() -> int:
                 cluster.set_speculation(k, adaptive=adaptive)
                 rows[name] = measure(cluster, args.tokens)
                 log(name, {key: v for key, v in rows[name].items() if key != "tokens"})
+            for k in range(1, 9):  # what a verify trip costs per k (the random draft: few accepted)
+                cluster.set_speculation(k, adaptive=False)
+                rows[f"forced k={k}"] = measure(cluster, args.tokens)
+                log(f"forced k={k}", rows[f"forced k={k}"]["trip_ms"])
+            rows["verify rows"] = {"rows": [w.get("verify_rows") for w in cluster.workers() if w["layers"]]}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
+    if not args.no_self_draft:  # drafts that always agree: what speculation can give here
+        with distllm.host(path, quant="nf4", bind="127.0.0.1", workers=4, stages=4, calibrate=False,
+                          rebalance_s=0, speculate=8, draft=path) as cluster:
+            procs = start_workers(cluster.join_string, ["cuda:0"] * 4, "self")
+            try:
+                cluster.wait_ready(900)
+                cluster.generate(PROMPT, max_new_tokens=8)
+                for name, k in (("plain (self-draft cluster)", 0), ("target as its own draft, adaptive k<=8", 8)):
+                    cluster.set_speculation(k, adaptive=True)
+                    rows[name] = measure(cluster, args.tokens)
+                    log(name, {key: v for key, v in rows[name].items() if key != "tokens"})
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+    log("verify rows per stage", rows.pop("verify rows")["rows"])
     plain = rows["plain"]
     print("\n| run | tok/s | ms a trip | trip / plain trip | drafts accepted | tokens a trip | verify steps | "
           "tokens = reference |")

@@ -74,7 +74,7 @@ def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(m
     s.forward("b", h, 0)
     with pytest.raises(ValueError, match="two steps of one session"):
         s.decode([("a", h[:, :1], 4), ("a", h[:, :1], 5)])
-    with pytest.raises(ValueError, match="3 steps in one decode batch of 2"):
+    with pytest.raises(ValueError, match="3 positions in one decode batch of 2"):
         s.decode([("a", h[:, :1], 4), ("b", h[:, :1], 4), ("c", h[:, :1], 0)])
     ok, gap = s.decode([("a", h[:, :1], 4), ("b", h[:, :1], 9)])  # b's cache ends at 4
     assert ok.shape == (1, 1, config.hidden_size) and isinstance(gap, distllm.StepOrderError)
@@ -84,6 +84,53 @@ def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(m
     with pytest.raises(distllm.DistllmError, match="no memory on cpu for the KV buffers of 2 sessions"):
         s.slots["a"].pool.grow(1 << 44)  # 2 rows x 2^44 positions: petabytes, past any address space
     assert s.decode([("a", h[:, :1], 5)])[0].shape == (1, 1, config.hidden_size)  # and it serves on
+
+
+@pytest.mark.parametrize("rows", ["padded", "compact", "per session"])
+def test_a_verify_steps_positions_are_rows_of_one_step_with_decodings_numbers(model_dir, rows):
+    """Speculation's verify step (the last token and k drafts) through a stage in one step, each position a
+    row with its own cache length: bit for bit what decoding them one at a time gives; beside other
+    sessions' steps, after a rejection crops it, and longer than the rows of one step. Padded: every row
+    of a pool (a GPU's captured step); compact: only the rows of a pool that compute (a CPU's); per
+    session: a cache per session, a lone row computed doubled and a verify step's queries attending one
+    at a time (a CPU's, where the host speculates)."""
+    files = distllm._ModelFiles(model_dir("llama"))
+    config = distllm._load_config(files)
+
+    def stage() -> distllm.StageShard:
+        if rows == "per session":
+            s = distllm.StageShard(files, config, 1, 4, quant="none", dtype=torch.float32,
+                                   device=torch.device("cpu"), decoding_rows=True)
+            assert s.decoding_rows >= 2, "this CPU's products give no two row counts alike: rows not tried"
+            return s
+        s = _shard(files, config, 6)
+        if rows == "padded":
+            s.compact = 0
+        else:
+            assert s.compact >= 2, "this CPU's products give no two row counts alike: compact steps not tried"
+        return s
+
+    torch.manual_seed(0)
+    h = torch.randn(1, 40, config.hidden_size)
+    ref = stage()
+    ref.forward("x", h[:, :20], 0)
+    want = torch.cat([ref.forward("x", h[:, i:i + 1], i) for i in range(20, 40)], dim=1)
+
+    s = stage()
+    assert s.verify_rows == {"padded": 6, "compact": s.compact, "per session": s.decoding_rows}[rows]
+    for sid in ("x", "other"):
+        s.forward(sid, h[:, :20], 0)
+    got = s.forward("x", h[:, 20:25], 20, decode_from=20)  # k = 4
+    assert torch.equal(got, want[:, :5])
+    # two drafts rejected: the next verify step starts at 23 again, beside another session's decode step
+    if rows == "per session":  # (sessions go one by one there)
+        got, other = s.forward("x", h[:, 23:27], 23, decode_from=20), s.forward("other", h[:, 20:21], 20)
+    else:
+        got, other = s.decode([("x", h[:, 23:27], 23), ("other", h[:, 20:21], 20)])
+    assert torch.equal(got, want[:, 3:7]) and other.shape == (1, 1, config.hidden_size)
+    got = s.forward("x", h[:, 27:40], 27, decode_from=20)  # more positions than one step's rows
+    assert torch.equal(got, want[:, 7:])
+    assert s.slots["x"].length == 40
 
 
 def test_concurrent_sessions_share_decode_steps_and_survive_a_kill(model8):

@@ -113,6 +113,12 @@ def test_speculation_drafts_where_a_trip_is_dear_and_stops_where_drafts_keep_mis
     spec.observe("s", 1, 1)
     spec.observe("s", 4, 4)
     assert spec.k("s", trip_ms=300.0, position_ms=2.0) > 0
+    # one stage on loopback whose step verifies up to 16 positions at about one step's cost (a GPU's
+    # padded step): drafts pay there too; one position at a time, they do not
+    fresh = distllm._Speculation(8, distllm.PromptLookup())
+    assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 16)]) >= 4
+    assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 1)]) == 0
+    assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 3)]) == 2  # a CPU's compact rows: k + 1 within one step
 
 
 def test_prompt_lookup_drafts_what_followed_the_last_ngram():
