@@ -5177,11 +5177,13 @@ class Worker(_WorkerCompute):
                 if msg is None:
                     break
                 jobs = [msg]
-                if self._batchable(msg):  # one-position steps of other sessions right behind it join it
+                rows = self._batchable(msg)
+                if rows:  # decoding steps of other sessions right behind it join it, as rows of one step
                     sids = {msg.header.get("sid")}
-                    while (pending and len(jobs) < self._shard.batch and self._batchable(pending[0])
+                    while (pending and 0 < self._batchable(pending[0]) <= self._shard.batch - rows
                            and pending[0].header.get("sid") not in sids):
                         jobs.append(pending.popleft())
+                        rows += self._batchable(jobs[-1])
                         sids.add(jobs[-1].header.get("sid"))
                 self._taken = len(pending)
                 try:
@@ -5312,11 +5314,19 @@ class Worker(_WorkerCompute):
         poller.unregister(fd)  # before the close: the number may come back for the next socket
         self._links_in.pop(fd).close()
 
-    def _batchable(self, msg: Any) -> bool:
-        """Whether `msg` is a one-position step that may share a batched decode step."""
-        return (isinstance(msg, Message) and msg.type == "forward" and self._shard is not None
-                and self._shard.batch > 1 and msg.shape(0) is not None and len(msg.shape(0)) == 3
-                and msg.shape(0)[1] == 1)
+    def _batchable(self, msg: Any) -> int:
+        """The positions of `msg` if it is a decoding step that may share a batched decode step (one
+        position, or a verify step's several decoding positions: they go as rows of it), else 0."""
+        if not (isinstance(msg, Message) and msg.type == "forward" and self._shard is not None
+                and self._shard.batch > 1 and msg.shape(0) is not None and len(msg.shape(0)) == 3):
+            return 0
+        n = msg.shape(0)[1]
+        if n == 1:
+            return 1
+        decode_from, start = msg.header.get("decode_from"), msg.header.get("start")
+        decoding = (isinstance(decode_from, int) and isinstance(start, int) and 0 <= decode_from <= start
+                    and not isinstance(start, bool) and start > 0)
+        return n if decoding and n <= self._shard.batch else 0
 
 
 ###############################################################################
@@ -6950,6 +6960,7 @@ class _CoordinatorSteps:
         batch = msg.get("batch", int, 1)
         if batch > 1:
             self._stats["batched"] += 1
+            self._stats["batched_verify"] += n > 1  # a verify step's positions as rows beside other sessions'
             self._batch_share += 1 / batch
         if worker.wid in self._handovers:
             self._handovers[worker.wid][1].discard(session.sid)
@@ -8138,7 +8149,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._session_view: list[dict] = []  # live sessions, for the panel
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
-                       "batched": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
+                       "batched": 0, "batched_verify": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
                        "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0,
                        "checks": 0, "disagreements": 0, "removed": 0, "spot_checks": 0, "unchecked": 0}
         self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
@@ -8803,7 +8814,8 @@ class Cluster(_ClusterStore):
         ahead of need); restarts (sessions prefilled again from position 0); direct and relayed
         (steps sent stage to stage, and those the host relayed after a direct link failed them);
         pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
-        step with other sessions'), batches (those decode steps: batched / batches is the mean batch);
+        step with other sessions'; batched_verify: those that were verify steps, their positions rows of
+        it), batches (those decode steps: batched / batches is the mean batch);
         requests (ended) and request_errors (of those, ended by an error); stalls (gaps of over _STALL_S
         between two tokens of a request); trips (answers of the last stage that gave tokens) and
         tokens_per_trip; with speculate: drafted and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -99,6 +100,33 @@ def test_a_worker_sigkilled_mid_verify_is_replayed_and_the_tokens_stay(models):
         stats = cluster.stats()
     assert got == want
     assert stats["failures"] == 1 and stats["verify_steps"] > 0, stats
+
+
+def test_verify_steps_of_several_sessions_share_one_padded_step_and_the_tokens_stay(models):
+    """Pooled stages (decode_batch 6): each verify step's positions are rows of a padded decode step, beside
+    other sessions' steps (decode or verify) queued with it. Every session's tokens are those of the same
+    layers decoding it alone in one process, one position at a time."""
+    target, perturbed, _ = models
+    prompts = [prompt_of(10, seed=k) * 3 for k in range(4)]  # repeats: prompt lookup finds drafts
+    reference = distllm._reference_decoder(target, "none", batch=6)
+    want = [reference(p, NEW)[0] for p in prompts]
+    options = {**SPEC, "decode_batch": 6, "test_step_delay_ms": 3.0}  # slow steps: the others queue behind
+    with distllm.local(target, workers=2, stages=2, draft="lookup", **options) as cluster:
+        got: dict = {}
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, cluster.generate(prompts[k], max_new_tokens=NEW)))
+                   for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = cluster.stats()
+        rows = [w["verify_rows"] for w in cluster.workers() if w["layers"]]
+        eos = cluster.head.eos_ids
+    # (the reference decodes NEW tokens whatever they are; a request ends at its first end-of-text token)
+    want = [w[:next((i + 1 for i, t in enumerate(w) if t in eos), len(w))] for w in want]
+    assert [got.get(k) for k in range(4)] == want
+    assert stats["verify_steps"] > 0 and stats["batched_verify"] > 0, stats
+    assert rows and all(r >= 2 for r in rows), rows
 
 
 def test_speculation_drafts_where_a_trip_is_dear_and_stops_where_drafts_keep_missing():
