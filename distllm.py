@@ -282,6 +282,10 @@ class Config:
     speculate: int = 0
     draft: str = "lookup"
     speculate_adaptive: bool = True  # False: always draft `speculate` tokens (where the drafter finds them)
+    # Verify steps of one request in flight at once, each drafted on the assumption that the ones before it are
+    # accepted (a rejection voids those behind it): at most this many; adaptive speculation picks how many pay
+    # from the round trip, the stages' compute and the acceptance (1: one window, the next drafted on its return).
+    speculate_windows: int = 4
     replica_tolerance: float = 0.05  # relative difference between replicas' outputs that flags one
     # With replicas: "first" uses a step's first answer and compares the others' when they come (a disagreement
     # is then settled by a third opinion); "agree" uses a step only once two holders' answers agree (latency
@@ -389,6 +393,9 @@ class Config:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
                                       or name == "max_active" and value == 0):
                 raise ValueError(f"{name}={value!r}: a whole number (max_active at least 1), or None")
+        if (isinstance(self.speculate_windows, bool) or not isinstance(self.speculate_windows, int)
+                or not 1 <= self.speculate_windows <= 16):
+            raise ValueError(f"speculate_windows={self.speculate_windows!r}: verify steps in flight, 1 to 16")
         if isinstance(self.speculate, bool) or not isinstance(self.speculate, int) or not 0 <= self.speculate <= 32:
             raise ValueError(f"speculate={self.speculate!r}: drafted tokens per step, 0 (off) to 32")
         if self.host_timeout_s is not None and not self.host_timeout_s > 0:
@@ -5879,6 +5886,22 @@ class _Speculation:
                 return 1
         return best
 
+    def windows(self, sid: SessionID, k: int, trip_ms: float, stages: Sequence[tuple[float, int]], most: int) -> int:
+        """How many windows of k drafts to keep in flight (1..most): the number that maximizes tokens per
+        second, sum over j < W of a^(j(k+1)) x E(k) / (trip + a window's compute + (W - 1) x the busiest
+        stage's compute for a window): window j counts only if every window before it was accepted whole
+        and its pick guessed (probability a^(k+1) each), and each window behind the first adds the time the
+        busiest stage takes for one (while the pipe is not full, about none of the trip)."""
+        rate = self.acceptance.get(sid, 0.7)
+        one = [_verify_ms(ms, rows, k + 1) for ms, rows in stages] or [0.0]
+        base, busiest = trip_ms + sum(one), max(one)
+        best, best_speed = 1, 1.0 / base
+        for w in range(2, most + 1):
+            speed = sum(rate ** (j * (k + 1)) for j in range(w)) / (base + (w - 1) * busiest)
+            if speed > best_speed * 1.05:
+                best, best_speed = w, speed
+        return best
+
     def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
         return self.drafter.draft(sid, tokens, k) if k > 0 else []
 
@@ -6082,6 +6105,21 @@ def _step_key(msg: Message) -> tuple[int, int, int]:
 
 
 @_dataclasses.dataclass(eq=False)
+class _Window:
+    """A verify step of a session in the pipe: the tokens at positions start.. it carries (the first: the
+    session's last token, or, behind another window, the guess that window's pick after its drafts will
+    be it; then the drafts), and the last stage's answer while a window before it is still owed one."""
+
+    start: int
+    inputs: list[int]
+    hidden: Any = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.inputs)
+
+
+@_dataclasses.dataclass(eq=False)
 class _Session:
     """One request: its tokens, sampling parameters, and where its next step stands.
 
@@ -6107,7 +6145,7 @@ class _Session:
     waiting_since: float = 0.0
     wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
-    verify: tuple[int, list[int]] | None = None  # (start, drafts) of its speculative step in the pipe
+    windows: list = _dataclasses.field(default_factory=list)  # its verify steps in the pipe (_Window), in order
     last_token_at: float = 0.0  # when its last token came (monotonic)
     deadline: float = _math.inf  # monotonic time it is cancelled at, wherever it is
     slot: bool = False  # it counts under admission (an API or generate() request; a job's prompts do not)
@@ -6640,7 +6678,8 @@ class _CoordinatorMembers:
         """
         if stage == 0:
             covered = max(session.lead, session.pos) if session.inflight else session.pos
-            inputs = self.head.embed_tokens(session.tokens[:covered if upto is None else upto]).to(self.wire_dtype)
+            inputs = self.head.embed_tokens(self._sent_tokens(session)[:covered if upto is None else upto]).to(
+                self.wire_dtype)
         else:
             chunks = (session.history or {}).get(stage, [])
             if session.history is None or sum(c.shape[1] for c in chunks) < (upto or 0):
@@ -7015,8 +7054,12 @@ class _CoordinatorSteps:
             if step.stage == 0:
                 self._feed_prompt(session)
             return
-        if session.verify is not None and session.verify[0] == step.start and n == len(session.verify[1]) + 1:
-            self._to_sample.append((session, hidden[0], step.start + 1))  # picks for the drafts and one more
+        window = next((w for w in session.windows if w.start == step.start and len(w.inputs) == n), None)
+        if window is not None:  # picks for the drafts and one more, taken in the windows' order
+            if window is session.windows[0]:
+                self._to_sample.append((session, hidden[0], step.start + 1))
+            else:
+                window.hidden = hidden[0]
             return
         if step.start + n <= session.pos:
             # A prompt chunk answered after a later one (its answer was lost with a connection and the chunk sent
@@ -7038,9 +7081,13 @@ class _CoordinatorSteps:
         pass of the LM head for all of them."""
         # Only answers for the session's next position still count: one parked or restarted since (in this very
         # turn) has voided its step, and a verify step's drafts with it (seed 974 of the simulation).
+        while self._to_sample:  # (a verified window can make the answer of the one behind it ready)
+            self._sample_ready()
+
+    def _sample_ready(self) -> None:
         pending = [(s, h, at) for s, h, at in self._to_sample if self._sessions.get(s.sid) is s
-                   and at == len(s.tokens) and (h.shape[0] == 1 or s.verify is not None
-                                                 and s.verify[0] + 1 == at and len(s.verify[1]) + 1 == h.shape[0])]
+                   and at == len(s.tokens) and (h.shape[0] == 1 or s.windows and s.windows[0].start + 1 == at
+                                                 and len(s.windows[0].inputs) == h.shape[0])]
         self._to_sample = []
         if not pending:
             return
@@ -7065,10 +7112,11 @@ class _CoordinatorSteps:
                 self._take_tokens(session, mine if h.shape[0] == 1 else self._verified(session, mine))
 
     def _verified(self, session: _Session, picks: list[int]) -> list[int]:
-        """The tokens a speculative step yields: its drafts up to the first the target's picks disagree with,
-        and the pick there. The session's caches are good up to the last of them (the rest is cropped)."""
-        start, drafts = session.verify
-        session.verify = None
+        """The tokens the session's first window yields: its drafts up to the first the target's picks disagree
+        with, and the pick there. The caches are good up to the last of them. The window behind it holds if
+        every draft was kept and its first token was that pick; else it and those behind it are void."""
+        window = session.windows.pop(0)
+        drafts = window.inputs[1:]
         agreed = 0
         while agreed < len(drafts) and picks[agreed] == drafts[agreed]:
             agreed += 1
@@ -7077,9 +7125,26 @@ class _CoordinatorSteps:
         self._stats["verify_steps"] += 1
         if self._speculation is not None:  # (None: turned off while the step was in the pipe)
             self._speculation.observe(session.sid, len(drafts), agreed)
-        session.pos = session.lead = start + 1 + agreed
-        self._crop_history(session, session.pos)
+        session.pos = window.start + 1 + agreed
+        behind = session.windows[0] if session.windows else None
+        if behind is not None and agreed == len(drafts) and behind.start == session.pos \
+                and behind.inputs[0] == picks[agreed]:
+            self._stats["windows_kept"] += 1
+            if behind.hidden is not None:  # answered already: its turn now
+                self._to_sample.append((session, behind.hidden, behind.start + 1))
+                behind.hidden = None
+        else:
+            self._void_windows(session)
         return drafts[:agreed] + [picks[agreed]]
+
+    def _void_windows(self, session: _Session) -> None:
+        """Drop the session's windows in the pipe and their steps (their answers are ignored; the stages crop
+        what they wrote when the next step starts before it): the next step goes from `pos`."""
+        session.windows = []
+        session.steps = {k: st for k, st in session.steps.items()
+                         if st.start < session.pos or st.dispute is not None}
+        session.lead = session.pos
+        self._crop_history(session, session.pos)
 
     def _crop_history(self, session: _Session, upto: int) -> None:
         """Drop kept stage inputs past position `upto` (a speculative step's rejected positions)."""
@@ -7135,6 +7200,10 @@ class _CoordinatorSteps:
                     with self._failing_alone(s, "sending its next step"):
                         self._next_step(s)
                         self._feed_prompt(s)
+                        self._feed_windows(s)
+                elif s.sid in self._sessions and s.windows:  # a window verified, those behind it go on
+                    with self._failing_alone(s, "sending its next window"):
+                        self._feed_windows(s)
             return
         now = self._now()
         for s in list(self._runnable):
@@ -7150,7 +7219,7 @@ class _CoordinatorSteps:
             session.holders.clear()  # a prefill from position 0 rebuilds every cache it passes
         end = min(len(session.tokens), start + self.config.prefill_chunk)
         drafts = self._drafts(session) if end == len(session.tokens) == start + 1 else []
-        session.verify = (start, drafts) if drafts else None
+        session.windows = [_Window(start, session.tokens[start:end] + drafts)] if drafts else []
         session.lead = end + len(drafts)
         ids = session.tokens[start:end] + drafts
         self._send_step(session, 0, start, self.head.embed_tokens(ids).to(self.wire_dtype))
@@ -7168,6 +7237,38 @@ class _CoordinatorSteps:
             k = spec.k_max
         k = min(k, room)
         return spec.draft(session.sid, session.tokens, k) if k > 0 else []
+
+    def _sent_tokens(self, session: _Session) -> list[int]:
+        """The session's tokens and, past them, those its windows in the pipe carry: what stage 0 was sent."""
+        if not session.windows:
+            return session.tokens
+        first = session.windows[0]
+        return session.tokens[:first.start] + [t for w in session.windows for t in w.inputs]
+
+    def _feed_windows(self, session: _Session) -> None:
+        """Speculation with windows in flight: while the session's windows in the pipe are fewer than pay
+        (`_Speculation.windows`), draft the next one on the assumption that those before it are accepted
+        (its first token the guess of the last one's pick after its drafts) and send it behind them."""
+        spec = self._speculation
+        if spec is None or not session.windows or session.sid not in self._sessions or self._plan is None:
+            return
+        k = len(session.windows[0].inputs) - 1
+        most = self.config.speculate_windows
+        if self.config.speculate_adaptive:
+            trip, stages = self._trip_timing()
+            most = spec.windows(session.sid, k, trip, stages, most)
+        end = min(session.prompt_len + session.params.max_new_tokens, self.head.context)  # (positions up to it)
+        while len(session.windows) < most and session.lead + k + 1 < end:
+            inputs = spec.draft(session.sid, self._sent_tokens(session), k + 1)
+            if len(inputs) < k + 1:  # (the drafter found no continuation that long)
+                return
+            window = _Window(session.lead, inputs)
+            session.windows.append(window)
+            session.lead = window.end
+            self._stats["windows"] += 1
+            self._send_step(session, 0, window.start, self.head.embed_tokens(inputs).to(self.wire_dtype))
+            if session.sid not in self._sessions or not session.windows:  # (failed or parked sending it)
+                return
 
     def _trip_timing(self) -> tuple[float, list[tuple[float, int]]]:
         """(ms of one trip through every stage beyond compute, (compute ms of a decode step, positions it
@@ -7223,7 +7324,7 @@ class _CoordinatorSteps:
                           self._plan[stage].start, self._plan[stage].end - 1)
         # Direct links carry one-position and speculative steps (one in the pipe per session); prompt chunks go
         # through the host, which keeps them in order.
-        speculative = session.verify is not None and start >= session.prompt_len
+        speculative = bool(session.windows) and start >= session.prompt_len
         direct = len(targets) == 1 and (hidden.shape[1] == 1 or speculative)
         chain = self._chain(session, stage, next(iter(targets))) if direct else []
         self._dispatch(session, _Step(number, stage, start, hidden.shape[1], hidden, chain=chain), targets)
@@ -7378,7 +7479,7 @@ class _CoordinatorSteps:
         """Prefill the session again from position 0: every stage rebuilds its cache."""
         _log.info("session %s: prefilling again from position 0 (%s)", session.sid, why)
         session.steps.clear()  # answers to earlier steps are void now
-        session.verify = None
+        session.windows = []
         session.pos = session.lead = 0
         session.holders.clear()
         session.restarts += 1
@@ -7391,7 +7492,7 @@ class _CoordinatorSteps:
         stage holds: steps still in the pipe are void, their answers ignored)."""
         session.steps = {k: st for k, st in session.steps.items() if st.answered}
         session.lead = session.pos
-        session.verify = None  # (its drafts were in a step now void; the next step drafts again)
+        session.windows = []  # (their drafts were in steps now void; the next step drafts again)
         # Inputs kept for positions past `pos` came from steps now void, maybe of a plan now gone (other stage
         # boundaries): a replay must not use them (found by the simulation: seed 478, a crash mid-prefill).
         self._crop_history(session, session.pos)
@@ -7416,6 +7517,7 @@ class _CoordinatorSteps:
     def _finish(self, session: _Session, error: BaseException | None = None) -> None:
         if self._sessions.pop(session.sid, None) is None:
             return
+        self._sessions_ended = True
         if self._speculation is not None:
             self._speculation.forget(session.sid)
         self._stats["requests"] += 1
@@ -7816,12 +7918,18 @@ class _CoordinatorPlacement:
                 for s in (self._plan or [])]
         self._stage_view = [(s.start, s.end - 1, [self._workers[w].name for w in s.workers])
                             for s in (self._plan or [])]
+        self._publish_sessions()
+        self._snapshot = (workers, plan)
+
+    def _publish_sessions(self) -> None:
+        """Refresh the requests' view (the panel's, /metrics'): on each heartbeat, and in the turn a request
+        ends (a scrape after a request's last token must not count it running)."""
+        self._sessions_ended = False
         self._session_view = [
             {"id": s.sid[:8], "prompt": s.prompt_len,
              "generated": s.new_tokens, "max_new_tokens": s.params.max_new_tokens,
              "state": "running" if s.inflight else "waiting"}
             for s in _itertools.islice(self._sessions.values(), 50)]
-        self._snapshot = (workers, plan)
 
     def _history_bytes_per_token(self) -> float:
         """Host memory kept for replay per token of context: hidden size x dtype x stage boundaries."""
@@ -8147,10 +8255,12 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._snapshot: tuple[list[dict], list[tuple[int, int, str]]] = ([], [])
         self._stage_view: list[tuple[int, int, list[str]]] = []  # first, last layer, holders' names
         self._session_view: list[dict] = []  # live sessions, for the panel
+        self._sessions_ended = False  # a request ended this turn: its view is refreshed at the turn's end
         self._stats = {"tokens": 0, "steps": 0, "failures": 0, "replays": 0, "warmups": 0, "restarts": 0,
                        "resumed_tokens": 0, "rebalances": 0, "direct": 0, "relayed": 0, "pipelined_chunks": 0,
                        "batched": 0, "batched_verify": 0, "replans": 0, "reinstated": 0, "trips": 0, "requests": 0,
                        "request_errors": 0, "stalls": 0, "drafted": 0, "accepted": 0, "verify_steps": 0,
+                       "windows": 0, "windows_kept": 0,
                        "checks": 0, "disagreements": 0, "removed": 0, "spot_checks": 0, "unchecked": 0}
         self._latency = _Latencies()  # time to first token and between tokens (histograms for metrics())
         # Output checks: the host's opinions asked for (by id), and which steps spot checks pick (seeded).
@@ -8211,6 +8321,8 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
                 self._step_down(event.why, event.successor)
             else:
                 raise TypeError(f"not a coordinator event: {event!r}")
+        if self._sessions_ended:
+            self._publish_sessions()
         out, self._out = self._out, []
         return out
 
@@ -8820,7 +8932,8 @@ class Cluster(_ClusterStore):
         between two tokens of a request); trips (answers of the last stage that gave tokens) and
         tokens_per_trip; with speculate: drafted and
         accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
-        carried drafts).
+        carried drafts), windows (verify steps sent behind another of the same request, drafted assuming
+        it accepted) and windows_kept (those that held).
         """
         per_trip = self._core._stats["tokens"] / self._core._stats["trips"] if self._core._stats["trips"] else 0.0
         return {**self._core._stats, "batches": round(self._core._batch_share), "tokens_per_trip": per_trip}
@@ -10856,6 +10969,27 @@ class _SimLayers:
         return torch.tanh(self.a[layer] * x + self.b[layer] * means.float() + self.c[layer])
 
 
+class _SimDrafter:
+    """The simulation's draft model: it knows each request's fault-free tokens, and drafts the one at each
+    position right with probability `accept` (else a wrong token), a fixed function of the request and the
+    position (a replay drafts the same), whatever it is drafting after. Past the known tokens, nothing."""
+
+    def __init__(self, seed: int, accept: float):
+        self.seed, self.accept = seed, accept
+        self.sequences: dict[SessionID, list[int]] = {}
+
+    def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
+        known = self.sequences.get(sid, [])
+        out = []
+        for at in range(len(tokens), min(len(known), len(tokens) + k)):
+            luck = _random.Random(f"{self.seed}/{sid}/{at}").random()
+            out.append(known[at] if luck < self.accept else (known[at] + 1 + int(luck * 7)) % 64)
+        return out
+
+    def forget(self, sid: SessionID) -> None:
+        self.sequences.pop(sid, None)
+
+
 class _SimModel:
     """What every simulated cluster of the built-in tiny model shares: the host's parts and the layers."""
 
@@ -11082,7 +11216,7 @@ class _Simulation:
     def __init__(self, model: _SimModel, seed: int, *, faults: bool = True, n_faults: int | None = None,
                  schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False,
                  churn_hours: float | None = None, settings: dict | None = None, horizon: float = 40.0,
-                 expect_wrong: bool = False) -> None:
+                 expect_wrong: bool = False, draft_accept: float | None = None) -> None:
         """`light`: fewer and shorter requests (the suite's thousand schedules); else 6-14 requests of up to 40
         new tokens over the 40 s in which 2-8 faults strike. `churn_hours`: instead, that many hours in which a
         worker goes (crashes, vanishes, leaves or restarts) every three minutes and another joins a minute
@@ -11106,12 +11240,21 @@ class _Simulation:
             speculate=setup.choice([0, 0, 3]), direct_links=False, rebalance_s=setup.choice([0.0, 5.0]),
             wait_timeout_s=60.0, max_sessions_per_worker=setup.choice([4, 64]), prefill_chunk=8,
             reconnect_grace_s=0.5, replan_grace_s=2.0, move_cooldown_s=setup.choice([5.0, 60.0]))
+        self.drafter: Any = PromptLookup()
+        if self.config.speculate:  # windows in flight, drawn apart (the draws above stay what they were)
+            spec = _random.Random(f"windows-{seed}")
+            self.config = Config.build(self.config, speculate_windows=spec.choice([1, 4]),
+                                       speculate_adaptive=spec.random() < 0.5)
+            if spec.random() < 0.5:  # drafts that mostly agree: windows go behind one another, some void
+                self.drafter = _SimDrafter(seed, spec.choice([0.7, 0.9, 0.97]))
         if settings:  # (a test's own cluster settings over the seed's)
             self.config = Config.build(self.config, **settings)
             workers = self.config.workers
+        if draft_accept is not None:  # (a test's drafts: the known tokens, each right with this probability)
+            self.drafter = _SimDrafter(seed, draft_accept)
         # The real core; this simulation is its shell (events in, instructions carried out).
         self.core = _Coordinator(model.parts, self.config, host_id=f"sim-{seed}", t=self.clock(),
-                                 speculation=_Speculation(self.config.speculate, PromptLookup())
+                                 speculation=_Speculation(self.config.speculate, self.drafter)
                                  if self.config.speculate else None)
         self.sids = _itertools.count(1)
         self.sent = _hashlib.blake2b(digest_size=16)  # every message the host sent, in order (replays compare it)
@@ -11326,6 +11469,8 @@ class _Simulation:
         t = self.clock()
         r.session = _Session(f"s{self.seed}-{next(self.sids)}", list(r.prompt), len(r.prompt), r.params,
                              _queue.Queue(), t, wait_timeout=self.config.wait_timeout_s)
+        if isinstance(self.drafter, _SimDrafter):
+            self.drafter.sequences[r.session.sid] = list(r.prompt) + r.want
         r.session.admitted, r.session.slot = self.core._admission.enter(), True
         self.handle(_Command(t, "submit", r.session))
         self.progress = self.clock()
@@ -11419,7 +11564,8 @@ class _Simulation:
     def describe(self) -> str:
         cfg = self.config
         return (f"seed {self.seed}: {len(self.workers)} workers, stages={cfg.stages}, replicas={cfg.replicas}, "
-                f"speculate={cfg.speculate}, calibrate={cfg.calibrate}, {len(self.requests)} requests, faults: "
+                f"speculate={cfg.speculate} (windows {cfg.speculate_windows}, adaptive {cfg.speculate_adaptive}), "
+                f"calibrate={cfg.calibrate}, {len(self.requests)} requests, faults: "
                 + ("; ".join(str(f) for f in self.faults) or "none"))
 
 

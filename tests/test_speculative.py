@@ -65,10 +65,13 @@ def test_greedy_tokens_identical_to_plain_decoding_with_every_drafter(models, wh
     assert got == want
     assert stats["verify_steps"] > 0 and stats["drafted"] >= stats["accepted"]
     rate = stats["accepted"] / stats["drafted"]
-    print(f"{which}: {stats['accepted']}/{stats['drafted']} drafts accepted, {stats['tokens_per_trip']:.2f} tokens a trip")
+    print(f"{which}: {stats['accepted']}/{stats['drafted']} drafts accepted, {stats['tokens_per_trip']:.2f} tokens a trip, "
+          f"windows behind another {stats['windows']} (held {stats['windows_kept']})")
     if which == "perturbed":
         assert 0.3 < rate < 1.0, rate  # partial acceptance: some drafts kept, some cropped
         assert stats["tokens_per_trip"] > 1.5, stats
+        # windows in flight: some held (drafted behind a window accepted whole), some voided mid-pipe
+        assert stats["windows"] > stats["windows_kept"] > 0, stats
     if which == "unrelated":
         assert rate < 0.3, rate
 
@@ -81,7 +84,7 @@ def test_seeded_sampling_identical_to_plain_sampling(models):
     ref = reference_model(target)
     for n, p in prompts.items():
         assert got[n] == reference_sampled(ref, p, distllm.SamplingParams(max_new_tokens=NEW, **params)), n
-    assert stats["accepted"] > 0
+    assert stats["accepted"] > 0 and stats["windows"] > 0, stats
 
 
 def test_a_worker_sigkilled_mid_verify_is_replayed_and_the_tokens_stay(models):
@@ -99,7 +102,7 @@ def test_a_worker_sigkilled_mid_verify_is_replayed_and_the_tokens_stay(models):
                 os.kill(victim["pid"], signal.SIGKILL)
         stats = cluster.stats()
     assert got == want
-    assert stats["failures"] == 1 and stats["verify_steps"] > 0, stats
+    assert stats["failures"] == 1 and stats["verify_steps"] > 0 and stats["windows"] > 0, stats
 
 
 def test_verify_steps_of_several_sessions_share_one_padded_step_and_the_tokens_stay(models):
