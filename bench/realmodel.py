@@ -138,8 +138,8 @@ def relay(rtts: list[float], tokens: int, k: int) -> list[dict]:
     ids = chat_ids(AutoTokenizer.from_pretrained(tokenizer), TASKS["fix typos"])
     rows = []
     for rtt in rtts:
-        plain = speculative_run(path, rtt, 3, tokens, prompt=ids, draft="lookup", k=0)
-        spec = speculative_run(path, rtt, 3, tokens, prompt=ids, draft="lookup", k=k)
+        plain = speculative_run(path, rtt, 3, tokens, prompt=ids, draft="lookup", k=0)[1]
+        spec = speculative_run(path, rtt, 3, tokens, prompt=ids, draft="lookup", k=k, windows=(4,))[4]
         rows.append({"rtt": rtt, "plain": plain["tok_s"], "spec": spec["tok_s"], "acceptance": spec["acceptance"],
                      "per_trip": spec["per_trip"], "identical": plain["tokens"] == spec["tokens"]})
         print(rows[-1], flush=True)
