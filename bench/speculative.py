@@ -12,11 +12,12 @@ weights agree by chance only, so the acceptance is near zero: what this measures
   drafts do not pay;
 - the verify trip for k = 1..8 forced, against a plain trip (each stage runs a verify step's positions
   as rows of its padded decode step: one step for up to 16 positions);
-- the target as its own draft (drafts always agree), adaptive: tokens/s against plain;
+- with --self-draft, the target as its own draft, adaptive: tokens/s against plain (on random weights the
+  host's bf16 copy and the workers' nf4 rarely agree: bench/network.py --speculate measures agreeing drafts);
 
 and every run's tokens against the same layers decoded in one process.
 
-    python bench/speculative.py [--layers 16] [--tokens 48] [--k 4] [--no-self-draft]
+    python bench/speculative.py [--layers 16] [--tokens 48] [--k 4] [--self-draft]
 """
 
 from __future__ import annotations
@@ -54,7 +55,26 @@ def build_draft(path: str) -> str:
     return path
 
 
-def measure(cluster, tokens: int) -> dict:
+def time_drafts(cluster) -> list[float]:
+    """Time every draft the host's drafter makes (seconds, appended to the list returned): a draft runs on the
+    host's thread, while windows are in flight or, for the first window of a trip, before it goes."""
+    spec = cluster._core._speculation
+    drafts: list[float] = []
+    inner = spec.drafter.draft
+
+    def timed(sid, tokens, k):
+        t0 = time.perf_counter()
+        try:
+            return inner(sid, tokens, k)
+        finally:
+            drafts.append(time.perf_counter() - t0)
+
+    spec.drafter.draft = timed
+    return drafts
+
+
+def measure(cluster, tokens: int, drafts: list[float] | None = None) -> dict:
+    mark = len(drafts) if drafts is not None else 0
     before = cluster.stats()
     stamps, got = [], []
     for tok in cluster.stream(PROMPT, max_new_tokens=tokens):
@@ -63,7 +83,9 @@ def measure(cluster, tokens: int) -> dict:
     after = cluster.stats()
     delta = {k: after[k] - before[k] for k in ("trips", "tokens", "drafted", "accepted", "verify_steps")}
     seconds = stamps[-1] - stamps[0]
-    return {"tokens": got, "tok_s": (len(stamps) - 1) / seconds, "trip_ms": seconds * 1e3 / max(1, delta["trips"] - 1),
+    taken = sorted(drafts[mark:]) if drafts is not None else []
+    return {"draft_ms": taken[len(taken) // 2] * 1e3 if taken else float("nan"),
+            "tokens": got, "tok_s": (len(stamps) - 1) / seconds, "trip_ms": seconds * 1e3 / max(1, delta["trips"] - 1),
             "acceptance": delta["accepted"] / delta["drafted"] if delta["drafted"] else 0.0,
             "per_trip": delta["tokens"] / max(1, delta["trips"]), "verify_steps": delta["verify_steps"]}
 
@@ -73,7 +95,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--no-self-draft", action="store_true", help="skip the target-as-its-own-draft run")
+    ap.add_argument("--self-draft", action="store_true", help="also the target as its own draft (the host runs it in "
+                    "bf16 through transformers, the workers in nf4: random weights' near ties make them disagree)")
     args = ap.parse_args()
     import transformers
 
@@ -97,21 +120,22 @@ def main() -> int:
         try:
             cluster.wait_ready(900)
             cluster.generate(PROMPT, max_new_tokens=8)  # warm-up: graphs captured, timings measured
+            drafts = time_drafts(cluster)
             for name, k, adaptive in (("plain", 0, True), (f"forced k={args.k}", args.k, False),
                                       (f"adaptive k<={args.k}", args.k, True), ("plain again", 0, True)):
-                cluster.set_speculation(k, adaptive=adaptive)
-                rows[name] = measure(cluster, args.tokens)
+                cluster.set_speculation(k, adaptive=adaptive, windows=1)  # (the cost of one verify trip)
+                rows[name] = measure(cluster, args.tokens, drafts)
                 log(name, {key: v for key, v in rows[name].items() if key != "tokens"})
             for k in range(1, 9):  # what a verify trip costs per k (the random draft: few accepted)
-                cluster.set_speculation(k, adaptive=False)
-                rows[f"forced k={k}"] = measure(cluster, args.tokens)
+                cluster.set_speculation(k, adaptive=False, windows=1)
+                rows[f"forced k={k}"] = measure(cluster, args.tokens, drafts)
                 log(f"forced k={k}", rows[f"forced k={k}"]["trip_ms"])
             rows["verify rows"] = {"rows": [w.get("verify_rows") for w in cluster.workers() if w["layers"]]}
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
-    if not args.no_self_draft:  # drafts that always agree: what speculation can give here
+    if args.self_draft:
         with distllm.host(path, quant="nf4", bind="127.0.0.1", workers=4, stages=4, calibrate=False,
                           rebalance_s=0, speculate=8, draft=path) as cluster:
             procs = start_workers(cluster.join_string, ["cuda:0"] * 4, "self")
@@ -128,12 +152,13 @@ def main() -> int:
                     p.wait()
     log("verify rows per stage", rows.pop("verify rows")["rows"])
     plain = rows["plain"]
-    print("\n| run | tok/s | ms a trip | trip / plain trip | drafts accepted | tokens a trip | verify steps | "
-          "tokens = reference |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| run | tok/s | ms a trip | trip / plain trip | ms a draft (median) | drafts accepted | tokens a trip | "
+          "verify steps | tokens = reference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['tok_s']:.1f} | {r['trip_ms']:.1f} | {r['trip_ms'] / plain['trip_ms']:.2f} | "
-              f"{r['acceptance']:.2f} | {r['per_trip']:.2f} | {r['verify_steps']} | {r['tokens'] == want} |")
+              f"{r['draft_ms']:.2f} | {r['acceptance']:.2f} | {r['per_trip']:.2f} | {r['verify_steps']} | "
+              f"{r['tokens'] == want} |")
     return 0 if all(r["tokens"] == want for r in rows.values()) else 1
 
 
