@@ -5771,6 +5771,7 @@ class PromptLookup:
     where the output repeats its input (rewriting, extraction, code edits)."""
 
     name = "lookup"
+    ms_per_token = 0.0  # (a lookup costs microseconds)
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -5812,11 +5813,13 @@ class DraftModel:
         self._cache_kw = _cache_keyword(type(self.model))
         self.device = device
         self.caches: dict[SessionID, tuple[Any, list[int]]] = {}  # sid -> (cache, the tokens it holds)
+        self.ms_per_token = 0.0  # what drafting a token costs the host (a running mean; the policy prices it)
 
     @torch.inference_mode()
     def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
         from transformers import DynamicCache
 
+        began = _time.perf_counter()
         cache, held = self.caches.get(sid) or (DynamicCache(), [])
         same = 0
         while same < min(len(held), len(tokens) - 1) and held[same] == tokens[same]:
@@ -5829,6 +5832,9 @@ class DraftModel:
             feed = [int(torch.argmax(logits))]
             out.append(feed[0])
         self.caches[sid] = (cache, list(tokens) + out[:-1])  # the last draft was not fed
+        if out:
+            took = (_time.perf_counter() - began) * 1e3 / len(out)
+            self.ms_per_token = took if not self.ms_per_token else 0.8 * self.ms_per_token + 0.2 * took
         return out
 
     def forget(self, sid: SessionID) -> None:
@@ -5853,9 +5859,10 @@ def _verify_ms(compute_ms: float, rows: int, positions: int) -> float:
 
 class _Speculation:
     """How many tokens to draft for a session's next step: the k (0..k_max) that maximizes tokens per
-    second, E(k) / (trip + what the stages take for k + 1 positions), from the measured round trip of the
-    stages, each stage's compute and how many positions it verifies in one step (`_verify_ms`), and the
-    session's running acceptance. A session whose drafts keep missing drafts nothing, and tries again (one
+    second, E(k) / (trip + drafting k + what the stages take for k + 1 positions), from the measured round
+    trip of the stages, each stage's compute and how many positions it verifies in one step (`_verify_ms`),
+    what a drafted token costs the host (the drafter's `ms_per_token`), and the session's running
+    acceptance; and how many windows to keep in flight (`windows`). A session whose drafts keep missing drafts nothing, and tries again (one
     draft) every `_PROBE_EVERY` tokens."""
 
     _PROBE_EVERY = 32
@@ -5869,10 +5876,10 @@ class _Speculation:
           stages: Sequence[tuple[float, int]] = ()) -> int:
         """`position_ms`: compute per position where positions go one at a time; `stages`: (compute ms of a
         decode step, positions verified in one step) of each stage."""
-        rate = self.acceptance.get(sid, 0.7)
+        rate, draft_ms = self.acceptance.get(sid, 0.7), getattr(self.drafter, "ms_per_token", 0.0)
 
-        def step_ms(k: int) -> float:
-            return trip_ms + (k + 1) * position_ms + sum(_verify_ms(ms, rows, k + 1) for ms, rows in stages)
+        def step_ms(k: int) -> float:  # (the drafts of a trip's first window are made before it goes)
+            return trip_ms + k * draft_ms + (k + 1) * position_ms + sum(_verify_ms(ms, rows, k + 1) for ms, rows in stages)
 
         best, best_speed = 0, 1.0 / step_ms(0)
         for k in range(1, self.k_max + 1):
@@ -5888,17 +5895,19 @@ class _Speculation:
 
     def windows(self, sid: SessionID, k: int, trip_ms: float, stages: Sequence[tuple[float, int]], most: int) -> int:
         """How many windows of k drafts to keep in flight (1..most): the number that maximizes tokens per
-        second, sum over j < W of a^(j(k+1)) x E(k) / (trip + a window's compute + (W - 1) x the busiest
-        stage's compute for a window): window j counts only if every window before it was accepted whole
-        and its pick guessed (probability a^(k+1) each), and each window behind the first adds the time the
-        busiest stage takes for one (while the pipe is not full, about none of the trip)."""
-        rate = self.acceptance.get(sid, 0.7)
+        second, sum over j < W of a^(j(k+1)) x E(k) / (trip + the first window's drafting and compute +
+        (W - 1) x the busiest stage's compute for a window, or the host's drafting of W windows if longer):
+        window j counts only if every window before it was accepted whole and its pick guessed (probability
+        a^(k+1) each); each window behind the first adds the time the busiest stage takes for one (while the
+        pipe is not full, about none of the trip), and k + 1 drafted tokens of the host's time."""
+        rate, draft_ms = self.acceptance.get(sid, 0.7), getattr(self.drafter, "ms_per_token", 0.0)
         one = [_verify_ms(ms, rows, k + 1) for ms, rows in stages] or [0.0]
-        base, busiest = trip_ms + sum(one), max(one)
+        base, busiest = trip_ms + k * draft_ms + sum(one), max(one)
         best, best_speed = 1, 1.0 / base
-        for w in range(2, most + 1):
-            speed = sum(rate ** (j * (k + 1)) for j in range(w)) / (base + (w - 1) * busiest)
-            if speed > best_speed * 1.05:
+        for w in range(2, most + 1):  # (the host drafts the windows behind one after another, k + 1 tokens each)
+            speed = sum(rate ** (j * (k + 1)) for j in range(w)) / max(base + (w - 1) * busiest,
+                                                                        w * (k + 1) * draft_ms)
+            if speed > best_speed * 1.1:  # (a wider margin than k's: a window behind costs the host a draft too)
                 best, best_speed = w, speed
         return best
 

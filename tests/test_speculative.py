@@ -150,6 +150,20 @@ def test_speculation_drafts_where_a_trip_is_dear_and_stops_where_drafts_keep_mis
     assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 16)]) >= 4
     assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 1)]) == 0
     assert fresh.k("t", trip_ms=0.5, stages=[(5.0, 3)]) == 2  # a CPU's compact rows: k + 1 within one step
+    # windows in flight: across the internet with drafts that agree, several; on one stage on loopback
+    # (nothing to overlap), or where the host's drafting is what takes the time, or drafts miss, fewer
+    for _ in range(5):
+        fresh.observe("t", 4, 4)  # drafts that agree
+    assert fresh.windows("t", 4, trip_ms=300.0, stages=[(5.0, 16)] * 4, most=4) == 4
+    assert fresh.windows("t", 4, trip_ms=0.5, stages=[(5.0, 16)], most=4) == 1
+    for _ in range(3):
+        fresh.observe("t", 4, 1)
+    assert fresh.windows("t", 4, trip_ms=300.0, stages=[(5.0, 16)] * 4, most=4) == 1
+    slow = distllm._Speculation(8, distllm.PromptLookup())
+    slow.drafter = type("Drafter", (), {"ms_per_token": 40.0, "draft": None})()
+    for _ in range(5):
+        slow.observe("u", 4, 4)
+    assert slow.windows("u", 4, trip_ms=300.0, stages=[(5.0, 16)] * 4, most=4) < 4
 
 
 def test_prompt_lookup_drafts_what_followed_the_last_ngram():
