@@ -5862,7 +5862,8 @@ class _Speculation:
     second, E(k) / (trip + drafting k + what the stages take for k + 1 positions), from the measured round
     trip of the stages, each stage's compute and how many positions it verifies in one step (`_verify_ms`),
     what a drafted token costs the host (the drafter's `ms_per_token`), and the session's running
-    acceptance; and how many windows to keep in flight (`windows`). A session whose drafts keep missing drafts nothing, and tries again (one
+    acceptance (a new session starts from that of recent requests); and how many windows to keep in
+    flight (`windows`). A session whose drafts keep missing drafts nothing, and tries again (one
     draft) every `_PROBE_EVERY` tokens."""
 
     _PROBE_EVERY = 32
@@ -5870,13 +5871,14 @@ class _Speculation:
     def __init__(self, k_max: int, drafter: Any):
         self.k_max, self.drafter = k_max, drafter
         self.acceptance: dict[SessionID, float] = {}  # sid -> running share of drafts accepted
+        self.recent = 0.7  # the running share over every request: a new request's first guess
         self.since_probe: dict[SessionID, int] = {}
 
     def k(self, sid: SessionID, trip_ms: float, position_ms: float = 0.0, *,
           stages: Sequence[tuple[float, int]] = ()) -> int:
         """`position_ms`: compute per position where positions go one at a time; `stages`: (compute ms of a
         decode step, positions verified in one step) of each stage."""
-        rate, draft_ms = self.acceptance.get(sid, 0.7), getattr(self.drafter, "ms_per_token", 0.0)
+        rate, draft_ms = self.acceptance.get(sid, self.recent), getattr(self.drafter, "ms_per_token", 0.0)
 
         def step_ms(k: int) -> float:  # (the drafts of a trip's first window are made before it goes)
             return trip_ms + k * draft_ms + (k + 1) * position_ms + sum(_verify_ms(ms, rows, k + 1) for ms, rows in stages)
@@ -5900,7 +5902,7 @@ class _Speculation:
         window j counts only if every window before it was accepted whole and its pick guessed (probability
         a^(k+1) each); each window behind the first adds the time the busiest stage takes for one (while the
         pipe is not full, about none of the trip), and k + 1 drafted tokens of the host's time."""
-        rate, draft_ms = self.acceptance.get(sid, 0.7), getattr(self.drafter, "ms_per_token", 0.0)
+        rate, draft_ms = self.acceptance.get(sid, self.recent), getattr(self.drafter, "ms_per_token", 0.0)
         one = [_verify_ms(ms, rows, k + 1) for ms, rows in stages] or [0.0]
         base, busiest = trip_ms + k * draft_ms + sum(one), max(one)
         best, best_speed = 1, 1.0 / base
@@ -5918,6 +5920,7 @@ class _Speculation:
         share = accepted / drafted if drafted else 0.0
         old = self.acceptance.get(sid)
         self.acceptance[sid] = share if old is None else 0.7 * old + 0.3 * share
+        self.recent = 0.9 * self.recent + 0.1 * share
 
     def forget(self, sid: SessionID) -> None:
         self.acceptance.pop(sid, None)
@@ -9525,7 +9528,8 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
     out.append(f'<div class="muted">{stats["tokens"]} tokens served · {stats["failures"]} workers lost · '
                f'{stats["replays"]} replays · {stats["rebalances"]} rebalances'
                + (f' · speculation: {stats["accepted"]}/{stats["drafted"]} drafts accepted, '
-                  f'{stats["tokens_per_trip"]:.2f} tokens a trip' if cluster.config.speculate else "")
+                  f'{stats["tokens_per_trip"]:.2f} tokens a trip, {stats["windows_kept"]}/{stats["windows"]} '
+                  'windows behind another held' if cluster.config.speculate else "")
                + (f' · store: {_esc(cluster.store_status)}' if cluster.config.store else "") + "</div></div>")
     return "".join(out)
 

@@ -59,11 +59,13 @@ def main() -> None:
     dtype = distllm._compute_dtype(config, "auto", device)
     rows = args.rows or (16 if device.type == "cuda" else 8)
 
-    def build(batch: int) -> distllm.StageShard:
+    def build(batch: int, decoding_rows: bool = False) -> distllm.StageShard:
         return distllm.StageShard(files, config, 0, int(config.num_hidden_layers), quant=args.quant, dtype=dtype,
-                                  device=device, batch=batch, static_cache=batch > 1 or None)
+                                  device=device, batch=batch, static_cache=batch > 1 or None,
+                                  decoding_rows=decoding_rows)
 
     plain, pooled = build(1), build(rows)
+    per_rows = build(1, decoding_rows=True) if device.type == "cpu" else None
     hidden = int(config.hidden_size)
     context = 64
     x = torch.randn(1, context + 9, hidden, dtype=dtype)
@@ -81,8 +83,9 @@ def main() -> None:
         return statistics.median(times) * 1e3
 
     with torch.inference_mode():
-        for shard in (plain, pooled):
-            shard.forward("s", x[:, :context], 0)  # the context every step below sees
+        for shard in (plain, pooled, per_rows):
+            if shard is not None:
+                shard.forward("s", x[:, :context], 0)  # the context every step below sees
         for i in range(args.others):
             pooled.forward(f"other{i}", x[:, :context // 2], 0)
 
@@ -98,6 +101,15 @@ def main() -> None:
               f"{config.num_hidden_layers} layers, {args.quant}, dtype {dtype}, torch threads {torch.get_num_threads()}")
         print(f"decode step: a cache per session {one:.2f} ms; pooled ({rows} rows) {pool_one:.2f} ms "
               f"({pool_one / one:.2f}x)")
+        if per_rows is not None:  # a CPU stage of a speculating cluster: a lone row doubled, queries one by one
+            rows_one = timed(lambda: step(per_rows, 1, context))
+            print(f"a cache per session with decoding rows ({per_rows.decoding_rows} positions a pass): decode "
+                  f"step {rows_one:.2f} ms ({rows_one / one:.2f}x)")
+            for k in range(1, 9):
+                ms = timed(lambda: step(per_rows, k + 1, context))
+                same = torch.equal(step(per_rows, k + 1, context), one_by_one(per_rows, k + 1))
+                print(f"  k={k}: verify {ms:.2f} ms ({ms / one:.2f}x one plain decode step, {ms / rows_one:.2f}x "
+                      f"its own), exact: {'yes' if same else 'NO'}")
         print(f"{'k':>3} | {'verify, one at a time':>22} | {'one pass':>18} | {'pooled, one step':>18} | exact: "
               "one at a time / one pass / pooled")
         for k in range(1, 9):
