@@ -3127,17 +3127,17 @@ class StageShard:
                 query.append(slot.row if j == 0 else next(spare))
                 cache.append(slot.row)
                 pos.append(start + j)
+        inp = torch.cat([h.transpose(0, 1) for _, h, _ in steps]).to(self.device, self.dtype)  # (positions, 1, H)
+        if self.compact:  # a CPU's: only the rows that compute, `compact` at most at a time
+            outs = torch.cat([self._compact_step(pool, cache[i:i + self.compact], pos[i:i + self.compact],
+                                                 inp[i:i + self.compact]) for i in range(0, len(pos), self.compact)])
+            return [part.transpose(0, 1) for part in outs.split([h.shape[1] for _, h, _ in steps])]
         rows = torch.tensor(query, device=self.device)
         pool.pos.fill_(pool.capacity)
         pool.pos.index_copy_(0, rows, torch.tensor(pos, device=self.device))
         pool.src.copy_(torch.arange(pool.rows, device=self.device))
         pool.src.index_copy_(0, rows, torch.tensor(cache, device=self.device))
-        pool.inp.index_copy_(0, rows, torch.cat([h.transpose(0, 1) for _, h, _ in steps]))
-        if self.compact:  # a CPU's: only the rows that compute, `compact` at most at a time
-            inp = torch.cat([h.transpose(0, 1) for _, h, _ in steps]).to(self.device, self.dtype)
-            outs = torch.cat([self._compact_step(pool, cache[i:i + self.compact], pos[i:i + self.compact],
-                                                 inp[i:i + self.compact]) for i in range(0, len(pos), self.compact)])
-            return [part.transpose(0, 1) for part in outs.split([h.shape[1] for _, h, _ in steps])]
+        pool.inp.index_copy_(0, rows, inp)
         pool.gathering = len(query) > len(steps)
         try:
             if not self.graphs:

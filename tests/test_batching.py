@@ -86,15 +86,17 @@ def test_decode_refuses_what_it_cannot_batch_and_reports_order_errors_per_step(m
     assert s.decode([("a", h[:, :1], 5)])[0].shape == (1, 1, config.hidden_size)  # and it serves on
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
 @pytest.mark.parametrize("rows", ["padded", "compact", "per session"])
-def test_a_verify_steps_positions_are_rows_of_one_step_with_decodings_numbers(model_dir, rows):
+def test_a_verify_steps_positions_are_rows_of_one_step_with_decodings_numbers(model_dir, rows, family, monkeypatch):
     """Speculation's verify step (the last token and k drafts) through a stage in one step, each position a
     row with its own cache length: bit for bit what decoding them one at a time gives; beside other
     sessions' steps, after a rejection crops it, and longer than the rows of one step. Padded: every row
     of a pool (a GPU's captured step); compact: only the rows of a pool that compute (a CPU's); per
     session: a cache per session, a lone row computed doubled and a verify step's queries attending one
-    at a time (a CPU's, where the host speculates)."""
-    files = distllm._ModelFiles(model_dir("llama"))
+    at a time (a CPU's, where the host speculates). Mistral: past its sliding window of 8 (blocks of 8)."""
+    monkeypatch.setattr(distllm, "_GRAIN", 8)
+    files = distllm._ModelFiles(model_dir(family))
     config = distllm._load_config(files)
 
     def stage() -> distllm.StageShard:
