@@ -705,6 +705,8 @@ def _available_memory(device: torch.device) -> int:
     the memory where one is set (`torch.cuda.set_per_process_memory_fraction`: a GPU shared out, or
     a T4-sized worker emulated on a large card), not the card's free memory alone."""
     if device.type == "cuda":
+        if device.index is None:  # "cuda" (the default device): torch's per-process share wants an index
+            device = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (torch 2.4 lacks it)
         if share is not None:
@@ -5888,7 +5890,9 @@ class _Speculation:
             speed = _expected_tokens(rate, k) / step_ms(k)
             if speed > best_speed * 1.05:  # a margin: a draft must pay clearly, not by noise
                 best, best_speed = k, speed
-        if best == 0 and sid in self.acceptance:
+        # A probe only where drafts that always agree would pay (not where drafting itself costs more)
+        could_pay = any((k + 1) / step_ms(k) > 1.05 / step_ms(0) for k in range(1, self.k_max + 1))
+        if best == 0 and sid in self.acceptance and could_pay:
             self.since_probe[sid] = self.since_probe.get(sid, 0) + 1
             if self.since_probe[sid] >= self._PROBE_EVERY:
                 self.since_probe[sid] = 0

@@ -363,11 +363,22 @@ def test_the_panel_turns_on_colabs_widget_manager_before_it_shows(capsys):
 def test_a_worker_held_to_a_share_of_its_gpu_reports_that_share_not_the_cards_free_memory(monkeypatch):
     """Four T4-sized workers on one 140 GB card, each held to 15 GB: the planner must see 15 GB each."""
     gb = 2**30
+
+    def share(fraction):  # as torch's: a torch.device needs its index ("cuda" alone raised, on a real H100)
+        def get(device):
+            if isinstance(device, torch.device) and device.index is None:
+                raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+            return fraction
+        return get
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * gb, 140 * gb))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 15 / 140, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", share(15 / 140), raising=False)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * gb)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert distllm._available_memory(torch.device("cuda:0")) == 14 * gb
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)  # no share set
+    # a worker on the default device ("cuda", what `distllm join` and local workers use): its join died here
+    assert distllm._available_memory(torch.device("cuda")) == 14 * gb
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", share(1.0))  # no share set
     assert distllm._available_memory(torch.device("cuda:0")) == 120 * gb
 
 
