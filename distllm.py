@@ -5874,6 +5874,9 @@ class _Speculation:
         self.k_max, self.drafter = k_max, drafter
         self.acceptance: dict[SessionID, float] = {}  # sid -> running share of drafts accepted
         self.recent = 0.7  # the running share over every request: a new request's first guess
+        # ms between the verifications of a window and the one behind it, as measured (0: none yet): where the
+        # stages share a machine's cores, windows do not overlap and this is a whole trip, not a stage's step
+        self.interval_ms = 0.0
         self.since_probe: dict[SessionID, int] = {}
 
     def k(self, sid: SessionID, trip_ms: float, position_ms: float = 0.0, *,
@@ -5905,10 +5908,11 @@ class _Speculation:
         (W - 1) x the busiest stage's compute for a window, or the host's drafting of W windows if longer):
         window j counts only if every window before it was accepted whole and its pick guessed (probability
         a^(k+1) each); each window behind the first adds the time the busiest stage takes for one (while the
-        pipe is not full, about none of the trip), and k + 1 drafted tokens of the host's time."""
+        pipe is not full, about none of the trip), or the interval measured between two windows' answers
+        where that is longer (stages sharing cores), and k + 1 drafted tokens of the host's time."""
         rate, draft_ms = self.acceptance.get(sid, self.recent), getattr(self.drafter, "ms_per_token", 0.0)
         one = [_verify_ms(ms, rows, k + 1) for ms, rows in stages] or [0.0]
-        base, busiest = trip_ms + k * draft_ms + sum(one), max(one)
+        base, busiest = trip_ms + k * draft_ms + sum(one), max(max(one), self.interval_ms)
         best, best_speed = 1, 1.0 / base
         for w in range(2, most + 1):  # (the host drafts the windows behind one after another, k + 1 tokens each)
             speed = sum(rate ** (j * (k + 1)) for j in range(w)) / max(base + (w - 1) * busiest,
@@ -5916,6 +5920,9 @@ class _Speculation:
             if speed > best_speed * 1.1:  # (a wider margin than k's: a window behind costs the host a draft too)
                 best, best_speed = w, speed
         return best
+
+    def observe_interval(self, ms: float) -> None:
+        self.interval_ms = ms if not self.interval_ms else 0.8 * self.interval_ms + 0.2 * ms
 
     def draft(self, sid: SessionID, tokens: Sequence[int], k: int) -> list[int]:
         return self.drafter.draft(sid, tokens, k) if k > 0 else []
@@ -6129,6 +6136,7 @@ class _Window:
     start: int
     inputs: list[int]
     hidden: Any = None
+    behind: bool = False  # sent behind another window (not the first of a trip)
 
     @property
     def end(self) -> int:
@@ -6162,6 +6170,7 @@ class _Session:
     wait_timeout: float = _math.inf  # seconds it may wait for a complete pipeline (a job's prompts wait on)
     record: tuple[str, dict] | None = None  # (store key, fixed fields) of its checkpoint, rewritten every token
     windows: list = _dataclasses.field(default_factory=list)  # its verify steps in the pipe (_Window), in order
+    verified_at: float = 0.0  # when its last window was verified
     last_token_at: float = 0.0  # when its last token came (monotonic)
     deadline: float = _math.inf  # monotonic time it is cancelled at, wherever it is
     slot: bool = False  # it counts under admission (an API or generate() request; a job's prompts do not)
@@ -7132,6 +7141,9 @@ class _CoordinatorSteps:
         with, and the pick there. The caches are good up to the last of them. The window behind it holds if
         every draft was kept and its first token was that pick; else it and those behind it are void."""
         window = session.windows.pop(0)
+        if window.behind and self._speculation is not None:  # (the one before it was verified just before)
+            self._speculation.observe_interval((self._t - session.verified_at) * 1e3)
+        session.verified_at = self._t
         drafts = window.inputs[1:]
         agreed = 0
         while agreed < len(drafts) and picks[agreed] == drafts[agreed]:
@@ -7278,7 +7290,7 @@ class _CoordinatorSteps:
             inputs = spec.draft(session.sid, self._sent_tokens(session), k + 1)
             if len(inputs) < k + 1:  # (the drafter found no continuation that long)
                 return
-            window = _Window(session.lead, inputs)
+            window = _Window(session.lead, inputs, behind=True)
             session.windows.append(window)
             session.lead = window.end
             self._stats["windows"] += 1

@@ -156,6 +156,9 @@ def test_speculation_drafts_where_a_trip_is_dear_and_stops_where_drafts_keep_mis
         fresh.observe("t", 4, 4)  # drafts that agree
     assert fresh.windows("t", 4, trip_ms=300.0, stages=[(5.0, 16)] * 4, most=4) == 4
     assert fresh.windows("t", 4, trip_ms=0.5, stages=[(5.0, 16)], most=4) == 1
+    fresh.interval_ms = 30.0  # two windows' answers a whole trip apart: the stages share cores, nothing overlaps
+    assert fresh.windows("t", 4, trip_ms=5.0, stages=[(5.0, 16)] * 4, most=4) == 1
+    fresh.interval_ms = 0.0
     for _ in range(3):
         fresh.observe("t", 4, 1)
     assert fresh.windows("t", 4, trip_ms=300.0, stages=[(5.0, 16)] * 4, most=4) == 1
