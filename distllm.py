@@ -2668,7 +2668,8 @@ class _DecodePool(_KVBuffers):
         self.free = list(range(rows - 1, -1, -1))  # rows no session holds (popped from the end: 0 first)
         self.inp = torch.zeros(rows, 1, shard.config.hidden_size, dtype=shard.dtype, device=shard.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=shard.device)  # each row's position this step
-        self.src = torch.arange(rows, device=shard.device)  # each row's cache (row) this step
+        self.own = torch.arange(rows, device=shard.device)  # row r's own cache is row r
+        self.src = self.own.clone()  # each row's cache (row) this step
         self.gathering = False  # this step's rows read other rows' caches (a verify step)
         self.gather_graph: Any = None  # the captured step of that kind
         super().__init__(shard, rows, needed)  # the graph: (CUDAGraph, output) of the batched step
@@ -2816,7 +2817,8 @@ class StageShard:
         if self.graphs and not self.static:
             raise ValueError("cuda_graphs needs static_cache: a graph replays on fixed buffers")
         self.max_sessions = max_sessions
-        self._fresh_caches(batch)
+        if batch > 1 and not self.static:
+            raise ValueError("decode_batch > 1 needs static_cache: the sessions' rows live in fixed buffers")
         # Fixed buffers hold masked positions past a session's end, as many as the buffers' size says:
         # single positions attend in a way those never change (and batched rows never touch each other).
         # Attention: _row_attention where rows must not depend on each other (fixed buffers, padded batches)
@@ -2848,7 +2850,7 @@ class StageShard:
         self.files_opened = sorted(opened)  # shard files read: only those holding this range
         self.layers = torch.nn.ModuleList(layers).eval()
         self.alike: int | None = None  # rows this CPU's products give alike (see _invariant_rows), once known
-        self._fresh_caches(self.batch)  # (again: now a CPU's pooled stage can check that)
+        self._fresh_caches(batch)
         self.decoding_rows = self._decoding_rows() if decoding_rows and not self.static and device.type == "cpu" else 1
         _release_freed_memory()
 
@@ -2879,8 +2881,8 @@ class StageShard:
         # Decode steps run only the rows that compute, up to this many at a time (0: every row of the pool,
         # padded: a GPU's, whose captured step has fixed shapes; see _invariant_rows)
         self.compact = 0
-        if batch > 1 and hasattr(self, "layers") and not self.graphs and self.device.type != "cuda":
-            if getattr(self, "alike", None) is None:  # (once per loaded stage)
+        if batch > 1 and not self.graphs and self.device.type != "cuda":
+            if self.alike is None:  # (once per loaded stage)
                 self.alike = _invariant_rows(self.layers[0], 16, self.device)
             self.compact = min(self.alike, batch) if self.alike >= 2 else 0
         # sid -> its cache here: a _KVSlot, a _StaticKV, or a _PoolRow (decode batch > 1)
@@ -3137,7 +3139,7 @@ class StageShard:
         rows = torch.tensor(query, device=self.device)
         pool.pos.fill_(pool.capacity)
         pool.pos.index_copy_(0, rows, torch.tensor(pos, device=self.device))
-        pool.src.copy_(torch.arange(pool.rows, device=self.device))
+        pool.src.copy_(pool.own)
         pool.src.index_copy_(0, rows, torch.tensor(cache, device=self.device))
         pool.inp.index_copy_(0, rows, inp)
         pool.gathering = len(query) > len(steps)
@@ -5189,10 +5191,12 @@ class Worker(_WorkerCompute):
                 rows = self._batchable(msg)
                 if rows:  # decoding steps of other sessions right behind it join it, as rows of one step
                     sids = {msg.header.get("sid")}
-                    while (pending and 0 < self._batchable(pending[0]) <= self._shard.batch - rows
-                           and pending[0].header.get("sid") not in sids):
+                    while pending:
+                        more = self._batchable(pending[0])  # (0 for what is not a step: checked first)
+                        if not 0 < more <= self._shard.batch - rows or pending[0].header.get("sid") in sids:
+                            break
                         jobs.append(pending.popleft())
-                        rows += self._batchable(jobs[-1])
+                        rows += more
                         sids.add(jobs[-1].header.get("sid"))
                 self._taken = len(pending)
                 try:
@@ -5894,8 +5898,8 @@ class _Speculation:
             if speed > best_speed * 1.05:  # a margin: a draft must pay clearly, not by noise
                 best, best_speed = k, speed
         # A probe only where drafts that always agree would pay (not where drafting itself costs more)
-        could_pay = any((k + 1) / step_ms(k) > 1.05 / step_ms(0) for k in range(1, self.k_max + 1))
-        if best == 0 and sid in self.acceptance and could_pay:
+        if best == 0 and sid in self.acceptance and any(
+                (k + 1) / step_ms(k) > 1.05 / step_ms(0) for k in range(1, self.k_max + 1)):
             self.since_probe[sid] = self.since_probe.get(sid, 0) + 1
             if self.since_probe[sid] >= self._PROBE_EVERY:
                 self.since_probe[sid] = 0
