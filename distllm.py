@@ -3829,6 +3829,71 @@ def read_rendezvous(uri: str, *, token: str | None = None, endpoint: str | None 
         return None
 
 
+class _WriteQueue:
+    """The checkpointer's queue of changes, without I/O: the latest version of a key wins, appends accumulate
+    behind a whole write or delete queued before them, and a batch that failed part-way goes back under the
+    changes made since. The real writer thread and the simulation's virtual-time writer both drain it."""
+
+    def __init__(self) -> None:
+        # key -> ("write" | "renew", bytes or a function making them) | ("append", [bytes]) | ("delete", None)
+        #        | ("then-append", (first kind, its value, [bytes]))
+        self.pending: dict[str, tuple[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def write(self, key: str, value: Any, *, renew: bool = False) -> None:
+        self.pending[key] = ("renew" if renew else "write", value)
+
+    def append(self, key: str, data: bytes) -> None:
+        kind, value = self.pending.get(key, ("append", None))
+        if kind == "append":
+            self.pending[key] = ("append", [*(value or []), data])
+        else:  # a whole write (or delete) is queued: apply it first, then the append
+            self.pending[key] = ("then-append", (kind, value, [data]))
+
+    def delete(self, key: str) -> None:
+        self.pending[key] = ("delete", None)
+
+    def take(self) -> dict[str, tuple[str, Any]]:
+        """Everything queued, in order (to apply); the queue is empty after."""
+        batch, self.pending = self.pending, {}
+        return batch
+
+    def requeue(self, key: str, op: tuple[str, Any]) -> None:
+        """Put back a change that was not applied, unless a newer one replaces it (appends join, oldest first)."""
+        newer = self.pending.get(key)
+        if newer is None:
+            self.pending[key] = op
+        elif newer[0] == "append" and op[0] in ("append", "then-append"):
+            if op[0] == "append":
+                self.pending[key] = ("append", [*op[1], *newer[1]])
+            else:
+                first_kind, first_value, appends = op[1]
+                self.pending[key] = ("then-append", (first_kind, first_value, [*appends, *newer[1]]))
+        # else: a newer whole write or delete replaces what failed
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+
+def _apply_change(store: "LocalStore", key: str, kind: str, value: Any) -> int:
+    """Apply one queued change to the store; return the bytes written."""
+    if kind == "write":
+        data = value() if callable(value) else value
+        store.write(key, data)
+        return len(data)
+    if kind == "append":
+        data = b"".join(value)
+        store.append(key, data)
+        return len(data)
+    if kind == "delete":
+        store.delete(key)
+        return 0
+    first_kind, first_value, appends = value  # "then-append": a whole write or delete queued before an append
+    return _apply_change(store, key, first_kind, first_value) + _apply_change(store, key, "append", appends)
+
+
 class _Checkpointer:
     """The host's one writer to the store: a background thread, so no write ever blocks the coordinator.
 
@@ -3843,8 +3908,7 @@ class _Checkpointer:
         self.owner = owner
         self.push_s = push_s
         self._cond = _threading.Condition()
-        # key -> ("write", bytes or a function making them) | ("append", [bytes]) | ("delete", None)
-        self._pending: dict[str, tuple[str, Any]] = {}
+        self._pending = _WriteQueue()
         self._urgent = False
         self._closing = False
         self._superseded: str | None = None
@@ -3878,22 +3942,18 @@ class _Checkpointer:
         `renew`: a lease's renewal, written only if the rendezvous record still names this writer's host
         (else it stops: another host claimed the store)."""
         with self._cond:
-            self._pending[key] = ("renew" if renew else "write", value)
+            self._pending.write(key, value, renew=renew)
             self._urgent |= urgent
             self._cond.notify()
 
     def append(self, key: str, data: bytes) -> None:
         with self._cond:
-            kind, value = self._pending.get(key, ("append", None))
-            if kind == "append":
-                self._pending[key] = ("append", [*(value or []), data])
-            else:  # a whole write (or delete) is queued: apply it first, then the append
-                self._pending[key] = ("then-append", (kind, value, [data]))
+            self._pending.append(key, data)
             self._cond.notify()
 
     def delete(self, key: str) -> None:
         with self._cond:
-            self._pending[key] = ("delete", None)
+            self._pending.delete(key)
             self._cond.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -3938,7 +3998,7 @@ class _Checkpointer:
                     self._cond.wait(0.2)
                 if self._closing:
                     return
-                batch, self._pending = self._pending, {}
+                batch = self._pending.take()
                 self._busy = True
             try:
                 self._apply(batch)
@@ -3968,7 +4028,7 @@ class _Checkpointer:
                 self._failed(exc)
                 with self._cond:
                     for k, op in list(batch.items())[i:]:
-                        self._requeue(k, op)
+                        self._pending.requeue(k, op)
                 return
         self._ok()
 
@@ -3979,36 +4039,10 @@ class _Checkpointer:
             if self._superseded:
                 return
             kind = "write"
-        if kind == "write":
-            data = value() if callable(value) else value
-            self.store.write(key, data)
-            self.stats["bytes"] += len(data)
-        elif kind == "append":
-            data = b"".join(value)
-            self.store.append(key, data)
-            self.stats["bytes"] += len(data)
-        elif kind == "delete":
-            self.store.delete(key)
-        else:  # "then-append": a whole write or delete queued before an append
-            first_kind, first_value, appends = value
-            self._apply_one(key, first_kind, first_value)
-            self._apply_one(key, "append", appends)
-            return
+        self.stats["bytes"] += _apply_change(self.store, key, kind, value)
         self.stats["writes"] += 1
         self.stats["write_s"] += _time.perf_counter() - t0
         self.last_write = _time.monotonic()
-
-    def _requeue(self, key: str, op: tuple[str, Any]) -> None:
-        newer = self._pending.get(key)
-        if newer is None:
-            self._pending[key] = op
-        elif newer[0] == "append" and op[0] in ("append", "then-append"):
-            if op[0] == "append":
-                self._pending[key] = ("append", [*op[1], *newer[1]])
-            else:
-                first_kind, first_value, appends = op[1]
-                self._pending[key] = ("then-append", (first_kind, first_value, [*appends, *newer[1]]))
-        # else: a newer whole write or delete replaces what failed
 
     def _maybe_push(self) -> None:
         if not self.store.remote or not self.store.pending():
@@ -4914,7 +4948,7 @@ class Worker(_WorkerCompute):
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
-            "layers_loaded": self.layers_loaded,
+            "layers_loaded": self.layers_loaded, "sessions_max": self.config.max_sessions_per_worker,
             "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
             "bitsandbytes": _package_version("bitsandbytes"),
         })
@@ -5448,6 +5482,9 @@ class Job:
         self._changed = _threading.Condition()
         self._stopped: str | None = None
         self.resumed_tokens = sum(len(t) for t in self._partial.values())  # generated tokens not redone
+        self._todo: _collections.deque[int] | None = None  # prompts not yet submitted (None: not started)
+        self._running: dict[int, Any] = {}  # index -> its session
+        self._ended = False
         self._thread = _threading.Thread(target=self._run, name=f"distllm-job-{job_id}", daemon=True)
 
     def __repr__(self) -> str:
@@ -5505,46 +5542,71 @@ class Job:
     # -- the job's thread -----------------------------------------------------
 
     def _start(self) -> "Job":
-        """Start the job's runner unless it is done or already running."""
-        if not self.done() and not self._thread.is_alive() and self._thread.ident is None:
-            self._thread.start()
+        """Start the job's runner unless it is done or already running (a thread, or where the cluster runs
+        jobs without threads, its shell pumps the job: the simulation)."""
+        if self._todo is None and not self.done():
+            self._todo = _collections.deque(i for i in range(len(self.prompts)) if i not in self._results)
+            if self._cluster._job_threads:
+                self._thread.start()
+            else:
+                self._pump()
         return self
 
     def _run(self) -> None:
-        cluster = self._cluster
-        todo = _collections.deque(i for i in range(len(self.prompts)) if i not in self._results)
-        running: dict[int, Any] = {}
         try:
-            while todo or running:
-                while todo and len(running) < cluster.config.job_concurrency:
-                    i = todo.popleft()
-                    running[i] = cluster._submit_job_prompt(self, i, self._partial.pop(i, None),
-                                                            _Tagged(self._events, i))
-                i, (kind, value) = self._events.get()
-                if i is None:  # the cluster closed
-                    self._stopped = value
-                    return
-                if kind == "token" or i not in running:
-                    continue
-                session = running.pop(i)
-                if kind == "done":
-                    self._record(i, {"index": i, "tokens": session.tokens[session.prompt_len:]},
-                                 session.tokens[:session.prompt_len])
-                elif isinstance(value, (StepFailedError, RequestError)):  # this prompt fails for good
-                    self._record(i, {"index": i, "error": f"{type(value).__name__}: {value}"})
-                elif cluster._closed.is_set():
-                    self._stopped = str(value)
-                    return
-                else:  # a transient failure (e.g. waited too long for workers): try the prompt again
-                    _log.warning("job %s prompt %d: %s; trying again", self.id, i, value)
-                    todo.append(i)
+            while self._fill():
+                self._take(*self._events.get())
         except Exception as exc:  # the job must not vanish silently
             _log.exception("job %s failed", self.id)
             self._stopped = f"{type(exc).__name__}: {exc}"
         finally:
-            cluster._job_finished(self)
-            with self._changed:
-                self._changed.notify_all()
+            self._end()
+
+    def _pump(self) -> None:
+        """Take the events that came, without waiting (the runner of a job driven from outside, which sees
+        any exception)."""
+        while self._fill() and not self._events.empty():
+            self._take(*self._events.get_nowait())
+        if self._stopped or not (self._todo or self._running):
+            self._end()
+
+    def _fill(self) -> bool:
+        """Submit prompts up to the job's concurrency; False once nothing is left to wait for."""
+        if self._stopped:
+            return False
+        while self._todo and len(self._running) < self._cluster.config.job_concurrency:
+            i = self._todo.popleft()
+            self._running[i] = self._cluster._submit_job_prompt(self, i, self._partial.pop(i, None),
+                                                                _Tagged(self._events, i))
+        return bool(self._todo or self._running)
+
+    def _take(self, i: int | None, event: tuple) -> None:
+        """One event of a prompt's session: its end records a result, or sends it round again."""
+        kind, value = event
+        if i is None:  # the cluster closed
+            self._stopped = value
+            return
+        if kind == "token" or i not in self._running:
+            return
+        session = self._running.pop(i)
+        if kind == "done":
+            self._record(i, {"index": i, "tokens": session.tokens[session.prompt_len:]},
+                         session.tokens[:session.prompt_len])
+        elif isinstance(value, (StepFailedError, RequestError)):  # this prompt fails for good
+            self._record(i, {"index": i, "error": f"{type(value).__name__}: {value}"})
+        elif self._cluster._closed.is_set():
+            self._stopped = str(value)
+        else:  # a transient failure (e.g. waited too long for workers): try the prompt again
+            _log.warning("job %s prompt %d: %s; trying again", self.id, i, value)
+            self._todo.append(i)
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._cluster._job_finished(self)
+        with self._changed:
+            self._changed.notify_all()
 
     def _interrupt(self, why: str) -> None:
         self._events.put((None, ("stop", why)))
@@ -5982,6 +6044,7 @@ class _WorkerState:
     lost_at: float | None = None  # time.monotonic() when the host declared it dead, left or failed
     lost_why: str | None = None
     layers_loaded: int = 0  # decoder layers its process has loaded so far (it reports; a reload shows here)
+    sessions_max: int = 1 << 30  # KV caches it keeps (past them it evicts the least recently used)
     download_bytes: int | None = None  # bytes of the weight files its current range is in (None: unknown)
     load_mark: tuple[float, int] = (0.0, 0)  # (when, layers_loaded) a load it owes last made progress
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
@@ -6253,6 +6316,9 @@ class _Admission:
             return False
 
 
+# A host that took a store over waits this long for `Config.workers` to join before it plans over fewer (the
+# workers left follow the store to it, looking every 2 s once their host is gone; a Hub record needs a push).
+_TAKEOVER_WAIT_S = 10.0
 _FORGET_DEPARTED_S = 600.0  # a worker written off this long ago (and no longer referred to) is forgotten
 _BANNED_KEPT = 4096  # kicked identities remembered (the oldest go first)
 _COST_WINDOW_S = 10.0  # a worker's step cost at the host is the median over this many seconds of its steps
@@ -6547,7 +6613,8 @@ class _CoordinatorMembers:
             wid=wid, name=msg.get("name", str)[:64], device=msg.get("device", str)[:32],
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation,
-            layers_loaded=max(0, msg.get("layers_loaded", int, 0)))
+            layers_loaded=max(0, msg.get("layers_loaded", int, 0)),
+            sessions_max=max(1, msg.get("sessions_max", int, 1 << 30)))
         # Its build: replicas on different builds or device kinds may not agree bit for bit (see _publish).
         w.build = " ".join(f"{k} {msg.get(k, str, '?')[:32]}" for k in ("torch", "transformers", "bitsandbytes")) + \
             f" on {w.device.split(':')[0]}"
@@ -6790,6 +6857,8 @@ class _CoordinatorMembers:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         if self._plan is None and self._live():
             self._place()  # e.g. the wait for calibrations ran out
+        else:
+            self._place_held()
         for s in [s for s in self._draining.values() if s.done_pending and now - s.ended_at > _CONFIRM_S]:
             # A replica's answer lost with a connection (or stuck behind a backlog): done, unconfirmed.
             _log.info("request %s: its replicas' answers to its last steps did not come within %.0f s; done "
@@ -7224,11 +7293,15 @@ class _CoordinatorSteps:
     def _schedule(self) -> None:
         """Start the next step of every runnable session, or time out those waiting too long."""
         if self._ready:
+            opened, slots = self._open_caches()
             for _ in range(len(self._runnable)):
                 s = self._runnable.popleft()
                 if s.sid in self._held:  # a disputed answer of it awaits a third opinion
                     self._runnable.append(s)
+                elif s.lead == 0 and not s.inflight and opened >= slots:  # no cache for it: wait for one to free
+                    self._runnable.append(s)
                 elif s.sid in self._sessions and not s.inflight:
+                    opened += s.lead == 0
                     with self._failing_alone(s, "sending its next step"):
                         self._next_step(s)
                         self._feed_prompt(s)
@@ -7243,6 +7316,13 @@ class _CoordinatorSteps:
                 self._runnable.remove(s)
                 self._finish(s, error=ClusterNotReadyError(
                     f"waited {s.wait_timeout:.0f} s for workers to hold every layer: {self._status}"))
+
+    def _open_caches(self) -> tuple[int, int]:
+        """(Sessions with caches on the stages, how many the plan's workers keep at most): a session past that
+        would evict another's cache, whose next step would replay, evicting another's: it waits instead."""
+        slots = min((self._workers[wid].sessions_max for stage in self._plan or () for wid in stage.workers
+                     if wid in self._workers), default=1 << 30)
+        return sum(1 for s in self._sessions.values() if s.lead or s.inflight), slots
 
     def _next_step(self, session: _Session) -> None:
         """Send the session's next tokens into stage 0: a prompt chunk, or the last token sampled."""
@@ -7696,6 +7776,20 @@ class _CoordinatorPlacement:
                            concurrency=max(1, len(self._sessions)), max_stages=self.config.max_stages,
                            stages=self.config.stages)
 
+    def _place_held(self) -> None:
+        """A plan held with a range that has no holder (no survivor could take it when it was lost): place
+        again, as a worker that was still loading then may serve now (found by the simulation)."""
+        if self._plan is not None and not self._replanning and any(not stage.workers for stage in self._plan):
+            self._place()
+
+    def _workers_needed(self, now: float) -> int:
+        """How many live workers the next plan waits for: `Config.workers` gates the first plan, except on a
+        host that took a store over, which waits for them only a while: the workers that followed the store to
+        it are the ones the host before had left (those that died with it, or before, are not coming)."""
+        if self._epoch or (self._took_over_at is not None and now - self._took_over_at > _TAKEOVER_WAIT_S):
+            return 1
+        return self.config.workers
+
     def _place(self) -> None:
         """Keep every layer range served: refill stages from standbys, re-plan only when a range is orphaned."""
         now = self._now()
@@ -7724,7 +7818,7 @@ class _CoordinatorPlacement:
                 return
             _log.warning("layers %s have no worker left: re-planning over %d workers",
                          ", ".join(f"{s.start}..{s.end - 1}" for s in orphaned), len(live))
-        if len(live) < (self.config.workers if self._epoch == 0 else 1):  # `workers` gates the first plan
+        if len(live) < self._workers_needed(now):
             self._status = f"waiting for workers: {len(live)} of {self.config.workers} joined"
             self._drop_plan()
             return
@@ -7781,9 +7875,11 @@ class _CoordinatorPlacement:
         survivors = [w for w in live if w.state in ("ready", "standby") and not self._members.down(w.wid)]
         proposal = self._propose(self._profiles(survivors)) if survivors else None
         if proposal is None:
-            self._status = (f"waiting for workers: {len(survivors)} of {self.config.workers} reachable, and layers "
-                            f"{names} lost their worker: waiting for it to come back or another to join")
-            _log.warning("layers %s have no worker: holding the plan until one comes back or joins", names)
+            status = (f"waiting for workers: {len(survivors)} of {self.config.workers} reachable, and layers "
+                      f"{names} lost their worker: waiting for it to come back or another to join")
+            if status != self._status:  # (the heartbeat asks again while the plan is held: said once)
+                _log.warning("layers %s have no worker: holding the plan until one comes back or joins", names)
+            self._status = status
             self._publish()
             return True
         held = {w.wid: (w.layers[1] - w.layers[0] if w.layers else 0) for w in survivors}
@@ -8327,6 +8423,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._lease_s = _math.inf
         self._renewed_at = 0.0
         self._stepped_down: str | None = None
+        self._took_over_at: float | None = None  # when this host took a store over from another host
         self._successor: str | None = None  # where the host that took the store over serves (its API, or its id)
         self._stopped = False
 
@@ -8424,6 +8521,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         elif kind == "claimed":  # this host holds the store now: its node records, its lease
             self._storing, self._nodes, self._lease_s = True, arg["nodes"], arg["lease_s"]
             self._renewed_at = self._t
+            self._took_over_at = self._t if arg.get("took_over") else None
             self._publish()
         elif kind == "moved":  # the join string changed (the tunnel moved): the store's record with it
             if self._storing:
@@ -8498,7 +8596,10 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
 
 class _ClusterStore:
     """The shell's store side (part of `Cluster`): batch jobs, claiming and renewing the store, following
-    another host's lease as a standby. Runs on the callers' threads and the coordinator's, never in the core."""
+    another host's lease as a standby. Runs on the callers' threads and the coordinator's, never in the core.
+    The simulation's host (`_SimHost`) is another shell on it: jobs run without threads there."""
+
+    _job_threads = True  # each job's runner is a thread (else the shell pumps it: Job._pump)
 
     def map(self, prompts: Sequence | str, *, name: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Job:
@@ -8612,6 +8713,9 @@ class _ClusterStore:
                 if job is None:
                     continue
                 self._jobs[job.id] = job
+            if job.done():  # every result was stored; the record saying so died with its host
+                self._job_finished(job)
+                continue
             _log.warning("resuming job %s: %d of %d prompts done, %d generated tokens kept", job.id,
                          job.progress[0], job.progress[1], job.resumed_tokens)
             job._start()
@@ -8660,7 +8764,7 @@ class _ClusterStore:
     def _submit_job_prompt(self, job: Job, i: int, generated: list[int] | None, sink: Any) -> _Session:
         """Start prompt `i` of `job`, continuing from `generated` tokens if a checkpoint had some."""
         ids = self._prompt_ids(job.prompts[i])
-        session = _Session(f"{job.id}.{i}-{_uuid.uuid4().hex[:6]}", ids + list(generated or ()), len(ids),
+        session = _Session(f"{job.id}.{i}-{self._run_id()}", ids + list(generated or ()), len(ids),
                            job.params, sink, self._now())
         if self._ckpt is not None:
             session.record = (f"sessions/{job.id}.{i}.json", {
@@ -8676,6 +8780,10 @@ class _ClusterStore:
         else:
             self._command("submit", session)
         return session
+
+    def _run_id(self) -> str:
+        """A fresh suffix for a job prompt's session id (each run of a prompt is a session of its own)."""
+        return _uuid.uuid4().hex[:6]
 
     def _job_result(self, job: Job, i: int, result: dict) -> None:
         if self._ckpt is not None:
@@ -8700,12 +8808,19 @@ class _ClusterStore:
         self._store_epoch = (epoch if isinstance(epoch, int) else 0) + 1
         if store.sweep():
             _log.info("removed temp files a killed host left in %s", store.uri)
-        nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
-        self._partials = self._load_partials(store)
         self._ckpt = _Checkpointer(store, owner=self._host_id, push_s=self.config.store_push_s)
         self._started_at = _time.time()
         self._write_rendezvous()
-        self._command("claimed", {"nodes": nodes, "lease_s": self._lease_s(store)})
+        self._take_over(store, previous if isinstance(previous, dict) else {})
+
+    def _take_over(self, store: LocalStore, previous: dict) -> None:
+        """What a host does with the store it now holds (its writer made): the node records to the core, then
+        the unfinished jobs, each resumed from its results and its prompts' checkpoints. `previous`: the
+        rendezvous record it found (another host's: its workers follow the store here)."""
+        nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
+        self._partials = self._load_partials(store)
+        took_over = bool(previous.get("host")) and previous.get("host") != self._host_id
+        self._command("claimed", {"nodes": nodes, "lease_s": self._lease_s(store), "took_over": took_over})
         self.active.set()
         self._resume_jobs()
 
@@ -11078,6 +11193,7 @@ class _SimWorker:
         self.wrong = False  # it computes wrong numbers (the "wrong" fault: from then on)
         self.heard = sim.clock()  # when the host last spoke to it
         self.joined = sim.clock()
+        self.host_gen = 0  # bumped when a new host is joined: work queued for the old one is dropped
 
     # -- what it sends ----------------------------------------------------------
 
@@ -11087,6 +11203,7 @@ class _SimWorker:
     def join(self) -> None:
         self.joined = self.sim.clock()
         self.send("join", {"name": self.name, "pid": 1, "device": "cpu", "device_name": "sim", "memory": 8 << 30,
+                           "sessions_max": self.sim.config.max_sessions_per_worker,
                            "incarnation": self.incarnation, "layers_loaded": 0, "held": {}, "peer": {}})
 
     def compute(self, seconds: float, then: Callable[[], None]) -> None:
@@ -11095,7 +11212,17 @@ class _SimWorker:
         if start < self.slow_until:  # (its process runs a quarter of the time: its jobs take four times as long)
             seconds *= 1 / _SIM_SLOW_DUTY
         self.busy_until = start + seconds
-        self.sim.at(self.busy_until, self._run_job, then)
+        self.sim.at(self.busy_until, self._run_job, then, self.host_gen)
+
+    def new_host(self) -> None:
+        """A standby took the store over: this worker reads the new join string there and joins that host
+        afresh over a new connection; what it held or queued for the old host is void."""
+        self.host_gen += 1
+        self.caches.clear()
+        self.last.clear()
+        self.epoch, self.next = None, None
+        self.heard = self.sim.clock()
+        self.join()
 
     def runs_at(self, t: float) -> float:
         """When its process runs at or after t: while slow, it is stopped 30 ms of every 40 (a throttled VM)."""
@@ -11105,11 +11232,11 @@ class _SimWorker:
         stopped = _SIM_SLOW_PERIOD * (1 - _SIM_SLOW_DUTY)
         return t if phase >= stopped else t + stopped - phase
 
-    def _run_job(self, then: Callable[[], None]) -> None:
-        if not self.up:  # (a process that died: its queue died with it)
+    def _run_job(self, then: Callable[[], None], host_gen: int) -> None:
+        if not self.up or host_gen != self.host_gen:  # (a process that died: its queue died with it)
             return
         if self.sim.clock() < self.stuck_until:  # stuck: the job runs when it comes unstuck
-            self.sim.at(self.stuck_until, self._run_job, then)
+            self.sim.at(self.stuck_until, self._run_job, then, host_gen)
             return
         then()
 
@@ -11225,6 +11352,159 @@ class _SimWorker:
         self.compute(_SIM_LAYER_MS * n * (layers[1] - layers[0] if layers else 1) / 1e3, run)
 
 
+class _MemoryStore(LocalStore):
+    """The simulation's store: keys in memory, each write whole (as LocalStore's); while `failing_until` is
+    ahead of the virtual clock, every change fails as a full disk does."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.data: dict[str, bytes] = {}
+        self.uri = "sim://store"
+        self.clock = clock
+        self.failing_until = -_math.inf
+
+    def __repr__(self) -> str:
+        return f"_MemoryStore({len(self.data)} keys)"
+
+    def _change(self, key: str) -> None:
+        _store_key_parts(key)
+        if self.clock() < self.failing_until:
+            raise OSError(28, "No space left on device")
+
+    def read(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        self._change(key)
+        self.data[key] = bytes(data)
+
+    def append(self, key: str, data: bytes) -> None:
+        self._change(key)
+        self.data[key] = self.data.get(key, b"") + bytes(data)
+
+    def delete(self, key: str) -> None:
+        self._change(key)
+        self.data.pop(key, None)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
+
+    def sweep(self, max_age_s: float = 600.0) -> int:
+        return 0  # (no temp files: a write lands whole or not at all)
+
+
+class _SimWriter:
+    """The simulated host's checkpointer: the real queue (`_WriteQueue`) drained in virtual time, one change
+    at a time, so a host killed mid-batch leaves the rest unwritten (lost with its memory); a failing store
+    keeps the changes queued and is retried with the real writer's back-off."""
+
+    def __init__(self, sim: "_Simulation", host: "_SimHost", store: _MemoryStore) -> None:
+        self.sim, self.host, self.store = sim, host, store
+        self.queue = _WriteQueue()
+        self.busy = False  # a drain is scheduled or under way
+        self.unwritten = 0  # changes of the batch under way not stored yet
+        self.failures = 0
+        self.stats = {"writes": 0, "errors": 0}
+
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+    def write(self, key: str, value: Any, *, urgent: bool = False, renew: bool = False) -> None:
+        self.queue.write(key, value, renew=renew)
+        self._kick()
+
+    def append(self, key: str, data: bytes) -> None:
+        self.queue.append(key, data)
+        self._kick()
+
+    def delete(self, key: str) -> None:
+        self.queue.delete(key)
+        self._kick()
+
+    def _kick(self, delay: float | None = None) -> None:
+        if not self.busy:  # the writer thread wakes at once (a thread's wake-up), or after its back-off
+            self.busy = True
+            self.sim.at(self.sim.clock() + (self.sim.store_rng.uniform(0.0001, 0.003) if delay is None else delay),
+                        self._apply, None)
+
+    def _apply(self, batch: list | None) -> None:
+        if not self.host.up:  # the process died: what it had not written is lost
+            return
+        batch = list(self.queue.take().items()) if batch is None else batch
+        if not batch:
+            self.busy, self.unwritten = False, 0
+            if self.queue:
+                self._kick()
+            return
+        (key, (kind, value)), rest = batch[0], batch[1:]
+        self.unwritten = len(batch)
+        try:
+            _apply_change(self.store, key, "write" if kind == "renew" else kind, value)
+        except OSError:
+            for k, op in batch:
+                self.queue.requeue(k, op)
+            self.failures += 1
+            self.stats["errors"] += 1
+            self.busy = False
+            self._kick(min(30.0, 0.25 * 2 ** min(self.failures, 7)))
+            return
+        self.failures = 0
+        self.stats["writes"] += 1
+        self.unwritten = len(rest)
+        if self.host.kill_after is not None and self.host.kill_after[0] in (kind, "write"):
+            what, left, takeover_s = self.host.kill_after  # (a host fault that strikes between two changes)
+            self.host.kill_after = (what, left - 1, takeover_s) if left > 1 else None
+            if left <= 1:
+                self.sim.kill_host(takeover_s)
+                return
+        self.sim.at(self.sim.clock() + self.sim.store_rng.uniform(0.001, 0.03), self._apply, rest)  # (a file's write)
+
+
+class _SimHost(_ClusterStore):
+    """A host process in the simulation: the real core, and the real store side of Cluster's shell (`map`,
+    results and retired checkpoints, taking a store over and resuming its jobs), its jobs pumped after each
+    turn instead of run on threads, its checkpointer a `_SimWriter`."""
+
+    _job_threads = False
+
+    def __init__(self, sim: "_Simulation", host_id: str) -> None:
+        self.__dict__.update(sim.model.parts)  # (the model's name, config, head, fingerprint: map() uses them)
+        self.sim, self.up, self.config, self._host_id = sim, True, sim.config, host_id
+        self._core = _Coordinator(sim.model.parts, sim.config, host_id=host_id, t=sim.clock(),
+                                  speculation=_Speculation(sim.config.speculate, sim.drafter)
+                                  if sim.config.speculate else None)
+        self._jobs: dict[str, Job] = {}
+        self._jobs_lock = _threading.Lock()
+        self._closed, self.active = _threading.Event(), _threading.Event()
+        self._partials: dict = {}
+        self._ckpt: _SimWriter | None = None
+        # ("write" or "append": the kind of change to count, how many to store, then die; the standby's delay)
+        self.kill_after: tuple[str, int, float] | None = None
+
+    def claim(self, store: _MemoryStore) -> None:
+        previous = _load_record(store, RENDEZVOUS) or {}
+        self._ckpt = _SimWriter(self.sim, self, store)
+        self._ckpt.write(RENDEZVOUS, _json_bytes({"host": self._host_id, "renewed": self.sim.clock()}))
+        self._take_over(store, previous)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        self.sim.handle(_Command(self.sim.clock(), kind, arg))
+
+    def _prompt_ids(self, prompt: Sequence[int]) -> list[int]:
+        return [int(t) for t in prompt]
+
+    def _now(self) -> float:
+        return self.sim.clock()
+
+    def _run_id(self) -> str:
+        return f"{next(self.sim.sids):06x}"  # (not a random uuid: a seed replays exactly)
+
+    def pump(self) -> None:
+        """Each job's runner takes what its sessions said (and submits more)."""
+        for job in list(self._jobs.values()):
+            if not job._ended and job._todo is not None:
+                job._pump()
+
+
 @_dataclasses.dataclass
 class _SimFault:
     at: float
@@ -11245,6 +11525,7 @@ class _SimRequest:
     tokens: list[int] = _dataclasses.field(default_factory=list)
     ended: str | None = None  # "done", or the error's class name and message
     want: list[int] | None = None
+    submitted: float | None = None  # (first submitted: a client asks again after its host died)
 
 
 class _Simulation:
@@ -11253,9 +11534,12 @@ class _Simulation:
     def __init__(self, model: _SimModel, seed: int, *, faults: bool = True, n_faults: int | None = None,
                  schedule: list[_SimFault] | None = None, requests: int | None = None, light: bool = False,
                  churn_hours: float | None = None, settings: dict | None = None, horizon: float = 40.0,
-                 expect_wrong: bool = False, draft_accept: float | None = None) -> None:
+                 expect_wrong: bool = False, draft_accept: float | None = None, store: bool | None = None) -> None:
         """`light`: fewer and shorter requests (the suite's thousand schedules); else 6-14 requests of up to 40
-        new tokens over the 40 s in which 2-8 faults strike. `churn_hours`: instead, that many hours in which a
+        new tokens over the 40 s in which 2-8 faults strike. `store`: the host holds a store, runs batch jobs
+        on it, and may itself be killed (its checkpointer's unwritten changes lost) and replaced by a standby
+        that takes the store over (drawn for a third of the seeds unless said; a given schedule's host faults
+        are in it). `churn_hours`: instead, that many hours in which a
         worker goes (crashes, vanishes, leaves or restarts) every three minutes and another joins a minute
         later, and a short request comes every 30 s: the host's memory of workers and links must stay flat."""
         self.light = light or churn_hours is not None
@@ -11289,10 +11573,20 @@ class _Simulation:
             workers = self.config.workers
         if draft_accept is not None:  # (a test's drafts: the known tokens, each right with this probability)
             self.drafter = _SimDrafter(seed, draft_accept)
-        # The real core; this simulation is its shell (events in, instructions carried out).
-        self.core = _Coordinator(model.parts, self.config, host_id=f"sim-{seed}", t=self.clock(),
-                                 speculation=_Speculation(self.config.speculate, self.drafter)
-                                 if self.config.speculate else None)
+        # The store, batch jobs and the host's own faults: a stream of their own (the draws above stay the same).
+        self.store_rng = _random.Random(f"store-{seed}")
+        drawn = self.store_rng.random() < 1 / 3 and schedule is None and churn_hours is None
+        self.stored = drawn if store is None else store
+        self.store = _MemoryStore(self.clock) if self.stored else None
+        # The real core, in a host whose shell this simulation is (events in, instructions carried out).
+        self.hosts = 0
+        self.host = _SimHost(self, f"sim-{seed}")
+        self.deferred: list = []  # requests and jobs that came while no host served: sent once one does
+        self.jobs: list[dict] = []  # the batch jobs submitted: name, prompts, sampling (what map() was given)
+        self.lost_streams = 0  # streams cut by the host's death (their clients asked again)
+        self.lost_changes = self.torn_batches = 0  # store changes lost with a host; hosts killed mid-batch
+        self.resumed_tokens = 0  # job prompts' tokens a standby took from checkpoints instead of computing
+        self.job_wake = False  # the jobs' runners are due to take their news
         self.sids = _itertools.count(1)
         self.sent = _hashlib.blake2b(digest_size=16)  # every message the host sent, in order (replays compare it)
         self.workers: dict[str, _SimWorker] = {}
@@ -11306,6 +11600,16 @@ class _Simulation:
         for _ in range(workers):
             self.at(self.clock() + setup.uniform(0, 0.5), self.start_worker)
         horizon = horizon if churn_hours is None else churn_hours * 3600.0
+        if self.stored:
+            self.host.claim(self.store)
+            rng = self.store_rng
+            for j in range(rng.randint(1, 2)):
+                greedy = rng.random() < 0.5
+                job = {"name": f"job{j}", "prompts": [[rng.randrange(3, 98) for _ in range(rng.randint(1, 12))]
+                                                      for _ in range(rng.randint(2, 4 if light else 8))],
+                       "max_new_tokens": rng.randint(1, 12 if light else 24), "temperature": 0.0 if greedy else 0.8,
+                       "top_p": 1.0 if greedy else 0.9, "seed": rng.randrange(1 << 30)}
+                self.at(self.clock() + round(rng.uniform(0.5, horizon / 2), 3), self.submit_job, job)
         if churn_hours is not None:
             rng = _random.Random(f"{seed}/faults")
             self.faults = []
@@ -11318,6 +11622,16 @@ class _Simulation:
         else:
             self.faults = schedule if schedule is not None else self._schedule(
                 _random.Random(f"{seed}/faults"), horizon, n_faults) if faults else []
+            if self.stored and schedule is None and faults:  # the host's own death, a store that fails a while
+                # A host dies at once, or (VOPR's trick: crash where I/O is half done) right after its writer
+                # stored the n-th change from then on (or the n-th append: a job's result), mid-batch.
+                extra = [_SimFault(round(self.store_rng.uniform(2.0, horizon), 3), "host", self.store_rng.choice(
+                    ["now", f"after write {self.store_rng.randint(1, 12)}", f"after append {self.store_rng.randint(1, 3)}"]),
+                    round(self.store_rng.uniform(1.0, 5.0), 2)) for _ in range(self.store_rng.choice([0, 1, 1, 2]))]
+                if self.store_rng.random() < 0.3:
+                    extra.append(_SimFault(round(self.store_rng.uniform(1.0, horizon), 3), "store", "store",
+                                           round(self.store_rng.uniform(0.5, 10.0), 2)))
+                self.faults = sorted(self.faults + extra, key=lambda f: f.at)
             count = requests if requests is not None else self.request_rng.randint(*((3, 7) if light else (6, 14)))
         for fault in self.faults:
             self.at(self.clock() + fault.at, self.inject, fault)
@@ -11331,6 +11645,11 @@ class _Simulation:
         self.active: list[_SimRequest] = []  # submitted, not ended
         self.unsubmitted = len(self.requests)
         self.peak = {"workers": 0, "links": 0, "links_down": 0}  # the host's largest memory of each
+
+    @property
+    def core(self) -> _Coordinator:
+        """The live host's core (a killed host's is gone with it)."""
+        return self.host._core
 
     # -- the schedule -------------------------------------------------------------
 
@@ -11385,8 +11704,11 @@ class _Simulation:
         return 0.001 + self.rng.random() * 0.004
 
     def handle(self, *events: Any) -> None:
-        """Hand events to the core and carry out its instructions, as the real shell does."""
-        out = self.core.handle(events)
+        """Hand events to the live host's core and carry out its instructions, as the real shell does."""
+        host = self.host
+        if not host.up:
+            return
+        out = host._core.handle(events)
         while out:
             failed = []
             for op in out:
@@ -11399,12 +11721,19 @@ class _Simulation:
                 elif kind is _Deliver:
                     op.stream.put(op.item)
                 elif kind is _Opinion:  # the host's own recomputation takes a while, then comes back
-                    self.at(self.clock() + 0.05, self._host_opinion, op)
-                elif kind is not _Readiness:  # (no store here, and nothing stops the coordinator)
+                    self.at(self.clock() + 0.05, self._host_opinion, op, host)
+                elif kind is _Store and host._ckpt is not None:
+                    getattr(host._ckpt, op.op)(op.key, *(() if op.op == "delete" else (op.data,)))
+                elif kind is _Renew and host._ckpt is not None:
+                    host._ckpt.write(RENDEZVOUS, _json_bytes({"host": host._host_id, "renewed": self.clock()}),
+                                     renew=True)
+                elif kind is not _Readiness:  # (no other host holds the store: nothing stops the coordinator)
                     self.violations.append(f"the coordinator said {op!r}")
-            out = self.core.handle(failed) if failed else []
+            out = host._core.handle(failed) if failed else []
 
-    def _host_opinion(self, op: _Opinion) -> None:
+    def _host_opinion(self, op: _Opinion, host: "_SimHost") -> None:
+        if host is not self.host:  # (the host that asked died meanwhile)
+            return
         caches = [[] for _ in range(op.start, op.end)]
         h = op.inputs[0].float()
         for i, layer in enumerate(range(op.start, op.end)):
@@ -11452,6 +11781,19 @@ class _Simulation:
             self.note("fault: join (a new worker)")
             self.start_worker()
             return
+        if fault.kind == "store":
+            self.note(f"fault: the store fails for {fault.length:.1f} s")
+            if self.store is not None:
+                self.store.failing_until = self.clock() + fault.length
+            return
+        if fault.kind == "host":
+            if fault.target.startswith("after "):
+                _, kind, count = fault.target.split()
+                self.host.kill_after = (kind, int(count), fault.length)
+                self.at(self.clock() + 10.0, self.kill_host, fault.length, self.host)  # (if it writes too little)
+            else:
+                self.kill_host(fault.length)
+            return
         live = sorted((w for w in self.workers.values() if w.up), key=lambda w: w.name)
         if not live:
             return
@@ -11461,7 +11803,7 @@ class _Simulation:
         if fault.kind in ("crash", "restart"):  # the process dies; its connection closes (the host sees it)
             w.up, link["connected"] = False, False
             link["gen"] += 1
-            self.at(self.clock() + 0.001, self.closed, w.wid)
+            self.at(self.clock() + 0.001, self.closed, w.wid, self.host)
             if fault.kind == "restart":
                 self.at(self.clock() + fault.length, self.start_worker, w.name)
         elif fault.kind == "vanish":  # gone without a word (a frozen VM): the host must notice the silence
@@ -11471,7 +11813,7 @@ class _Simulation:
         elif fault.kind == "cut":  # the connection drops (both ends see it); the worker dials again at once
             link["gen"] += 1
             link["connected"] = False
-            self.at(self.clock() + 0.001, self.closed, w.wid)
+            self.at(self.clock() + 0.001, self.closed, w.wid, self.host)
             self.at(self.clock() + 0.2, self._redial, w)
         elif fault.kind == "partition":  # nothing moves either way, no connection closes; then a burst
             link["held"], link["heal"] = True, self.clock() + fault.length
@@ -11483,8 +11825,9 @@ class _Simulation:
         elif fault.kind == "slow":  # its process is throttled: everything it does waits, what it reports does not
             w.slow_from, w.slow_until = self.clock(), self.clock() + fault.length
 
-    def closed(self, wid: bytes) -> None:
-        self.handle(_Closed(self.clock(), wid))
+    def closed(self, wid: bytes, host: "_SimHost") -> None:
+        if host is self.host:  # (a connection of a host that died since is no news to its successor)
+            self.handle(_Closed(self.clock(), wid))
 
     def _redial(self, w: _SimWorker) -> None:
         if w.up:
@@ -11494,6 +11837,47 @@ class _Simulation:
             for frames in link.pop("queued", []):
                 self.worker_sends(w, frames)
 
+    def kill_host(self, takeover_s: float, host: "_SimHost | None" = None) -> None:
+        """The host's process dies (SIGKILL): every connection closes, its memory is gone (what its
+        checkpointer had not written, its jobs' runners, the streams it served); a standby takes the store
+        over `takeover_s` later (its lease lapsed) and the workers, following the store, join it."""
+        if not self.host.up or (host is not None and host is not self.host):
+            return
+        self.note(f"fault: the host dies; a standby takes over in {takeover_s:.1f} s")
+        writer = self.host._ckpt
+        if writer is not None:
+            self.lost_changes += len(writer.queue) + writer.unwritten
+            self.torn_batches += writer.unwritten > 0
+        self.host.up = False
+        self.host._closed.set()
+        for link in self.links.values():
+            link["gen"] += 1
+            link["connected"] = False
+            link.pop("queued", None)
+        for r in list(self.active):  # the client's stream breaks: it asks again (from the start, today)
+            self.active.remove(r)
+            self.lost_streams += 1
+            r.tokens, r.session = [], None
+            self.deferred.append(r)
+        self.at(self.clock() + takeover_s, self.take_over)
+
+    def take_over(self) -> None:
+        self.hosts += 1
+        self.host = _SimHost(self, f"sim-{self.seed}-standby{self.hosts}")
+        self.note(f"{self.host._host_id} takes the store over")
+        self.host.claim(self.store)
+        self.resumed_tokens += self.host._core._stats["resumed_tokens"]
+        for w in sorted(self.workers.values(), key=lambda w: w.name):
+            if w.up:  # it reads the new join string from the store, and dials the new host
+                self.links[w.wid]["connected"] = True
+                w.new_host()
+        deferred, self.deferred = self.deferred, []
+        for what in deferred:
+            (self.submit_job if isinstance(what, dict) else self.submit)(what)
+        for job in self.jobs:  # the user gives map() the same job again: it attaches to what was resumed
+            if job not in deferred:
+                self.submit_job(job, again=True)
+
     def _heal(self, w: _SimWorker) -> None:
         link = self.links[w.wid]
         if link["held"] and self.clock() >= link["heal"]:
@@ -11501,7 +11885,21 @@ class _Simulation:
 
     # -- requests -----------------------------------------------------------------
 
+    def submit_job(self, job: dict, again: bool = False) -> None:
+        if not again:
+            self.jobs.append(job)
+            self.note(f"job {job['name']}: {len(job['prompts'])} prompts, {job['max_new_tokens']} new tokens")
+        if not self.host.up:
+            self.deferred.append(job)
+            return
+        self.host.map(job["prompts"], name=job["name"], max_new_tokens=job["max_new_tokens"],
+                      temperature=job["temperature"], top_p=job["top_p"], seed=job["seed"])
+        self.progress = self.clock()
+
     def submit(self, r: _SimRequest) -> None:
+        if not self.host.up:  # no host serves: the client tries again once one does
+            self.deferred.append(r)
+            return
         r.want = self.model.reference(r.prompt, r.params)
         t = self.clock()
         r.session = _Session(f"s{self.seed}-{next(self.sids)}", list(r.prompt), len(r.prompt), r.params,
@@ -11512,7 +11910,9 @@ class _Simulation:
         self.handle(_Command(t, "submit", r.session))
         self.progress = self.clock()
         self.active.append(r)
-        self.unsubmitted -= 1
+        if r.submitted is None:
+            r.submitted = t
+            self.unsubmitted -= 1
         self.note(f"request {r.session.sid}: {len(r.prompt)} tokens, {r.params.max_new_tokens} new, "
                   f"{'greedy' if r.params.temperature == 0 else 'seeded'}")
 
@@ -11563,15 +11963,14 @@ class _Simulation:
     # -- the run ------------------------------------------------------------------
 
     def run(self) -> list[str]:
-        c = self.core
         turns, self.progress = 0, self.clock()
         quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults]) + 1.0
         while not self.violations:
-            if not self.active and not self.unsubmitted and self.clock() > quiet:
+            if not self.active and not self.unsubmitted and self.clock() > quiet and self._jobs_settled():
                 break
             if self.clock() - self.progress > 2 * self.config.wait_timeout_s:  # requests wait and nothing moves
                 break
-            wake = c.wake_at()
+            wake = self.core.wake_at() if self.host.up else _math.inf
             nxt = self.events[0][0] if self.events else wake
             self.clock.t = max(self.clock.t, min(nxt, wake))
             while self.events and self.events[0][0] <= self.clock.t:
@@ -11579,16 +11978,19 @@ class _Simulation:
                 fn(*args)
             self.handle(_Tick(self.clock()))
             self.handle(_Dispatch(self.clock()))
+            self._wake_jobs()
             self._collect()
             self._check_turn()
             turns += 1
             if turns > self.max_turns:  # (a schedule's turns grow with its length: ~4 a virtual second here)
                 self.violations.append(f"livelock: over {self.max_turns} turns")
         self._collect()
+        c = self.core
+        self._check_jobs()
         for r in self.requests:
-            if r.session is not None and r.ended is None:
-                self.violations.append(f"request {r.session.sid} made no progress for "
-                                       f"{self.clock() - self.progress:.0f} s ({len(r.tokens)} of {len(r.want)} "
+            if r.ended is None and (r.submitted is not None or r in self.deferred):
+                self.violations.append(f"request {r.session.sid if r.session else r.prompt} made no progress for "
+                                       f"{self.clock() - self.progress:.0f} s ({len(r.tokens)} of {len(r.want or ())} "
                                        f"tokens; cluster: {c._status})")
         gone = [w for w in c._workers.values() if not w.alive and w.lost_at is not None
                 and self.clock() - w.lost_at > _FORGET_DEPARTED_S + 2 * self.config.heartbeat_s]
@@ -11598,11 +12000,68 @@ class _Simulation:
             self.violations.append(f"{len(c._members.links)} link records for {len(c._workers)} workers")
         return self.violations
 
+    def _wake_jobs(self) -> None:
+        """A job's runner is a thread of its own: it takes its sessions' news a little after they came (the
+        host's writer may take a batch meanwhile)."""
+        host = self.host
+        if host.up and not self.job_wake and any(not j._events.empty() for j in host._jobs.values()):
+            self.job_wake = True
+            self.at(self.clock() + self.store_rng.uniform(0.0001, 0.003), self._pump_jobs, host)
+
+    def _pump_jobs(self, host: "_SimHost") -> None:
+        self.job_wake = False
+        if host is self.host and host.up:
+            before = sum(j.progress[0] for j in self.host._jobs.values())
+            self.host.pump()
+            if sum(j.progress[0] for j in self.host._jobs.values()) != before:
+                self.progress = self.clock()
+
+    def _jobs_settled(self) -> bool:
+        """Every job submitted is done on the live host, and its checkpointer has written everything."""
+        if not self.jobs:
+            return True
+        host = self.host
+        return host.up and host._ckpt is not None and host._ckpt.idle() and not self.deferred and all(
+            job["name"] in host._jobs and host._jobs[job["name"]].done() for job in self.jobs)
+
+    def _check_jobs(self) -> None:
+        """In the store: each job's results hold every prompt exactly once, with the fault-free run's tokens;
+        the job is marked done; no prompt's checkpoint is left. (Where every worker is gone at the end, the
+        jobs wait for one: then only what the results hold is checked.)"""
+        if not self.jobs:
+            return
+        settled = self._jobs_settled()
+        if not settled and any(w.up for w in self.workers.values()):
+            self.violations.append(f"jobs not finished: " + ", ".join(
+                f"{name} {job.progress[0]}/{job.progress[1]}" for name, job in self.host._jobs.items()))
+        data = self.store.data
+        for job in self.jobs:
+            name, count = job["name"], len(job["prompts"])
+            lines = [_json.loads(line) for line in data.get(f"jobs/{name}/results.jsonl", b"").splitlines() if line]
+            seen = [r.get("index") for r in lines]
+            if len(set(seen)) != len(seen) or not set(seen) <= set(range(count)) or (settled and len(seen) != count):
+                self.violations.append(f"job {name}: the store's results hold prompts {seen}, not each of "
+                                       f"0..{count - 1} once")
+            params = SamplingParams(max_new_tokens=job["max_new_tokens"], temperature=job["temperature"],
+                                    top_p=job["top_p"], seed=job["seed"])
+            for r in lines:
+                i = r.get("index")
+                if i in range(count) and r.get("tokens") != self.model.reference(job["prompts"][i], params):
+                    self.violations.append(f"job {name} prompt {i}: {r.get('tokens', r.get('error'))}, not the "
+                                           f"fault-free run's tokens")
+            if settled and not _json.loads(data.get(f"jobs/{name}/job.json", b"{}")).get("done"):
+                self.violations.append(f"job {name} is finished but its record in the store does not say so")
+        left = [k for k in data if k.startswith("sessions/")]
+        if settled and left:
+            self.violations.append(f"checkpoints left for finished prompts: {left}")
+
     def describe(self) -> str:
         cfg = self.config
         return (f"seed {self.seed}: {len(self.workers)} workers, stages={cfg.stages}, replicas={cfg.replicas}, "
                 f"speculate={cfg.speculate} (windows {cfg.speculate_windows}, adaptive {cfg.speculate_adaptive}), "
-                f"calibrate={cfg.calibrate}, {len(self.requests)} requests, faults: "
+                f"calibrate={cfg.calibrate}, {len(self.requests)} requests, "
+                + (f"a store, {len(self.jobs)} jobs ({sum(len(j['prompts']) for j in self.jobs)} prompts), "
+                   if self.stored else "") + "faults: "
                 + ("; ".join(str(f) for f in self.faults) or "none"))
 
 
@@ -11625,11 +12084,11 @@ def simulate_faults(seeds: Iterable[int], *, model: _SimModel | None = None, fau
                 i = 0
                 while i < len(schedule):
                     trial = schedule[:i] + schedule[i + 1:]
-                    if _Simulation(model, seed, faults=faults, schedule=trial, light=light).run():
+                    if _Simulation(model, seed, faults=faults, schedule=trial, light=light, store=sim.stored).run():
                         schedule = trial
                     else:
                         i += 1
-            final = _Simulation(model, seed, faults=faults, schedule=schedule, light=light)
+            final = _Simulation(model, seed, faults=faults, schedule=schedule, light=light, store=sim.stored)
             final.run()
             record = {"seed": seed, "violations": problems, "schedule": [str(f) for f in schedule],
                       "describe": final.describe(), "trace": final.trace[-60:], "final": final.violations}
