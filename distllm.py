@@ -4692,11 +4692,8 @@ class _WorkerCompute:
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
         newest = self._newest_step.get(fields["sid"], -1)
-        if direct and slot is not None and (fields["step"] < newest or fields["step"] == newest
-                                            and slot.length > start + hidden.shape[1]):
-            # A direct step held up on its link until the session moved on (the host relayed it meanwhile):
-            # stale. A newer step may go back to an earlier position (past a speculative step's rejected
-            # drafts); an older one, or the same one again, may not.
+        if direct and _late_direct(slot.length if slot is not None else None, fields["step"], newest, start,
+                                   hidden.shape[1]):
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
         if fields["step"] > newest:
@@ -4743,6 +4740,15 @@ class _WorkerCompute:
 _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _WORKER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILURES
+
+
+def _late_direct(cached: int | None, step: int, newest: int, start: int, n: int) -> bool:
+    """Whether a step that came over a direct link is stale: held up on its link until the session moved on
+    (the host relayed it meanwhile). A newer step may go back to an earlier position (past a speculative
+    step's rejected drafts); an older one, or the same one again, may not. `cached`: the session's cache
+    length here (None: no cache); `newest`: the newest step number seen for the session. (Real and simulated
+    workers both ask this.)"""
+    return cached is not None and (step < newest or step == newest and cached > start + n)
 
 
 def _handshake_failure(event: int, info: JoinInfo) -> str:
@@ -11194,6 +11200,12 @@ class _SimWorker:
         self.heard = sim.clock()  # when the host last spoke to it
         self.joined = sim.clock()
         self.host_gen = 0  # bumped when a new host is joined: work queued for the old one is dropped
+        self.newest: _collections.OrderedDict[str, int] = _collections.OrderedDict()  # sid -> newest step seen
+        # Its direct-link endpoint and key (a restart makes another key); while `link_fault` holds, links to
+        # it fail alone: ("refused" until t: a send says no at once) or ("lost" until t: what is sent vanishes).
+        self.peer = f"tcp://{name}.sim:7000"
+        self.link_key = _hashlib.blake2b(self.incarnation.encode(), digest_size=32).hexdigest()
+        self.link_fault: tuple[str, float] = ("", 0.0)
 
     # -- what it sends ----------------------------------------------------------
 
@@ -11202,9 +11214,10 @@ class _SimWorker:
 
     def join(self) -> None:
         self.joined = self.sim.clock()
+        peer = {"endpoint": self.peer, "key": self.link_key} if self.sim.config.direct_links else {}
         self.send("join", {"name": self.name, "pid": 1, "device": "cpu", "device_name": "sim", "memory": 8 << 30,
-                           "sessions_max": self.sim.config.max_sessions_per_worker,
-                           "incarnation": self.incarnation, "layers_loaded": 0, "held": {}, "peer": {}})
+                           "sessions_max": self.sim.config.max_sessions_per_worker, "peer": peer,
+                           "incarnation": self.incarnation, "layers_loaded": 0, "held": {}})
 
     def compute(self, seconds: float, then: Callable[[], None]) -> None:
         """Queue a job on its one compute thread (in order, after the ones before it)."""
@@ -11220,6 +11233,7 @@ class _SimWorker:
         self.host_gen += 1
         self.caches.clear()
         self.last.clear()
+        self.newest.clear()
         self.epoch, self.next = None, None
         self.heard = self.sim.clock()
         self.join()
@@ -11242,14 +11256,19 @@ class _SimWorker:
 
     # -- what it receives -------------------------------------------------------
 
-    def receive(self, frames: list) -> None:
+    def receive(self, frames: list, direct: bool = False) -> None:
+        """A message from the host (or `direct`: a step from the previous stage's worker over a direct link)."""
         if not self.up:
             return
         when = self.runs_at(self.sim.clock())
         if when > self.sim.clock():  # throttled: what arrives waits for its process to run (in order)
-            self.sim.at(when, self.receive, frames)
+            self.sim.at(when, self.receive, frames, direct)
             return
-        msg = decode(frames, allowed=_HOST_TO_WORKER)
+        msg = decode(frames, allowed={"forward"} if direct else _HOST_TO_WORKER)
+        if direct:
+            msg.header["direct"] = True  # (only a direct link sets it, never the wire)
+            self._forward(msg)
+            return
         self.heard = self.sim.clock()
         kind = msg.type
         if kind == "ping":  # the I/O thread answers at once, whatever the compute thread does
@@ -11277,6 +11296,7 @@ class _SimWorker:
             def forget() -> None:  # (in order with the steps queued before it, as the compute thread does)
                 self.caches.clear()
                 self.last.clear()
+                self.newest.clear()
                 self.epoch = None
             self.compute(0.0, forget)
             self.join()
@@ -11314,6 +11334,8 @@ class _SimWorker:
         hidden = msg.tensor(0)
         n = hidden.shape[1]
         layers = self.layers  # (for its duration: a switch queued before it may change them by the time it runs)
+        direct, chain = msg.header.get("direct") is True, msg.get("chain", list, [])
+        decode_from = msg.get("decode_from", int, None)
 
         def run() -> None:
             if self.epoch is None or msg.get("epoch", int) != self.epoch:
@@ -11323,6 +11345,15 @@ class _SimWorker:
             key = hidden.numpy().tobytes()
             last = self.last.get(sid)
             cache = self.caches.get(sid)
+            newest = self.newest.get(sid, -1)
+            if direct and _late_direct(len(cache[0]) if cache is not None else None, fields["step"], newest, start, n):
+                return  # held up on its link until the session moved on: dropped, as the real worker does
+            if fields["step"] > newest:
+                self.newest[sid] = fields["step"]
+                self.newest.move_to_end(sid)
+                while len(self.newest) > 4 * self.sim.config.max_sessions_per_worker:
+                    self.newest.popitem(last=False)
+            extra: dict = {"direct": True} if direct else {}
             if last is not None and last[0] == start and n == 1 and last[1] == key and cache is not None and len(
                     cache[0]) == start + 1:  # the same one-position step again: its answer, not a second pass
                 out = last[2]
@@ -11347,8 +11378,10 @@ class _SimWorker:
                     self.last[sid] = (start, key, out)
                 else:
                     self.last.pop(sid, None)
+                if chain:  # its output goes straight on to the next stage's worker too (not a repeat's)
+                    extra["forwarded"] = self.sim.peer_send(self, chain, fields, decode_from, out)
             self.send("result", {**fields, "compute_ms": _SIM_LAYER_MS * n * (self.layers[1] - self.layers[0]),
-                                 "batch": 1}, [out])
+                                 "batch": 1, **extra}, [out])
         self.compute(_SIM_LAYER_MS * n * (layers[1] - layers[0] if layers else 1) / 1e3, run)
 
 
@@ -11568,6 +11601,9 @@ class _Simulation:
                                        speculate_adaptive=spec.random() < 0.5)
             if spec.random() < 0.5:  # drafts that mostly agree: windows go behind one another, some void
                 self.drafter = _SimDrafter(seed, spec.choice([0.7, 0.9, 0.97]))
+        self.links_rng = _random.Random(f"links-{seed}")  # direct links between workers, drawn apart too
+        if self.links_rng.random() < 0.4:
+            self.config = Config.build(self.config, direct_links=True)
         if settings:  # (a test's own cluster settings over the seed's)
             self.config = Config.build(self.config, **settings)
             workers = self.config.workers
@@ -11591,6 +11627,8 @@ class _Simulation:
         self.sent = _hashlib.blake2b(digest_size=16)  # every message the host sent, in order (replays compare it)
         self.workers: dict[str, _SimWorker] = {}
         self.by_wid: dict[bytes, _SimWorker] = {}
+        self.by_peer: dict[str, _SimWorker] = {}  # direct-link endpoint -> the worker listening there
+        self.peer_fifo: dict[tuple[str, str], float] = {}  # (from, to) -> when the link's last message lands
         # wid -> its connection: "up"/"down" (when the last message each way lands: FIFO), "gen" (bumped when it
         # closes: what was in flight is lost), "connected", "held"/"heal" (a partition), "queued" (sent while down)
         self.links: dict[bytes, dict] = {}
@@ -11631,6 +11669,11 @@ class _Simulation:
                 if self.store_rng.random() < 0.3:
                     extra.append(_SimFault(round(self.store_rng.uniform(1.0, horizon), 3), "store", "store",
                                            round(self.store_rng.uniform(0.5, 10.0), 2)))
+                self.faults = sorted(self.faults + extra, key=lambda f: f.at)
+            if self.config.direct_links and schedule is None and faults:  # direct links failing alone
+                rng = self.links_rng
+                extra = [_SimFault(round(rng.uniform(1.0, horizon), 3), "peercut", f"#{rng.randrange(1 << 16)}",
+                                   round(rng.uniform(0.5, 20.0), 2)) for _ in range(rng.randint(0, 3))]
                 self.faults = sorted(self.faults + extra, key=lambda f: f.at)
             count = requests if requests is not None else self.request_rng.randint(*((3, 7) if light else (6, 14)))
         for fault in self.faults:
@@ -11686,6 +11729,7 @@ class _Simulation:
         w = _SimWorker(self, name)
         self.workers[name] = w
         self.by_wid[w.wid] = w
+        self.by_peer[w.peer] = w
         self.links[w.wid] = {"held": False, "up": 0.0, "down": 0.0, "gen": 0, "connected": True}
         self.note(f"{name} starts")
         w.join()
@@ -11824,6 +11868,40 @@ class _Simulation:
             w.wrong = True
         elif fault.kind == "slow":  # its process is throttled: everything it does waits, what it reports does not
             w.slow_from, w.slow_until = self.clock(), self.clock() + fault.length
+        elif fault.kind == "peercut":  # direct links to it fail alone (its link to the host works): sends that
+            # vanish (a NAT dropping a link's packets), refused connections, or a link that holds what it carries
+            # for seconds (congested: the host relays meanwhile, and the late copy comes after)
+            mode = ("lost", "refused", "slow")[int(fault.target.lstrip("#")) % 3]
+            w.link_fault = (mode, self.clock() + fault.length)
+
+    def peer_send(self, w: _SimWorker, chain: list, fields: dict, decode_from: int | None,
+                  out: torch.Tensor) -> bool:
+        """`w` sends a step's output straight to the next stage's worker, `chain[0]`: whether the send went
+        (nobody listening, or a refused link, says no at once; a link that loses what it carries says yes)."""
+        link = chain[0] if isinstance(chain[0], dict) else {}
+        to = self.by_peer.get(link.get("to"))
+        if to is None or link.get("key") != to.link_key:
+            return False  # nobody listens there (any more): the connection is refused
+        if not to.up:  # a crashed process refuses; a frozen one's kernel takes the bytes, and they go nowhere
+            return self.links[to.wid]["connected"]
+        mode, until = to.link_fault
+        if self.clock() < until and mode != "slow":
+            return mode == "lost"
+        header = {"sid": fields["sid"], "step": fields["step"], "stage": fields["stage"] + 1,
+                  "start": fields["start"], "epoch": link.get("epoch"), "chain": chain[1:]}
+        if decode_from is not None:
+            header["decode_from"] = decode_from
+        frames = [bytearray(_frame_bytes(f)) for f in encode("forward", header, [out])]
+        pair = (w.name, to.name)
+        held = until - self.clock() if mode == "slow" and self.clock() < until else 0.0
+        self.peer_fifo[pair] = max(self.clock() + self._latency() + held, self.peer_fifo.get(pair, 0.0))  # (FIFO)
+        self.at(self.peer_fifo[pair], self._deliver_direct, to, frames)
+        return True
+
+    def _deliver_direct(self, to: _SimWorker, frames: list) -> None:
+        if self.workers.get(to.name) is to and to.up and not (to.link_fault[0] == "lost"
+                                                               and self.clock() < to.link_fault[1]):
+            to.receive(frames, direct=True)
 
     def closed(self, wid: bytes, host: "_SimHost") -> None:
         if host is self.host:  # (a connection of a host that died since is no news to its successor)
@@ -12059,7 +12137,7 @@ class _Simulation:
         cfg = self.config
         return (f"seed {self.seed}: {len(self.workers)} workers, stages={cfg.stages}, replicas={cfg.replicas}, "
                 f"speculate={cfg.speculate} (windows {cfg.speculate_windows}, adaptive {cfg.speculate_adaptive}), "
-                f"calibrate={cfg.calibrate}, {len(self.requests)} requests, "
+                f"calibrate={cfg.calibrate}, direct links {cfg.direct_links}, {len(self.requests)} requests, "
                 + (f"a store, {len(self.jobs)} jobs ({sum(len(j['prompts']) for j in self.jobs)} prompts), "
                    if self.stored else "") + "faults: "
                 + ("; ".join(str(f) for f in self.faults) or "none"))
