@@ -11200,6 +11200,8 @@ class _SimWorker:
         self.heard = sim.clock()  # when the host last spoke to it
         self.joined = sim.clock()
         self.host_gen = 0  # bumped when a new host is joined: work queued for the old one is dropped
+        self.layer_ms, self.memory = _SIM_LAYER_MS, 8 << 30  # its speed (per layer and position), its memory
+        self.leave_at: float | None = None  # its declared deadline (a notebook's session cap), if any
         self.newest: _collections.OrderedDict[str, int] = _collections.OrderedDict()  # sid -> newest step seen
         # Its direct-link endpoint and key (a restart makes another key); while `link_fault` holds, links to
         # it fail alone: ("refused" until t: a send says no at once) or ("lost" until t: what is sent vanishes).
@@ -11215,7 +11217,8 @@ class _SimWorker:
     def join(self) -> None:
         self.joined = self.sim.clock()
         peer = {"endpoint": self.peer, "key": self.link_key} if self.sim.config.direct_links else {}
-        self.send("join", {"name": self.name, "pid": 1, "device": "cpu", "device_name": "sim", "memory": 8 << 30,
+        self.send("join", {"name": self.name, "pid": 1, "device": "cpu", "device_name": "sim", "memory": self.memory,
+                           "leave_at": self.leave_at,
                            "sessions_max": self.sim.config.max_sessions_per_worker, "peer": peer,
                            "incarnation": self.incarnation, "layers_loaded": 0, "held": {}})
 
@@ -11276,7 +11279,7 @@ class _SimWorker:
                                "queue": 0, "layers_loaded": self.layers[1] - self.layers[0] if self.layers else 0,
                                "sessions": len(self.caches)})
         elif kind == "welcome":
-            self.compute(0.01, lambda: self.send("profile", {"layer_ms": _SIM_LAYER_MS, "prefill_ms": _SIM_LAYER_MS}))
+            self.compute(0.01, lambda: self.send("profile", {"layer_ms": self.layer_ms, "prefill_ms": self.layer_ms}))
         elif kind == "assign":
             self._assign(msg)
         elif kind == "activate":
@@ -11380,9 +11383,9 @@ class _SimWorker:
                     self.last.pop(sid, None)
                 if chain:  # its output goes straight on to the next stage's worker too (not a repeat's)
                     extra["forwarded"] = self.sim.peer_send(self, chain, fields, decode_from, out)
-            self.send("result", {**fields, "compute_ms": _SIM_LAYER_MS * n * (self.layers[1] - self.layers[0]),
+            self.send("result", {**fields, "compute_ms": self.layer_ms * n * (self.layers[1] - self.layers[0]),
                                  "batch": 1, **extra}, [out])
-        self.compute(_SIM_LAYER_MS * n * (layers[1] - layers[0] if layers else 1) / 1e3, run)
+        self.compute(self.layer_ms * n * (layers[1] - layers[0] if layers else 1) / 1e3, run)
 
 
 class _MemoryStore(LocalStore):
@@ -11623,6 +11626,7 @@ class _Simulation:
         self.lost_changes = self.torn_batches = 0  # store changes lost with a host; hosts killed mid-batch
         self.resumed_tokens = 0  # job prompts' tokens a standby took from checkpoints instead of computing
         self.job_wake = False  # the jobs' runners are due to take their news
+        self.until = _math.inf  # (a run that stops at a set time, requests still in flight: _SwarmOnCore)
         self.sids = _itertools.count(1)
         self.sent = _hashlib.blake2b(digest_size=16)  # every message the host sent, in order (replays compare it)
         self.workers: dict[str, _SimWorker] = {}
@@ -11726,7 +11730,7 @@ class _Simulation:
 
     def start_worker(self, name: str | None = None) -> _SimWorker:
         name = name or f"w{next(self.names)}"
-        w = _SimWorker(self, name)
+        w = self.make_worker(name)
         self.workers[name] = w
         self.by_wid[w.wid] = w
         self.by_peer[w.peer] = w
@@ -11735,6 +11739,9 @@ class _Simulation:
         w.join()
         self.at(self.clock() + 0.5, self.worker_tick, w)
         return w
+
+    def make_worker(self, name: str) -> _SimWorker:
+        return _SimWorker(self, name)
 
     def worker_tick(self, w: _SimWorker) -> None:
         """A worker's I/O loop: silent host past liveness_s -> it says join again (the same incarnation)."""
@@ -12042,8 +12049,8 @@ class _Simulation:
 
     def run(self) -> list[str]:
         turns, self.progress = 0, self.clock()
-        quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults]) + 1.0
-        while not self.violations:
+        quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults], default=0) + 1
+        while not self.violations and self.clock() < self.until:
             if not self.active and not self.unsubmitted and self.clock() > quiet and self._jobs_settled():
                 break
             if self.clock() - self.progress > 2 * self.config.wait_timeout_s:  # requests wait and nothing moves
@@ -12066,7 +12073,7 @@ class _Simulation:
         c = self.core
         self._check_jobs()
         for r in self.requests:
-            if r.ended is None and (r.submitted is not None or r in self.deferred):
+            if r.ended is None and (r.submitted is not None or r in self.deferred) and self.clock() < self.until:
                 self.violations.append(f"request {r.session.sid if r.session else r.prompt} made no progress for "
                                        f"{self.clock() - self.progress:.0f} s ({len(r.tokens)} of {len(r.want or ())} "
                                        f"tokens; cluster: {c._status})")
@@ -12141,6 +12148,89 @@ class _Simulation:
                 + (f"a store, {len(self.jobs)} jobs ({sum(len(j['prompts']) for j in self.jobs)} prompts), "
                    if self.stored else "") + "faults: "
                 + ("; ".join(str(f) for f in self.faults) or "none"))
+
+
+class _SwarmOnCore(_Simulation):
+    """The swarm simulator's question (which placement serves a churning swarm of free notebooks best) put to
+    the real core: simulated workers with the swarm's GPUs (the share of the 8-layer simulated model that a
+    GPU holds of a 70B model's 80 layers in 4 bits, and its speed per layer, times ten), reclaimed without
+    warning (exponential, mean `reclaim_mean_h`) or leaving gracefully at their declared session cap, a new
+    notebook every `join_every_min` on average, `sessions` requests in flight (closed loop). Every token is
+    still checked against the fault-free run; `figures()` says what the users got."""
+
+    def __init__(self, model: _SimModel, seed: int, *, replicas: int = 1, gpus: Sequence[str] = ("T4",) * 10,
+                 hours: float = 1.0, sessions: int = 4, new_tokens: int = 32, join_every_min: float = 25.0,
+                 reclaim_mean_h: float = 4.0, cap_h: float = 12.0) -> None:
+        self.swarm_rng = _random.Random(f"swarm-{seed}")
+        self.gpus, self.hours, self.sessions_wanted, self.new_tokens = list(gpus), hours, sessions, new_tokens
+        self.reclaim_s, self.cap_s, self.join_s = reclaim_mean_h * 3600, cap_h * 3600, join_every_min * 60
+        self.first = list(gpus)  # the notebooks at the start, then newcomers of a kind drawn from these
+        super().__init__(model, seed, faults=False, requests=0, horizon=hours * 3600, store=False, settings=dict(
+            workers=min(len(gpus), 4), replicas=replicas, stages=None, calibrate=False, direct_links=False,
+            speculate=0, rebalance_s=60.0, move_cooldown_s=300.0, max_sessions_per_worker=64, heartbeat_s=2.0,
+            liveness_s=8.0, wait_timeout_s=600.0, reconnect_grace_s=5.0, replan_grace_s=10.0))
+        for _ in range(len(gpus) - self.config.workers):  # (the base started `workers` of them)
+            self.at(self.clock() + self.swarm_rng.uniform(0, 5), self.start_worker)
+        self.at(self.clock() + self.swarm_rng.expovariate(1 / self.join_s), self.newcomer)
+        self.until = self.clock() + hours * 3600
+        self.max_turns = 1 << 62
+        self.gaps: list[float] = []  # seconds per token, each token (a turn's tokens share its gap)
+        self.seen: dict[int, tuple[int, float]] = {}  # id(request) -> (tokens, when the last came)
+        self.waited: dict[int, float] = {}  # id(request) -> its longest wait for a token
+
+    def make_worker(self, name: str) -> _SimWorker:
+        w = _SimWorker(self, name)
+        gpu = self.first.pop(0) if self.first else self.swarm_rng.choice(self.gpus)
+        memory_gb, layer_ms = _SIM_GPUS[gpu]
+        layers = max(1, int(memory_gb / _SIM_LAYER_GB * self.model.n_layers / 80))
+        per_layer = self.model.parts["_layer_bytes"] + self.model.parts["_kv_bytes"]
+        w.memory = int((layers + 0.5) * per_layer / self.config.memory_fraction)
+        w.layer_ms = layer_ms * 10
+        dies, cap_at = self.clock() + self.swarm_rng.expovariate(1 / self.reclaim_s), self.clock() + self.cap_s
+        w.leave_at = cap_at
+        self.at(min(dies, cap_at - 60.0), self._end_of, w, "crash" if dies < cap_at - 60.0 else "leave")
+        return w
+
+    def _end_of(self, w: _SimWorker, kind: str) -> None:
+        live = sorted((x for x in self.workers.values() if x.up), key=lambda x: x.name)
+        if w in live:  # (the fault code strikes the k-th worker up: this one)
+            self.inject(_SimFault(self.clock() - 1000.0, kind, f"#{live.index(w)}"))
+
+    def newcomer(self) -> None:
+        self.start_worker()
+        self.at(self.clock() + self.swarm_rng.expovariate(1 / self.join_s), self.newcomer)
+
+    def _collect(self) -> None:
+        super()._collect()
+        now = self.clock()
+        for r in self.requests:
+            if r.submitted is None or r.ended not in (None, "done"):
+                continue
+            count, since = self.seen.get(id(r), (0, r.submitted))
+            if len(r.tokens) > count:
+                gap = now - since
+                self.gaps += [gap / (len(r.tokens) - count)] * (len(r.tokens) - count)
+                self.waited[id(r)] = max(self.waited.get(id(r), 0.0), gap)
+                self.seen[id(r)] = (len(r.tokens), now)
+        while len(self.active) < self.sessions_wanted and self.clock() < self.until:
+            rng = self.swarm_rng
+            greedy = rng.random() < 0.5
+            r = _SimRequest(self.clock() - 1000.0, [rng.randrange(3, 98) for _ in range(rng.randint(4, 24))],
+                            SamplingParams(max_new_tokens=self.new_tokens, temperature=0.0 if greedy else 0.8,
+                                           top_p=1.0 if greedy else 0.9, seed=rng.randrange(1 << 30)))
+            self.requests.append(r)
+            self.unsubmitted += 1
+            self.submit(r)
+
+    def figures(self) -> dict:
+        """Tokens/s over the run, requests completed and failed, and the core's own counts."""
+        stats, gaps = self.core._stats, sorted(self.gaps) or [0.0]
+        return {"replicas": self.config.replicas, "goodput": sum(len(r.tokens) for r in self.requests) / (
+            self.hours * 3600), "p50_ms": gaps[len(gaps) // 2] * 1e3, "p99_ms": gaps[int(len(gaps) * 0.99)] * 1e3,
+            "completed": sum(r.ended == "done" for r in self.requests),
+            "failed": sum(r.ended not in (None, "done") for r in self.requests),
+            "stalled": sum(w > 10.0 for w in self.waited.values()), "replans": stats["replans"],
+            "rebalances": stats["rebalances"], "workers": len(self.workers)}
 
 
 def simulate_faults(seeds: Iterable[int], *, model: _SimModel | None = None, faults: bool = True,
@@ -12432,6 +12522,43 @@ def _simulate_faults(args: Any) -> int:
     return 1 if failures else 0
 
 
+def _simulate_core(args: Any, gpus: list[str]) -> int:
+    """`simulate --core`: the planner with and without replicas on the real core (_SwarmOnCore), the
+    simulation's 8-layer model standing in for the 70B one; every token checked against the fault-free run."""
+    level = _log.level
+    _log.setLevel(_logging.CRITICAL)
+    model, rows = _SimModel(), []
+    try:
+        for replicas in (1, 2):
+            runs = []
+            for seed in range(args.seeds):
+                sim = _SwarmOnCore(model, seed, replicas=replicas, gpus=gpus, hours=args.hours,
+                                   sessions=args.sessions, reclaim_mean_h=args.reclaim_h, cap_h=args.cap_h,
+                                   join_every_min=args.join_min)
+                problems = sim.run()
+                if problems:
+                    print(f"seed {seed}, replicas={replicas}: {problems[0]}")
+                    return 1
+                runs.append(sim.figures())
+            rows.append({k: sum(r[k] for r in runs) / len(runs) for k in runs[0]})
+    finally:
+        _log.setLevel(level)
+    print(f"swarm on the real core: {len(gpus)} notebooks ({', '.join(f'{gpus.count(g)} {g}' for g in dict.fromkeys(gpus))}); "
+          f"the simulation's 8-layer model, a notebook holding its GPU's share of a 70B model's 80 layers at ten "
+          f"times the per-layer time; {args.sessions} requests of 32 new tokens in flight; {args.hours:g} h x "
+          f"{args.seeds} seeds; reclaimed every {args.reclaim_h:g} h on average, {args.cap_h:g} h caps, a new "
+          f"notebook every {args.join_min:g} min; round trips 1-5 ms", flush=True)
+    print(f"{'policy':<20}{'tokens/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'stalled':>9}{'failed':>8}"
+          f"{'re-plans':>10}{'rebalances':>12}")
+    for r in rows:
+        print(f"{'planner + replicas' if r['replicas'] == 2 else 'planner':<20}{r['goodput']:>9.2f}{r['p50_ms']:>9.0f}"
+              f"{r['p99_ms']:>9.0f}{r['completed']:>10.0f}{r['stalled']:>9.1f}{r['failed']:>8.1f}"
+              f"{r['replans']:>10.1f}{r['rebalances']:>12.1f}")
+    print("(per seed averages; every token equal to the fault-free run's; stalled = requests that waited over 10 s "
+          "for a token; failed = ended with an error)")
+    return 0
+
+
 def _simulate(args: Any) -> int:
     if args.faults:
         return _simulate_faults(args)
@@ -12440,6 +12567,8 @@ def _simulate(args: Any) -> int:
     unknown = sorted(set(gpus) - set(_SIM_GPUS))
     if unknown:
         raise RequestError(f"unknown GPU {unknown[0]!r}: choose from {', '.join(_SIM_GPUS)}")
+    if args.core:
+        return _simulate_core(args, gpus)
     print(f"swarm: {len(gpus)} notebooks ({', '.join(f'{gpus.count(g)} {g}' for g in dict.fromkeys(gpus))}), "
           f"a 70B model in 4 bits (80 layers), {args.sessions} requests in flight, {args.hours:g} h x "
           f"{args.seeds} seeds; reclaimed every {args.reclaim_h:g} h on average, {args.cap_h:g} h caps, "
@@ -12599,6 +12728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slow-every-h", type=float, default=0.0,
                    help="stragglers: each notebook runs 4x slower for 5-40 min this often (mean hours; 0: never)")
     p.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
+    p.add_argument("--core", action="store_true",
+                   help="the planner with and without replicas on the coordinator's real core (slower: try --hours 1)")
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("models", help="print the table of supported model families (as in the README)")
