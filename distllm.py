@@ -344,6 +344,7 @@ class Config:
     # Seconds the active host's lease in the store lasts; it renews it every third of that (a Hub store: the
     # lease lasts at least 3 x store_push_s, since each renewal is a commit).
     lease_s: float = 10.0
+    resume_window_s: float = 3600.0  # a streamed request's checkpoint untouched this long is retired (its client gone)
     job_concurrency: int = 16  # prompts of one batch job in flight at once
     kv_budget_tokens: int = 8192  # tokens of KV cache per layer a worker keeps room for (all sessions together)
     calibrate: bool = True  # workers time one layer when they join, so the first plan knows their speed
@@ -3470,7 +3471,8 @@ class _TextStream:
 #
 #   rendezvous.json            the live host: id, epoch, join string (workers follow it)
 #   nodes.json                 per-node history: joins, failures, uptime (stability)
-#   sessions/<sid>.json        an unfinished request: prompt + tokens so far, params
+#   sessions/<job>.<i>.json    a batch job's unfinished prompt: tokens so far
+#   requests/<id>.json         a streamed API request: prompt hash, params, tokens so far, when last written
 #   jobs/<id>/job.json         a batch job's spec; prompts.jsonl; results.jsonl (append-only)
 #
 # Not the KV caches: a resumed session is prefilled again from its stored tokens, and
@@ -7290,7 +7292,7 @@ class _CoordinatorSteps:
         if session.record is not None:  # (a job's prompt, with a store) serialised later, in the writer thread
             key, fields = session.record
             self._out.append(_Store("write", key, _functools.partial(_json_bytes, {
-                **fields, "generated": session.tokens[session.prompt_len:]})))
+                **fields, "generated": session.tokens[session.prompt_len:], "updated": self._wall()})))
         if token is not None:
             self._finish(session)
         else:
@@ -8704,6 +8706,25 @@ class _ClusterStore:
                 _log.warning("store: checkpoint %s does not describe a job's prompt; skipped", key)
         return dict(out)
 
+    def _retire_requests(self, store: LocalStore) -> None:
+        """Retire the checkpoints of streamed requests whose clients never came back for the rest: untouched
+        for `Config.resume_window_s` (a stream's record is rewritten with every token, and deleted when the
+        stream ends whole). One that cannot be read is kept, and named in the log."""
+        horizon = self._wall_now() - self.config.resume_window_s
+        retired = 0
+        for key in store.keys("requests/"):
+            record = _load_record(store, key)
+            updated = record.get("updated") if record is not None else None
+            if isinstance(updated, (int, float)) and updated < horizon:
+                self._ckpt.delete(key)
+                retired += 1
+        if retired:
+            _log.info("store %s: retired %d streams' checkpoints untouched for over %.0f s (their clients did not "
+                      "come back)", store.uri, retired, self.config.resume_window_s)
+
+    def _wall_now(self) -> float:
+        return _time.time()
+
     def _resume_jobs(self) -> None:
         """Start every unfinished job found in the store."""
         store = self._ckpt.store
@@ -8825,6 +8846,7 @@ class _ClusterStore:
         rendezvous record it found (another host's: its workers follow the store here)."""
         nodes = {k: v for k, v in (_load_record(store, "nodes.json") or {}).items() if isinstance(v, dict)}
         self._partials = self._load_partials(store)
+        self._retire_requests(store)
         took_over = bool(previous.get("host")) and previous.get("host") != self._host_id
         self._command("claimed", {"nodes": nodes, "lease_s": self._lease_s(store), "took_over": took_over})
         self.active.set()
@@ -11533,6 +11555,9 @@ class _SimHost(_ClusterStore):
 
     def _run_id(self) -> str:
         return f"{next(self.sim.sids):06x}"  # (not a random uuid: a seed replays exactly)
+
+    def _wall_now(self) -> float:
+        return self.sim.clock()  # (the core's wall time in the simulation: its offset is 0)
 
     def pump(self) -> None:
         """Each job's runner takes what its sessions said (and submits more)."""

@@ -59,6 +59,26 @@ def test_a_new_host_sweeps_the_temp_files_a_killed_writer_left(tmp_path):
         cluster.close()
 
 
+def test_a_new_host_retires_checkpoints_of_streams_whose_clients_never_came_back(tmp_path):
+    """A streamed request's checkpoint stays while its client may resume it (`Last-Event-ID`); one untouched
+    for `resume_window_s` is retired when a host takes the store over. Unreadable ones are kept."""
+    import json
+    import time
+
+    folder = tmp_path / "s" / "requests"
+    folder.mkdir(parents=True)
+    record = {"prompt_sha": "0" * 64, "prompt_len": 3, "params": {}, "generated": [5, 6]}
+    (folder / "cmpl-old.json").write_text(json.dumps({**record, "updated": time.time() - 7200}))
+    (folder / "cmpl-new.json").write_text(json.dumps({**record, "updated": time.time() - 60}))
+    (folder / "cmpl-bad.json").write_text("{not json")
+    cluster = distllm.host("tiny", quant="none", bind="127.0.0.1", store=str(tmp_path / "s"))
+    try:
+        assert cluster.checkpoint(30)
+        assert sorted(os.listdir(folder)) == ["cmpl-bad.json", "cmpl-new.json"]
+    finally:
+        cluster.close()
+
+
 @pytest.mark.parametrize("key", ["", "../x", "/etc/passwd", "a//b", "a/./b", "a/../../b", ".tmp-1"])
 def test_store_refuses_keys_that_leave_its_directory(tmp_path, key):
     with pytest.raises(distllm.StoreError, match="bad store key"):
