@@ -3896,6 +3896,11 @@ def _apply_change(store: "LocalStore", key: str, kind: str, value: Any) -> int:
     return _apply_change(store, key, first_kind, first_value) + _apply_change(store, key, "append", appends)
 
 
+def _store_backoff_s(failures: int) -> float:
+    """Seconds a store writer waits after `failures` failed writes in a row before it tries again."""
+    return min(30.0, 0.25 * 2 ** min(failures, 7))
+
+
 class _Checkpointer:
     """The host's one writer to the store: a background thread, so no write ever blocks the coordinator.
 
@@ -4091,7 +4096,7 @@ class _Checkpointer:
     def _failed(self, exc: BaseException) -> None:
         self.stats["errors"] += 1
         self._failures += 1
-        backoff = min(30.0, 0.25 * 2 ** min(self._failures, 7))
+        backoff = _store_backoff_s(self._failures)
         self._retry_at = _time.monotonic() + backoff
         message = _short_error(exc)
         if message != self._error:
@@ -4693,16 +4698,11 @@ class _WorkerCompute:
             raise ProtocolError(f"negative decode_from {decode_from}")
         direct = msg.header.get("direct") is True
         slot = shard.slots.get(fields["sid"])
-        newest = self._newest_step.get(fields["sid"], -1)
-        if direct and _late_direct(slot.length if slot is not None else None, fields["step"], newest, start,
-                                   hidden.shape[1]):
+        if not _take_step(self._newest_step, fields["sid"], fields["step"], direct,
+                          slot.length if slot is not None else None, start, hidden.shape[1],
+                          4 * self.config.max_sessions_per_worker):
             _log.info("worker %s: dropped a late direct step of %s at %d", self.name, fields["sid"], start)
             return None
-        if fields["step"] > newest:
-            self._newest_step[fields["sid"]] = fields["step"]
-            self._newest_step.move_to_end(fields["sid"])
-            while len(self._newest_step) > 4 * self.config.max_sessions_per_worker:
-                self._newest_step.popitem(last=False)
         link = (self._link(chain, {**fields, "start": start, "decode_from": decode_from}, hidden)
                 if chain and self._links_on else None)
         return fields, hidden, start, decode_from, link, direct
@@ -4744,13 +4744,22 @@ _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAI
 _WORKER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILURES
 
 
-def _late_direct(cached: int | None, step: int, newest: int, start: int, n: int) -> bool:
-    """Whether a step that came over a direct link is stale: held up on its link until the session moved on
-    (the host relayed it meanwhile). A newer step may go back to an earlier position (past a speculative
-    step's rejected drafts); an older one, or the same one again, may not. `cached`: the session's cache
-    length here (None: no cache); `newest`: the newest step number seen for the session. (Real and simulated
-    workers both ask this.)"""
-    return cached is not None and (step < newest or step == newest and cached > start + n)
+def _take_step(newest: "_collections.OrderedDict[str, int]", sid: str, step: int, direct: bool,
+               cached: int | None, start: int, n: int, keep: int) -> bool:
+    """Whether a worker takes a forward step of positions start..start+n-1, noting the session's newest step
+    number in `newest` (the `keep` sessions seen last). Not a direct step that is stale: one held up on its
+    link until the session moved on (the host relayed it meanwhile). A newer step may go back to an earlier
+    position (past a speculative step's rejected drafts); an older one, or the same one again, may not.
+    `cached`: the session's cache length here (None: no cache). Real and simulated workers both ask this."""
+    last = newest.get(sid, -1)
+    if direct and cached is not None and (step < last or step == last and cached > start + n):
+        return False
+    if step > last:
+        newest[sid] = step
+        newest.move_to_end(sid)
+        while len(newest) > keep:
+            newest.popitem(last=False)
+    return True
 
 
 def _handshake_failure(event: int, info: JoinInfo) -> str:
@@ -7301,15 +7310,17 @@ class _CoordinatorSteps:
     def _schedule(self) -> None:
         """Start the next step of every runnable session, or time out those waiting too long."""
         if self._ready:
-            opened, slots = self._open_caches()
+            opened = slots = None  # (counted only when a session would open a cache: not per decode step)
             for _ in range(len(self._runnable)):
                 s = self._runnable.popleft()
+                if s.lead == 0 and not s.inflight and opened is None:
+                    opened, slots = self._open_caches()
                 if s.sid in self._held:  # a disputed answer of it awaits a third opinion
                     self._runnable.append(s)
                 elif s.lead == 0 and not s.inflight and opened >= slots:  # no cache for it: wait for one to free
                     self._runnable.append(s)
                 elif s.sid in self._sessions and not s.inflight:
-                    opened += s.lead == 0
+                    opened = opened + 1 if s.lead == 0 else opened
                     with self._failing_alone(s, "sending its next step"):
                         self._next_step(s)
                         self._feed_prompt(s)
@@ -7785,8 +7796,9 @@ class _CoordinatorPlacement:
                            stages=self.config.stages)
 
     def _place_held(self) -> None:
-        """A plan held with a range that has no holder (no survivor could take it when it was lost): place
-        again, as a worker that was still loading then may serve now (found by the simulation)."""
+        """A plan held with a range that has no holder (no survivor could take it when it was lost): place again
+        on each heartbeat, as what kept the survivors out may have changed since (a worker that was loading is
+        ready, a link that was down is up; found by the simulation: seeds 304, 328, 400)."""
         if self._plan is not None and not self._replanning and any(not stage.workers for stage in self._plan):
             self._place()
 
@@ -11370,14 +11382,9 @@ class _SimWorker:
             key = hidden.numpy().tobytes()
             last = self.last.get(sid)
             cache = self.caches.get(sid)
-            newest = self.newest.get(sid, -1)
-            if direct and _late_direct(len(cache[0]) if cache is not None else None, fields["step"], newest, start, n):
+            if not _take_step(self.newest, sid, fields["step"], direct, len(cache[0]) if cache is not None else None,
+                              start, n, 4 * self.sim.config.max_sessions_per_worker):
                 return  # held up on its link until the session moved on: dropped, as the real worker does
-            if fields["step"] > newest:
-                self.newest[sid] = fields["step"]
-                self.newest.move_to_end(sid)
-                while len(self.newest) > 4 * self.sim.config.max_sessions_per_worker:
-                    self.newest.popitem(last=False)
             extra: dict = {"direct": True} if direct else {}
             if last is not None and last[0] == start and n == 1 and last[1] == key and cache is not None and len(
                     cache[0]) == start + 1:  # the same one-position step again: its answer, not a second pass
@@ -11503,7 +11510,7 @@ class _SimWriter:
             self.failures += 1
             self.stats["errors"] += 1
             self.busy = False
-            self._kick(min(30.0, 0.25 * 2 ** min(self.failures, 7)))
+            self._kick(_store_backoff_s(self.failures))
             return
         self.failures = 0
         self.stats["writes"] += 1
@@ -11541,8 +11548,11 @@ class _SimHost(_ClusterStore):
     def claim(self, store: _MemoryStore) -> None:
         previous = _load_record(store, RENDEZVOUS) or {}
         self._ckpt = _SimWriter(self.sim, self, store)
-        self._ckpt.write(RENDEZVOUS, _json_bytes({"host": self._host_id, "renewed": self.sim.clock()}))
+        self.write_rendezvous()
         self._take_over(store, previous)
+
+    def write_rendezvous(self, renew: bool = False) -> None:
+        self._ckpt.write(RENDEZVOUS, _json_bytes({"host": self._host_id, "renewed": self.sim.clock()}), renew=renew)
 
     def _command(self, kind: str, arg: Any) -> None:
         self.sim.handle(_Command(self.sim.clock(), kind, arg))
@@ -11689,21 +11699,8 @@ class _Simulation:
         else:
             self.faults = schedule if schedule is not None else self._schedule(
                 _random.Random(f"{seed}/faults"), horizon, n_faults) if faults else []
-            if self.stored and schedule is None and faults:  # the host's own death, a store that fails a while
-                # A host dies at once, or (VOPR's trick: crash where I/O is half done) right after its writer
-                # stored the n-th change from then on (or the n-th append: a job's result), mid-batch.
-                extra = [_SimFault(round(self.store_rng.uniform(2.0, horizon), 3), "host", self.store_rng.choice(
-                    ["now", f"after write {self.store_rng.randint(1, 12)}", f"after append {self.store_rng.randint(1, 3)}"]),
-                    round(self.store_rng.uniform(1.0, 5.0), 2)) for _ in range(self.store_rng.choice([0, 1, 1, 2]))]
-                if self.store_rng.random() < 0.3:
-                    extra.append(_SimFault(round(self.store_rng.uniform(1.0, horizon), 3), "store", "store",
-                                           round(self.store_rng.uniform(0.5, 10.0), 2)))
-                self.faults = sorted(self.faults + extra, key=lambda f: f.at)
-            if self.config.direct_links and schedule is None and faults:  # direct links failing alone
-                rng = self.links_rng
-                extra = [_SimFault(round(rng.uniform(1.0, horizon), 3), "peercut", f"#{rng.randrange(1 << 16)}",
-                                   round(rng.uniform(0.5, 20.0), 2)) for _ in range(rng.randint(0, 3))]
-                self.faults = sorted(self.faults + extra, key=lambda f: f.at)
+            if schedule is None and faults:
+                self.faults = sorted(self.faults + self._host_and_link_faults(horizon), key=lambda f: f.at)
             count = requests if requests is not None else self.request_rng.randint(*((3, 7) if light else (6, 14)))
         for fault in self.faults:
             self.at(self.clock() + fault.at, self.inject, fault)
@@ -11735,6 +11732,25 @@ class _Simulation:
                                  round(rng.uniform(0.5, 8.0), 2) if kind in ("partition", "stuck", "restart") else
                                  round(rng.uniform(5.0, 30.0), 2) if kind == "slow" else 0.0))
         return sorted(out, key=lambda f: f.at)
+
+    def _host_and_link_faults(self, horizon: float) -> list[_SimFault]:
+        """The faults drawn from their own streams (the others' draws stay the same): with a store, the host's
+        own death and a store that fails a while; with direct links, links failing alone."""
+        out = []
+        if self.stored:
+            rng = self.store_rng  # A host dies at once, or (VOPR's trick: crash where I/O is half done) right
+            # after its writer stored the n-th change from then on (or the n-th append: a job's result), mid-batch.
+            out += [_SimFault(round(rng.uniform(2.0, horizon), 3), "host", rng.choice(
+                ["now", f"after write {rng.randint(1, 12)}", f"after append {rng.randint(1, 3)}"]),
+                round(rng.uniform(1.0, 5.0), 2)) for _ in range(rng.choice([0, 1, 1, 2]))]
+            if rng.random() < 0.3:
+                out.append(_SimFault(round(rng.uniform(1.0, horizon), 3), "store", "store",
+                                     round(rng.uniform(0.5, 10.0), 2)))
+        if self.config.direct_links:
+            rng = self.links_rng
+            out += [_SimFault(round(rng.uniform(1.0, horizon), 3), "peercut", f"#{rng.randrange(1 << 16)}",
+                              round(rng.uniform(0.5, 20.0), 2)) for _ in range(rng.randint(0, 3))]
+        return out
 
     def _request(self, horizon: float) -> _SimRequest:
         rng = self.request_rng
@@ -11801,8 +11817,7 @@ class _Simulation:
                 elif kind is _Store and host._ckpt is not None:
                     getattr(host._ckpt, op.op)(op.key, *(() if op.op == "delete" else (op.data,)))
                 elif kind is _Renew and host._ckpt is not None:
-                    host._ckpt.write(RENDEZVOUS, _json_bytes({"host": host._host_id, "renewed": self.clock()}),
-                                     renew=True)
+                    host.write_rendezvous(renew=True)
                 elif kind is not _Readiness:  # (no other host holds the store: nothing stops the coordinator)
                     self.violations.append(f"the coordinator said {op!r}")
             out = host._core.handle(failed) if failed else []
@@ -11982,11 +11997,11 @@ class _Simulation:
                 self.links[w.wid]["connected"] = True
                 w.new_host()
         deferred, self.deferred = self.deferred, []
-        for what in deferred:
-            (self.submit_job if isinstance(what, dict) else self.submit)(what)
+        for r in deferred:
+            if isinstance(r, _SimRequest):  # (deferred jobs are among self.jobs)
+                self.submit(r)
         for job in self.jobs:  # the user gives map() the same job again: it attaches to what was resumed
-            if job not in deferred:
-                self.submit_job(job, again=True)
+            self.submit_job(job, again=True)
 
     def _heal(self, w: _SimWorker) -> None:
         link = self.links[w.wid]

@@ -252,7 +252,7 @@ def test_direct_links_that_fail_alone_keep_the_fault_free_tokens(model):
     """Workers send their outputs straight to the next stage (direct links) while those links fail alone
     (sends that vanish, refused connections, links that hold what they carry for seconds) beside the other
     faults, over 60 seeds: every request ends with the fault-free run's tokens, steps went directly and the
-    host relayed the ones whose answers did not come. The late-step rule is one function (_late_direct)
+    host relayed the ones whose answers did not come. The step-acceptance rule is one function (_take_step)
     for real and simulated workers."""
     direct = relayed = 0
     for seed in range(60):
