@@ -586,18 +586,29 @@ def _platform_secret(name: str) -> str | None:
 _SESSION_HOURS = {"kaggle": 12.0, "colab": 12.0}
 
 
-def _session_end() -> tuple[str, float] | None:
-    """(platform, Unix time its session ends at the latest), for Kaggle and Colab; None elsewhere. The
-    session began when the machine did (the kernel's VM is made for it): /proc/stat's btime."""
+def _session_end(proc: str = "/proc") -> tuple[str, float] | None:
+    """(platform, Unix time its session ends at the latest), for Kaggle and Colab; None elsewhere, or where it
+    cannot be told. The session began when its machine or container did: the boot time (/proc/stat's btime)
+    plus the start of process 1 (/proc/1/stat's 22nd field, in clock ticks since boot). btime alone is the
+    host kernel's boot, days old under a container: a worker would leave at once. An end already past means
+    the guess is wrong, not that the session is over: no deadline then."""
     platform = "kaggle" if _os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "colab" if _colab() else None
     if platform is None:
         return None
     try:
-        with open("/proc/stat") as f:
+        with open(f"{proc}/stat") as f:
             booted = next(float(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
+        with open(f"{proc}/1/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # after "pid (comm)": field 22 is the 20th
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
-    return platform, booted + _SESSION_HOURS[platform] * 3600
+    end = booted + ticks / _os.sysconf("SC_CLK_TCK") + _SESSION_HOURS[platform] * 3600
+    if end <= _time.time():
+        began = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(end - _SESSION_HOURS[platform] * 3600))
+        _log.warning("this %s session's end cannot be told (it began at %s by /proc, over %.0f h ago): "
+                     "no deadline", platform.capitalize(), began, _SESSION_HOURS[platform])
+        return None
+    return platform, end
 
 
 def _progress_bar(**kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ repo holds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -330,19 +331,43 @@ def test_a_hub_token_comes_from_colab_or_kaggle_secrets_when_none_is_given(monke
         assert distllm._platform_defaults(distllm.Config()).token is None
 
 
-def test_a_kaggle_worker_leaves_before_its_session_ends_and_shows_the_time_left(monkeypatch):
+def _fake_proc(tmp_path, booted: float, pid1_ticks: int):
+    """A /proc with the two files a session's start is read from: the boot time and process 1's start."""
+    (tmp_path / "1").mkdir(parents=True)
+    (tmp_path / "stat").write_text(f"cpu  1 2 3 4\nbtime {int(booted)}\nprocesses 9\n")
+    fields = ["S"] + ["0"] * 18 + [str(pid1_ticks), "0", "0"]  # state is field 3, starttime field 22
+    (tmp_path / "1" / "stat").write_text("1 (tini (a) init) " + " ".join(fields) + "\n")
+    return str(tmp_path)
+
+
+def test_a_kaggle_worker_leaves_before_its_session_ends_and_shows_the_time_left(monkeypatch, tmp_path):
     import time
 
-    with open("/proc/stat") as f:
-        booted = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    ticks = os.sysconf("SC_CLK_TCK")
+    booted = int(time.time()) - 30 * 3600  # the host kernel booted 30 h ago; this container 2 h ago
+    proc = _fake_proc(tmp_path, booted, pid1_ticks=28 * 3600 * ticks)
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr(distllm, "_session_end", functools.partial(distllm._session_end, proc=proc))
     cfg = distllm._platform_defaults(distllm.Config(), worker=True)
-    assert cfg.leave_at == booted + 12 * 3600
+    assert cfg.leave_at == booted + 28 * 3600 + 12 * 3600
     assert distllm._platform_defaults(distllm.Config(leave_at=123.0), worker=True).leave_at == 123.0  # given
     assert distllm._platform_defaults(distllm.Config()).leave_at is None  # a host has no such deadline
     worker = distllm.Worker(distllm.JoinInfo("tcp://127.0.0.1:9", None, None, None).encode(), config=cfg)
     left = (cfg.leave_at - time.time()) / 3600
+    assert 9.9 < left < 10.0
     assert f"session ends in {left:.1f} h" in distllm._worker_html(worker)
+
+
+def test_a_session_whose_start_cannot_be_told_sets_no_deadline(monkeypatch, tmp_path, caplog):
+    import time
+
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    old = _fake_proc(tmp_path / "a", int(time.time()) - 40 * 3600, pid1_ticks=25)  # btime is the host's boot
+    assert distllm._session_end(proc=old) is None  # not "leave now": the guess is wrong, the session is not over
+    assert "end cannot be told" in caplog.text
+    assert distllm._session_end(proc=str(tmp_path / "none")) is None  # no /proc at all
+    real = distllm._session_end()  # this machine's own /proc: a deadline in the future, or none
+    assert real is None or real[1] > time.time()
 
 
 def test_the_panel_turns_on_colabs_widget_manager_before_it_shows(capsys):
