@@ -334,6 +334,10 @@ class Config:
     peer_port: int = 0  # TCP port a worker listens on for direct links (0: any free port)
     peer_address: str | None = None  # "host[:port]" other workers dial for direct links (None: advertise or guessed)
     tunnel: Any = None  # None, "bore", "bore://[secret@]host[:port]", "ngrok", or an object with open/close
+    # Seconds a standby taking over asks a bore server for the public ports the dead host had (the join
+    # endpoint's; the API's, in serve()), while the server still holds them for it; then it takes others and
+    # says so (status, panel, the store's record).
+    takeover_port_s: float = 30.0
     worker_threads: int | None = None  # torch CPU threads per local worker (None: cores / workers)
     memory_fraction: float = 0.85  # share of a worker's free memory its layers may fill
     store: str | None = None  # checkpoints: a directory (a Drive folder too) or hf://user/repo; workers find the host
@@ -1056,6 +1060,10 @@ def _primary_address() -> str:
 # ciphertext.
 
 
+class _PortRefused(DistllmError):
+    """The bore server would not grant the public port asked for: another client holds it (or it is not free)."""
+
+
 class BoreTunnel:
     """A pure-Python client for bore (github.com/ekzhang/bore): no account, no binary.
 
@@ -1077,19 +1085,54 @@ class BoreTunnel:
         self.reopened = 0  # times the control connection was lost and opened again
         # Called with (host, port) from the tunnel's thread when a reopened tunnel got another public port.
         self.on_moved: Callable[[str, int], None] | None = None
+        self._wanted: tuple[int, float] | None = None  # (port, give-up time) a take() asks the next dial for
+        self._taken = _threading.Event()  # set when the dial a take() asked for is done
 
-    def open(self, local_port: int) -> tuple[str, int]:
+    def open(self, local_port: int, *, patience_s: float | None = None) -> tuple[str, int]:
         """Ask the server for a public port that forwards to `local_port`; return (host, port).
 
-        Should the control connection close later (the server restarted, the network
-        dropped), the tunnel opens again on its own, asking for the same port; if it gets
-        another, it calls `on_moved`.
+        `remote_port` (0: any) is asked for; refused, it raises, or with `patience_s` it asks
+        again for that long (a dead host's port is freed once the server sees its control
+        connection close) and then takes any port. Should the control connection close later
+        (the server restarted, the network dropped), the tunnel opens again on its own, asking
+        for the same port; if it gets another, it calls `on_moved`.
         """
         self._local_port = local_port
-        self._dial(self.remote_port)
+        if patience_s is None:
+            self._dial(self.remote_port)
+        else:
+            self._dial_wanted(self.remote_port, _time.monotonic() + patience_s)
         _threading.Thread(target=self._serve, name="distllm-bore", daemon=True).start()
         _log.info("bore tunnel: %s:%d -> localhost:%d", self.server, self.remote_port, local_port)
         return self.server, self.remote_port
+
+    def take(self, port: int, patience_s: float) -> bool:
+        """Move this open tunnel to public `port` (the one a dead host had: clients and workers know it),
+        asking for it for up to `patience_s` while the server still holds it for that host, then keeping any
+        port (`on_moved` tells where). Blocks until done; returns whether it got `port`."""
+        if port == self.remote_port:
+            return True
+        self._taken.clear()
+        self._wanted = (port, _time.monotonic() + patience_s)
+        self._control.shutdown(_socket.SHUT_RDWR)  # the serving thread sees it close and dials as wanted
+        while not self._taken.wait(0.5):
+            if self._closed.is_set():
+                return False
+        return self.remote_port == port
+
+    def _dial_wanted(self, port: int, give_up: float) -> None:
+        """Dial asking for `port` while the server refuses it, until `give_up` (monotonic); then any port."""
+        while True:
+            try:
+                return self._dial(port)
+            except _PortRefused:
+                if port == 0 or _time.monotonic() >= give_up:
+                    break
+            if self._closed.wait(0.25):
+                raise DistllmError("the tunnel was closed")
+        _log.warning("bore tunnel: %s:%d is still held (by a host that died, or another client); taking another "
+                     "port", self.server, port)
+        self._dial(0)
 
     def _dial(self, port: int) -> None:
         """Open the control connection and ask for public `port` (0: any)."""
@@ -1103,6 +1146,8 @@ class BoreTunnel:
                 raise DistllmError(f"bore server {self.server} wants a secret: pass bore://SECRET@{self.server}")
             while first == "Heartbeat":
                 first = self._recv()
+            if isinstance(first, dict) and "Error" in first and port:
+                raise _PortRefused(f"bore server {self.server} refused port {port}: {first['Error']!r}")
             if not (isinstance(first, dict) and isinstance(first.get("Hello"), int)):
                 raise DistllmError(f"bore server {self.server} refused the tunnel: {first!r}")
         except BaseException:
@@ -1113,18 +1158,31 @@ class BoreTunnel:
 
     def _reopen(self) -> None:
         """Open the tunnel again after its control connection closed: the same port if the server still
-        grants it, else any (then `on_moved`); with back-off, until it works or the tunnel is closed."""
-        delay, old = 0.5, self.remote_port
+        grants it (or the one a take() wants, while it is patient), else any (then `on_moved`); with back-off,
+        until it works or the tunnel is closed."""
+        old, wanted = self.remote_port, self._wanted
+        self._wanted = None
+        delay = 0.0 if wanted else 0.5
         while not self._closed.wait(delay):
             try:
-                try:
-                    self._dial(old)
-                except DistllmError:  # that port went to someone else: take another
-                    self._dial(0)
+                if wanted is not None:
+                    self._dial_wanted(*wanted)
+                else:
+                    try:
+                        self._dial(old)
+                    except _PortRefused:  # that port went to someone else: take another
+                        self._dial(0)
             except (OSError, DistllmError) as exc:
                 delay = min(2 * delay, 30.0)
                 _log.warning("bore tunnel: cannot open it again yet (%s); next try in %.0f s", exc, delay)
                 continue
+            self._taken.set()
+            if wanted is not None:
+                _log.warning("bore tunnel moved to %s:%d%s", self.server, self.remote_port,
+                             "" if self.remote_port == wanted[0] else f" (port {wanted[0]} was not to be had)")
+                if self.remote_port != old and self.on_moved is not None:
+                    self.on_moved(self.server, self.remote_port)
+                return
             self.reopened += 1
             if self.remote_port == old:
                 _log.warning("bore tunnel open again at %s:%d", self.server, old)
@@ -1193,7 +1251,8 @@ class BoreTunnel:
             except (OSError, DistllmError) as exc:
                 if self._closed.is_set():
                     return
-                _log.warning("bore tunnel lost its control connection (%s); opening it again", exc)
+                if self._wanted is None:
+                    _log.warning("bore tunnel lost its control connection (%s); opening it again", exc)
                 self._control.close()
                 self._reopen()
                 continue
@@ -8554,7 +8613,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
             self._renewed_at = self._t
             self._took_over_at = self._t if arg.get("took_over") else None
             self._publish()
-        elif kind == "moved":  # the join string changed (the tunnel moved): the store's record with it
+        elif kind in ("moved", "published"):  # the join string or the API's address changed: the store's record
             if self._storing:
                 self._out.append(_Renew(news=True))
                 self._renewed_at = self._t
@@ -8705,6 +8764,7 @@ class _ClusterStore:
             "host": self._host_id, "epoch": self._store_epoch, "join_string": self.join_string,
             "model": self.model, "started": self._started_at, "renewed": now,
             "api": self._servers[0].url if self._servers else None,  # (a stepping-down host points clients here)
+            "address_notes": self._address_notes,  # public addresses a takeover could not keep
             "lease_s": self._lease_s(self._ckpt.store)}),
             urgent=news or not renew or not isinstance(self._ckpt.store, HubStore),  # (a Hub renewal waits for a push)
             renew=renew)
@@ -8891,9 +8951,48 @@ class _ClusterStore:
                 holder = record.get("host") if isinstance(record, dict) else None
                 _log.warning("standby: %s; taking over after %.1f s", f"the lease of {holder} lapsed" if holder
                              else "no host holds the store", self._now() - t0)
+                self._previous = record if isinstance(record, dict) else {}
+                self._take_address()
                 self._command("claim", store)  # (on the coordinator's thread, which owns what a claim replaces)
                 return
             self._closed.wait(min(1.0, self.config.lease_s / 4))
+
+    def _previous_address(self, which: str, tunnel: Any) -> int | None:
+        """The public port the host this one took over from had for `which` ("join": its join endpoint, "api":
+        its API), where `tunnel` is a bore tunnel to the same server (so this host can ask for that port)."""
+        if not isinstance(tunnel, BoreTunnel):
+            return None
+        try:
+            if which == "join":
+                address = JoinInfo.parse(str(self._previous.get("join_string"))).endpoint.removeprefix("tcp://")
+            else:
+                address = str(self._previous.get("api") or "").removeprefix("http://").partition("/")[0]
+            host, _, port = address.rpartition(":")
+            return int(port) if host == tunnel.server and 0 < int(port) < 65536 else None
+        except (JoinStringError, ValueError):
+            return None
+
+    def _take_address(self) -> None:
+        """A standby taking over behind a bore tunnel asks the bore server for the join port the dead host had
+        (its API's: `serve()`), before it claims the store: workers and clients keep the address they know.
+        Where the server still holds it after `Config.takeover_port_s`, another port is taken and said."""
+        wanted = self._previous_address("join", self._tunnel)
+        if wanted is None:
+            return
+        t0 = self._now()
+        if self._tunnel.take(wanted, self.config.takeover_port_s):  # (its on_moved tells the coordinator)
+            _log.warning("standby: took the previous host's public address %s:%d over in %.1f s",
+                         self._tunnel.server, wanted, self._now() - t0)
+        else:
+            self._address_taken("the join endpoint", f"{self._tunnel.server}:{wanted}",
+                                f"{self._tunnel.server}:{self._tunnel.remote_port}")
+
+    def _address_taken(self, what: str, old: str, new: str) -> None:
+        """Say, in the status, the panel, the log and the store's record, that `what` could not keep its
+        public address through a takeover."""
+        note = f"{what} is at {new}: {old} (the previous host's) was still held"
+        self._address_notes.append(note)
+        _log.warning("%s; workers following the store and clients reading its record find the new one", note)
 
 
 class Cluster(_ClusterStore):
@@ -9022,6 +9121,8 @@ class Cluster(_ClusterStore):
         # TCP connection fd -> the worker last heard on it (bounded by the open fds: the OS reuses numbers).
         self._fds: dict[int, WorkerID] = {}
         self._panel: Any = None  # the notebook control panel, built on first display
+        self._previous: dict = {}  # the rendezvous record of the host this one took over from
+        self._address_notes: list[str] = []  # public addresses a takeover could not keep
         self._servers: list[Any] = []  # OpenAI-compatible APIs started by serve()
         self._ready = _threading.Event()  # set and cleared as the core says (_Readiness)
         self._closed = _threading.Event()
@@ -9113,8 +9214,9 @@ class Cluster(_ClusterStore):
 
     @property
     def status(self) -> str:
-        """One line saying what the cluster is doing or waiting for."""
-        return self._core._status
+        """One line saying what the cluster is doing or waiting for (and where a takeover could not keep the
+        public address the host before it had)."""
+        return "; ".join([self._core._status, *self._address_notes])
 
     def stats(self) -> dict:
         """Return counters since start.
@@ -9291,15 +9393,21 @@ class Cluster(_ClusterStore):
         _show(self._repr_html_(), lambda: _Panel(self), self)
 
 
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> "Server":
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              tunnel: Any = None) -> "Server":
         """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in the background.
 
         Returns the running Server at once (`server.url` is the base URL for an OpenAI
         client; port 0 picks a free one). With `api_key`, requests must carry it as a
-        bearer token. Needs `pip install 'distllm[serve]'`.
+        bearer token. With `tunnel` (as `Config.tunnel`: "bore", "bore://[secret@]host[:port]",
+        ...), `server.url` is the tunnel's public address; on a standby that took over, the
+        same public port the host before it had, where the bore server grants it. Needs
+        `pip install 'distllm[serve]'`.
         """
-        server = Server(self, host, port, api_key)
+        server = Server(self, host, port, api_key, tunnel=tunnel)
         self._servers.append(server)
+        if self._ckpt is not None:
+            self._command("published", None)  # the store's record names the API: a stepping-down host's clients
         return server
 
 
@@ -9716,7 +9824,8 @@ def _cluster_html(cluster: "Cluster", *, join_cell: bool = True) -> str:
                + (f' · speculation: {stats["accepted"]}/{stats["drafted"]} drafts accepted, '
                   f'{stats["tokens_per_trip"]:.2f} tokens a trip, {stats["windows_kept"]}/{stats["windows"]} '
                   'windows behind another held' if cluster.config.speculate else "")
-               + (f' · store: {_esc(cluster.store_status)}' if cluster.config.store else "") + "</div></div>")
+               + (f' · store: {_esc(cluster.store_status)}' if cluster.config.store else "")
+               + "".join(f' · API: <code>{_esc(server.url)}</code>' for server in cluster._servers) + "</div></div>")
     return "".join(out)
 
 
@@ -10033,7 +10142,9 @@ class Server:
     ends it (so does closing the cluster).
     """
 
-    def __init__(self, cluster: "Cluster", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
+    def __init__(self, cluster: "Cluster", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 tunnel: Any = None):
+        self._tunnel = _make_tunnel(tunnel)  # (a bad spec fails before anything listens)
         try:
             import uvicorn
         except ImportError as exc:
@@ -10049,16 +10160,44 @@ class Server:
                 raise OSError(f"the API server could not listen on {host}:{port} (see the log above)")
             _time.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{host}:{self.port}/v1"
+        self.local_url = self.url = f"http://{host}:{self.port}/v1"
+        if self._tunnel is not None:
+            try:
+                self.url = self._open_tunnel()
+            except BaseException:
+                self.stop()
+                raise
         _log.info("OpenAI-compatible API at %s (model %r)", self.url, self.model)
+
+    def _open_tunnel(self) -> str:
+        """Open the tunnel to the API's port; return the public base URL. A standby that took over asks a bore
+        server for the port the API of the host before it had (clients keep their URL), patiently."""
+        wanted = self.cluster._previous_address("api", self._tunnel)
+        if wanted is None:
+            public_host, public_port = self._tunnel.open(self.port)
+        else:
+            self._tunnel.remote_port = wanted
+            public_host, public_port = self._tunnel.open(self.port, patience_s=self.cluster.config.takeover_port_s)
+            if public_port != wanted:
+                self.cluster._address_taken("the API", f"{public_host}:{wanted}", f"{public_host}:{public_port}")
+        if hasattr(self._tunnel, "on_moved"):  # reopened elsewhere (the relay restarted, the port went)
+            self._tunnel.on_moved = self._moved
+        return f"http://{public_host}:{public_port}/v1"
+
+    def _moved(self, public_host: str, public_port: int) -> None:
+        self.url = f"http://{public_host}:{public_port}/v1"
+        _log.warning("the API's public address is now %s", self.url)
+        self.cluster._command("published", None)  # the store's record names it: clients look there
 
     def __repr__(self) -> str:
         return f"<distllm.Server {self.url} model={self.model!r}>"
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving: requests in flight end, the port closes."""
+        """Stop serving: requests in flight end, the port closes (and its tunnel)."""
         self._server.should_exit = True
         self._thread.join(timeout)
+        if self._tunnel is not None:
+            self._tunnel.close()
 
     # -- HTTP -----------------------------------------------------------------
 
@@ -12459,7 +12598,7 @@ def _join(args: Any) -> int:
 
 def _serve(args: Any) -> int:
     options = {"quant": args.quant, "store": args.store, "bind": args.bind, "advertise": args.advertise,
-               "standby": args.standby, "lease_s": args.lease, "stages": args.stages}
+               "standby": args.standby, "lease_s": args.lease, "stages": args.stages, "tunnel": args.tunnel}
     cluster = local(args.model, workers=args.workers, **options) if args.workers else host(args.model, **options)
     try:
         _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
@@ -12473,7 +12612,7 @@ def _serve(args: Any) -> int:
         key = args.api_key or _os.environ.get("DISTLLM_API_KEY")
         while True:  # (a host that stepped down may hold the port a moment longer)
             try:
-                server = cluster.serve(args.host, args.port, api_key=key)
+                server = cluster.serve(args.host, args.port, api_key=key, tunnel=args.tunnel)
                 break
             except (OSError, IndexError, RuntimeError) as exc:
                 _log.warning("cannot listen on %s:%s yet (%s); retrying", args.host, args.port, exc)
@@ -12752,6 +12891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--standby", action="store_true",
                    help="wait as a standby host; take over (and serve the API) when the active host's lease lapses")
     p.add_argument("--lease", type=float, default=10.0, help="seconds the active host's lease in --store lasts")
+    p.add_argument("--tunnel", default=None,
+                   help="reach the host and the API through this tunnel: 'bore' (bore.pub), 'bore://[secret@]host"
+                        "[:port]' or 'ngrok'; a standby that takes over asks a bore server for the same public ports")
     p.add_argument("--stages", type=int, default=None, help="exactly this many pipeline stages (default: the "
                                                              "planner picks)")
     p.add_argument("--map", default=None, help="also run this JSON-lines file of prompts as a checkpointed batch job")

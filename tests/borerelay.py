@@ -7,7 +7,8 @@ told {"Hello": public_port}; each visitor of the public port is announced with
 {"Accept": uuid} and the relay splices the two. With a secret, each control
 connection starts with {"Challenge": uuid} and must answer {"Authenticate": hmac}.
 As bore's server does, it grants a requested public port when it is free, and closes a
-client's public port when that client's control connection closes. `drop_controls()`
+client's public port when that client's control connection closes (its process killed: the
+port is free for another client, a standby host, to ask for). `drop_controls()`
 closes every control connection (a relay restart, a network drop); ports in `taken`
 are refused (someone else got the port meanwhile).
 """
@@ -50,6 +51,17 @@ class BoreRelay:
             controls, self._controls = self._controls + self._splices, []
             self._splices = []
         close_pairs(controls)
+
+    @staticmethod
+    def _free_when_closed(conn: socket.socket, public: socket.socket) -> None:
+        """A client says nothing on its control connection after Hello: it closed (its process died, or it
+        moved) when a read ends. bore's server learns it when its next heartbeat fails, and frees the port."""
+        try:
+            while conn.recv(256):
+                pass
+        except OSError:
+            pass
+        close_pairs([(public, conn)])  # (shut first: a bare close leaves a blocked accept() listening)
 
     @staticmethod
     def _send(sock, message) -> None:
@@ -102,6 +114,7 @@ class BoreRelay:
                 self._controls.append((conn, public))
                 self.hellos.append(public.getsockname()[1])
             self._send(conn, {"Hello": public.getsockname()[1]})
+            threading.Thread(target=self._free_when_closed, args=(conn, public), daemon=True).start()
             while True:
                 try:
                     visitor, _ = public.accept()

@@ -13,6 +13,7 @@ import time
 import httpx
 
 import distllm
+from borerelay import BoreRelay
 from conftest import wait_for
 from netem import free_port
 from test_standby import _serving, cluster_processes  # noqa: F401 (a fixture)
@@ -127,3 +128,69 @@ def test_the_client_helper_carries_a_stream_through_a_sigkilled_host(cluster_pro
         if len(pieces) == 10:
             os.kill(active.pid, signal.SIGKILL)
     assert "".join(pieces) == want and len(pieces) > 10
+
+
+def test_the_standby_takes_the_dead_hosts_public_ports_and_streams_resume_at_the_same_url(cluster_processes,
+                                                                                          tmp_path):
+    """Both hosts reach the world through one bore server (a local relay speaking bore's protocol): the active
+    host's join endpoint and API are public ports there. It is SIGKILLed mid-stream; the standby asks the bore
+    server for those same ports, the worker and the client keep the addresses they had, and the client's
+    reconnect with Last-Event-ID to the same public URL gets the rest of the stream."""
+    relay = BoreRelay()
+    store = str(tmp_path / "store")
+    serve = ["serve", "tiny", "--store", store, "--port", "0", "--quant", "none", "--bind", "127.0.0.1",
+             "--lease", "2", "--stages", "1", "--tunnel", f"bore://127.0.0.1:{relay.control_port}"]
+    active = cluster_processes(serve, "active")
+    wait_for(lambda: (distllm.read_rendezvous(store) or {}).get("api"), 60, "the active host's public API")
+    before = distllm.read_rendezvous(store)
+    url, endpoint = before["api"], distllm.JoinInfo.parse(before["join_string"]).endpoint
+    assert url.startswith("http://127.0.0.1:") and int(url.split(":")[2].split("/")[0]) in relay.hellos
+    cluster_processes(["join", "--store", store, "--name", "w0", "--bind", "127.0.0.1", "--no-direct"], "w0")
+    cluster_processes([*serve, "--standby"], "standby")
+    wait_for(lambda: _serving(url), 120, "the active host's API through the tunnel")
+    body = {**BODY, "max_tokens": 60}
+    whole = read(url, body)
+    first = read(url, body, stop_after=15)
+    rid = first[-1][0].split("/")[0]
+    wait_for(lambda: os.path.exists(os.path.join(store, "requests", f"{rid}.json")), 30, "its checkpoint")
+    os.kill(active.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: (distllm.read_rendezvous(store) or {}).get("host") not in (None, before["host"])
+             and distllm.read_rendezvous(store).get("api"), 120, "the standby's record with its API")
+    after = distllm.read_rendezvous(store)
+    assert after["api"] == url and after["address_notes"] == []  # the same public URL
+    assert distllm.JoinInfo.parse(after["join_string"]).endpoint == endpoint  # the same join address
+    assert after["join_string"] != before["join_string"]  # (its own keys: workers read them from the store)
+    rest = read(url, body, last=first[-1][0])
+    print(f"next event {time.monotonic() - killed:.1f} s after the kill, through the tunnel")
+    assert same_events(first + rest) == same_events(whole)
+    assert text_of(first + rest) == text_of(whole) and rest[-1][1] == "[DONE]"
+
+
+def test_a_port_still_held_is_said_and_the_new_address_published(tmp_path, caplog):
+    """The dead host's port is held (its machine vanished: the bore server has not seen its connection
+    close): the standby waits `takeover_port_s`, takes another port, and says so in its status and the store's
+    record, which workers and clients read."""
+    relay = BoreRelay()
+    spec = f"bore://127.0.0.1:{relay.control_port}"
+    store = str(tmp_path / "store")
+    holder = distllm.BoreTunnel("127.0.0.1", control_port=relay.control_port)  # the vanished host's tunnel
+    _, held = holder.open(free_port())
+    old = distllm.JoinInfo(f"tcp://127.0.0.1:{held}", None, None, None).encode()
+    distllm.open_store(store).write(distllm.RENDEZVOUS, json.dumps(
+        {"host": "gone", "epoch": 1, "join_string": old, "model": "tiny", "started": 0, "renewed": 0,
+         "lease_s": 2}).encode())
+    t0 = time.monotonic()
+    with distllm.host("tiny", quant="none", store=store, standby=True, tunnel=spec, bind="127.0.0.1",
+                      takeover_port_s=1.5, lease_s=2) as standby:
+        assert standby.active.wait(30)
+        took = time.monotonic() - t0
+        wait_for(lambda: distllm.read_rendezvous(store)["host"] != "gone", 30, "the standby's record")
+        record = distllm.read_rendezvous(store)
+        new = distllm.JoinInfo.parse(record["join_string"]).endpoint
+        assert new != f"tcp://127.0.0.1:{held}" and new == distllm.JoinInfo.parse(standby.join_string).endpoint
+        assert record["address_notes"] == [f"the join endpoint is at {new.removeprefix('tcp://')}: "
+                                           f"127.0.0.1:{held} (the previous host's) was still held"]
+        assert record["address_notes"][0] in standby.status
+        assert 1.5 <= took < 20
+    holder.close()
