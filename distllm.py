@@ -310,6 +310,15 @@ class Config:
     replan_grace_s: float = 5.0
     load_stall_s: float = 120.0  # seconds a worker may load without finishing a layer before its assignment is re-sent
     wait_timeout_s: float = 600.0  # seconds a request waits for a complete pipeline
+    # The host as the worker of last resort: when layers have had no worker for `last_resort_after_s` and none
+    # of the live ones can load them, the host starts a worker process of its own for them (its GPU where that
+    # has room, else its CPU; nf4 as workers do; at most `last_resort_memory` bytes, None: what is free), slow
+    # but serving, and hands them back to the first worker that can take them (make before break).
+    last_resort: bool = True
+    last_resort_after_s: float = 10.0
+    last_resort_memory: int | None = None
+    memory_cap: int | None = None  # a worker: declare at most this many bytes of memory (None: what is free)
+    stand_in: str | None = None  # (set by the host) the token its own worker of last resort joins with
     # Admission: requests decoded at once (None: all), and requests that may wait for one of those slots
     # (None: any number; with max_active None, it bounds all requests in flight). Past both, a request is
     # refused at once (OverloadedError; the API's 429 with Retry-After) instead of queueing without bound.
@@ -5034,7 +5043,8 @@ class Worker(_WorkerCompute):
             "leave_at": self.config.leave_at,
             "name": self.name, "pid": _os.getpid(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "memory": _available_memory(self.device), "distllm": __version__, "incarnation": self._incarnation,
+            "memory": min(_available_memory(self.device), self.config.memory_cap or 1 << 62),
+            "distllm": __version__, "incarnation": self._incarnation, "stand_in": self.config.stand_in or "",
             "layers_loaded": self.layers_loaded, "sessions_max": self.config.max_sessions_per_worker,
             "torch": torch.__version__, "transformers": transformers.__version__, "peer": self._peer,
             "bitsandbytes": _package_version("bitsandbytes"),
@@ -6132,6 +6142,7 @@ class _WorkerState:
     lost_why: str | None = None
     layers_loaded: int = 0  # decoder layers its process has loaded so far (it reports; a reload shows here)
     sessions_max: int = 1 << 30  # KV caches it keeps (past them it evicts the least recently used)
+    stand_in: bool = False  # the host's own worker of last resort (it said the token only the host knows)
     download_bytes: int | None = None  # bytes of the weight files its current range is in (None: unknown)
     load_mark: tuple[float, int] = (0.0, 0)  # (when, layers_loaded) a load it owes last made progress
     state: str = "joined"  # joined -> loading -> ready (or standby); dead, left or failed at the end
@@ -6460,7 +6471,8 @@ class _ClusterCollector:
                  ("drafted", "drafted tokens checked"), ("accepted", "drafted tokens accepted"),
                  ("checks", "replicas' answers compared"), ("disagreements", "answers that differed beyond the tolerance"),
                  ("removed", "workers removed for wrong numbers"), ("spot_checks", "steps the host recomputed to check"),
-                 ("unchecked", "verify=agree steps used with one holder left"))
+                 ("unchecked", "verify=agree steps used with one holder left"),
+                 ("resumed_tokens", "tokens of resumed requests and jobs taken from checkpoints, not made again"))
 
     def __init__(self, cluster: "Cluster"):
         self.cluster = cluster
@@ -6701,7 +6713,8 @@ class _CoordinatorMembers:
             device_name=msg.get("device_name", str, "")[:64], memory=msg.get("memory", int),
             pid=msg.get("pid", int, 0), joined_at=now, last_seen=now, incarnation=incarnation,
             layers_loaded=max(0, msg.get("layers_loaded", int, 0)),
-            sessions_max=max(1, msg.get("sessions_max", int, 1 << 30)))
+            sessions_max=max(1, msg.get("sessions_max", int, 1 << 30)),
+            stand_in=bool(self._stand_in_token) and msg.get("stand_in", str, "") == self._stand_in_token)
         # Its build: replicas on different builds or device kinds may not agree bit for bit (see _publish).
         w.build = " ".join(f"{k} {msg.get(k, str, '?')[:32]}" for k in ("torch", "transformers", "bitsandbytes")) + \
             f" on {w.device.split(':')[0]}"
@@ -6750,7 +6763,9 @@ class _CoordinatorMembers:
         """Let the leaving worker go once its successor has caught up with every session."""
         leaver, behind = self._handovers[worker.wid]
         behind &= set(self._sessions)
-        if not behind and worker.state == "ready":
+        # (the host's worker of last resort does not wait: it is slow, its queue deep, and what its successor
+        # lacks the host replays from the inputs it keeps; the simulation: seed 20029)
+        if (not behind or self._workers[leaver].stand_in) and worker.state == "ready":
             del self._handovers[worker.wid]
             if self._workers[leaver].alive:
                 self._release(self._workers[leaver])
@@ -6792,7 +6807,7 @@ class _CoordinatorMembers:
         """Start moving `worker`'s range to a standby, which warms up before it lets go; False if none can."""
         stage = next((s for s in self._plan or () if worker.wid in s.workers), None)
         others = [w for w in (stage.workers if stage else ()) if w != worker.wid and self._workers[w].serving]
-        standby = next((w for w in self._live() if w.state == "standby" and w.next_layers is None
+        standby = next((w for w in self._live() if w.state == "standby" and w.next_layers is None and not w.stand_in
                         and stage is not None and self._capacity(w) >= stage.layers), None)  # (not one loading
         #                                                                              for a rebalance)
         if stage is None or others or standby is None:
@@ -6940,7 +6955,9 @@ class _CoordinatorMembers:
                 for wid in sorted(step.targets):
                     w = self._workers[wid]
                     deadline = self._step_deadline(w, step.n)
-                    if clock - step.sent_at > deadline and w.alive:
+                    # (from its last answer, if later: a slow worker working through a queue of other sessions'
+                    # steps is busy, not stuck; found by the simulation with the host's CPU worker, seed 20038)
+                    if clock - max(step.sent_at, w.answered_at) > deadline and w.alive:
                         self._lose_worker(w, f"a step took over {deadline:.1f} s (stuck)", state="dead")
         if self._plan is None and self._live():
             self._place()  # e.g. the wait for calibrations ran out
@@ -6953,6 +6970,7 @@ class _CoordinatorMembers:
             self._stats["unchecked"] += 1
             self._drained(s)
         self._review_stragglers()
+        self._consider_stand_in(now)
         self._maybe_rebalance(now)
         self._forget_departed(now)
         self._publish()
@@ -7016,6 +7034,11 @@ class _CoordinatorMembers:
         for s in self._sessions.values():
             for holders in s.holders.values():
                 holders.discard(worker.wid)
+        if worker.wid in self._handovers:  # a successor lost mid-handover: its leaver serves on, and hands over
+            leaver = self._workers[self._handovers.pop(worker.wid)[0]]  # to another standby if one can take it
+            if leaver.alive and leaver.state == "leaving":  # (the simulation: seed 39, the host's CPU worker)
+                leaver.state = "ready"
+                self._hand_over(leaver)
         self._place()
         for s in list(self._sessions.values()):
             for step in list(s.steps.values()):
@@ -7891,10 +7914,12 @@ class _CoordinatorPlacement:
             return
         self._cannot_load = None
         if self._plan is not None:
-            standbys = [w for w in live if w.layers is None]
+            standbys = sorted((w for w in live if w.layers is None), key=lambda w: w.stand_in)  # the host's last
             for stage in self._plan:
                 want = self.config.replicas - len(stage.workers)
                 for w in [w for w in standbys if self._capacity(w) >= stage.layers][:max(0, want)]:
+                    if w.stand_in and stage.workers:
+                        continue  # the host's worker serves only what nobody else can
                     standbys.remove(w)
                     stage.workers.append(w.wid)
                     self._assign(w, stage.start, stage.end)
@@ -7937,6 +7962,56 @@ class _CoordinatorPlacement:
             self._restart_all("the layers were re-planned")
         self._status = f"loading layers on {sum(len(s.workers) for s in plan)} workers"
         self._publish()
+
+    def _ready_status(self) -> str:
+        ranges = [f"{s.start}..{s.end - 1}" for s in self._plan or () if any(self._workers[w].stand_in and
+                                                                              self._workers[w].serving for w in s.workers)]
+        return f"ready: {len(self._plan)} stages" + (
+            f"; the host itself serves layers {', '.join(ranges)} as the worker of last resort (slowly: a worker "
+            f"that joins takes them over)" if ranges else "")
+
+    def _consider_stand_in(self, now: float) -> None:
+        """The host as the worker of last resort. Layers that have had no worker for `last_resort_after_s`,
+        with nothing loading that could cover them: ask the shell for the host's own worker (once a minute at
+        most). Once a worker that can take its range is standing by, hand the range to it (make before break:
+        it warms up first) and let the host's worker go; one idle while the plan is whole goes at once."""
+        live = self._live()
+        stand_ins = [w for w in live if w.stand_in]
+        if self._ready:
+            self._uncovered_since = None
+            for w in stand_ins:
+                stage = next((st for st in self._plan if w.wid in st.workers), None)
+                if stage is None and w.state == "standby":
+                    _log.info("the host's worker of last resort is not needed: it stops")
+                    self._release(w)
+                elif (stage is not None and w.state == "ready" and self._rebalance is None and not self._handovers
+                      and any(o.state == "standby" and not o.stand_in and o.next_layers is None
+                              and self._capacity(o) >= stage.layers for o in live)):
+                    _log.warning("a worker can take layers %d..%d: the host hands them back", stage.start,
+                                 stage.end - 1)
+                    self._drain(w)
+            status = self._ready_status()
+            if status != self._status and self._status.startswith("ready"):
+                self._status = status
+            return
+        busy = self._rebalance is not None or any(w.state == "loading" for w in live)
+        if not self.config.last_resort or not self._epoch or stand_ins or busy:
+            self._uncovered_since = None
+            return
+        self._uncovered_since = self._uncovered_since if self._uncovered_since is not None else now
+        if now - self._uncovered_since < self.config.last_resort_after_s or (
+                self._stand_in_asked is not None and now - self._stand_in_asked < 60):
+            return
+        if self._plan is not None:
+            missing = sum(st.layers for st in self._plan if not st.workers)
+        else:
+            missing = self.n_layers - sum(self._capacity(w) for w in live)
+        if missing <= 0:
+            return
+        self._stand_in_asked = now
+        _log.warning("%d layers have had no worker for %.0f s and none can load them: the host loads them itself "
+                     "(slowly) until a worker can take them", missing, now - self._uncovered_since)
+        self._out.append(_StandIn(missing, self._stand_in_token))
 
     def _give_up_loading(self, idle: list[_WorkerState]) -> None:
         """Every worker failed to load its layers: fail the requests now, with the workers' reason (they
@@ -7999,6 +8074,8 @@ class _CoordinatorPlacement:
             return
         self._last_rebalance = now
         live = self._live()
+        if any(w.stand_in for w in live):
+            return  # the host's worker of last resort hands its range back as soon as it can; no moves meanwhile
         if any(w.state not in ("ready", "standby") for w in live):
             return  # loading or leaving: not now
         profiles = self._profiles(live)
@@ -8105,7 +8182,7 @@ class _CoordinatorPlacement:
             _log.warning("the plan is whole again: abandoning the re-plan that was loading")
             self._abort_rebalance()
         if complete and not self._ready:
-            self._status = f"ready: {len(self._plan)} stages"
+            self._status = self._ready_status()
             self._set_ready(True)
         elif not complete:
             self._set_ready(False)
@@ -8228,6 +8305,18 @@ class _Renew(NamedTuple):
 class _Readiness(NamedTuple):
     """Whether a complete pipeline serves (wait_ready() waits for True)."""
     ready: bool
+
+
+# Sessions the host's worker of last resort keeps caches for: it is slow (often a CPU), so more requests
+# would only queue on it and stall together (the simulation: seed 20029); the others wait their turn.
+_STAND_IN_SESSIONS = 4
+
+
+class _StandIn(NamedTuple):
+    """Start the host's worker of last resort for `layers` layers that no worker can hold (its process
+    joins as a worker saying `token`; the core lets it go, with a shutdown, once a worker took them)."""
+    layers: int
+    token: str
 
 
 class _StepDown(NamedTuple):
@@ -8442,10 +8531,13 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
     """
 
     def __init__(self, parts: dict, config: Config, *, host_id: str = "host", t: float = 0.0,
-                 wall_offset: float = 0.0, speculation: "_Speculation | None" = None) -> None:
+                 wall_offset: float = 0.0, speculation: "_Speculation | None" = None, stand_in_token: str = "") -> None:
         self.__dict__.update(parts)
         self.config = config
         self._host_id = host_id
+        self._stand_in_token = stand_in_token  # what the host's own worker of last resort says when it joins
+        self._uncovered_since: float | None = None  # since when layers have had no worker (and none loading)
+        self._stand_in_asked: float | None = None  # when the core last asked the shell for its worker
         self._t = t  # the time of the event being handled
         self._wall_offset = wall_offset  # wall time = event time + this
         self._out: list = []  # instructions made while handling the current events
@@ -8594,6 +8686,7 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
             return
         if kind == "submit":
             self._sessions[arg.sid] = arg
+            self._stats["resumed_tokens"] += arg.new_tokens  # (a resumed one's, taken from its checkpoint)
             with self._failing_alone(arg, "starting it"):
                 if arg.params.max_new_tokens == 0:
                     self._finish(arg)
@@ -8792,18 +8885,19 @@ class _ClusterStore:
     def _retire_requests(self, store: LocalStore) -> None:
         """Retire the checkpoints of streamed requests whose clients never came back for the rest: untouched
         for `Config.resume_window_s` (a stream's record is rewritten with every token, and deleted when the
-        stream ends whole). One that cannot be read is kept, and named in the log."""
+        stream ends whole); and the answers kept for retries of requests with an Idempotency-Key, as old.
+        One that cannot be read is kept."""
         horizon = self._wall_now() - self.config.resume_window_s
         retired = 0
-        for key in store.keys("requests/"):
+        for key in [*store.keys("requests/"), *store.keys("answers/")]:
             record = _load_record(store, key)
             updated = record.get("updated") if record is not None else None
             if isinstance(updated, (int, float)) and updated < horizon:
                 self._ckpt.delete(key)
                 retired += 1
         if retired:
-            _log.info("store %s: retired %d streams' checkpoints untouched for over %.0f s (their clients did not "
-                      "come back)", store.uri, retired, self.config.resume_window_s)
+            _log.info("store %s: retired %d streams' checkpoints and answers untouched for over %.0f s (their "
+                      "clients did not come back)", store.uri, retired, self.config.resume_window_s)
 
     def _wall_now(self) -> float:
         return _time.time()
@@ -8880,9 +8974,9 @@ class _ClusterStore:
             session.record = (f"sessions/{job.id}.{i}.json", {
                 "job": job.id, "index": i, "prompt_len": len(ids), "params": _dataclasses.asdict(job.params)})
         if generated:
-            self._core._stats["resumed_tokens"] += len(generated)
             if (session.new_tokens >= job.params.max_new_tokens or generated[-1] in self.head.eos_ids
                     or len(session.tokens) >= self.head.context):
+                self._core._stats["resumed_tokens"] += len(generated)  # (never submitted: counted here)
                 sink.put(("done", None))  # it had finished; only its result was not stored
                 return session
         if self._closed.is_set():
@@ -9141,7 +9235,8 @@ class Cluster(_ClusterStore):
         now = self._now()
         self._core = _Coordinator({name: getattr(self, name) for name in self._MODEL_PARTS}, self.config,
                                   host_id=self._host_id, t=now, wall_offset=_time.time() - now,
-                                  speculation=self._speculator() if self.config.speculate else None)
+                                  speculation=self._speculator() if self.config.speculate else None,
+                                  stand_in_token=_uuid.uuid4().hex)
 
     def _setup_curve(self) -> tuple[str, str, str]:
         from zmq.auth.thread import ThreadAuthenticator
@@ -9228,7 +9323,8 @@ class Cluster(_ClusterStore):
         pipelined_chunks (prompt chunks sent ahead); batched (steps a worker ran in one decode
         step with other sessions'; batched_verify: those that were verify steps, their positions rows of
         it), batches (those decode steps: batched / batches is the mean batch);
-        requests (ended) and request_errors (of those, ended by an error); stalls (gaps of over _STALL_S
+        requests (ended) and request_errors (of those, ended by an error); resumed_tokens (tokens of resumed
+        streams, retried keyed requests and resumed job prompts taken from their checkpoints); stalls (gaps of over _STALL_S
         between two tokens of a request); trips (answers of the last stage that gave tokens) and
         tokens_per_trip; with speculate: drafted and
         accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
@@ -9600,6 +9696,8 @@ class Cluster(_ClusterStore):
                         server.stop(timeout=0)  # (not waited for here: a request in it may wait on this thread)
                 elif kind is _Stop:
                     go_on = False
+                elif kind is _StandIn:
+                    self._start_stand_in(op)
                 elif kind is _Opinion:  # (one thread does the host's checks, in turn)
                     if self._checker is None:
                         self._checker = _threading.Thread(target=self._check_loop, name="distllm-check", daemon=True)
@@ -9609,6 +9707,25 @@ class Cluster(_ClusterStore):
                     raise TypeError(f"not an instruction: {op!r}")
             instructions = self._core.handle(failed) if failed else []
         return go_on
+
+    def _start_stand_in(self, op: _StandIn) -> None:
+        """Start the host's worker of last resort: a worker process on this machine that joins over loopback
+        with the core's token, on the GPU where its free memory holds the layers with room to spare, else on
+        the CPU, declaring at most `Config.last_resort_memory`. Its layers are nf4 as the workers' (quant)."""
+        need = op.layers * (self._layer_bytes + self._kv_bytes)
+        gpu = torch.device("cuda") if torch.cuda.is_available() else None
+        device = "cuda" if gpu is not None and _available_memory(gpu) * self.config.memory_fraction > 2 * need \
+            else "cpu"
+        bound = self.config.bind if self.config.bind not in ("0.0.0.0", "::", "*") else "127.0.0.1"
+        info = JoinInfo.parse(self.join_string)
+        join = JoinInfo(f"tcp://{bound}:{self.port}", info.server_key, info.client_public, info.client_secret)
+        _log.warning("the host starts its own worker of last resort on its %s for %d layers%s", device.upper(),
+                     op.layers, "" if device == "cuda" else ": slowly (where the workers compute on GPUs, a CPU's "
+                     "numbers, and so the tokens, may differ from theirs)")
+        _spawn_local_workers(self, 1, join_string=join.encode(), name="host-last-resort", device=device,
+                             threads=max(1, (_os.cpu_count() or 2) // 2), stand_in=op.token,
+                             memory_cap=self.config.last_resort_memory, direct_links=False,
+                             max_sessions_per_worker=_STAND_IN_SESSIONS)
 
     def _check_loop(self) -> None:
         while (op := self._check_queue.get()) is not None:
@@ -10133,6 +10250,7 @@ class _APIRequest:
     resume_after: int = -1  # a resumed stream: the last event the client has (Last-Event-ID)
     generated: list[int] = _dataclasses.field(default_factory=list)  # tokens checkpointed before it resumed
     created: int = 0
+    key: str | None = None  # a whole answer's Idempotency-Key: retried, it is answered from the store
 
 
 class Server:
@@ -10249,7 +10367,9 @@ class Server:
                 raise APIError.of(refusal)
             body = _read_json(await self._body(request))
             req = await run_in_threadpool(self._parse, body, chat)  # tokenizing is CPU work
-            self._identify(req, request.headers.get("last-event-id"))
+            self._identify(req, request.headers.get("last-event-id"), request.headers.get("idempotency-key"))
+            if req.key is not None and (answer := await run_in_threadpool(self._answered, req)) is not None:
+                return answer  # a retry of a request that finished (here, or on the host before this one)
             await run_in_threadpool(self._start, req)  # admitted now, or refused with a 429 before any byte
             if req.stream:
                 return EventSourceResponse(self._sse_async(req), ping=15)
@@ -10388,10 +10508,20 @@ class Server:
 
     # -- answers --------------------------------------------------------------
 
-    def _identify(self, req: _APIRequest, last_event: str | None) -> None:
+    def _identify(self, req: _APIRequest, last_event: str | None, key: str | None = None) -> None:
         """Give the request its id and seed; a stream resumed with `Last-Event-ID` (its event ids read
-        "<id>/<seed>/<event number>") takes them from there and goes on after that event."""
+        "<id>/<seed>/<event number>") takes them from there and goes on after that event. A whole answer
+        asked with an `Idempotency-Key` takes both from the key: a retry is the same request (answered from
+        the store if it finished, resumed from its checkpoint if not)."""
         req.created = int(_time.time())
+        if key is not None and not req.stream:
+            if not _IDEMPOTENCY_KEY.fullmatch(key):
+                raise APIError(400, f"Idempotency-Key {_quote(key[:120])}: use 1-255 printable ASCII characters",
+                               code="invalid_idempotency_key")
+            digest = _hashlib.sha256(key.encode()).hexdigest()
+            req.key, req.rid = digest, f"{'chatcmpl' if req.chat else 'cmpl'}-{digest[:24]}"
+            req.seed = int(digest[24:40], 16) >> 1 if req.seed is None else req.seed
+            return
         if not (last_event or "").strip() or not req.stream:  # (an empty one: no event received yet)
             req.rid = f"{'chatcmpl' if req.chat else 'cmpl'}-{_uuid.uuid4().hex[:24]}"
             req.seed = _secure_seed() if req.seed is None else req.seed  # (named in the event ids: a resume needs it)
@@ -10410,11 +10540,44 @@ class Server:
     def _record_key(self, req: _APIRequest) -> str:
         return f"requests/{req.rid}.json"
 
-    def _checkpointed(self, req: _APIRequest) -> list[int]:
-        """The tokens a resumed stream's request made before, as the store holds them (none without a store,
-        or when the record is not this request's: then all are made again, the same ones)."""
+    @staticmethod
+    def _answer_key(req: _APIRequest) -> str:
+        return f"answers/{req.key}.json"
+
+    @staticmethod
+    def _fingerprint(req: _APIRequest) -> str:
+        """What makes two requests the same one (a key reused for another is refused)."""
+        return _hashlib.sha256(_json_bytes([req.chat, req.ids, req.max_tokens, req.temperature, req.top_p,
+                                            req.seed, req.stop])).hexdigest()
+
+    def _answered(self, req: _APIRequest) -> dict | None:
+        """The stored answer of a finished request with this Idempotency-Key (None: not finished, or no
+        store); a key that was another request's is refused with a 422."""
         ckpt = self.cluster._ckpt
-        if req.resume_after < 0 or ckpt is None:
+        record = _load_record(ckpt.store, self._answer_key(req)) if ckpt is not None else None
+        if not isinstance(record, dict) or not isinstance(record.get("response"), dict):
+            return None
+        if record.get("request") != self._fingerprint(req):
+            raise APIError(422, "this Idempotency-Key was used for another request: a retry must send the same "
+                           "one", code="idempotency_key_reused")
+        _log.info("request %s answered from the store (a retry of one that finished)", req.rid)
+        return record["response"]
+
+    def _store_answer(self, req: _APIRequest, answer: dict) -> None:
+        """Keep a keyed request's answer for its retries (retired with streams', `Config.resume_window_s`
+        after), and retire its checkpoint."""
+        ckpt = self.cluster._ckpt
+        if ckpt is not None:
+            ckpt.write(self._answer_key(req), _json_bytes({"request": self._fingerprint(req), "response": answer,
+                                                           "updated": _time.time()}))
+            ckpt.delete(self._record_key(req))
+
+    def _checkpointed(self, req: _APIRequest) -> list[int]:
+        """The tokens a resumed stream's (or a retried keyed request's) request made before, as the store
+        holds them (none without a store, or when the record is not this request's: then all are made again,
+        the same ones)."""
+        ckpt = self.cluster._ckpt
+        if (req.resume_after < 0 and req.key is None) or ckpt is None:
             return []
         record = _load_record(ckpt.store, self._record_key(req)) or {}
         generated, params = record.get("generated"), record.get("params")
@@ -10436,12 +10599,12 @@ class Server:
             req.sid, req.tokens = self.cluster._open(req.ids, max_new_tokens=req.max_tokens,
                                                      temperature=req.temperature, top_p=req.top_p, top_k=0,
                                                      seed=req.seed, timeout=req.timeout, generated=req.generated,
-                                                     record=self._record_key(req) if req.stream else None)
+                                                     record=self._record_key(req) if req.stream or req.key else None)
         except Exception as exc:  # refused when full (429), a host that stepped down (503), ...
             raise APIError.of(exc) from None
         if req.generated:
-            _log.info("request %s resumed after event %d: %d tokens from its checkpoint", req.rid, req.resume_after,
-                      len(req.generated))
+            _log.info("request %s resumed %s: %d tokens from its checkpoint", req.rid, "(a retry)" if req.key else
+                      f"after event {req.resume_after}", len(req.generated))
 
     def _run(self, req: _APIRequest) -> Iterator[tuple[str, int]]:
         """Yield (text piece, tokens so far) as the cluster makes them, cut at the first stop string.
@@ -10490,7 +10653,10 @@ class Server:
             raise APIError.of(exc) from None
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": req.finish}
                   if req.chat else {"index": 0, "text": text, "finish_reason": req.finish, "logprobs": None})
-        return {**self._head(req), "choices": [choice], "usage": self._usage(req)}
+        answer = {**self._head(req), "choices": [choice], "usage": self._usage(req)}
+        if req.key is not None:
+            self._store_answer(req, answer)
+        return answer
 
     async def _sse_async(self, req: _APIRequest) -> Any:
         """`_sse`'s events, each taken in a worker thread; when the client goes (sse-starlette cancels this),
@@ -10597,6 +10763,7 @@ class _Unnumbered(NamedTuple):
     text: str
 
 
+_IDEMPOTENCY_KEY = _re.compile(r"[\x21-\x7e]{1,255}")
 _EVENT_ID = _re.compile(r"((?:chatcmpl|cmpl)-[0-9a-f]{24})/([0-9]{1,19})/([0-9]{1,9})")
 
 
@@ -10729,7 +10896,8 @@ def _mp_context() -> Any:
     return ctx
 
 
-def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: int, threads: int) -> None:
+def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: int, threads: int,
+                       device: str | None = None) -> None:
     """Entry point of a worker process started by `local()`."""
     _logging.basicConfig(level=_os.environ.get("DISTLLM_LOG", "WARNING"),
                          format=f"%(asctime)s {name} %(levelname)s %(message)s")
@@ -10739,7 +10907,7 @@ def _local_worker_main(join_string: str, name: str, options: dict, parent_pid: i
     # tqdm's default lock is a multiprocessing semaphore, which a SIGKILLed worker cannot give back (its
     # parent's resource tracker then warns at exit); this process's bars need only a thread lock.
     tqdm.set_lock(_threading.RLock())
-    worker = Worker(join_string, name=name, config=Config(**options), parent_pid=parent_pid)
+    worker = Worker(join_string, name=name, device=device, config=Config(**options), parent_pid=parent_pid)
     _signal.signal(_signal.SIGTERM, lambda *_: worker._leaving.set())  # leave gracefully
     worker.serve()
 
@@ -10775,10 +10943,13 @@ def local(model: str = "tiny", *, workers: int = 2, config: Config | None = None
     return cluster
 
 
-def _spawn_local_workers(cluster: Cluster, n: int, **overrides: Any) -> list:
+def _spawn_local_workers(cluster: Cluster, n: int, *, join_string: str | None = None, name: str | None = None,
+                         device: str | None = None, threads: int | None = None, **overrides: Any) -> list:
+    """Start `n` worker processes on this machine that join `cluster` (by its join string, or `join_string`);
+    `overrides`: Config fields of theirs."""
     ctx = _mp_context()
     cfg = cluster.config
-    threads = cfg.worker_threads or max(1, (_os.cpu_count() or 1) // max(1, cfg.workers))
+    threads = threads or cfg.worker_threads or max(1, (_os.cpu_count() or 1) // max(1, cfg.workers))
     procs = []
     for _ in range(n):
         i = len(cluster._local_procs)
@@ -10786,8 +10957,9 @@ def _spawn_local_workers(cluster: Cluster, n: int, **overrides: Any) -> list:
         options["tunnel"] = None  # the host's business; workers dial the join string's address
         options["store"] = None  # they live and die with this process: no host to follow elsewhere
         options.update(overrides)
-        p = ctx.Process(target=_local_worker_main, name=f"local-{i}", daemon=True,
-                        args=(cluster.join_string, f"local-{i}", options, _os.getpid(), threads))
+        p = ctx.Process(target=_local_worker_main, name=name or f"local-{i}", daemon=True,
+                        args=(join_string or cluster.join_string, name or f"local-{i}", options, _os.getpid(),
+                              threads, device))
         p.start()
         cluster._local_procs.append(p)
         procs.append(p)
@@ -11392,6 +11564,7 @@ class _SimWorker:
         self.peer = f"tcp://{name}.sim:7000"
         self.link_key = _hashlib.blake2b(self.incarnation.encode(), digest_size=32).hexdigest()
         self.link_fault: tuple[str, float] = ("", 0.0)
+        self.stand_in = ""  # the token of a host's worker of last resort (one the host started: see _StandIn)
 
     # -- what it sends ----------------------------------------------------------
 
@@ -11403,8 +11576,10 @@ class _SimWorker:
         peer = {"endpoint": self.peer, "key": self.link_key} if self.sim.config.direct_links else {}
         self.send("join", {"name": self.name, "pid": 1, "device": "cpu", "device_name": "sim", "memory": self.memory,
                            "leave_at": self.leave_at,
-                           "sessions_max": self.sim.config.max_sessions_per_worker, "peer": peer,
-                           "incarnation": self.incarnation, "layers_loaded": 0, "held": {}})
+                           "sessions_max": _STAND_IN_SESSIONS if self.stand_in else
+                           self.sim.config.max_sessions_per_worker, "peer": peer,
+                           "incarnation": self.incarnation, "layers_loaded": 0, "held": {},
+                           "stand_in": self.stand_in})
 
     def compute(self, seconds: float, then: Callable[[], None]) -> None:
         """Queue a job on its one compute thread (in order, after the ones before it)."""
@@ -11686,7 +11861,7 @@ class _SimHost(_ClusterStore):
         self.sim, self.up, self.config, self._host_id = sim, True, sim.config, host_id
         self._core = _Coordinator(sim.model.parts, sim.config, host_id=host_id, t=sim.clock(),
                                   speculation=_Speculation(sim.config.speculate, sim.drafter)
-                                  if sim.config.speculate else None)
+                                  if sim.config.speculate else None, stand_in_token=f"{host_id}-stand-in")
         self._jobs: dict[str, Job] = {}
         self._jobs_lock = _threading.Lock()
         self._closed, self.active = _threading.Event(), _threading.Event()
@@ -11808,6 +11983,8 @@ class _Simulation:
         self.deferred: list = []  # requests and jobs that came while no host served: sent once one does
         self.jobs: list[dict] = []  # the batch jobs submitted: name, prompts, sampling (what map() was given)
         self.lost_streams = 0  # streams cut by the host's death (their clients asked again)
+        self.stand_ins = 0  # workers of last resort the hosts started
+        self.newcomer_due = 0.0  # when the last worker that joins after a worker of last resort comes
         self.lost_changes = self.torn_batches = 0  # store changes lost with a host; hosts killed mid-batch
         self.resumed_tokens = 0  # job prompts' tokens a standby took from checkpoints instead of computing
         self.job_wake = False  # the jobs' runners are due to take their news
@@ -11920,8 +12097,24 @@ class _Simulation:
         self.trace.append(f"t={self.clock() - 1000.0:7.2f}s {text}")
 
     def start_worker(self, name: str | None = None) -> _SimWorker:
-        name = name or f"w{next(self.names)}"
-        w = self.make_worker(name)
+        return self._enlist(self.make_worker(name or f"w{next(self.names)}"))
+
+    def start_stand_in(self, op: _StandIn) -> None:
+        """The host's worker of last resort: a process on the host's machine (loopback: no link faults, no
+        fault schedule of its own; it dies with its host), four times slower than a worker (a CPU), with room
+        for the layers asked for."""
+        w = _SimWorker(self, f"host-w{next(self.names)}")
+        w.stand_in, w.layer_ms = op.token, _SIM_LAYER_MS * 4
+        w.memory = int((op.layers + 0.5) * (self.model.parts["_layer_bytes"] + self.model.parts["_kv_bytes"])
+                       / self.config.memory_fraction)
+        self.stand_ins += 1
+        self._enlist(w)
+        later = self.clock() + _random.Random(f"stand-in-{self.seed}-{self.stand_ins}").uniform(15.0, 45.0)
+        self.newcomer_due = max(self.newcomer_due, later)
+        self.at(later, self.start_worker)  # a notebook joins later: the host must hand the layers back to it
+
+    def _enlist(self, w: _SimWorker) -> _SimWorker:
+        name = w.name
         self.workers[name] = w
         self.by_wid[w.wid] = w
         self.by_peer[w.peer] = w
@@ -11968,6 +12161,8 @@ class _Simulation:
                     getattr(host._ckpt, op.op)(op.key, *(() if op.op == "delete" else (op.data,)))
                 elif kind is _Renew and host._ckpt is not None:
                     host.write_rendezvous(renew=True)
+                elif kind is _StandIn:
+                    self.start_stand_in(op)
                 elif kind is not _Readiness:  # (no other host holds the store: nothing stops the coordinator)
                     self.violations.append(f"the coordinator said {op!r}")
             out = host._core.handle(failed) if failed else []
@@ -12035,7 +12230,7 @@ class _Simulation:
             else:
                 self.kill_host(fault.length)
             return
-        live = sorted((w for w in self.workers.values() if w.up), key=lambda w: w.name)
+        live = sorted((w for w in self.workers.values() if w.up and not w.stand_in), key=lambda w: w.name)
         if not live:
             return
         w = live[int(fault.target.lstrip("#")) % len(live)]  # (the k-th worker up at that moment)
@@ -12125,6 +12320,9 @@ class _Simulation:
             self.torn_batches += writer.unwritten > 0
         self.host.up = False
         self.host._closed.set()
+        for w in self.workers.values():
+            if w.stand_in:
+                w.up = False  # (the host's worker of last resort sees its parent gone, and exits)
         for link in self.links.values():
             link["gen"] += 1
             link["connected"] = False
@@ -12241,7 +12439,8 @@ class _Simulation:
         turns, self.progress = 0, self.clock()
         quiet = 1000.0 + max([r.at for r in self.requests] + [f.at + f.length for f in self.faults], default=0) + 1
         while not self.violations and self.clock() < self.until:
-            if not self.active and not self.unsubmitted and self.clock() > quiet and self._jobs_settled():
+            if (not self.active and not self.unsubmitted and self.clock() > max(quiet, self.newcomer_due + 30)
+                    and self._jobs_settled()):
                 break
             if self.clock() - self.progress > 2 * self.config.wait_timeout_s:  # requests wait and nothing moves
                 break
@@ -12273,6 +12472,12 @@ class _Simulation:
             self.violations.append(f"{len(gone)} departed workers still kept")
         if len(c._members.links) > len(c._workers):
             self.violations.append(f"{len(c._members.links)} link records for {len(c._workers)} workers")
+        for w in (w for w in c._live() if w.stand_in and w.layers and self.host.up):
+            able = [o.name for o in c._live() if o.state == "standby" and not o.stand_in
+                    and c._capacity(o) >= w.layers[1] - w.layers[0]]
+            if able:
+                self.violations.append(f"the host's worker of last resort kept layers {w.layers} that standing-by "
+                                       f"{', '.join(able)} could take")
         return self.violations
 
     def _wake_jobs(self) -> None:

@@ -194,3 +194,68 @@ def test_a_port_still_held_is_said_and_the_new_address_published(tmp_path, caplo
         assert record["address_notes"][0] in standby.status
         assert 1.5 <= took < 20
     holder.close()
+
+
+def test_a_retried_whole_answer_with_an_idempotency_key_comes_from_the_store(tmp_path, caplog):
+    """A non-streamed request with an `Idempotency-Key` is one request however often it is sent: its id and
+    seed come from the key, its answer is kept in the store, and a retry (after a lost response, or on the
+    host that took over) gets that answer, not a new one. The key sent with another request is refused."""
+    import hashlib
+
+    caplog.set_level(logging.INFO, logger="distllm")
+    body = {**BODY, "stream": False, "seed": None}
+    del body["seed"]  # (the key's seed: a retry samples the same tokens)
+    with distllm.local("tiny", workers=1, quant="none", calibrate=False, store=str(tmp_path / "store")) as cluster:
+        url = cluster.serve(port=0).url
+        key = {"Idempotency-Key": "order-42"}
+        first = httpx.post(f"{url}/completions", json=body, headers=key, timeout=60)
+        assert first.status_code == 200
+        digest = hashlib.sha256(b"order-42").hexdigest()
+        assert first.json()["id"] == f"cmpl-{digest[:24]}"
+        cluster.checkpoint(30)
+        assert os.path.exists(tmp_path / "store" / "answers" / f"{digest}.json")
+        caplog.clear()
+        again = httpx.post(f"{url}/completions", json=body, headers=key, timeout=60)
+        assert again.json() == first.json()  # the same answer, the same id and time: it was not made again
+        assert any("answered from the store" in r.getMessage() for r in caplog.records)
+        assert cluster.stats()["requests"] == 1
+        seeded = httpx.post(f"{url}/completions", timeout=60, json={**body, "seed": int(digest[24:40], 16) >> 1})
+        assert seeded.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]  # the key's seed
+        other = httpx.post(f"{url}/completions", json={**body, "max_tokens": 5}, headers=key, timeout=30)
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+        bad = httpx.post(f"{url}/completions", json=body, headers={"Idempotency-Key": "a b"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+def test_a_keyed_request_cut_off_by_a_sigkilled_host_is_finished_by_the_standby(cluster_processes, tmp_path):
+    """The host dies while it makes a keyed whole answer; the client's retry (same URL, same key) reaches the
+    standby, which goes on from the request's checkpoint: the answer is the uninterrupted run's."""
+    import threading
+
+    store, url, active = _active_and_standby(cluster_processes, tmp_path)
+    body = {**BODY, "stream": False, "max_tokens": 80}
+    want = httpx.post(f"{url}/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    key = {"Idempotency-Key": "retry-me"}
+    lost: list = []
+    threading.Thread(target=lambda: lost.append(_post_or_error(f"{url}/completions", body, key)), daemon=True).start()
+    rid = "cmpl-" + __import__("hashlib").sha256(b"retry-me").hexdigest()[:24]
+    record = os.path.join(store, "requests", f"{rid}.json")
+    wait_for(lambda: os.path.exists(record) and len(json.load(open(record))["generated"]) >= 10, 60,
+             "ten of its tokens checkpointed")
+    os.kill(active.pid, signal.SIGKILL)
+    wait_for(lambda: lost, 60, "the first attempt to fail")
+    assert isinstance(lost[0], httpx.HTTPError)
+    wait_for(lambda: _serving(url), 120, "the standby's API at the same address")
+    retry = httpx.post(f"{url}/completions", json=body, headers=key, timeout=120)
+    assert retry.status_code == 200 and retry.json()["id"] == rid
+    assert retry.json()["choices"][0]["text"] == want
+    metrics = httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text
+    resumed = [line for line in metrics.splitlines() if line.startswith("distllm_resumed_tokens")]
+    assert resumed and float(resumed[0].split()[-1]) >= 10  # it went on from the checkpoint: not made again
+
+
+def _post_or_error(url: str, body: dict, headers: dict) -> object:
+    try:
+        return httpx.post(url, json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        return exc

@@ -71,10 +71,15 @@ def test_a_new_host_retires_checkpoints_of_streams_whose_clients_never_came_back
     (folder / "cmpl-old.json").write_text(json.dumps({**record, "updated": time.time() - 7200}))
     (folder / "cmpl-new.json").write_text(json.dumps({**record, "updated": time.time() - 60}))
     (folder / "cmpl-bad.json").write_text("{not json")
+    answers = tmp_path / "s" / "answers"  # answers kept for retries with an Idempotency-Key: the same horizon
+    answers.mkdir()
+    (answers / "a.json").write_text(json.dumps({"request": "0" * 64, "response": {}, "updated": time.time() - 7200}))
+    (answers / "b.json").write_text(json.dumps({"request": "0" * 64, "response": {}, "updated": time.time() - 60}))
     cluster = distllm.host("tiny", quant="none", bind="127.0.0.1", store=str(tmp_path / "s"))
     try:
         assert cluster.checkpoint(30)
         assert sorted(os.listdir(folder)) == ["cmpl-bad.json", "cmpl-new.json"]
+        assert os.listdir(answers) == ["b.json"]
     finally:
         cluster.close()
 
