@@ -55,6 +55,7 @@ __all__ = [
     "SwarmSimulator",
     # handles
     "Cluster",
+    "ResumableStream",
     "Worker",
     "Job",
     # the OpenAI-compatible API
@@ -7068,7 +7069,8 @@ class _CoordinatorMembers:
         if k is None:
             return False
         stage = self._plan[k]
-        if sum(self._workers[x].serving for x in stage.workers) >= self.config.replicas:
+        if sum(self._workers[x].serving and not self._workers[x].stand_in for x in stage.workers) >= \
+                self.config.replicas:  # (the host's worker of last resort makes way: _consider_stand_in)
             return False
         stage.workers.append(worker.wid)
         worker.state, worker.lost_at, worker.lost_why = "ready", None, None
@@ -7915,7 +7917,7 @@ class _CoordinatorPlacement:
         self._cannot_load = None
         if self._plan is not None:
             standbys = sorted((w for w in live if w.layers is None), key=lambda w: w.stand_in)  # the host's last
-            for stage in self._plan:
+            for stage in sorted(self._plan, key=lambda st: len(st.workers)):  # a range with nobody before replicas
                 want = self.config.replicas - len(stage.workers)
                 for w in [w for w in standbys if self._capacity(w) >= stage.layers][:max(0, want)]:
                     if w.stand_in and stage.workers:
@@ -7964,8 +7966,8 @@ class _CoordinatorPlacement:
         self._publish()
 
     def _ready_status(self) -> str:
-        ranges = [f"{s.start}..{s.end - 1}" for s in self._plan or () if any(self._workers[w].stand_in and
-                                                                              self._workers[w].serving for w in s.workers)]
+        ranges = [f"{s.start}..{s.end - 1}" for s in self._plan or ()
+                  if any(self._workers[w].stand_in and self._workers[w].serving for w in s.workers)]
         return f"ready: {len(self._plan)} stages" + (
             f"; the host itself serves layers {', '.join(ranges)} as the worker of last resort (slowly: a worker "
             f"that joins takes them over)" if ranges else "")
@@ -7981,8 +7983,9 @@ class _CoordinatorPlacement:
             self._uncovered_since = None
             for w in stand_ins:
                 stage = next((st for st in self._plan if w.wid in st.workers), None)
-                if stage is None and w.state == "standby":
-                    _log.info("the host's worker of last resort is not needed: it stops")
+                if stage is None and w.state == "standby" or stage is not None and any(
+                        self._workers[o].serving and not self._workers[o].stand_in for o in stage.workers):
+                    _log.warning("the host's worker of last resort is not needed (a worker came back): it stops")
                     self._release(w)
                 elif (stage is not None and w.state == "ready" and self._rebalance is None and not self._handovers
                       and any(o.state == "standby" and not o.stand_in and o.next_layers is None
@@ -7995,20 +7998,27 @@ class _CoordinatorPlacement:
                 self._status = status
             return
         busy = self._rebalance is not None or any(w.state == "loading" for w in live)
-        if not self.config.last_resort or not self._epoch or stand_ins or busy:
+        # Only while some worker is reachable: with every one gone at once the host's own link is the likelier
+        # fault (a relay outage in front of it), and the workers come back to their ranges with no reload.
+        reachable = any(not self._members.down(w.wid) for w in live)
+        pending = any(not w.serving for w in stand_ins)  # (one on its way: it takes a range first)
+        if not self.config.last_resort or pending or busy or not reachable:
+            missing = 0
+        elif self._plan is not None:  # a plan held: ranges that lost every holder
+            missing = sum(st.layers for st in self._plan if not st.workers)
+        elif len(live) >= self._workers_needed(now):  # no plan: the workers there lack the memory
+            missing = self.n_layers - sum(self._capacity(w) for w in live)
+        else:  # (still waiting for the workers it was told to wait for)
+            missing = 0
+        if missing <= 0:
             self._uncovered_since = None
             return
         self._uncovered_since = self._uncovered_since if self._uncovered_since is not None else now
-        if now - self._uncovered_since < self.config.last_resort_after_s or (
-                self._stand_in_asked is not None and now - self._stand_in_asked < 60):
+        if now - self._uncovered_since < self.config.last_resort_after_s or (  # (one asked for that never came:
+                self._stand_in_asked is not None and now - self._stand_in_asked[0] < 60  # not again for a minute)
+                and len(stand_ins) <= self._stand_in_asked[1]):
             return
-        if self._plan is not None:
-            missing = sum(st.layers for st in self._plan if not st.workers)
-        else:
-            missing = self.n_layers - sum(self._capacity(w) for w in live)
-        if missing <= 0:
-            return
-        self._stand_in_asked = now
+        self._stand_in_asked = (now, len(stand_ins))
         _log.warning("%d layers have had no worker for %.0f s and none can load them: the host loads them itself "
                      "(slowly) until a worker can take them", missing, now - self._uncovered_since)
         self._out.append(_StandIn(missing, self._stand_in_token))
@@ -8037,7 +8047,8 @@ class _CoordinatorPlacement:
         self._set_ready(False)
         if self._replanning:
             return True  # one is loading already
-        survivors = [w for w in live if w.state in ("ready", "standby") and not self._members.down(w.wid)]
+        survivors = [w for w in live if w.state in ("ready", "standby") and not self._members.down(w.wid)
+                     and not w.stand_in]  # (the host's worker serves what it has until a worker can take it)
         proposal = self._propose(self._profiles(survivors)) if survivors else None
         if proposal is None:
             status = (f"waiting for workers: {len(survivors)} of {self.config.workers} reachable, and layers "
@@ -8537,7 +8548,8 @@ class _Coordinator(_CoordinatorMembers, _CoordinatorSteps, _CoordinatorPlacement
         self._host_id = host_id
         self._stand_in_token = stand_in_token  # what the host's own worker of last resort says when it joins
         self._uncovered_since: float | None = None  # since when layers have had no worker (and none loading)
-        self._stand_in_asked: float | None = None  # when the core last asked the shell for its worker
+        # (when, how many it had) the core last asked the shell for a worker of last resort
+        self._stand_in_asked: tuple[float, int] | None = None
         self._t = t  # the time of the event being handled
         self._wall_offset = wall_offset  # wall time = event time + this
         self._out: list = []  # instructions made while handling the current events
@@ -9089,7 +9101,207 @@ class _ClusterStore:
         _log.warning("%s; workers following the store and clients reading its record find the new one", note)
 
 
-class Cluster(_ClusterStore):
+# A Python stream's resume token: <request id>/<seed>/<items taken> (see ResumableStream).
+_RESUME_TOKEN = _re.compile(r"([0-9a-f]{24})/([0-9]{1,19})/([0-9]{1,9})")
+
+
+class ResumableStream:
+    """What `Cluster.stream` returns: an iterator of the completion's items (text pieces, or token ids), whose
+    `resume_token` names the last item taken: `cluster.stream(same prompt and parameters, resume=token)` goes
+    on after it, on this host or on the one that took its store over."""
+
+    def __init__(self, items: Iterator, name: str, after: int, cluster: "Cluster", sid: SessionID,
+                 record: str | None):
+        self._items, self._name, self._after, self._taken = items, name, after, 0
+        self._cluster, self._sid, self._record = cluster, sid, record
+        self._stopped = False
+        self.resume_token = f"{name}/{after}"
+
+    def __iter__(self) -> "ResumableStream":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                item = next(self._items)
+            except StopIteration:  # whole (not stopped): its checkpoint is not needed any more
+                if self._cluster._ckpt is not None and self._record is not None and not self._stopped:
+                    self._cluster._ckpt.delete(self._record)
+                    self._record = None
+                raise
+            self._taken += 1
+            if self._taken > self._after:  # (a resumed stream: the items its client has are made, not given)
+                self.resume_token = f"{self._name}/{self._taken}"
+                return item
+
+    def close(self) -> None:
+        """Stop the request (its slots on every stage free); from the thread that iterates it."""
+        self._items.close()
+
+    def stop(self) -> None:
+        """Stop the request from any thread: the iteration ends after the items already made, and the stream
+        stays resumable from its `resume_token`."""
+        self._stopped = True
+        self._cluster.cancel(self._sid)
+
+
+class _ClusterRequests:
+    """The shell's request side (part of `Cluster`): requests in (checked, tokenized, admitted), their tokens
+    out as streams, resumable ones from their checkpoints. Runs on the callers' threads; the core does the
+    rest."""
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 timeout: float | None = None) -> str | list[int]:
+        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt.
+
+        `timeout`: seconds the whole request may take; past it the request is cancelled on every stage
+        and DeadlineExceeded (a TimeoutError) is raised. OverloadedError: the cluster runs and queues
+        as many requests as `max_active` and `max_queued` allow."""
+        _, pieces = self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, seed=seed, timeout=timeout)  # (not checkpointed: not resumable)
+        if isinstance(prompt, str):
+            return "".join(pieces)
+        return list(pieces)
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, timeout: float | None = None,
+               resume: str | None = None) -> "ResumableStream":
+        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt (`timeout`
+        and errors as generate()'s).
+
+        The stream's `resume_token` (after each item) given back as `resume` with the same prompt
+        and parameters, to this host or to the standby that took its store over, yields the items
+        after that one: the same ones as an unbroken stream (seeded or greedy). With a store its
+        tokens are checkpointed as they come, and a resumed stream makes only the rest."""
+        rid, after = _uuid.uuid4().hex[:24], 0
+        if resume is not None:
+            match = _RESUME_TOKEN.fullmatch(str(resume))
+            if match is None:
+                raise RequestError(f"resume={_quote(resume)} is not a stream's resume_token (<id>/<seed>/<n>)")
+            if seed is not None and seed != int(match.group(2)):
+                raise RequestError(f"seed={seed} is not the stream's ({match.group(2)}): resume the same request")
+            rid, seed, after = match.group(1), int(match.group(2)), int(match.group(3))
+        seed = _secure_seed() if seed is None else seed
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed)
+        record = f"requests/py-{rid}.json" if self._ckpt is not None else None
+        generated = self._checkpointed(record, self._prompt_ids(prompt), params) if resume and record else []
+        sid, items = self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, timeout=timeout, generated=generated, record=record)
+        return ResumableStream(items, f"{rid}/{seed}", after, self, sid, record)
+
+    def _checkpointed(self, record: str, ids: list[int], params: SamplingParams) -> list[int]:
+        """The tokens a request's checkpoint `record` holds, where it is this request's (the same prompt and
+        sampling parameters); none otherwise (then all are made again: the same ones)."""
+        stored = _load_record(self._ckpt.store, record) or {}
+        generated, kept = stored.get("generated"), stored.get("params")
+        vocab = self.model_config.vocab_size
+        if (stored.get("prompt_sha") != _hashlib.sha256(_json_bytes(ids)).hexdigest() or not isinstance(kept, dict)
+                or any(kept.get(k) != v for k, v in _dataclasses.asdict(params).items())
+                or not isinstance(generated, list)
+                or not all(isinstance(t, int) and 0 <= t < vocab for t in generated)):
+            if stored:
+                _log.warning("%s is not this request's checkpoint; its tokens are made again", record)
+            return []
+        return generated[:params.max_new_tokens]
+
+    def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, seed: int | None, timeout: float | None, generated: Sequence[int] = (),
+              record: str | None = None) -> tuple[SessionID, Iterator]:
+        """Start a request now (admitted or refused at once); return its id and its stream. `generated`: tokens
+        it made already (a resumed stream: the stream yields them first, then the rest); `record`: the store key
+        its tokens are checkpointed under as they come (with a store)."""
+        timeout = _timeout_arg(timeout)
+        session = self._new_session(prompt, SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=_secure_seed() if seed is None else seed), timeout, generated=generated, record=record)
+        text = _TextStream(self.tokenizer, session.tokens[:session.prompt_len]) if isinstance(prompt, str) else None
+        return session.sid, self._events(session, text, timeout, before=generated)
+
+    def cancel(self, sid: SessionID) -> None:
+        """End a request now (its slots on every stage are freed); its stream ends."""
+        self._command("cancel", sid)
+
+    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams, timeout: float | None = None,
+                     generated: Sequence[int] = (), record: str | None = None) -> _Session:
+        ids = self._prompt_ids(prompt)
+        if self._closed.is_set():
+            raise self._core._closed_error()
+        now = self._now()
+        session = _Session(_uuid.uuid4().hex[:16], ids + list(generated), len(ids), params, _queue.Queue(), now,
+                           wait_timeout=self.config.wait_timeout_s)
+        if record is not None and self._ckpt is not None:
+            session.record = (record, {"prompt_sha": _hashlib.sha256(_json_bytes(ids)).hexdigest(),
+                                       "prompt_len": len(ids), "params": _dataclasses.asdict(params)})
+        if generated and (session.new_tokens >= params.max_new_tokens or generated[-1] in self.head.eos_ids
+                          or len(session.tokens) >= self.head.context):
+            session.events.put(("done", None))  # it had finished: nothing more to make
+            return session
+        if timeout is not None:
+            session.deadline = now + timeout
+        session.admitted, session.slot = self._core._admission.enter(), True
+        self._command("submit", session)
+        return session
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Tokenize (or check) a prompt; raise RequestError or PromptTooLongError if it cannot run."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(_check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
+        else:
+            if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+                raise RequestError(f"prompt must be text or a sequence of token ids, not {type(prompt).__name__}")
+            ids = [_int_arg("a prompt token id", t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} outside the vocabulary of {vocab}")
+        if not ids:
+            raise RequestError("empty prompt: give at least one token")
+        if len(ids) >= self.head.context:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
+                f"(leave room for at least one new token)")
+        return ids
+
+    def _events(self, session: _Session, text: _TextStream | None, timeout: float | None,
+                before: Sequence[int] = ()) -> Iterator:
+        """The session's items as they come (text pieces, or token ids); `before`: tokens made before, first."""
+        finished = False
+        try:
+            for token in before:
+                piece = token if text is None else text.push(token)
+                if piece or text is None:
+                    yield piece
+            while True:
+                try:  # (the host cancels it at its deadline; this wait is a backstop a second later)
+                    kind, value = session.events.get(timeout=None if timeout is None else max(
+                        0.0, session.deadline + 1.0 - self._now()))
+                except _queue.Empty:
+                    raise DeadlineExceeded(f"request not done within {timeout} s; cluster: {self._core._status}") from None
+                if kind == "token":
+                    if text is None:
+                        yield value
+                    else:
+                        piece = text.push(value)
+                        if piece:
+                            yield piece
+                elif kind == "done":
+                    finished = True
+                    if text is not None:
+                        tail = text.flush()
+                        if tail:
+                            yield tail
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            if not finished:
+                self._command("cancel", session.sid)
+
+
+class Cluster(_ClusterRequests, _ClusterStore):
     """The host side of a distllm cluster: the public handle, and the shell around the coordinator's core.
 
     The shell owns the ZeroMQ sockets, the authenticator, the tunnel, the socket monitor, the command
@@ -9221,6 +9433,7 @@ class Cluster(_ClusterStore):
         self._ready = _threading.Event()  # set and cleared as the core says (_Readiness)
         self._closed = _threading.Event()
         self._local_procs: list[Any] = []
+        self._stand_ins = 0  # workers of last resort started (named host-last-resort, host-last-resort-2, ...)
         self._registry: Any = None  # prometheus_client's, made by the first metrics() call
         self._check_lock = _threading.Lock()  # the host's own checks of workers' answers, one at a time
         self._check_shard: tuple[tuple[int, int], StageShard] | None = None
@@ -9260,45 +9473,6 @@ class Cluster(_ClusterStore):
         return admitted
 
 
-    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 timeout: float | None = None) -> str | list[int]:
-        """Complete `prompt`; return the completion as text, or as token ids for a token-id prompt.
-
-        `timeout`: seconds the whole request may take; past it the request is cancelled on every stage
-        and DeadlineExceeded (a TimeoutError) is raised. OverloadedError: the cluster runs and queues
-        as many requests as `max_active` and `max_queued` allow."""
-        pieces = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, timeout=timeout)
-        if isinstance(prompt, str):
-            return "".join(pieces)
-        return list(pieces)
-
-    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               timeout: float | None = None) -> Iterator:
-        """Yield the completion as it is made: text pieces, or token ids for a token-id prompt (`timeout`
-        and errors as generate()'s)."""
-        return self._open(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, timeout=timeout)[1]
-
-    def _open(self, prompt: str | Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, seed: int | None, timeout: float | None, generated: Sequence[int] = (),
-              record: str | None = None) -> tuple[SessionID, Iterator]:
-        """Start a request now (admitted or refused at once); return its id and its stream. `generated`: tokens
-        it made already (a resumed stream: the stream yields the ones after them); `record`: the store key its
-        tokens are checkpointed under as they come (with a store)."""
-        timeout = _timeout_arg(timeout)
-        session = self._new_session(prompt, SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=_secure_seed() if seed is None else seed), timeout, generated=generated, record=record)
-        text = _TextStream(self.tokenizer, session.tokens) if isinstance(prompt, str) else None
-        return session.sid, self._events(session, text, timeout)
-
-    def cancel(self, sid: SessionID) -> None:
-        """End a request now (its slots on every stage are freed); its stream ends."""
-        self._command("cancel", sid)
-
     def workers(self) -> list[dict]:
         """Return a snapshot of every worker the host knows (name, state, layers, memory, ...)."""
         return [dict(w) for w in self._core._snapshot[0]]
@@ -9324,8 +9498,8 @@ class Cluster(_ClusterStore):
         step with other sessions'; batched_verify: those that were verify steps, their positions rows of
         it), batches (those decode steps: batched / batches is the mean batch);
         requests (ended) and request_errors (of those, ended by an error); resumed_tokens (tokens of resumed
-        streams, retried keyed requests and resumed job prompts taken from their checkpoints); stalls (gaps of over _STALL_S
-        between two tokens of a request); trips (answers of the last stage that gave tokens) and
+        streams, retried keyed requests and resumed job prompts taken from their checkpoints); stalls (gaps
+        of over _STALL_S between two tokens of a request); trips (answers of the last stage that gave tokens) and
         tokens_per_trip; with speculate: drafted and
         accepted (drafted tokens checked, and those the target agreed with), verify_steps (steps that
         carried drafts), windows (verify steps sent behind another of the same request, drafted assuming
@@ -9507,77 +9681,6 @@ class Cluster(_ClusterStore):
         return server
 
 
-    def _new_session(self, prompt: str | Sequence[int], params: SamplingParams, timeout: float | None = None,
-                     generated: Sequence[int] = (), record: str | None = None) -> _Session:
-        ids = self._prompt_ids(prompt)
-        if self._closed.is_set():
-            raise self._core._closed_error()
-        now = self._now()
-        session = _Session(_uuid.uuid4().hex[:16], ids + list(generated), len(ids), params, _queue.Queue(), now,
-                           wait_timeout=self.config.wait_timeout_s)
-        if record is not None and self._ckpt is not None:
-            session.record = (record, {"prompt_sha": _hashlib.sha256(_json_bytes(ids)).hexdigest(),
-                                       "prompt_len": len(ids), "params": _dataclasses.asdict(params)})
-        if generated and (session.new_tokens >= params.max_new_tokens or generated[-1] in self.head.eos_ids
-                          or len(session.tokens) >= self.head.context):
-            session.events.put(("done", None))  # it had finished: nothing more to make
-            return session
-        if timeout is not None:
-            session.deadline = now + timeout
-        session.admitted, session.slot = self._core._admission.enter(), True
-        self._command("submit", session)
-        return session
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """Tokenize (or check) a prompt; raise RequestError or PromptTooLongError if it cannot run."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(_check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
-        else:
-            if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-                raise RequestError(f"prompt must be text or a sequence of token ids, not {type(prompt).__name__}")
-            ids = [_int_arg("a prompt token id", t) for t in prompt]
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids {bad[:5]} outside the vocabulary of {vocab}")
-        if not ids:
-            raise RequestError("empty prompt: give at least one token")
-        if len(ids) >= self.head.context:
-            raise PromptTooLongError(
-                f"prompt of {len(ids)} tokens does not fit the model's context of {self.head.context} "
-                f"(leave room for at least one new token)")
-        return ids
-
-    def _events(self, session: _Session, text: _TextStream | None, timeout: float | None) -> Iterator:
-        finished = False
-        try:
-            while True:
-                try:  # (the host cancels it at its deadline; this wait is a backstop a second later)
-                    kind, value = session.events.get(timeout=None if timeout is None else max(
-                        0.0, session.deadline + 1.0 - self._now()))
-                except _queue.Empty:
-                    raise DeadlineExceeded(f"request not done within {timeout} s; cluster: {self._core._status}") from None
-                if kind == "token":
-                    if text is None:
-                        yield value
-                    else:
-                        piece = text.push(value)
-                        if piece:
-                            yield piece
-                elif kind == "done":
-                    finished = True
-                    if text is not None:
-                        tail = text.flush()
-                        if tail:
-                            yield tail
-                    return
-                else:
-                    finished = True
-                    raise value
-        finally:
-            if not finished:
-                self._command("cancel", session.sid)
-
     def _command(self, kind: str, arg: Any) -> None:
         self._commands.put((kind, arg))
         with self._wake_lock:
@@ -9722,7 +9825,9 @@ class Cluster(_ClusterStore):
         _log.warning("the host starts its own worker of last resort on its %s for %d layers%s", device.upper(),
                      op.layers, "" if device == "cuda" else ": slowly (where the workers compute on GPUs, a CPU's "
                      "numbers, and so the tokens, may differ from theirs)")
-        _spawn_local_workers(self, 1, join_string=join.encode(), name="host-last-resort", device=device,
+        self._stand_ins += 1
+        name = "host-last-resort" + (f"-{self._stand_ins}" if self._stand_ins > 1 else "")
+        _spawn_local_workers(self, 1, join_string=join.encode(), name=name, device=device,
                              threads=max(1, (_os.cpu_count() or 2) // 2), stand_in=op.token,
                              memory_cap=self.config.last_resort_memory, direct_links=False,
                              max_sessions_per_worker=_STAND_IN_SESSIONS)
@@ -9961,6 +10066,9 @@ class _Panel:
         self.temperature = W.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1, description="temperature",
                                               layout=W.Layout(width="180px"))
         self.go = W.Button(description="Generate", button_style="primary", icon="play")
+        self.stop = W.Button(description="Stop", icon="stop", disabled=True, tooltip="stop the answer here")
+        self.more = W.Button(description="Continue", icon="forward", layout=W.Layout(display="none"),
+                             tooltip="go on from where the answer stopped or broke off (the same answer)")
         self.answer = W.HTML()
         self.node = W.Dropdown(description="node", options=[], layout=W.Layout(width="260px"))
         drain = W.Button(description="Drain", tooltip="move its layers elsewhere, then let it go")
@@ -9969,6 +10077,8 @@ class _Panel:
         checkpoint = W.Button(description="Checkpoint now", disabled=not cluster.config.store,
                               tooltip="write every change to the store" if cluster.config.store else "no store")
         self.go.on_click(lambda _: self._generate())
+        self.stop.on_click(lambda _: self._stream.stop() if self._stream is not None else None)
+        self.more.on_click(lambda _: self._generate(resume=True))
         drain.on_click(lambda _: self._act("drain", lambda: cluster.drain(self._chosen())))
         kick.on_click(lambda _: self._act("kick", lambda: cluster.kick(self._chosen())))
         rebalance.on_click(lambda _: self._act("rebalance", cluster.rebalance))
@@ -9976,11 +10086,13 @@ class _Panel:
         self.widget = W.VBox([
             self.view,
             W.HBox([self.node, drain, kick, rebalance, checkpoint]),
-            W.HBox([self.prompt, W.VBox([self.max_tokens, self.temperature, self.go])]),
+            W.HBox([self.prompt, W.VBox([self.max_tokens, self.temperature, W.HBox([self.go, self.stop, self.more])])]),
             self.answer, self.message,
         ])
         self.widget.add_class("distllm-panel")
         self._names: list[str] = []
+        self._stream: ResumableStream | None = None  # the answer streaming now
+        self._broken: tuple | None = None  # (prompt, sampling, resume token, text, decoder) of one cut short
         self._refresh_nodes()
         _threading.Thread(target=self._refresh_loop, name="distllm-panel", daemon=True).start()
 
@@ -10014,41 +10126,59 @@ class _Panel:
         else:
             run()
 
-    def _pieces(self, prompt: str) -> Iterator[str]:
-        """The answer's text as it streams: for a model with a chat template the prompt is the user's turn."""
-        params = dict(max_new_tokens=self.max_tokens.value, temperature=self.temperature.value)
+    def _open(self, prompt: str, params: dict, token: str | None, decoder: Any) -> tuple[ResumableStream, Any]:
+        """The answer's stream, from `token` if given: for a model with a chat template the prompt is the
+        user's turn, its tokens decoded here (by `decoder`, kept from before when resuming)."""
         tokenizer = self.cluster.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            yield from self.cluster.stream(prompt, **params)
-            return
+            return self.cluster.stream(prompt, **params, resume=token), None
         ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
-        decoder = _TextStream(tokenizer, ids)
-        for token in self.cluster.stream(ids, **params):
-            yield decoder.push(token)
-        yield decoder.flush()
+        return self.cluster.stream(ids, **params, resume=token), decoder or _TextStream(tokenizer, ids)
 
-    def _generate(self) -> None:
-        prompt = self.prompt.value
-        if not prompt.strip():
-            self._say("type a prompt first", ok=False)
-            return
-        self.go.disabled = True
-        self.answer.value = ""
+    def _generate(self, resume: bool = False) -> None:
+        """Stream the prompt's answer into the panel; `resume`: go on with the one stopped or broken off, from
+        its resume token (the same answer an unbroken stream gives)."""
+        if resume and self._broken is not None:
+            prompt, params, token, text, decoder = self._broken
+        else:
+            prompt, token, text, decoder = self.prompt.value, None, "", None
+            params = dict(max_new_tokens=self.max_tokens.value, temperature=self.temperature.value)
+            if not prompt.strip():
+                self._say("type a prompt first", ok=False)
+                return
+            self.answer.value = ""
+        self._broken = None
+        self.go.disabled, self.stop.disabled, self.more.layout.display = True, False, "none"
 
-        def stream() -> None:
-            text = ""
+        def run() -> None:
+            nonlocal text
+            stream = None
             try:
-                for piece in self._pieces(prompt):
-                    text += piece
+                stream, dec = self._open(prompt, params, token, decoder)
+                self._stream = stream
+                for item in stream:
+                    text += dec.push(item) if dec is not None else item
                     self.answer.value = f'<div class="dllm"><pre class="answer">{_esc(text)}</pre></div>'
-                self._say(f"answered: {len(text)} characters")
-            except Exception as exc:  # shown in red and logged
+                if stream._stopped:
+                    self._broken = (prompt, params, stream.resume_token, text, dec)
+                    self._say(f"stopped after {len(text)} characters: Continue goes on from there")
+                else:
+                    text += dec.flush() if dec is not None else ""
+                    self.answer.value = f'<div class="dllm"><pre class="answer">{_esc(text)}</pre></div>'
+                    self._say(f"answered: {len(text)} characters")
+            except Exception as exc:  # shown in red and logged; the answer can go on from where it broke off
                 _log.error("panel: generate failed: %s", _short_error(exc))
-                self._say(f"generate failed: {_short_error(exc)}", ok=False)
+                if stream is not None:
+                    self._broken = (prompt, params, stream.resume_token, text, dec)
+                self._say(f"generate failed: {_short_error(exc)}" + (" (Continue goes on from there)" if stream
+                                                                     else ""), ok=False)
             finally:
-                self.go.disabled = False
+                self._stream = None
+                self.go.disabled, self.stop.disabled = False, True
+                if self._broken is not None:
+                    self.more.layout.display = ""
 
-        _threading.Thread(target=stream, name="distllm-panel-generate", daemon=True).start()
+        _threading.Thread(target=run, name="distllm-panel-generate", daemon=True).start()
 
     def _refresh_nodes(self) -> None:
         names = [w["name"] for w in self.cluster.workers() if w["alive"]]
@@ -10576,20 +10706,10 @@ class Server:
         """The tokens a resumed stream's (or a retried keyed request's) request made before, as the store
         holds them (none without a store, or when the record is not this request's: then all are made again,
         the same ones)."""
-        ckpt = self.cluster._ckpt
-        if (req.resume_after < 0 and req.key is None) or ckpt is None:
+        if (req.resume_after < 0 and req.key is None) or self.cluster._ckpt is None:
             return []
-        record = _load_record(ckpt.store, self._record_key(req)) or {}
-        generated, params = record.get("generated"), record.get("params")
-        vocab = self.cluster.model_config.vocab_size
-        if (record.get("prompt_sha") != _hashlib.sha256(_json_bytes(req.ids)).hexdigest() or not isinstance(params, dict)
-                or (params.get("max_new_tokens"), params.get("temperature"), params.get("top_p"), params.get("seed"))
-                != (req.max_tokens, req.temperature, req.top_p, req.seed)
-                or not isinstance(generated, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in generated)):
-            if record:
-                _log.warning("request %s: its checkpoint is not this request's; its tokens are made again", req.rid)
-            return []
-        return generated[:req.max_tokens]
+        return self.cluster._checkpointed(self._record_key(req), req.ids, SamplingParams(
+            max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=0, seed=req.seed))
 
     def _start(self, req: _APIRequest) -> None:
         """Start the request's session: admitted, or an APIError 429 (with Retry-After) when overloaded. A
@@ -11972,6 +12092,12 @@ class _Simulation:
             workers = self.config.workers
         if draft_accept is not None:  # (a test's drafts: the known tokens, each right with this probability)
             self.drafter = _SimDrafter(seed, draft_accept)
+        # Workers whose memory holds their share of the layers and no more (a third of the seeds, drawn apart):
+        # a range whose holders are all gone cannot be loaded beside the survivors' layers, and the host
+        # serves it itself (_StandIn) until a worker that joins later can take it.
+        share = -(-model.n_layers // (self.config.stages or workers))
+        self.tight = (share if _random.Random(f"memory-{seed}").random() < 1 / 3 and churn_hours is None
+                      and not settings else None)
         # The store, batch jobs and the host's own faults: a stream of their own (the draws above stay the same).
         self.store_rng = _random.Random(f"store-{seed}")
         drawn = self.store_rng.random() < 1 / 3 and schedule is None and churn_hours is None
@@ -12125,7 +12251,11 @@ class _Simulation:
         return w
 
     def make_worker(self, name: str) -> _SimWorker:
-        return _SimWorker(self, name)
+        w = _SimWorker(self, name)
+        if self.tight is not None:
+            w.memory = int((self.tight + 0.5) * (self.model.parts["_layer_bytes"] + self.model.parts["_kv_bytes"])
+                           / self.config.memory_fraction)
+        return w
 
     def worker_tick(self, w: _SimWorker) -> None:
         """A worker's I/O loop: silent host past liveness_s -> it says join again (the same incarnation)."""

@@ -259,3 +259,40 @@ def test_long_prompt_prefills_in_pipelined_chunks_and_survives_a_kill_midway(mod
     assert got == want
     assert stats["failures"] == 1 and stats["restarts"] == 0, stats
     assert stats["replays"] + stats["warmups"] >= 1, stats  # the standby got the lost stage's inputs
+
+
+def test_the_host_serves_a_range_whose_every_holder_died_and_hands_it_back(model8):
+    """Two workers of four layers each (their memory holds no more), no spare: the holder of layers 4-7 is
+    SIGKILLed mid-stream. The survivor cannot load them beside its own, so after `last_resort_after_s` the host
+    starts a worker process of its own for them: the stream finishes with the uninterrupted run's tokens. A
+    worker that joins later takes the range back, and the host's worker stops."""
+    prompt = prompt_of(30)
+    cluster = distllm.host(model8, workers=2, stages=2, bind="127.0.0.1", last_resort_after_s=1.0, **FAST)
+    try:
+        cap = int(4.5 * (cluster._layer_bytes + cluster._kv_bytes) / cluster.config.memory_fraction)
+        cluster.spawn_local(2, memory_cap=cap)
+        wait_for(cluster._ready.is_set, 120, "two workers of four layers each")
+        assert [(a, b) for a, b, _ in cluster.layer_map()] == [(0, 3), (4, 7)]
+        want = cluster.generate(prompt, max_new_tokens=60)
+        victim, times = holder_of(cluster, 6), {}
+        got = []
+        for i, tok in enumerate(cluster.stream(prompt, max_new_tokens=60)):
+            got.append(tok)
+            if i == 5:
+                os.kill(victim.pid, signal.SIGKILL)
+                times["kill"] = time.monotonic()
+            elif i == 6:
+                times["next"] = time.monotonic()
+        assert got == want
+        print(f"the next token {times['next'] - times['kill']:.1f} s after the kill (the host's own worker)")
+        assert [(a, b, n) for a, b, n in cluster.layer_map() if n == "host-last-resort"] == [(4, 7, "host-last-resort")]
+        assert "the host itself serves layers 4..7" in cluster.status
+        stand_in = next(p for p in cluster.local_processes if p.name == "host-last-resort")
+        cluster.spawn_local(1, memory_cap=cap)  # a worker joins: the range goes back to it
+        wait_for(lambda: cluster._ready.is_set() and "host-last-resort" not in str(cluster.layer_map()), 120,
+                 "the range handed back")
+        wait_for(lambda: stand_in.exitcode is not None, 30, "the host's worker to stop")
+        wait_for(lambda: "last resort" not in cluster.status, 10, "the status to say so")
+        assert cluster.generate(prompt, max_new_tokens=60) == want
+    finally:
+        cluster.close()

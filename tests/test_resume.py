@@ -11,6 +11,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 import distllm
 from borerelay import BoreRelay
@@ -259,3 +260,35 @@ def _post_or_error(url: str, body: dict, headers: dict) -> object:
         return httpx.post(url, json=body, headers=headers, timeout=120)
     except httpx.HTTPError as exc:
         return exc
+
+
+def test_a_python_stream_resumes_from_its_token_here_and_on_the_next_host_of_its_store(tmp_path):
+    """`cluster.stream()` gives a `resume_token` after each item; `stream(..., resume=token)` with the same
+    prompt and parameters yields the items after it (the same ones as an unbroken stream), from the tokens its
+    checkpoint holds: on this host, and on a host that took the store over after this one closed."""
+    store = str(tmp_path / "store")
+    ask = dict(max_new_tokens=40, temperature=0.9, seed=5)
+    with distllm.local("tiny", workers=1, quant="none", calibrate=False, store=store) as cluster:
+        want = list(cluster.stream("Once upon a time", **ask))
+        s = cluster.stream("Once upon a time", **ask)
+        first = [next(s) for _ in range(10)]
+        token = s.resume_token
+        assert token.endswith("/5/10")
+        s.close()  # the client goes away mid-stream
+        rest = cluster.stream("Once upon a time", **ask, resume=token)
+        assert first + list(rest) == want
+        assert rest.resume_token.endswith(f"/{len(want)}")
+        assert cluster.stats()["resumed_tokens"] >= 10  # taken from the checkpoint, not made again
+        s = cluster.stream("Once upon a time", **ask)
+        first = [next(s) for _ in range(7)]
+        token = s.resume_token
+        s.close()
+        assert cluster.checkpoint(30)
+        with pytest.raises(distllm.RequestError, match="resume_token"):
+            cluster.stream("Once upon a time", **ask, resume="nonsense")
+        with pytest.raises(distllm.RequestError, match="seed=6"):
+            cluster.stream("Once upon a time", **{**ask, "seed": 6}, resume=token)
+    with distllm.local("tiny", workers=1, quant="none", calibrate=False, store=store) as cluster:
+        rest = cluster.stream("Once upon a time", max_new_tokens=40, temperature=0.9, resume=token)  # (its seed)
+        assert first + list(rest) == want
+        assert cluster.stats()["resumed_tokens"] >= 7

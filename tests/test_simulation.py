@@ -286,25 +286,27 @@ def test_the_swarm_on_the_real_core_serves_every_token_right_through_churn(model
     assert figures["completed"] > 30 and figures["failed"] == 0 and gone >= 2 and figures["workers"] > 12
 
 
-@pytest.mark.parametrize("seed,light,back", [(39, True, True), (7, True, True), (20038, False, False),
-                                             (20029, False, True)])
-def test_the_hosts_worker_of_last_resort_serves_a_lost_range_and_hands_it_back(model, seed, light, back):
-    """Every holder of a range is gone and none is left to load it: after `last_resort_after_s` the host starts
-    its own (slow) worker for it, requests finish with the fault-free tokens, and a worker that joins later
-    takes the range back (every run checks that no worker able to take it stands by unused at the end; in
-    20038 the one that joined was given other layers). What these seeds found: 39, a successor lost
-    mid-handover left its leaver "leaving" for good (it serves on and hands over again); 20038, the slow
-    worker working through other sessions' steps was written off as stuck, again and again (a step's deadline
-    now runs from the worker's last answer); 20029, its successor waited to catch up with sessions queued
-    behind minutes of its backlog (the host's worker lets go at once: the host replays)."""
+@pytest.mark.parametrize("seed,light,started,left", [(42, True, 1, 1), (73, True, 2, 1), (19, True, 3, 2),
+                                                     (20006, False, 2, 2), (20061, False, 3, 2)])
+def test_the_hosts_worker_of_last_resort_serves_a_lost_range_and_hands_it_back(model, seed, light, started, left):
+    """In a third of the seeds workers' memory holds their share of the layers and no more: a range whose
+    every holder is gone cannot be loaded beside the survivors' layers. After `last_resort_after_s` the host
+    starts a (slow) worker of its own for it, one per such range; requests and jobs finish with the fault-free
+    tokens, and a worker that joins later takes the range back (every run checks at its end that no worker
+    able to take such a range stands by unused). On the way the simulation found: a successor lost
+    mid-handover left its leaver "leaving" for good (it now serves on and hands over again); the slow worker
+    working through other sessions' steps was written off as stuck, again and again (a step's deadline now
+    runs from the worker's last answer); its successor waited to catch up with sessions queued behind minutes
+    of its backlog (the host's worker now lets go at once: the host replays); a worker that joined became a
+    replica of a covered range while another range had nobody (ranges with nobody are filled first)."""
     sim = distllm._Simulation(model, seed, light=light)
     assert sim.run() == []
-    assert sim.stand_ins == 1
-    assert [w.state for w in sim.core._workers.values() if w.stand_in] == (["left"] if back else ["ready"])
+    assert sim.stand_ins == started
+    assert sum(w.state == "left" for w in sim.core._workers.values() if w.stand_in) == left  # handed back
 
 
 def test_a_host_that_never_hands_the_range_back_is_caught(model, monkeypatch):
     """A host whose worker of last resort keeps its range although a worker that joined could take it: the
     run's end check names it."""
     monkeypatch.setattr(distllm._Coordinator, "_drain", lambda self, worker: None)
-    assert any("worker of last resort kept layers" in v for v in distllm._Simulation(model, 39, light=True).run())
+    assert any("worker of last resort kept layers" in v for v in distllm._Simulation(model, 42, light=True).run())
