@@ -10736,7 +10736,7 @@ class Server:
             (len(s) for s in req.stop), default=1) - 1
         done = ""
         try:
-            for token in _itertools.chain(req.generated, tokens):  # (a resumed one: what it made before first)
+            for token in tokens:  # (a resumed one: what it made before first, from its checkpoint)
                 count += 1
                 done += text.push(token)
                 cut = min((i for i in (done.find(s) for s in req.stop) if i >= 0), default=-1)

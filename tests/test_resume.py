@@ -275,10 +275,14 @@ def test_a_python_stream_resumes_from_its_token_here_and_on_the_next_host_of_its
         token = s.resume_token
         assert token.endswith("/5/10")
         s.close()  # the client goes away mid-stream
+        assert cluster.checkpoint(30)
+        record = tmp_path / "store" / "requests" / f"py-{token.split('/')[0]}.json"
+        kept = len(json.loads(record.read_text())["generated"])
         rest = cluster.stream("Once upon a time", **ask, resume=token)
         assert first + list(rest) == want
         assert rest.resume_token.endswith(f"/{len(want)}")
-        assert cluster.stats()["resumed_tokens"] >= 10  # taken from the checkpoint, not made again
+        assert cluster.stats()["resumed_tokens"] == kept > 0  # taken from the checkpoint, not made again
+        wait_for(lambda: not record.exists(), 30, "its checkpoint retired once the stream was whole")
         s = cluster.stream("Once upon a time", **ask)
         first = [next(s) for _ in range(7)]
         token = s.resume_token
@@ -291,4 +295,4 @@ def test_a_python_stream_resumes_from_its_token_here_and_on_the_next_host_of_its
     with distllm.local("tiny", workers=1, quant="none", calibrate=False, store=store) as cluster:
         rest = cluster.stream("Once upon a time", max_new_tokens=40, temperature=0.9, resume=token)  # (its seed)
         assert first + list(rest) == want
-        assert cluster.stats()["resumed_tokens"] >= 7
+        assert cluster.stats()["resumed_tokens"] > 0
