@@ -9066,15 +9066,21 @@ class _ClusterStore:
     def _previous_address(self, which: str, tunnel: Any) -> int | None:
         """The public port the host this one took over from had for `which` ("join": its join endpoint, "api":
         its API), where `tunnel` is a bore tunnel to the same server (so this host can ask for that port)."""
-        if not isinstance(tunnel, BoreTunnel):
+        address = self._previous_host_port(which)
+        if not isinstance(tunnel, BoreTunnel) or address is None:
             return None
+        host, _, port = address.rpartition(":")
+        return int(port) if host == tunnel.server else None
+
+    def _previous_host_port(self, which: str) -> str | None:
+        """"host:port" of the previous host's join endpoint ("join") or API ("api"), if its record named one."""
         try:
             if which == "join":
                 address = JoinInfo.parse(str(self._previous.get("join_string"))).endpoint.removeprefix("tcp://")
             else:
                 address = str(self._previous.get("api") or "").removeprefix("http://").partition("/")[0]
             host, _, port = address.rpartition(":")
-            return int(port) if host == tunnel.server and 0 < int(port) < 65536 else None
+            return address if host and 0 < int(port) < 65536 else None
         except (JoinStringError, ValueError):
             return None
 
@@ -9083,7 +9089,11 @@ class _ClusterStore:
         (its API's: `serve()`), before it claims the store: workers and clients keep the address they know.
         Where the server still holds it after `Config.takeover_port_s`, another port is taken and said."""
         wanted = self._previous_address("join", self._tunnel)
+        old = self._previous_host_port("join")
         if wanted is None:
+            if self._tunnel is not None and old is not None:  # (ngrok's free tier cannot ask for an address)
+                self._address_taken("the join endpoint", old, JoinInfo.parse(self.join_string).endpoint
+                                    .removeprefix("tcp://"), why="cannot be asked of this tunnel")
             return
         t0 = self._now()
         if self._tunnel.take(wanted, self.config.takeover_port_s):  # (its on_moved tells the coordinator)
@@ -9093,10 +9103,12 @@ class _ClusterStore:
             self._address_taken("the join endpoint", f"{self._tunnel.server}:{wanted}",
                                 f"{self._tunnel.server}:{self._tunnel.remote_port}")
 
-    def _address_taken(self, what: str, old: str, new: str) -> None:
+    def _address_taken(self, what: str, old: str, new: str, why: str = "was still held") -> None:
         """Say, in the status, the panel, the log and the store's record, that `what` could not keep its
         public address through a takeover."""
-        note = f"{what} is at {new}: {old} (the previous host's) was still held"
+        if old == new:
+            return
+        note = f"{what} is at {new}: {old} (the previous host's) {why}"
         self._address_notes.append(note)
         _log.warning("%s; workers following the store and clients reading its record find the new one", note)
 
@@ -10423,6 +10435,10 @@ class Server:
         wanted = self.cluster._previous_address("api", self._tunnel)
         if wanted is None:
             public_host, public_port = self._tunnel.open(self.port)
+            old = self.cluster._previous_host_port("api")
+            if old is not None:  # a tunnel that cannot be asked for an address (ngrok's free tier)
+                self.cluster._address_taken("the API", old, f"{public_host}:{public_port}",
+                                            why="cannot be asked of this tunnel")
         else:
             self._tunnel.remote_port = wanted
             public_host, public_port = self._tunnel.open(self.port, patience_s=self.cluster.config.takeover_port_s)

@@ -100,16 +100,22 @@ def _active_and_standby(cluster_processes, tmp_path):
     return store, url, active
 
 
-def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_sigkilled(cluster_processes,
-                                                                                          tmp_path):
-    store, url, active = _active_and_standby(cluster_processes, tmp_path)
-    body = {**BODY, "max_tokens": 60}
+def _cut_then_kill(url: str, body: dict, store: str, active) -> tuple[list, list, float]:
+    """The whole stream once; then the same request's first 15 events (the client's connection drops), its
+    checkpoint in the store, and the active host SIGKILLed: (whole, first, when)."""
     whole = read(url, body)
     first = read(url, body, stop_after=15)
     rid = first[-1][0].split("/")[0]
     wait_for(lambda: os.path.exists(os.path.join(store, "requests", f"{rid}.json")), 30, "its checkpoint")
     os.kill(active.pid, signal.SIGKILL)
-    killed = time.monotonic()
+    return whole, first, time.monotonic()
+
+
+def test_a_stream_resumes_on_the_standby_at_the_same_address_after_the_host_is_sigkilled(cluster_processes,
+                                                                                          tmp_path):
+    store, url, active = _active_and_standby(cluster_processes, tmp_path)
+    body = {**BODY, "max_tokens": 60}
+    whole, first, killed = _cut_then_kill(url, body, store, active)
     wait_for(lambda: _serving(url), 120, "the standby's API at the same address")
     rest = read(url, body, last=first[-1][0])
     print(f"next event {time.monotonic() - killed:.1f} s after the kill")
@@ -150,12 +156,7 @@ def test_the_standby_takes_the_dead_hosts_public_ports_and_streams_resume_at_the
     cluster_processes([*serve, "--standby"], "standby")
     wait_for(lambda: _serving(url), 120, "the active host's API through the tunnel")
     body = {**BODY, "max_tokens": 60}
-    whole = read(url, body)
-    first = read(url, body, stop_after=15)
-    rid = first[-1][0].split("/")[0]
-    wait_for(lambda: os.path.exists(os.path.join(store, "requests", f"{rid}.json")), 30, "its checkpoint")
-    os.kill(active.pid, signal.SIGKILL)
-    killed = time.monotonic()
+    whole, first, killed = _cut_then_kill(url, body, store, active)
     wait_for(lambda: (distllm.read_rendezvous(store) or {}).get("host") not in (None, before["host"])
              and distllm.read_rendezvous(store).get("api"), 120, "the standby's record with its API")
     after = distllm.read_rendezvous(store)
@@ -296,3 +297,33 @@ def test_a_python_stream_resumes_from_its_token_here_and_on_the_next_host_of_its
         rest = cluster.stream("Once upon a time", max_new_tokens=40, temperature=0.9, resume=token)  # (its seed)
         assert first + list(rest) == want
         assert cluster.stats()["resumed_tokens"] > 0
+
+
+class _Loopback:
+    """A tunnel (the `tunnel=` interface) that cannot be asked for an address, as ngrok's free tier: each
+    open gets what it gets (here the local port itself)."""
+
+    def open(self, local_port: int) -> tuple[str, int]:
+        return "127.0.0.1", local_port
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_tunnel_that_cannot_be_asked_for_the_old_address_publishes_the_new_one(tmp_path):
+    store = str(tmp_path / "store")
+    old = distllm.JoinInfo("tcp://127.0.0.1:1", None, None, None).encode()
+    distllm.open_store(store).write(distllm.RENDEZVOUS, json.dumps(
+        {"host": "gone", "epoch": 1, "join_string": old, "model": "tiny", "started": 0, "renewed": 0,
+         "api": "http://127.0.0.1:2/v1", "lease_s": 2}).encode())
+    with distllm.host("tiny", quant="none", store=store, standby=True, tunnel=_Loopback(), bind="127.0.0.1",
+                      lease_s=2) as standby:
+        assert standby.active.wait(30)
+        server = standby.serve(port=0, tunnel=_Loopback())
+        wait_for(lambda: distllm.read_rendezvous(store).get("api") == server.url, 30, "the new API in the record")
+        notes = distllm.read_rendezvous(store)["address_notes"]
+        assert notes == [f"the join endpoint is at 127.0.0.1:{standby.port}: 127.0.0.1:1 (the previous host's) "
+                         "cannot be asked of this tunnel",
+                         f"the API is at 127.0.0.1:{server.port}: 127.0.0.1:2 (the previous host's) cannot be "
+                         "asked of this tunnel"]
+        assert all(note in standby.status for note in notes)
