@@ -139,10 +139,13 @@ def test_a_failure_inside_one_request_fails_it_alone_and_streams_end_with_an_err
 
 def test_every_stream_ends_with_a_word_when_the_cluster_closes():
     """A stream cut by the host closing gets an error event, and a request after it a 503, never a 500."""
-    with distllm.local("tiny", workers=1, quant="none", calibrate=False) as cluster:
+    tunnel = _ProxyTunnel()  # (20 ms a round trip to the worker: the greedy stream's 206 tokens take seconds, so
+    #                          the stop lands mid-stream; unslowed, CI's loaded box once finished it first)
+    with distllm.local("tiny", workers=1, quant="none", calibrate=False, tunnel=tunnel) as cluster:
+        tunnel.proxy.one_way = 0.01
         server = cluster.serve(port=0, api_key=KEY)
         cluster.generate("warm", max_new_tokens=2)
-        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
+        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1000, "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{server.url}/completions", json=body, headers=AUTH, timeout=60) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
