@@ -12111,7 +12111,7 @@ class _Simulation:
         # Workers whose memory holds their share of the layers and no more (a third of the seeds, drawn apart):
         # a range whose holders are all gone cannot be loaded beside the survivors' layers, and the host
         # serves it itself (_StandIn) until a worker that joins later can take it.
-        share = -(-model.n_layers // (self.config.stages or workers))
+        share = -(-model.n_layers // min(self.config.stages or workers, workers))  # (the first plan must fit)
         self.tight = (share if _random.Random(f"memory-{seed}").random() < 1 / 3 and churn_hours is None
                       and not settings else None)
         # The store, batch jobs and the host's own faults: a stream of their own (the draws above stay the same).

@@ -286,8 +286,8 @@ def test_the_swarm_on_the_real_core_serves_every_token_right_through_churn(model
     assert figures["completed"] > 30 and figures["failed"] == 0 and gone >= 2 and figures["workers"] > 12
 
 
-@pytest.mark.parametrize("seed,light,started,left", [(42, True, 1, 1), (73, True, 2, 1), (19, True, 3, 2),
-                                                     (20006, False, 2, 2), (20061, False, 3, 2)])
+@pytest.mark.parametrize("seed,light,started,left", [(42, True, 1, 1), (73, True, 2, 1), (61, True, 2, 1),
+                                                     (20006, False, 2, 2), (20038, False, 2, 1)])
 def test_the_hosts_worker_of_last_resort_serves_a_lost_range_and_hands_it_back(model, seed, light, started, left):
     """In a third of the seeds workers' memory holds their share of the layers and no more: a range whose
     every holder is gone cannot be loaded beside the survivors' layers. After `last_resort_after_s` the host
